@@ -1,0 +1,194 @@
+"""The ``vlmkit`` command: a table of contents over the library.
+
+Each command parses its arguments, calls one library function and renders the result.
+Errors of type ``VlmkitError`` are shown as one message plus a hint (exit status 1);
+``--debug`` or ``VLMKIT_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+from . import __version__
+from .errors import VlmkitError
+from .options import LoadOptions, add_load_arguments
+
+COMMANDS = []
+
+
+def command(name: str, help: str, examples: list[str]):
+    """Register ``fn(args)`` as a sub-command with its arguments set up by ``fn.arguments``."""
+
+    def wrap(fn):
+        COMMANDS.append((name, help, examples, fn))
+        return fn
+
+    return wrap
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``"2GiB"`` / ``"1000"`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = "KMGT".find(unit[:1]) + 1 if unit else 0
+    return int(float(m.group(1)) * base**power)
+
+
+# ------------------------------------------------------------------------ inspect
+
+
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a checkpoint file, a folder or a hub id")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--all", action="store_true", help="list every tensor (default: the first 40)")
+
+
+@command("inspect", "describe a checkpoint from its headers: format, family, config, tensors",
+         ["vlmkit inspect llava-v1.5-7b/", "vlmkit inspect model.gguf --json"])
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_checkpoint, render
+
+    report = inspect_checkpoint(args.path)
+    print(json.dumps(report, indent=1) if args.json else render(report, limit=None if args.all else 40))
+    return 0
+
+
+# ------------------------------------------------------------------------ convert
+
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="checkpoint file, folder or hub id")
+    p.add_argument("destination", help="output folder (must not exist unless --force)")
+    p.add_argument("--to", choices=["hf"], default="hf", help="output format (default: hf, transformers layout)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="bytes per shard (default: 5GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing destination (atomically)")
+    p.add_argument("--json", action="store_true", help="print the plan / result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_load_arguments(p)
+
+
+@command("convert", "convert a checkpoint (plan checked before any byte is read; output written atomically)",
+         ["vlmkit convert pytorch_model.bin out/ --dtype float16",
+          "vlmkit convert llava-v1.5-7b/ llava-hf/ --dry-run",
+          "vlmkit convert ckpt/ out/ --max-shard-size 2GB --force"])
+def cmd_convert(args) -> int:
+    from .convert import engine
+    from .convert.plan import human_bytes
+
+    options = LoadOptions.from_args(args)
+    conversion = prepare_conversion(args.source, options)
+    if conversion.summary and not args.json:
+        print(conversion.summary, file=sys.stderr)
+    result = engine.run(conversion, args.destination, dtype=options.dtype, max_shard_size=args.max_shard_size,
+                        force=args.force, dry_run=args.dry_run,
+                        progress=None if args.quiet or args.json else progress_bar("converting"))
+    if args.json:
+        print(json.dumps({"destination": str(result.destination) if result.destination else None,
+                          "files": result.files, "plan": result.plan.to_dict()}, indent=1))
+    elif args.dry_run:
+        print(result.plan.render())
+        print("dry run: nothing was written")
+    else:
+        print(f"wrote {args.destination}: {len(result.plan.targets)} tensors, "
+              f"{human_bytes(result.plan.bytes_out)} in {len(result.files)} file(s)")
+    return 0
+
+
+def progress_bar(description: str):
+    """A factory for a bytes progress bar (with bytes/s) on stderr, as ``engine.run`` expects."""
+
+    def start(total: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, file=sys.stderr)
+
+    return start
+
+
+def prepare_conversion(source: str, options: LoadOptions):
+    """The family's conversion for ``source``, or the identity conversion when no family claims it."""
+    from . import families
+    from .convert import engine
+    from .tensors import open_source, resolve
+
+    path = resolve(source)
+    family = families.detect(path)
+    if family is not None:
+        return family.conversion(path, options)
+    return engine.identity(open_source(path))
+
+
+# ------------------------------------------------------------------- verify-files
+
+
+def _verify_files_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="a folder written by vlmkit")
+    p.add_argument("--json", action="store_true")
+
+
+@command("verify-files", "re-check every file of an output folder against its vlmkit-manifest.json",
+         ["vlmkit verify-files llava-hf/"])
+def cmd_verify_files(args) -> int:
+    from .convert import verify_files
+
+    result = verify_files(Path(args.folder))
+    print(json.dumps(result) if args.json else f"{args.folder}: all {result['checked']} file(s) match the manifest")
+    return 0
+
+
+ARGUMENTS = {"inspect": _inspect_arguments, "convert": _convert_arguments, "verify-files": _verify_files_arguments}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmkit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vlmkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also VLMKIT_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text, examples, fn in COMMANDS:
+        epilog = "examples:\n" + textwrap.indent("\n".join(examples), "  ")
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        ARGUMENTS[name](p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    debug = args.debug or os.environ.get("VLMKIT_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except VlmkitError as e:
+        if debug:
+            raise
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Atomic output folders and their manifests.
+
+Everything is written into a hidden temporary folder beside the destination and
+renamed into place only when the writing finished without an exception. An error or
+Ctrl-C removes the temporary folder: nothing appears under the destination name, and
+an existing destination (replaced only with ``force``) is untouched until the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from .. import __version__
+from ..errors import ManifestError, OutputError
+from ..tensors import TensorInfo
+
+MANIFEST = "vlmkit-manifest.json"
+
+
+def check_destination(dst: Path, source_files: list[Path], *, force: bool) -> None:
+    """Refuse a destination that exists (without ``force``) or whose replacement would touch the source."""
+    dst = dst.resolve()
+    for f in source_files:
+        f = f.resolve()
+        if f == dst or dst in f.parents:
+            raise OutputError(f"destination {dst} contains the source file {f}; vlmkit never writes over its input",
+                              hint="choose another destination")
+    if dst.exists() and not force:
+        raise OutputError(f"destination {dst} already exists", hint="pass --force to replace it, or choose another")
+
+
+def source_fingerprint(infos: list[TensorInfo]) -> str:
+    """A hash of the source listing (names, shapes, dtypes, file names and sizes); reads no data."""
+    digest = hashlib.sha256()
+    for i in sorted(infos, key=lambda i: i.name):
+        digest.update(f"{i.name}|{list(i.shape)}|{i.dtype}|{i.file.name}\n".encode())
+    for f in sorted({i.file for i in infos}):
+        digest.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``dst`` when the block exits cleanly.
+
+    Raises:
+        OutputError: ``dst`` exists and ``force`` is False, or the disk refuses a write
+            (the temporary folder is removed first).
+    """
+    dst = Path(dst).absolute()
+    if dst.exists() and not force:
+        raise OutputError(f"destination {dst} already exists", hint="pass --force to replace it, or choose another")
+    parent = dst.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{dst.name}.vlmkit-tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise _os_error(e, parent) from None
+    try:
+        yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(e, dst) from None
+    except BaseException:  # including KeyboardInterrupt: never leave a partial output
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    try:
+        if dst.exists() or dst.is_symlink():
+            old = parent / f".{dst.name}.vlmkit-old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+    except OSError as e:
+        if old is not None and not dst.exists():
+            os.replace(old, dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(e, dst) from None
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def _os_error(e: OSError, where: Path) -> OutputError:
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EFBIG: "a file grew beyond the allowed size (disk quota or file size limit)",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "the file system is read-only",
+        errno.EDQUOT: "the disk quota is exceeded",
+    }.get(e.errno, e.strerror or str(e))
+    return OutputError(f"could not write {where}: {reason}; nothing was left behind",
+                       hint="free space or choose a writable destination, then run again")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, *, known_hashes: dict[str, str], source: dict, plan: dict | None) -> None:
+    """Write ``vlmkit-manifest.json``: each file's sha256 and size, the source, the tool version, the plan.
+
+    Args:
+        known_hashes: hashes computed while writing (the big files); the rest are hashed here.
+    """
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(folder).as_posix()
+        files[rel] = {"sha256": known_hashes.get(rel) or sha256_file(path), "bytes": path.stat().st_size}
+    manifest = {
+        "vlmkit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "files": files,
+        "plan": plan,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def verify_files(folder: Path) -> dict:
+    """Re-hash every file named in the folder's manifest.
+
+    Returns:
+        ``{"checked": n, "bytes": total}`` when everything matches.
+
+    Raises:
+        ManifestError: listing every missing, changed or unlisted file.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise ManifestError(f"{folder}: no {MANIFEST}; only folders written by vlmkit carry one")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ManifestError(f"{path}: unreadable manifest ({e!r})") from None
+    problems = []
+    total = 0
+    for rel, entry in files.items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = p.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{rel}: {size} bytes, the manifest says {entry['bytes']}")
+        elif sha256_file(p) != entry["sha256"]:
+            problems.append(f"{rel}: content changed (sha256 differs)")
+        total += size
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and p.name != MANIFEST and rel not in files:
+            problems.append(f"{rel}: not in the manifest")
+    if problems:
+        raise ManifestError(f"{folder}: {len(problems)} file(s) do not match {MANIFEST}:\n"
+                            + "\n".join(f"  - {p}" for p in problems),
+                            hint="copy or download the folder again, or re-run the conversion")
+    return {"checked": len(files), "bytes": total}

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args: str) -> CliResult:
+    """Run ``vlmkit ARGS`` in-process and capture what a user would see."""
+    from vlmkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_cli_process(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``vlmkit ARGS`` as a separate process (for limits and signals)."""
+    return subprocess.run([sys.executable, "-m", "vlmkit.cli", *map(str, args)], capture_output=True, text=True,
+                          **kwargs)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
