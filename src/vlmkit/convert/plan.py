@@ -136,9 +136,9 @@ def compile_plan(
         PlanError: with every problem found; nothing has been read or written.
     """
     problems: list[str] = []
-    # (rule index, captures) -> slot index -> source info
-    instances: dict[tuple[int, tuple], dict[int, TensorInfo]] = {}
-    order: list[tuple[int, tuple]] = []
+    # (rule index, captures) -> slot index -> source info; rules that create tensors have one empty instance
+    instances: dict[tuple[int, tuple], dict[int, TensorInfo]] = {(i, ()): {} for i, r in enumerate(rules) if r.creates}
+    order: list[tuple[int, tuple]] = list(instances)
     drops: list[Drop] = []
     for info in sources:
         claimed = False
@@ -173,7 +173,7 @@ def compile_plan(
             problems.append(f"rule {rule.name}: found {have} but not {', '.join(repr(m) for m in missing)}")
             continue
         infos = tuple(found[i] for i in range(len(rule.sources)))
-        dtypes = {i.dtype for i in infos}
+        dtypes = {i.dtype for i in infos} or {"F32"}
         if len(dtypes) > 1:
             problems.append(f"rule {rule.name}: sources {[i.name for i in infos]} mix dtypes {sorted(dtypes)}")
             continue
@@ -184,7 +184,7 @@ def compile_plan(
         except ValueError as e:
             problems.append(f"rule {rule.name} on {[i.name for i in infos]}: {e}")
             continue
-        src_dtype = infos[0].dtype
+        (src_dtype,) = dtypes
         targets = []
         for pattern, shape in zip(rule.targets, shapes):
             name = pattern.format(names)

@@ -293,14 +293,17 @@ class Rule:
 
     def __post_init__(self):
         if not self.sources:
-            raise ValueError("a rule needs at least one source pattern")
-        if not self.targets:
+            if not (self.ops and isinstance(self.ops[0], Custom) and self.ops[0].n_in == 0):
+                raise ValueError("a rule needs a source pattern, or a Custom op that creates its tensors")
+            if any(t.placeholders for t in self.targets) or not self.why:
+                raise ValueError("a rule that creates tensors needs literal target names and a reason")
+        elif not self.targets:
             if self.ops:
                 raise ValueError(f"drop rule {self.name} cannot have ops")
             if not self.why:
                 raise ValueError(f"drop rule {self.name} must say why the tensor is dropped")
             return
-        placeholders = self.sources[0].placeholders
+        placeholders = self.sources[0].placeholders if self.sources else frozenset()
         if any(p.placeholders != placeholders for p in self.sources[1:]):
             raise ValueError(f"rule {self.name}: every source pattern must capture the same names")
         for t in self.targets:
@@ -314,16 +317,22 @@ class Rule:
 
     @property
     def name(self) -> str:
-        return str(self.sources[0])
+        return str(self.sources[0]) if self.sources else f"create {self.targets[0]}"
 
     @property
     def is_drop(self) -> bool:
         return not self.targets
 
+    @property
+    def creates(self) -> bool:
+        return not self.sources
+
     def reversed(self) -> "Rule":
         """The same rule read backwards: targets -> inverse ops -> sources."""
         if self.is_drop:
             raise ValueError(f"drop rule {self.name} cannot run backwards: the tensor is gone")
+        if self.creates:
+            return Rule(self.targets, (), why=f"created by the forward conversion: {self.why}")
         return Rule(self.targets, self.sources, tuple(op.inverse for op in reversed(self.ops)))
 
 
@@ -359,6 +368,12 @@ def transpose(source: str, target: str, dims: tuple[int, ...] = (1, 0)) -> Rule:
 def transform(sources: str | list[str], targets: str | list[str], *ops: Op) -> Rule:
     """The general form: any chain of ops (e.g. ``ResizeRows`` or a ``Custom``)."""
     return Rule(_patterns(sources), _patterns(targets), tuple(ops))
+
+
+def create(target: str, shape: tuple[int, ...], fn: Callable[[], torch.Tensor], *, why: str) -> Rule:
+    """A tensor the source does not have, made by ``fn`` (e.g. an identity matrix), with the reason."""
+    op = Custom(f"create {target}", lambda _: [fn()], lambda _: [tuple(shape)], n_in=0, n_out=1)
+    return Rule((), _patterns(target), (op,), why=why)
 
 
 def reverse(rules: list[Rule]) -> list[Rule]:

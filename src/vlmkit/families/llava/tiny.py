@@ -1,0 +1,279 @@
+"""Tiny LLaVA checkpoints with random weights, in the exact on-disk layouts of the real releases.
+
+No machine here reaches a model hub, so tests, the demo and the benchmarks build what
+``liuhaotian/llava-v1.5-7b``, ``liuhaotian/llava-v1.6-mistral-7b``, a LoRA fine-tune and a
+projector pre-training run would have written, at toy sizes, with a fixed seed:
+
+* a CLIP folder as ``openai/clip-vit-large-patch14-336`` ships it (full ``CLIPModel``
+  ``pytorch_model.bin`` with the old persistent ``position_ids`` buffers, CLIP config,
+  ``preprocessor_config.json``);
+* LLaVA-1.5: ``config.json`` with the ``mm_*`` fields, ``pytorch_model-0000i-of-0000N.bin``
+  shards + index, the slow-tokenizer files; no vision tower inside;
+* LLaVA-NeXT: safetensors shards with the tower under ``model.vision_tower.vision_tower.*``
+  and ``model.image_newline``, ``image_aspect_ratio: anyres``;
+* LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` + ``non_lora_trainables.bin``
+  + the LLaVA ``config.json``, beside a plain LLM base folder;
+* projector-only: ``mm_projector.bin`` + ``config.json``, beside a base LLM folder.
+
+The tokenizer is the real LLaMA (or Mistral) SentencePiece model, so the vocabulary is
+the real 32,000 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
+from ...tensors.base import TORCH_TO_CODE
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+TOKENIZERS = {"llama": ASSETS / "tokenizers" / "llama-spm", "mistral": ASSETS / "tokenizers" / "mistral-spm"}
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Toy sizes; head_dim stays 32 (engines such as vLLM's CPU backend refuse smaller)."""
+
+    hidden: int = 64
+    intermediate: int = 128
+    layers: int = 2
+    heads: int = 2
+    kv_heads: int = 2
+    vision_hidden: int = 32
+    vision_intermediate: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 2
+    image_size: int = 56
+    patch: int = 14
+
+
+def _save_bin_shards(state: dict[str, torch.Tensor], folder: Path, shards: int) -> None:
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {n: state[n].contiguous() for n in names[i * per:(i + 1) * per]}
+        torch.save(part, folder / file)
+        weight_map.update({n: file for n in part})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _save_safetensors_shards(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
+    specs = [TensorSpec(n, tuple(t.shape), TORCH_TO_CODE[t.dtype]) for n, t in state.items()]
+    with SafetensorsWriter(folder, layout_shards(specs, max_shard_size)) as writer:
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def copy_tokenizer(folder: Path, backbone: str) -> None:
+    for f in TOKENIZERS[backbone].iterdir():
+        if f.name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(f, folder / f.name)
+
+
+def make_clip(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 0) -> Path:
+    """A CLIP folder in the layout of ``openai/clip-vit-large-patch14-336``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    vision = dict(hidden_size=sizes.vision_hidden, intermediate_size=sizes.vision_intermediate,
+                  num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
+                  image_size=sizes.image_size, patch_size=sizes.patch, projection_dim=16, hidden_act="quick_gelu")
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=16,
+                vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    model = CLIPModel(config).eval()
+    state = dict(model.state_dict())
+    # Old transformers saved these buffers; the hub's pytorch_model.bin still has them.
+    state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    n_pos = (sizes.image_size // sizes.patch) ** 2 + 1
+    state["vision_model.embeddings.position_ids"] = torch.arange(n_pos)[None]
+    torch.save(state, folder / "pytorch_model.bin")
+    cfg = config.to_dict()
+    cfg["architectures"] = ["CLIPModel"]
+    _write_json(folder / "config.json", cfg)
+    _write_json(folder / "preprocessor_config.json", {
+        "crop_size": sizes.image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "resample": 3, "size": sizes.image_size,
+    })
+    return folder
+
+
+def _text_config(backbone: str, sizes: TinySizes) -> dict:
+    common = dict(hidden_size=sizes.hidden, intermediate_size=sizes.intermediate, num_hidden_layers=sizes.layers,
+                  num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads, vocab_size=32000,
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu", initializer_range=0.02,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_cache=True)
+    if backbone == "mistral":
+        return {**common, "rope_theta": 1000000.0, "sliding_window": None, "max_position_embeddings": 32768}
+    return {**common, "pad_token_id": 0, "pretraining_tp": 1, "rope_scaling": None}
+
+
+def _language_model(backbone: str, sizes: TinySizes, seed: int) -> dict[str, torch.Tensor]:
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cls, cfg_cls = (MistralForCausalLM, MistralConfig) if backbone == "mistral" else (LlamaForCausalLM, LlamaConfig)
+    model = cls(cfg_cls(**_text_config(backbone, sizes)))
+    with torch.no_grad():  # random init draws tiny logits; spread them so greedy decoding is not degenerate
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    return {k: v.contiguous() for k, v in model.state_dict().items() if "rotary_emb" not in k}
+
+
+def _projector(sizes: TinySizes, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 1)
+    return {
+        "model.mm_projector.0.weight": torch.randn(sizes.hidden, sizes.vision_hidden, generator=g) * 0.2,
+        "model.mm_projector.0.bias": torch.randn(sizes.hidden, generator=g) * 0.1,
+        "model.mm_projector.2.weight": torch.randn(sizes.hidden, sizes.hidden, generator=g) * 0.2,
+        "model.mm_projector.2.bias": torch.randn(sizes.hidden, generator=g) * 0.1,
+    }
+
+
+def llava_config(backbone: str, sizes: TinySizes, clip: Path, *, next_: bool) -> dict:
+    """``config.json`` as the original training code writes it."""
+    arch = "LlavaMistralForCausalLM" if backbone == "mistral" else "LlavaLlamaForCausalLM"
+    config = {
+        "_name_or_path": "./checkpoints/vicuna-7b-v1-5" if backbone == "llama" else "mistralai/Mistral-7B-Instruct-v0.2",
+        "architectures": [arch],
+        "model_type": "llava_mistral" if backbone == "mistral" else "llava",
+        **_text_config(backbone, sizes),
+        "freeze_mm_mlp_adapter": False,
+        "image_aspect_ratio": "pad",
+        "mm_hidden_size": sizes.vision_hidden,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": str(clip),
+        "tune_mm_mlp_adapter": False,
+        "unfreeze_mm_vision_tower": False,
+        "use_mm_proj": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.37.2",
+    }
+    if next_:
+        s = sizes.image_size
+        config.update({
+            "image_aspect_ratio": "anyres",
+            "image_grid_pinpoints": [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]],
+            "mm_patch_merge_type": "spatial_unpad",
+            "unfreeze_mm_vision_tower": True,
+            "tokenizer_model_max_length": 4096,
+            "tokenizer_padding_side": "right",
+        })
+    return config
+
+
+def _generation_config(folder: Path, backbone: str) -> None:
+    _write_json(folder / "generation_config.json",
+                {"bos_token_id": 1, "eos_token_id": 2, **({"pad_token_id": 0} if backbone == "llama" else {})})
+
+
+def make_llava15(folder: Path, clip: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama",
+                 shards: int = 2, seed: int = 0) -> Path:
+    """An original LLaVA-1.5 checkpoint (``.bin`` shards, tower outside)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {**_language_model(backbone, sizes, seed), **_projector(sizes, seed)}
+    state = {k: state[k] for k in sorted(state, key=lambda k: k.startswith("lm_head"))}  # lm_head last, as saved
+    _save_bin_shards(state, folder, shards)
+    _write_json(folder / "config.json", llava_config(backbone, sizes, clip, next_=False))
+    _generation_config(folder, backbone)
+    copy_tokenizer(folder, backbone)
+    return folder
+
+
+def make_llava_next(folder: Path, clip: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "mistral",
+                    seed: int = 0, max_shard_size: int = 400_000) -> Path:
+    """An original LLaVA-NeXT (1.6) checkpoint: safetensors shards, tower and image_newline inside."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {**_language_model(backbone, sizes, seed), **_projector(sizes, seed)}
+    g = torch.Generator().manual_seed(seed + 2)
+    state["model.image_newline"] = torch.randn(sizes.hidden, generator=g) / sizes.hidden**0.5
+    clip_state = torch.load(clip / "pytorch_model.bin", weights_only=True)
+    for name, tensor in clip_state.items():
+        if name.startswith("vision_model.") and not name.endswith("position_ids"):
+            # fine-tuned tower: perturb it so that using the original CLIP weights would be caught
+            state["model.vision_tower.vision_tower." + name] = tensor + 0.01 * torch.randn(tensor.shape, generator=g)
+    _save_safetensors_shards(state, folder, max_shard_size)
+    _write_json(folder / "config.json", llava_config(backbone, sizes, clip, next_=True))
+    _generation_config(folder, backbone)
+    copy_tokenizer(folder, backbone)
+    return folder
+
+
+def make_base_llm(folder: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama", seed: int = 0) -> Path:
+    """A plain LLM folder (the Vicuna a LoRA or projector was trained on)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_safetensors_shards(_language_model(backbone, sizes, seed), folder, 1 << 30)
+    arch = "MistralForCausalLM" if backbone == "mistral" else "LlamaForCausalLM"
+    _write_json(folder / "config.json", {"architectures": [arch], "model_type": backbone,
+                                         **_text_config(backbone, sizes), "torch_dtype": "float32"})
+    _generation_config(folder, backbone)
+    copy_tokenizer(folder, backbone)
+    return folder
+
+
+def make_projector_only(folder: Path, clip: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama",
+                        seed: int = 0) -> Path:
+    """A stage-1 (pre-training) output: ``mm_projector.bin`` + ``config.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(_projector(sizes, seed + 10), folder / "mm_projector.bin")
+    config = llava_config(backbone, sizes, clip, next_=False)
+    config.update({"tune_mm_mlp_adapter": True, "model_type": "llava_llama" if backbone == "llama" else "llava_mistral"})
+    _write_json(folder / "config.json", config)
+    return folder
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama",
+              rank: int = 4, alpha: int = 8, seed: int = 0) -> Path:
+    """A LoRA fine-tune as LLaVA's ``train.py --lora_enable`` saves it, for the LLM at ``base``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed + 3)
+    dims = {"q_proj": (sizes.hidden, sizes.hidden), "k_proj": (sizes.kv_heads * sizes.hidden // sizes.heads, sizes.hidden),
+            "v_proj": (sizes.kv_heads * sizes.hidden // sizes.heads, sizes.hidden), "o_proj": (sizes.hidden, sizes.hidden),
+            "gate_proj": (sizes.intermediate, sizes.hidden), "up_proj": (sizes.intermediate, sizes.hidden),
+            "down_proj": (sizes.hidden, sizes.intermediate)}
+    adapter = {}
+    for layer in range(sizes.layers):
+        for module, (out_f, in_f) in dims.items():
+            group = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
+            adapter[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.1
+            adapter[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.1  # trained: not zero
+    save_file(adapter, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    _write_json(folder / "adapter_config.json", {
+        "base_model_name_or_path": str(base), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "lora_alpha": alpha, "lora_dropout": 0.05, "modules_to_save": None,
+        "peft_type": "LORA", "r": rank, "target_modules": LORA_TARGETS, "task_type": "CAUSAL_LM",
+    })
+    projector = _projector(sizes, seed + 20)
+    torch.save({"base_model.model." + k: v for k, v in projector.items()}, folder / "non_lora_trainables.bin")
+    config = llava_config(backbone, sizes, clip, next_=False)
+    config.update({"_name_or_path": str(base), "model_type": "llava_llama" if backbone == "llama" else "llava_mistral"})
+    _write_json(folder / "config.json", config)
+    return folder
