@@ -74,6 +74,8 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing destination (atomically)")
     p.add_argument("--json", action="store_true", help="print the plan / result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verify", action="store_true", help="after converting, run `vlmkit verify` on the result")
+    _probe_arguments(p)
     add_load_arguments(p)
 
 
@@ -101,6 +103,8 @@ def cmd_convert(args) -> int:
     else:
         print(f"wrote {args.destination}: {len(result.plan.targets)} tensors, "
               f"{human_bytes(result.plan.bytes_out)} in {len(result.files)} file(s)")
+    if args.verify and not args.dry_run:
+        return run_verify(args.source, args.destination, options, args)
     return 0
 
 
@@ -128,6 +132,66 @@ def prepare_conversion(source: str, options: LoadOptions):
     return engine.identity(open_source(path))
 
 
+# ------------------------------------------------------------------------ verify
+
+ASSET_IMAGES = Path(__file__).parent / "assets" / "images"
+DEFAULT_PROBES = [(ASSET_IMAGES / "chelsea.png", "What is shown in this image?"),
+                  (ASSET_IMAGES / "rocket.png", "Describe the colours of this picture.")]
+
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("original", help="the original checkpoint (any form the family reads)")
+    p.add_argument("converted", help="the converted folder")
+    _probe_arguments(p)
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
+    add_load_arguments(p)
+
+
+def _probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action="append", help="probe image (repeat for more; default: two bundled photos)")
+    p.add_argument("--prompt", action="append", help="probe question, one per --image")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens to compare (default: 8)")
+
+
+def _probes(args) -> list[tuple[Path, str]]:
+    """Probe (image, question) pairs: the given ones, else the two bundled photos; always at least two."""
+    images = [Path(i) for i in args.image] if args.image else [p for p, _ in DEFAULT_PROBES]
+    prompts = list(args.prompt or [])
+    probes = [(image, prompts[i] if i < len(prompts) else DEFAULT_PROBES[i % 2][1]) for i, image in enumerate(images)]
+    if len(probes) == 1:  # a padded batch needs two different inputs
+        probes.append(DEFAULT_PROBES[1])
+    return probes
+
+
+def run_verify(original: str, converted: str, options: LoadOptions, args, *, json_file: str | None = None,
+               markdown_file: str | None = None) -> int:
+    from . import families
+    from .errors import VlmkitError
+    from .tensors import resolve
+
+    path = resolve(original)
+    family = families.detect(path)
+    if family is None or not hasattr(family, "verify"):
+        raise VlmkitError(f"{original}: no family that vlmkit can verify recognises it",
+                          hint="`vlmkit inspect` shows what it is")
+    report = family.verify(path, Path(converted), options, _probes(args), max_new_tokens=args.max_new_tokens)
+    print(report.render())
+    if json_file:
+        Path(json_file).write_text(report.to_json() + "\n")
+    if markdown_file:
+        Path(markdown_file).write_text(report.to_markdown())
+    return 0 if report.passed else 3
+
+
+@command("verify", "prove a conversion: pixels, token ids, logits and generations against the original model",
+         ["vlmkit verify llava-v1.5-7b/ llava-1.5-7b-hf/ --vision-tower clip-vit-large-patch14-336/",
+          "vlmkit verify orig/ conv/ --image cat.png --prompt 'What is this?' --json report.json"])
+def cmd_verify(args) -> int:
+    return run_verify(args.original, args.converted, LoadOptions.from_args(args), args,
+                      json_file=args.json, markdown_file=args.markdown)
+
+
 # ------------------------------------------------------------------- verify-files
 
 
@@ -146,7 +210,8 @@ def cmd_verify_files(args) -> int:
     return 0
 
 
-ARGUMENTS = {"inspect": _inspect_arguments, "convert": _convert_arguments, "verify-files": _verify_files_arguments}
+ARGUMENTS = {"inspect": _inspect_arguments, "convert": _convert_arguments, "verify": _verify_arguments,
+             "verify-files": _verify_files_arguments}
 
 
 # --------------------------------------------------------------------------- main

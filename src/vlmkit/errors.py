@@ -57,3 +57,11 @@ class HubError(VlmkitError):
 
 class ManifestError(VlmkitError):
     """An output folder does not match its ``vlmkit-manifest.json``."""
+
+
+class ImageError(VlmkitError):
+    """An image cannot be used: unreadable, not an image, truncated, or too large to decode safely."""
+
+
+class TemplateError(VlmkitError):
+    """A conversation does not fit its chat template (unknown template, role order, empty turn)."""

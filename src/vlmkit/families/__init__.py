@@ -19,8 +19,12 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-ARCHITECTURES: dict[str, str] = {}
-RECOGNISERS: list[str] = []
+ARCHITECTURES: dict[str, str] = {
+    "LlavaLlamaForCausalLM": "llava",
+    "LlavaMistralForCausalLM": "llava",
+    "LlavaQwenForCausalLM": "llava",
+}
+RECOGNISERS: list[str] = ["llava"]
 
 
 def read_config(path: Path) -> dict | None:

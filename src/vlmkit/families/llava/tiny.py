@@ -82,7 +82,7 @@ def _write_json(path: Path, data: dict) -> None:
 def copy_tokenizer(folder: Path, backbone: str) -> None:
     for f in TOKENIZERS[backbone].iterdir():
         if f.name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(f, folder / f.name)
+            shutil.copyfile(f, folder / f.name)
 
 
 def make_clip(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 0) -> Path:

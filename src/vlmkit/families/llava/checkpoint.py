@@ -1,0 +1,309 @@
+"""The original LLaVA checkpoint forms, presented as one namespace.
+
+The original code (``llava/model/builder.py``) assembles a model from parts, and so does
+this module, without loading anything:
+
+* full: ``model.*``, ``lm_head.weight``, ``model.mm_projector.*`` (+ for NeXT
+  ``model.image_newline`` and the tower under ``model.vision_tower.vision_tower.*``);
+* projector-only (stage 1): ``mm_projector.bin`` + the base LLM (``--model-base``);
+* LoRA: the base LLM + ``non_lora_trainables.bin`` (which overrides it) + the adapter.
+
+Whatever the form, the result is the namespace of a full checkpoint, with the CLIP
+tower under ``model.vision_tower.vision_tower.vision_model.*`` and LoRA factors beside
+the weight they modify (``model.layers.0.self_attn.q_proj.lora_A.weight``), so one rule
+set converts them all and one reference model runs them all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...errors import CheckpointError, ConfigError
+from ...options import LoadOptions
+from ...tensors import TensorSource, open_source, resolve
+from ...tensors.views import CombinedSource, RenamedSource
+
+TOWER = "model.vision_tower.vision_tower.vision_model."
+UNUSED_CLIP = "clip_unused."  # the CLIP folder's text tower etc.: dropped by rule, with the reason
+# Original architecture -> transformers model_type of the language model.
+BACKBONES = {
+    "LlavaLlamaForCausalLM": "llama",
+    "LlavaMistralForCausalLM": "mistral",
+    "LlavaQwenForCausalLM": "qwen2",
+}
+MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
+# Fields of the original config that describe the multimodal parts, not the language model.
+MULTIMODAL_FIELDS = {
+    "mm_vision_tower", "vision_tower", "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer",
+    "mm_vision_select_feature", "mm_use_im_start_end", "mm_use_im_patch_token", "image_aspect_ratio",
+    "mm_patch_merge_type", "image_grid_pinpoints", "freeze_mm_mlp_adapter", "tune_mm_mlp_adapter",
+    "tune_mm_vision_resampler", "unfreeze_mm_vision_tower", "use_mm_proj", "mm_projector_lr", "mm_vision_tower_lr",
+    "image_crop_resolution", "image_split_resolution", "tokenizer_model_max_length", "tokenizer_padding_side",
+    "mm_resampler_type", "mm_mask_type", "s2", "s2_scales", "architectures", "model_type", "_name_or_path",
+    "transformers_version", "torch_dtype", "dtype", "max_length", "pretraining_tp", "use_cache",
+}
+PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
+# OpenAI CLIP constants, the defaults for facts no file states (a tower inside a checkpoint).
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class LoraInfo:
+    scale: float
+    modules: list[str]  # module paths with {layer}, e.g. "model.layers.{layer}.self_attn.q_proj"
+    adapter_config: dict
+
+
+@dataclass
+class OriginalCheckpoint:
+    """An original LLaVA checkpoint of any form, ready to convert or to run."""
+
+    path: Path
+    form: str  # "full" | "projector" | "lora"
+    config: dict  # the original config.json
+    source: TensorSource  # the full-checkpoint namespace (see module docstring)
+    tokenizer_folder: Path
+    backbone: str  # transformers model_type of the language model
+    vision_config: dict  # CLIPVisionConfig fields
+    preprocessor: dict  # CLIP preprocessor_config.json fields
+    lora: LoraInfo | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_next(self) -> bool:
+        return self.config.get("image_aspect_ratio") == "anyres"
+
+    @property
+    def projector_depth(self) -> int:
+        """Number of Linear layers of the projector (0 for identity)."""
+        kind = self.config.get("mm_projector_type", "linear")
+        if kind == "linear":
+            return 1
+        if kind == "identity":
+            return 0
+        return int(PROJECTOR.match(kind).group(1))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read JSON ({e})") from None
+
+
+def form_of(path: Path) -> str | None:
+    """Which original form a folder holds, from its files alone."""
+    if not path.is_dir():
+        return None
+    if (path / "adapter_config.json").exists() and (path / "non_lora_trainables.bin").exists():
+        return "lora"
+    if (path / "mm_projector.bin").exists():
+        return "projector"
+    config = path / "config.json"
+    if config.exists():
+        data = _read_json(config)
+        if "mm_vision_tower" in data or any(a in BACKBONES for a in data.get("architectures") or []):
+            return "full"
+    return None
+
+
+def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
+    """Open an original checkpoint of any form; checks everything that can be checked without data.
+
+    Raises:
+        ConfigError / CheckpointError: naming the missing part, the field or the file, and the flag that fixes it.
+    """
+    form = form_of(path)
+    if form is None:
+        raise CheckpointError(f"{path}: not an original LLaVA checkpoint (no config.json with mm_* fields, "
+                              "mm_projector.bin or adapter_config.json + non_lora_trainables.bin)")
+    config = _read_json(path / "config.json")
+    _check_multimodal_fields(path, config)
+    backbone = _backbone(path, config)
+    notes: list[str] = []
+    lora = None
+    if form == "full":
+        llm, tokenizer_folder = open_source(path), path
+    else:
+        base = _model_base(path, form, config, options)
+        llm, tokenizer_folder = open_source(base), base
+        if form == "projector":
+            projector = open_source(path / "mm_projector.bin")
+            llm = CombinedSource([("", llm), ("", projector)], path=path)
+        else:
+            llm, lora = _with_lora(path, llm, notes)
+    tower_folder = _tower_folder(path, config, options, inside=any(k.startswith(TOWER) for k in llm.keys()))
+    parts: list[tuple[str, TensorSource]] = [("", llm)]
+    if tower_folder is not None and not any(k.startswith(TOWER) for k in llm.keys()):
+        parts.append(("", _tower_source(tower_folder)))
+    source = CombinedSource(parts, path=path) if len(parts) > 1 else llm
+    vision_config, preprocessor = _vision_config(source, tower_folder, options)
+    _check_tower(path, config, vision_config)
+    return OriginalCheckpoint(path, form, config, source, tokenizer_folder, backbone, vision_config, preprocessor,
+                              lora, notes)
+
+
+def _check_multimodal_fields(path: Path, config: dict) -> None:
+    kind = config.get("mm_projector_type", "linear")
+    if kind not in ("linear", "identity") and not PROJECTOR.match(kind):
+        raise ConfigError(f"{path}/config.json: unknown mm_projector_type {kind!r}",
+                          hint="the original code knows linear, mlpNx_gelu (e.g. mlp2x_gelu) and identity")
+    if config.get("mm_use_im_start_end") or config.get("mm_use_im_patch_token"):
+        raise ConfigError(f"{path}/config.json: mm_use_im_start_end / mm_use_im_patch_token checkpoints "
+                          "(extra image tokens) are not supported; the released LLaVA-1.5/1.6 models set both false")
+    if "mm_vision_select_layer" not in config:
+        raise ConfigError(f"{path}/config.json: mm_vision_select_layer is missing",
+                          hint="add it (LLaVA-1.5/1.6 use -2) or pass --config with it")
+    feature = config.get("mm_vision_select_feature", "patch")
+    if feature not in ("patch", "cls_patch"):
+        raise ConfigError(f"{path}/config.json: mm_vision_select_feature {feature!r} is neither 'patch' nor 'cls_patch'")
+
+
+def _backbone(path: Path, config: dict) -> str:
+    for arch in config.get("architectures") or []:
+        if arch in BACKBONES:
+            return BACKBONES[arch]
+    model_type = config.get("model_type")
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    raise ConfigError(f"{path}/config.json: cannot tell the language model from architectures "
+                      f"{config.get('architectures')} / model_type {model_type!r}",
+                      hint=f"known: {', '.join(BACKBONES)}")
+
+
+def _model_base(path: Path, form: str, config: dict, options: LoadOptions) -> Path:
+    what = "LoRA adapter" if form == "lora" else "projector-only checkpoint (mm_projector.bin)"
+    if not options.model_base:
+        trained_on = config.get("_name_or_path") or "?"
+        if form == "lora":
+            trained_on = _read_json(path / "adapter_config.json").get("base_model_name_or_path", trained_on)
+        raise ConfigError(f"{path} is a {what}: it needs the base language model it was trained on ({trained_on})",
+                          hint="pass --model-base PATH (the base LLM folder, e.g. vicuna-7b-v1.5)")
+    return resolve(options.model_base)
+
+
+def _strip_training_prefixes(names: list[str]) -> dict[str, str]:
+    """The original builder's renaming of non_lora_trainables keys, in its order."""
+    mapping = {n: n[len("base_model."):] if n.startswith("base_model.") else n for n in names}
+    if any(v.startswith("model.model.") for v in mapping.values()):
+        mapping = {k: v[len("model."):] if v.startswith("model.") else v for k, v in mapping.items()}
+    return mapping
+
+
+def _with_lora(path: Path, base: TensorSource, notes: list[str]) -> tuple[TensorSource, LoraInfo]:
+    adapter_config = _read_json(path / "adapter_config.json")
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{path}/adapter_config.json: peft_type {adapter_config.get('peft_type')!r} is not LORA")
+    files = [path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (path / f).exists()]
+    if not files:
+        raise CheckpointError(f"{path}: adapter_config.json but no adapter_model.safetensors / adapter_model.bin")
+    adapter = open_source(files[0])
+    non_lora = open_source(path / "non_lora_trainables.bin")
+    overrides = RenamedSource(non_lora, _strip_training_prefixes(non_lora.keys()))
+    replaced = set(overrides.keys()) & set(base.keys())
+    if replaced:
+        notes.append(f"non_lora_trainables.bin replaces {len(replaced)} base tensor(s), e.g. {sorted(replaced)[0]}")
+    base_kept = RenamedSource(base, {n: n for n in base.keys() if n not in replaced})
+    # peft names: base_model.model.<module>.lora_A.weight (older peft: ...lora_A.default.weight)
+    lora_names = {}
+    modules = set()
+    for name in adapter.keys():
+        m = re.match(r"^base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight$", name)
+        if not m:
+            raise CheckpointError(f"{files[0]}: unexpected adapter tensor '{name}' (expected ...lora_A/lora_B.weight)")
+        lora_names[name] = f"{m.group(1)}.{m.group(2)}.weight"
+        modules.add(re.sub(r"\.layers\.\d+\.", ".layers.{layer}.", m.group(1)))
+    missing = [w for n in lora_names.values() if (w := n.rsplit(".lora_", 1)[0] + ".weight") not in base.keys()]
+    if missing:
+        raise ConfigError(f"{path}: the adapter modifies '{missing[0]}' but the base model has no such weight",
+                          hint="is --model-base the model this adapter was trained on?")
+    rank, alpha = adapter_config.get("r", 8), adapter_config.get("lora_alpha", 8)
+    scale = alpha / rank**0.5 if adapter_config.get("use_rslora") else alpha / rank
+    combined = CombinedSource([("", base_kept), ("", overrides), ("", RenamedSource(adapter, lora_names))], path=path)
+    return combined, LoraInfo(scale, sorted(modules), adapter_config)
+
+
+def _tower_folder(path: Path, config: dict, options: LoadOptions, *, inside: bool) -> Path | None:
+    """The CLIP folder: ``--vision-tower``, else ``mm_vision_tower`` (a local path or a hub id)."""
+    name = options.vision_tower or config.get("mm_vision_tower") or config.get("vision_tower")
+    if name is None:
+        if inside:
+            return None
+        raise ConfigError(f"{path}/config.json names no vision tower (mm_vision_tower)",
+                          hint="pass --vision-tower PATH (a CLIP folder)")
+    try:
+        return resolve(name, allow_patterns=["*.json", "*.safetensors", "*.bin"] if not inside else ["*.json"])
+    except Exception as e:  # noqa: BLE001 - a tower inside the checkpoint needs only its config: use defaults
+        if inside:
+            return None
+        raise ConfigError(f"the vision tower '{name}' (from {'--vision-tower' if options.vision_tower else 'mm_vision_tower'}) "
+                          f"is not a local folder and could not be fetched: {getattr(e, 'message', e)}",
+                          hint="pass --vision-tower PATH (a local copy of the CLIP model)") from None
+
+
+def _tower_source(folder: Path) -> TensorSource:
+    """A CLIP folder's tensors named as the tower inside a LLaVA checkpoint; the rest kept for explicit drops."""
+    source = open_source(folder)
+    names = source.keys()
+    bare = not any(n.startswith("vision_model.") for n in names)  # a CLIPVisionModel saved without the prefix
+    mapping = {}
+    for n in names:
+        if n.startswith("vision_model."):
+            mapping[n] = TOWER + n[len("vision_model."):]
+        elif bare and n.split(".")[0] in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm"):
+            mapping[n] = TOWER + n
+        else:
+            mapping[n] = UNUSED_CLIP + n
+    return RenamedSource(source, mapping)
+
+
+def _vision_config(source: TensorSource, folder: Path | None, options: LoadOptions) -> tuple[dict, dict]:
+    """CLIPVisionConfig fields and the preprocessor, from the tower folder or, failing that, from shapes."""
+    override = (options.config or {}).get("vision_config") or {}
+    preprocessor: dict = {}
+    config: dict = {}
+    if folder is not None and (folder / "config.json").exists():
+        data = _read_json(folder / "config.json")
+        config = dict(data.get("vision_config") or data)
+        if (folder / "preprocessor_config.json").exists():
+            preprocessor = _read_json(folder / "preprocessor_config.json")
+    if not config:
+        config = _vision_config_from_shapes(source)
+    config = {**config, **override, "model_type": "clip_vision_model"}
+    for key in ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        config.pop(key, None)
+    if not preprocessor:
+        size = config.get("image_size", 336)
+        preprocessor = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
+                        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_center_crop": True, "resample": 3,
+                        "rescale_factor": 1 / 255}
+    return config, preprocessor
+
+
+def _vision_config_from_shapes(source: TensorSource) -> dict:
+    """What the tensors tell; the head count is not in any shape: OpenAI's CLIPs use 64-wide heads."""
+    try:
+        patch = source.info(TOWER + "embeddings.patch_embedding.weight").shape
+        positions = source.info(TOWER + "embeddings.position_embedding.weight").shape[0]
+        fc1 = source.info(TOWER + "encoder.layers.0.mlp.fc1.weight").shape
+    except KeyError:
+        raise ConfigError("the checkpoint has no complete vision tower and no CLIP config was found",
+                          hint="pass --vision-tower PATH (a CLIP folder) or --config with a vision_config") from None
+    layers = 1 + max(int(m.group(1)) for n in source.keys() if (m := re.match(re.escape(TOWER) + r"encoder\.layers\.(\d+)\.", n)))
+    hidden, _, p, _ = patch
+    side = round((positions - 1) ** 0.5)
+    return {"hidden_size": hidden, "intermediate_size": fc1[0], "num_hidden_layers": layers,
+            "num_attention_heads": max(1, hidden // 64), "patch_size": p, "image_size": side * p,
+            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768}
+
+
+def _check_tower(path: Path, config: dict, vision: dict) -> None:
+    hidden = config.get("mm_hidden_size")
+    width = vision.get("hidden_size")
+    if hidden is not None and width is not None and hidden != width:
+        raise ConfigError(f"{path}/config.json: mm_hidden_size is {hidden} but the vision tower is {width} wide",
+                          hint="pass --vision-tower with the CLIP model this checkpoint was trained with")

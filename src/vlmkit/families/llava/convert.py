@@ -1,0 +1,208 @@
+"""Original LLaVA -> transformers ``Llava`` / ``LlavaNext``, in the published llava-hf layout.
+
+The rules below are the whole mapping. The target config is derived from the
+checkpoint's own files (never downloaded), the new vocabulary rows follow the
+transformers conversion scripts (a normal distribution with the embeddings' mean and
+1e-5 x their covariance, vocabulary padded to a multiple of 64), and the folder gets a
+tokenizer, an image processor and a chat template that reproduce the original's ids
+and pixels (``vlmkit verify`` proves it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...convert import Conversion, Custom, ResizeRows, Rule, create, drop, rename, transform
+from ...errors import ConfigError
+from ...options import LoadOptions
+from ...tensors import TensorSource
+from .checkpoint import TOWER, UNUSED_CLIP, OriginalCheckpoint, open_original
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+PAD_VOCAB_TO = 64  # the transformers conversion scripts' pad_to_multiple_of
+
+# transformers-5 module names -> the on-disk names of the published llava-hf repositories,
+# which vLLM, llama.cpp's converter and transformers 4.x read (5.x reads both).
+PUBLISHED_LAYOUT = [
+    rename("model.language_model.{rest:path}", "language_model.model.{rest:path}"),
+    rename("lm_head.weight", "language_model.lm_head.weight"),
+    rename("model.vision_tower.{rest:path}", "vision_tower.vision_model.{rest:path}"),
+    rename("model.multi_modal_projector.{rest:path}", "multi_modal_projector.{rest:path}"),
+    rename("model.image_newline", "image_newline"),
+]
+
+
+class EmbeddingDistribution:
+    """New vocabulary rows as the transformers conversion scripts draw them.
+
+    ``N(mu, 1e-5 * Sigma)`` with the mean and covariance of the existing input
+    embeddings; the scripts use that same distribution for the ``lm_head`` rows. Only
+    the embedding matrix is held, once.
+    """
+
+    def __init__(self, source: TensorSource, name: str):
+        self.source, self.name = source, name
+        self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._factors is None:
+            e = self.source.read(self.name).float()
+            mu = e.mean(0)
+            centred = e - mu
+            sigma = centred.T @ centred / e.shape[0]
+            # sample through the eigen-decomposition: robust where Sigma is only semi-definite
+            w, v = torch.linalg.eigh(1e-5 * sigma.double())
+            self._factors = mu, (v * w.clamp(min=0).sqrt()).float()
+        return self._factors
+
+    def __call__(self, existing: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+        mu, factor = self._stats()
+        z = torch.randn((n, mu.shape[0]), generator=generator)
+        return mu + z @ factor.T
+
+
+def _lora_merge(scale: float) -> Custom:
+    def merge(tensors):
+        w, a, b = tensors
+        return [(w.float() + scale * (b.float() @ a.float())).to(w.dtype)]
+
+    def shapes(s):
+        w, a, b = s
+        if a[1] != w[1] or b[0] != w[0] or a[0] != b[1]:
+            raise ValueError(f"LoRA factors {a} / {b} do not fit the weight {w}")
+        return [w]
+
+    return Custom(f"merge LoRA (scale {scale:g})", merge, shapes, n_in=3, n_out=1)
+
+
+def _projector_rules(ckpt: OriginalCheckpoint, hidden: int) -> tuple[list[Rule], str]:
+    """Rules for ``model.mm_projector.*`` and the activation transformers must use between its two linears.
+
+    transformers' Llava projector is Linear -> act -> Linear. mlp2x_gelu maps one to one;
+    a single Linear (``linear``, ``mlp1x_gelu``) becomes Linear -> identity -> I, and
+    ``identity`` becomes I -> identity -> I, both exact.
+    """
+    depth = ckpt.projector_depth
+    eye = lambda n: (lambda: torch.eye(n))  # noqa: E731
+    zeros = lambda n: (lambda: torch.zeros(n))  # noqa: E731
+    if depth == 2:
+        return [rename("model.mm_projector.0.{p:path}", "multi_modal_projector.linear_1.{p:path}"),
+                rename("model.mm_projector.2.{p:path}", "multi_modal_projector.linear_2.{p:path}")], "gelu"
+    second = [create("multi_modal_projector.linear_2.weight", (hidden, hidden), eye(hidden),
+                     why="a one-layer projector: the second linear is the identity"),
+              create("multi_modal_projector.linear_2.bias", (hidden,), zeros(hidden), why="identity projector")]
+    if depth == 1:
+        prefix = "model.mm_projector.0" if any(k.startswith("model.mm_projector.0.") for k in ckpt.source.keys()) \
+            else "model.mm_projector"
+        return [rename(prefix + ".{p:path}", "multi_modal_projector.linear_1.{p:path}")] + second, "linear"
+    if depth == 0:
+        width = ckpt.config.get("mm_hidden_size", hidden)
+        if width != hidden:
+            raise ConfigError(f"{ckpt.path}: an identity projector needs mm_hidden_size ({width}) == hidden_size ({hidden})")
+        return [create("multi_modal_projector.linear_1.weight", (hidden, hidden), eye(hidden), why="identity projector"),
+                create("multi_modal_projector.linear_1.bias", (hidden,), zeros(hidden), why="identity projector")] \
+            + second, "linear"
+    raise ConfigError(f"{ckpt.path}: mm_projector_type {ckpt.config['mm_projector_type']!r} has {depth} linear layers; "
+                      "transformers' Llava projector has two, so it cannot be converted without changing the model")
+
+
+def rules_for(ckpt: OriginalCheckpoint, vocab_rows: int, seed: int) -> tuple[list[Rule], str]:
+    """The conversion, as a table. Returns (rules, projector activation)."""
+    embed = "model.embed_tokens.weight"
+    rows = ckpt.source.info(embed).shape[0]
+    hidden = ckpt.source.info(embed).shape[1]
+    init = EmbeddingDistribution(ckpt.source, embed)
+    projector, act = _projector_rules(ckpt, hidden)
+    lora = [transform([module + ".weight", module + ".lora_A.weight", module + ".lora_B.weight"],
+                      "language_model." + module + ".weight", _lora_merge(ckpt.lora.scale))
+            for module in (ckpt.lora.modules if ckpt.lora else [])]
+    rules = [
+        drop("model.layers.{layer}.self_attn.rotary_emb.inv_freq", why="recomputed from rope_theta at load"),
+        drop(TOWER + "embeddings.position_ids", why="a buffer transformers recomputes"),
+        drop(UNUSED_CLIP + "{rest:path}", why="only CLIP's vision tower is part of LLaVA"),
+        *lora,
+        transform(embed, "language_model.model.embed_tokens.weight", ResizeRows(rows, vocab_rows, init, seed)),
+        transform("lm_head.weight", "language_model.lm_head.weight", ResizeRows(rows, vocab_rows, init, seed + 1)),
+        *projector,
+        rename("model.image_newline", "image_newline"),
+        rename(TOWER + "{rest:path}", "vision_tower.vision_model.{rest:path}"),
+        rename("model.{rest:path}", "language_model.model.{rest:path}"),
+    ]
+    return rules, act
+
+
+def padded_vocab(rows: int, added: int) -> int:
+    return math.ceil((rows + added) / PAD_VOCAB_TO) * PAD_VOCAB_TO
+
+
+def expected_tensors(hf_config) -> dict[str, tuple[int, ...]]:
+    """Every tensor the target model has, with its shape, under the published names (meta device: no memory)."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    cls = LlavaNextForConditionalGeneration if hf_config.model_type == "llava_next" else LlavaForConditionalGeneration
+    with torch.device("meta"):
+        model = cls(hf_config)
+    expected = {}
+    for name, tensor in model.state_dict().items():
+        for rule in PUBLISHED_LAYOUT:
+            captures = rule.sources[0].match(name)
+            if captures is not None:
+                name = rule.targets[0].format(captures)
+                break
+        expected[name] = tuple(tensor.shape)
+    return expected
+
+
+@dataclass
+class Target:
+    """Everything about the output that is known before any tensor is read."""
+
+    hf_config: object
+    tokenizer: object
+    processor: object
+    generation_config: dict
+    template: str
+
+
+def conversion(path: Path, options: LoadOptions) -> Conversion:
+    """The conversion of an original LLaVA checkpoint (any form) to a transformers folder."""
+    from . import hf_output
+
+    ckpt = open_original(path, options)
+    target = hf_output.target_for(ckpt, options)
+    rows = target.hf_config.text_config.vocab_size
+    _check_vocabulary(ckpt, target)
+    rules, act = rules_for(ckpt, rows, options.seed)
+    if act != target.hf_config.projector_hidden_act:
+        target.hf_config.projector_hidden_act = act
+    summary = (f"LLaVA{'-NeXT' if ckpt.is_next else '-1.5'} ({ckpt.form} checkpoint, {ckpt.backbone} backbone, "
+               f"{ckpt.config.get('mm_projector_type', 'linear')} projector, template {target.template})"
+               + "".join(f"; {n}" for n in ckpt.notes))
+    return Conversion(ckpt.source, rules, expected=expected_tensors(target.hf_config),
+                      write_extras=lambda folder: hf_output.write(folder, ckpt, target, options.dtype), summary=summary)
+
+
+def _check_vocabulary(ckpt: OriginalCheckpoint, target: Target) -> None:
+    rows = ckpt.source.info("model.embed_tokens.weight").shape[0]
+    head = ckpt.source.info("lm_head.weight").shape[0] if "lm_head.weight" in ckpt.source.keys() else rows
+    config_vocab = ckpt.config.get("vocab_size", rows)
+    base_tokens = len(target.tokenizer) - 1 - (1 if target.tokenizer.pad_token == PAD_TOKEN else 0)
+    if rows != head or rows != config_vocab:
+        raise ConfigError(f"{ckpt.path}: the vocabulary does not match: embed_tokens has {rows} rows, lm_head {head}, "
+                          f"config.json vocab_size is {config_vocab}",
+                          hint="the weights and config.json come from different models")
+    if base_tokens > rows:
+        raise ConfigError(f"{ckpt.tokenizer_folder}: the tokenizer has {base_tokens} tokens but the model's embedding "
+                          f"has {rows} rows", hint="use the tokenizer the model was trained with")
+
+
+def describe(ckpt: OriginalCheckpoint) -> dict:
+    return {"form": ckpt.form, "backbone": ckpt.backbone, "version": "NeXT" if ckpt.is_next else "1.5",
+            "vision_tower": json.dumps({k: ckpt.vision_config.get(k) for k in ("hidden_size", "num_hidden_layers",
+                                                                                 "image_size", "patch_size")})}

@@ -1,0 +1,129 @@
+"""The non-tensor files of a converted LLaVA folder: config, generation config, processor.
+
+Fields are derived from the checkpoint's own files: the language model's config is the
+original ``config.json`` minus its multimodal fields, the vision config is the CLIP
+tower's, and ``--config`` (a transformers Llava/LlavaNext config) overrides any of it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...errors import ConfigError
+from ...options import LoadOptions
+from ...runtime import images, templates, tokens
+from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
+from .convert import IMAGE_TOKEN, PAD_TOKEN, Target, padded_vocab
+
+DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def original_tokenizer_legacy(folder: Path) -> bool:
+    """The original slow tokenizer's ``legacy`` flag (transformers 4.37 treated a missing one as True)."""
+    config = folder / "tokenizer_config.json"
+    data = json.loads(config.read_text()) if config.exists() else {}
+    return data.get("legacy", True) is not False
+
+
+def template_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> str:
+    """The conversation template: ``--template``, else the original's choice from the model name,
+    else from the backbone (LLaVA's own fallback, ``llava_v0``, fits no released 1.5/1.6 model)."""
+    if options.template:
+        if options.template not in templates.TEMPLATES:
+            raise ConfigError(f"--template {options.template!r} is unknown",
+                              hint=f"known: {', '.join(sorted(templates.TEMPLATES))}")
+        return options.template
+    chosen = templates.choose_template(templates.get_model_name_from_path(str(ckpt.path)))
+    if chosen != "llava_v0":
+        return chosen
+    return "mistral_instruct" if ckpt.backbone == "mistral" else "llava_v1"
+
+
+def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaNextConfig
+
+    legacy = original_tokenizer_legacy(ckpt.tokenizer_folder)
+    tokenizer = tokens.build_converted_tokenizer(ckpt.tokenizer_folder, legacy=legacy, pad_token=PAD_TOKEN)
+    rows = ckpt.source.info("model.embed_tokens.weight").shape[0]
+    added = len(tokenizer) - rows if len(tokenizer) > rows else 2
+    vocab = padded_vocab(rows, added)
+    template = template_for(ckpt, options)
+
+    text = {k: v for k, v in ckpt.config.items() if k not in MULTIMODAL_FIELDS}
+    text.update(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    image_cfg = images.ImageConfig.from_original(ckpt.config, ckpt.preprocessor)
+    select = ckpt.config.get("mm_vision_select_feature", "patch")
+    derived = {
+        "text_config": text,
+        "vision_config": ckpt.vision_config,
+        "image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "vision_feature_layer": ckpt.config["mm_vision_select_layer"],
+        "vision_feature_select_strategy": "default" if select == "patch" else "full",
+        "projector_hidden_act": "gelu",
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    processor_kind = "llava"
+    if ckpt.is_next:
+        merge = ckpt.config.get("mm_patch_merge_type", "flat")
+        if merge != "spatial_unpad":
+            raise ConfigError(f"{ckpt.path}/config.json: anyres with mm_patch_merge_type {merge!r}: transformers' "
+                              "LlavaNext only implements spatial_unpad (with image_newline)")
+        processor_kind = "llava_next"
+    image_processor, pinpoints = images.hf_image_processor(image_cfg, processor_kind)
+    if ckpt.is_next:
+        derived.update(image_grid_pinpoints=pinpoints, use_image_newline_parameter=True)
+    else:
+        patches = (ckpt.vision_config["image_size"] // ckpt.vision_config["patch_size"]) ** 2
+        derived["image_seq_length"] = patches + (1 if select == "cls_patch" else 0)
+    merged = _deep_merge(derived, options.config or {})
+    text_fields = dict(merged["text_config"])
+    text_config = AutoConfig.for_model(text_fields.pop("model_type", ckpt.backbone), **text_fields)
+    merged["text_config"] = text_config
+    merged["vision_config"] = CLIPVisionConfig(**{k: v for k, v in merged["vision_config"].items() if k != "model_type"})
+    for key in ("model_type", "architectures"):
+        merged.pop(key, None)
+    hf_config = (LlavaNextConfig if ckpt.is_next else LlavaConfig)(**merged)
+
+    processor_cls = _processor_class(processor_kind)
+    processor = processor_cls(
+        image_processor=image_processor, tokenizer=tokenizer,
+        patch_size=ckpt.vision_config["patch_size"],
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+        # the Jinja comment names the original template, for `vlmkit inspect` and the runtime
+        chat_template=f"{{# vlmkit template: {template} #}}" + templates.chat_template(template, legacy_tokenizer=legacy),
+        num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+    )
+    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                  "pad_token_id": tokenizer.pad_token_id}
+    return Target(hf_config, tokenizer, processor, generation, template)
+
+
+def _processor_class(kind: str):
+    from transformers import LlavaNextProcessor, LlavaProcessor
+
+    return LlavaNextProcessor if kind == "llava_next" else LlavaProcessor
+
+
+def write(folder: Path, ckpt: OriginalCheckpoint, target: Target, dtype: str | None = None) -> None:
+    """config.json (published fields), generation_config.json and the processor files."""
+    config = target.hf_config.to_dict()
+    arch = "LlavaNextForConditionalGeneration" if ckpt.is_next else "LlavaForConditionalGeneration"
+    config["architectures"] = [arch]
+    stored = dtype or ckpt.source.info("model.embed_tokens.weight").dtype
+    config["torch_dtype"] = DTYPE_NAMES.get(stored, "float32")  # the key 4.x and vLLM read
+    config.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(target.generation_config, indent=2) + "\n")
+    target.processor.save_pretrained(folder)
+    # transformers 5 nests the image processor in processor_config.json; 4.x, vLLM and llama.cpp's
+    # converter read preprocessor_config.json, as the published repositories have it
+    target.processor.image_processor.save_pretrained(folder)

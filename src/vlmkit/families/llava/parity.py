@@ -1,0 +1,151 @@
+"""``vlmkit verify`` for LLaVA: the original forward pass vs the converted transformers folder.
+
+The reference side is ``reference.OriginalLlava`` with the original preprocessing
+(``runtime.images``), prompt (``runtime.templates``) and tokenisation
+(``runtime.tokens``); the converted side is plain transformers (``AutoProcessor`` +
+``Llava(Next)ForConditionalGeneration``). Each model is loaded in turn, so memory holds
+one of them at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...options import LoadOptions
+from ...runtime import images, templates
+from ...runtime.tokens import IMAGE_TOKEN_INDEX
+from ...verify import Check, Report, compare_ids, compare_tensors
+from .checkpoint import open_original
+from .hf_output import template_for
+from .reference import OriginalLlava
+
+# float32 on both sides: the same ops in the same order, so differences are rounding only.
+TOLERANCES = {
+    "F32": {"pixels": 1e-5, "logits": 1e-4, "cosine": 0.99999},
+    "F16": {"pixels": 1e-5, "logits": 5e-2, "cosine": 0.999},
+    "BF16": {"pixels": 1e-5, "logits": 2e-1, "cosine": 0.99},
+}
+
+
+@dataclass
+class Probe:
+    image: Path
+    prompt: str
+
+
+def _collapse_image_runs(ids: list[int], image_token: int) -> list[int]:
+    """transformers expands ``<image>`` into one id per feature; the original keeps one -200."""
+    out: list[int] = []
+    for i in ids:
+        if i == image_token:
+            if not out or out[-1] != IMAGE_TOKEN_INDEX:
+                out.append(IMAGE_TOKEN_INDEX)
+        else:
+            out.append(i)
+    return out
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def verify(original: Path, converted: Path, options: LoadOptions, probes: list[Probe], *,
+           max_new_tokens: int = 8) -> Report:
+    """Run both models on the same probes and report every difference.
+
+    Args:
+        original: the original LLaVA checkpoint (any form; ``options`` as for convert).
+        converted: the transformers folder.
+        probes: image + question pairs; the first is measured in detail, all of them
+            (at least two) are generated together in one padded batch.
+        max_new_tokens: greedy tokens to compare.
+    """
+    ckpt = open_original(original, options)
+    template = template_for(ckpt, options)
+    report = Report("LLaVA parity: original forward vs converted transformers model", str(original), str(converted),
+                    inputs={"template": template, "probes": [f"{p.image.name}: {p.prompt!r}" for p in probes],
+                            "max_new_tokens": max_new_tokens})
+
+    # --- the original ------------------------------------------------------------
+    reference = OriginalLlava.load(ckpt, dtype=torch.float32)
+    ref = []
+    for probe in probes:
+        image = images.load_image(probe.image)
+        pixels, sizes = images.preprocess([image], reference.image_config)
+        prompt = templates.render(template, [("user", templates.with_image(probe.prompt)), ("assistant", None)])
+        ids = reference.prompt_ids(prompt)
+        features = reference.image_features(pixels, sizes)
+        ref.append({"image": image, "pixels": pixels, "ids": ids,
+                    "logits": reference.logits(ids, features) if not ref else None,
+                    "tokens": reference.greedy(ids, features, max_new_tokens)})
+    vocab = reference.tokenizer.vocab_size
+    eos = reference.tokenizer.eos_token_id
+    decode = reference.tokenizer.decode
+    del reference
+    gc.collect()
+
+    # --- the converted folder, through transformers alone --------------------------
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(converted)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(converted, dtype=torch.float32).eval()
+    stored = _stored_dtype(converted)
+    tol = TOLERANCES.get(stored, TOLERANCES["F32"])
+    image_token = model.config.image_token_index
+
+    def inputs_for(items: list[int]):
+        texts = [processor.apply_chat_template(_messages(probes[i].prompt), add_generation_prompt=True) for i in items]
+        return processor(images=[ref[i]["image"] for i in items], text=texts, return_tensors="pt", padding=True)
+
+    first = inputs_for([0])
+    report.checks.append(_pixel_check(ref[0]["pixels"], first["pixel_values"], tol["pixels"]))
+    ids = _collapse_image_runs(first["input_ids"][0].tolist(), image_token)
+    report.checks.append(compare_ids("input ids", ref[0]["ids"], ids, decode=decode))
+    with torch.no_grad():
+        logits = model(**first).logits[0, :, :vocab]
+    report.checks.append(compare_tensors("logits", ref[0]["logits"], logits, atol=tol["logits"], min_cosine=tol["cosine"]))
+
+    single = []
+    for i in range(len(probes)):
+        inputs = first if i == 0 else inputs_for([i])
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        single.append(_until_eos(out[0, inputs["input_ids"].shape[1]:].tolist(), eos))
+    report.checks.append(compare_ids("greedy tokens", ref[0]["tokens"], single[0], decode=decode))
+    batch = inputs_for(list(range(len(probes))))
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    batched = [_until_eos(row[batch["input_ids"].shape[1]:].tolist(), eos) for row in out]
+    agree = [b == r["tokens"] and b == s for b, r, s in zip(batched, ref, single)]
+    report.checks.append(Check(
+        "batched generation", all(agree),
+        {"batch": len(probes), "rows_equal": sum(agree)},
+        "each padded batch row = its unbatched generation = the original's",
+        "" if all(agree) else f"rows differing: {[i for i, a in enumerate(agree) if not a]}",
+    ))
+    report.notes.append(f"original greedy text: {decode(ref[0]['tokens'])!r}")
+    if ckpt.is_next:
+        report.notes.append("transformers unpads with int(round(x, 7)), the original with int(x): "
+                            "they can differ by one row for rare image sizes")
+    return report
+
+
+def _messages(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+def _pixel_check(reference, converted: torch.Tensor, atol: float) -> Check:
+    ref = reference if isinstance(reference, torch.Tensor) else torch.stack(list(reference))
+    if ref.dim() == 5 and converted.dim() == 5 and converted.shape[1] > ref.shape[1]:
+        converted = converted[:, : ref.shape[1]]  # transformers pads the crop dimension to the batch maximum
+    return compare_tensors("pixel values", ref, converted, atol=atol)
+
+
+def _stored_dtype(folder: Path) -> str:
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return {"float16": "F16", "bfloat16": "BF16"}.get(config.get("torch_dtype"), "F32")

@@ -1,0 +1,215 @@
+"""The ORIGINAL LLaVA forward pass, assembled from transformers parts as ``llava_arch.py`` does.
+
+This is the reference ``vlmkit verify`` measures conversions against, and the model that
+runs original checkpoints directly. It follows the original code step by step:
+
+* the CLIP tower's hidden state at ``mm_vision_select_layer`` (no post-layernorm),
+  ``patch`` dropping the CLS position;
+* the ``mm_projector`` (Linear, or Linear-GELU-Linear... for ``mlpNx_gelu``);
+* NeXT: the base image's features first, then the crops' grid, unpadded to the image's
+  aspect ratio, an ``image_newline`` at the end of every row (``spatial_unpad``);
+* image features spliced where the prompt has ``IMAGE_TOKEN_INDEX`` (-200) in the
+  input embeddings, truncated at ``tokenizer_model_max_length``;
+* greedy decoding with a KV cache from those embeddings.
+
+LoRA checkpoints are merged with peft, as the original builder does (an independent
+path from the converter's own merge op).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...runtime import images
+from ...runtime.tokens import IMAGE_TOKEN_INDEX, OriginalTokenizer
+from .checkpoint import MULTIMODAL_FIELDS, TOWER, OriginalCheckpoint
+
+
+def _projector(ckpt: OriginalCheckpoint, hidden: int) -> nn.Module:
+    width = ckpt.config.get("mm_hidden_size", ckpt.vision_config["hidden_size"])
+    depth = ckpt.projector_depth
+    if depth == 0:
+        return nn.Identity()
+    if ckpt.config.get("mm_projector_type", "linear") == "linear":
+        return nn.Linear(width, hidden)
+    layers: list[nn.Module] = [nn.Linear(width, hidden)]
+    for _ in range(1, depth):
+        layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+    return nn.Sequential(*layers)
+
+
+class OriginalLlava(nn.Module):
+    """An original LLaVA checkpoint, runnable. Build with ``OriginalLlava.load(ckpt)``."""
+
+    def __init__(self, ckpt: OriginalCheckpoint, language_model: nn.Module, vision_tower: nn.Module,
+                 projector: nn.Module, image_newline: torch.Tensor | None):
+        super().__init__()
+        self.ckpt = ckpt
+        self.config = ckpt.config
+        self.language_model = language_model
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.image_newline = nn.Parameter(image_newline, requires_grad=False) if image_newline is not None else None
+        self.compute_dtype = next(language_model.parameters()).dtype
+        self.image_config = images.ImageConfig.from_original(ckpt.config, ckpt.preprocessor)
+        self.tokenizer = OriginalTokenizer.from_folder(ckpt.tokenizer_folder)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, ckpt: OriginalCheckpoint, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "OriginalLlava":
+        from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+        from transformers.initialization import no_init_weights  # weights come from the checkpoint
+
+        source = ckpt.source
+        names = source.keys()
+        text_fields = {k: v for k, v in ckpt.config.items() if k not in MULTIMODAL_FIELDS}
+        text_config = AutoConfig.for_model(ckpt.backbone, **text_fields)
+        with no_init_weights():
+            lm = AutoModelForCausalLM.from_config(text_config)
+        wanted = set(lm.state_dict())
+        state = {n: source.read(n).to(dtype) for n in names if n in wanted}
+        missing = wanted - set(state)
+        if missing:
+            from ...errors import CheckpointError
+
+            raise CheckpointError(f"{ckpt.path}: the language model lacks {len(missing)} tensor(s), e.g. "
+                                  f"'{sorted(missing)[0]}'")
+        lm.load_state_dict(state, strict=True, assign=True)
+        if ckpt.lora:
+            lm = _merge_lora(lm, ckpt, dtype)
+        lm.eval()
+
+        vision_fields = {k: v for k, v in ckpt.vision_config.items() if k != "model_type"}
+        with no_init_weights():
+            tower = CLIPVisionModel(CLIPVisionConfig(**vision_fields))
+        tower_state = {n[len(TOWER):]: source.read(n).to(dtype) for n in names
+                       if n.startswith(TOWER) and not n.endswith("position_ids")}
+        tower.load_state_dict(tower_state, strict=True, assign=True)
+        tower.eval()
+
+        hidden = text_config.hidden_size
+        projector = _projector(ckpt, hidden)
+        prefix = "model.mm_projector."
+        proj_state = {n[len(prefix):]: source.read(n).to(dtype) for n in names if n.startswith(prefix)}
+        if isinstance(projector, nn.Linear) and "0.weight" in proj_state:  # mlp1x_gelu keeps the Sequential index
+            proj_state = {k[2:]: v for k, v in proj_state.items()}
+        projector.load_state_dict(proj_state, strict=True)
+        newline = source.read("model.image_newline").to(dtype) if "model.image_newline" in names else None
+        return cls(ckpt, lm, tower, projector.to(dtype), newline).to(device)
+
+    # ------------------------------------------------------------------ images
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` -> projected features ``[N, T, hidden]`` (CLIP layer, patch selection, projector)."""
+        out = self.vision_tower(pixel_values.to(self.compute_dtype), output_hidden_states=True)
+        features = out.hidden_states[self.config["mm_vision_select_layer"]]
+        if self.config.get("mm_vision_select_feature", "patch") == "patch":
+            features = features[:, 1:]
+        return self.projector(features)
+
+    @torch.no_grad()
+    def image_features(self, pixel_values, image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """One ``[T_i, hidden]`` tensor per image, arranged as ``prepare_inputs_labels_for_multimodal`` does.
+
+        Args:
+            pixel_values: from ``runtime.images.preprocess`` ([B,3,H,W], or [B,1+n,3,H,W] / a list for anyres).
+            image_sizes: original (width, height) of each image.
+        """
+        if not self.ckpt.is_next:
+            return list(self.encode_images(pixel_values))
+        merge = self.config.get("mm_patch_merge_type", "flat")
+        side = self.ckpt.vision_config["image_size"] // self.ckpt.vision_config["patch_size"]
+        result = []
+        for crops, size in zip(pixel_values, image_sizes):
+            f = self.encode_images(crops)
+            if merge == "flat":
+                result.append(f.flatten(0, 1))
+                continue
+            if f.shape[0] == 1:
+                single = f[0]
+                if "unpad" in merge:
+                    single = torch.cat([single, self.image_newline[None]], 0)
+                result.append(single)
+                continue
+            base, grid = f[0], f[1:]
+            npw, nph = images.anyres_grid_shape(size, self.image_config.grid_pinpoints, self.ckpt.vision_config["image_size"])
+            grid = grid.view(nph, npw, side, side, -1)
+            if "unpad" in merge:
+                grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # C, rows, cols
+                grid = images.unpad_features(grid, size)
+                newline = self.image_newline[:, None, None].expand(*grid.shape[:-1], 1)
+                grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
+            else:
+                grid = grid.permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
+            result.append(torch.cat([base, grid], 0))
+        return result
+
+    # ------------------------------------------------------------------ text
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """``tokenizer_image_token``: the rendered prompt's ids, -200 per ``<image>``."""
+        from ...runtime.tokens import tokenizer_image_token
+
+        return tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
+
+    @torch.no_grad()
+    def embed(self, ids: list[int], features: list[torch.Tensor]) -> torch.Tensor:
+        """Input embeddings ``[L, hidden]`` with image features spliced at each -200."""
+        table = self.language_model.get_input_embeddings()
+        ids_t = torch.tensor(ids)
+        marks = (ids_t == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if len(marks) != len(features):
+            from ...errors import VlmkitError
+
+            raise VlmkitError(f"the prompt has {len(marks)} image placeholder(s) but {len(features)} image(s) were given")
+        pieces, start = [], 0
+        for mark, feature in zip(marks + [len(ids)], features + [None]):
+            pieces.append(table(ids_t[start:mark].to(table.weight.device)))
+            if feature is not None:
+                pieces.append(feature.to(table.weight.dtype))
+            start = mark + 1
+        embeds = torch.cat(pieces, 0)
+        limit = self.config.get("tokenizer_model_max_length")
+        return embeds[:limit] if limit else embeds
+
+    @torch.no_grad()
+    def logits(self, ids: list[int], features: list[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[L, vocab]`` of one prompt."""
+        embeds = self.embed(ids, features)[None]
+        return self.language_model(inputs_embeds=embeds).logits[0]
+
+    @torch.no_grad()
+    def greedy(self, ids: list[int], features: list[torch.Tensor], max_new_tokens: int) -> list[int]:
+        """Greedy decoding from the spliced embeddings with a KV cache; stops at EOS."""
+        embeds = self.embed(ids, features)[None]
+        out = self.language_model(inputs_embeds=embeds, use_cache=True)
+        eos = self.tokenizer.eos_token_id
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            new.append(token)
+            if token == eos:
+                break
+            out = self.language_model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
+                                      use_cache=True)
+        return new
+
+
+def _merge_lora(lm: nn.Module, ckpt: OriginalCheckpoint, dtype: torch.dtype) -> nn.Module:
+    """Apply the adapter with peft and merge it, as ``load_pretrained_model`` does."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    cfg = ckpt.lora.adapter_config
+    fields = {k: cfg[k] for k in ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora",
+                                  "fan_in_fan_out") if k in cfg}
+    peft_model = get_peft_model(lm, LoraConfig(**fields))
+    adapter = {"base_model.model." + n: ckpt.source.read(n).to(dtype) for n in ckpt.source.keys() if ".lora_" in n}
+    result = set_peft_model_state_dict(peft_model, adapter)
+    if result.unexpected_keys:
+        from ...errors import CheckpointError
+
+        raise CheckpointError(f"{ckpt.path}: adapter tensors peft did not place: {result.unexpected_keys[:3]}")
+    return peft_model.merge_and_unload()

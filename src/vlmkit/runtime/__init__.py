@@ -1,0 +1,1 @@
+"""Run models: conversation templates, tokenisation, image preprocessing, generation."""

@@ -1,0 +1,33 @@
+"""Tiny original-format LLaVA checkpoints, built once per test session (random weights, fixed seeds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmkit.families.llava import tiny
+
+
+@pytest.fixture(scope="session")
+def llava_parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    clip = tiny.make_clip(root / "clip-vit-tiny-patch14")
+    return {
+        "root": root,
+        "clip": clip,
+        "v15": tiny.make_llava15(root / "llava-v1.5-tiny", clip),
+        "next": tiny.make_llava_next(root / "llava-v1.6-mistral-tiny", clip),
+        "base": tiny.make_base_llm(root / "vicuna-tiny"),
+        "lora": None,
+    }
+
+
+@pytest.fixture(scope="session")
+def llava_lora(llava_parts):
+    root = llava_parts["root"]
+    return tiny.make_lora(root / "llava-v1.5-tiny-lora", llava_parts["base"], llava_parts["clip"])
+
+
+@pytest.fixture(scope="session")
+def llava_projector(llava_parts):
+    root = llava_parts["root"]
+    return tiny.make_projector_only(root / "llava-v1.5-tiny-pretrain", llava_parts["clip"])
