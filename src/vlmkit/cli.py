@@ -55,9 +55,10 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 @command("inspect", "describe a checkpoint from its headers: format, family, config, tensors",
          ["vlmkit inspect llava-v1.5-7b/", "vlmkit inspect model.gguf --json"])
 def cmd_inspect(args) -> int:
-    from .inspect import inspect_checkpoint, render
+    from . import api
+    from .inspect import render
 
-    report = inspect_checkpoint(args.path)
+    report = api.inspect(args.path)
     print(json.dumps(report, indent=1) if args.json else render(report, limit=None if args.all else 40))
     return 0
 
@@ -84,11 +85,12 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
           "vlmkit convert llava-v1.5-7b/ llava-hf/ --dry-run",
           "vlmkit convert ckpt/ out/ --max-shard-size 2GB --force"])
 def cmd_convert(args) -> int:
+    from . import api
     from .convert import engine
     from .convert.plan import human_bytes
 
     options = LoadOptions.from_args(args)
-    conversion = prepare_conversion(args.source, options)
+    conversion = api.prepare(args.source, options)
     if conversion.summary and not args.json:
         print(conversion.summary, file=sys.stderr)
     result = engine.run(conversion, args.destination, dtype=options.dtype, max_shard_size=args.max_shard_size,
@@ -119,25 +121,7 @@ def progress_bar(description: str):
     return start
 
 
-def prepare_conversion(source: str, options: LoadOptions):
-    """The family's conversion for ``source``, or the identity conversion when no family claims it."""
-    from . import families
-    from .convert import engine
-    from .tensors import open_source, resolve
-
-    path = resolve(source)
-    family = families.detect(path)
-    if family is not None:
-        return family.conversion(path, options)
-    return engine.identity(open_source(path))
-
-
 # ------------------------------------------------------------------------ verify
-
-ASSET_IMAGES = Path(__file__).parent / "assets" / "images"
-DEFAULT_PROBES = [(ASSET_IMAGES / "chelsea.png", "What is shown in this image?"),
-                  (ASSET_IMAGES / "rocket.png", "Describe the colours of this picture.")]
-
 
 def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("original", help="the original checkpoint (any form the family reads)")
@@ -156,6 +140,8 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
 
 def _probes(args) -> list[tuple[Path, str]]:
     """Probe (image, question) pairs: the given ones, else the two bundled photos; always at least two."""
+    from .api import DEFAULT_PROBES
+
     images = [Path(i) for i in args.image] if args.image else [p for p, _ in DEFAULT_PROBES]
     prompts = list(args.prompt or [])
     probes = [(image, prompts[i] if i < len(prompts) else DEFAULT_PROBES[i % 2][1]) for i, image in enumerate(images)]
@@ -166,16 +152,9 @@ def _probes(args) -> list[tuple[Path, str]]:
 
 def run_verify(original: str, converted: str, options: LoadOptions, args, *, json_file: str | None = None,
                markdown_file: str | None = None) -> int:
-    from . import families
-    from .errors import VlmkitError
-    from .tensors import resolve
+    from . import api
 
-    path = resolve(original)
-    family = families.detect(path)
-    if family is None or not hasattr(family, "verify"):
-        raise VlmkitError(f"{original}: no family that vlmkit can verify recognises it",
-                          hint="`vlmkit inspect` shows what it is")
-    report = family.verify(path, Path(converted), options, _probes(args), max_new_tokens=args.max_new_tokens)
+    report = api.verify(original, converted, options=options, probes=_probes(args), max_new_tokens=args.max_new_tokens)
     print(report.render())
     if json_file:
         Path(json_file).write_text(report.to_json() + "\n")

@@ -183,3 +183,19 @@ def test_lora_on_the_wrong_base(llava_parts, llava_lora, tmp_path):
     wrong = tiny.make_base_llm(tmp_path / "other-base", tiny.TinySizes(hidden=96, intermediate=192, heads=3, kv_heads=3))
     err = _fails(llava_lora, tmp_path / "out", "--model-base", wrong)
     assert "LoRA factors" in err or "problem" in err
+
+
+def test_verify_catches_a_wrong_conversion(llava_parts, tmp_path):
+    """The parity report is not a rubber stamp: a perturbed projector bias fails logits and says so."""
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "out"
+    r = run_cli("convert", llava_parts["v15"], dst, "--quiet", "--verify")
+    assert r.code == 0 and "verdict: PASS" in r.out
+    tensors = load_file(dst / "model.safetensors")
+    tensors["multi_modal_projector.linear_2.bias"] += 0.05
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    v = run_cli("verify", llava_parts["v15"], dst)
+    assert v.code == 3
+    assert "[FAIL] logits" in v.out and "verdict: FAIL" in v.out
+    assert "[pass] input ids" in v.out and "[pass] pixel values" in v.out

@@ -13,8 +13,8 @@ original treats alike) is an open turn, the generation prompt. Images are placed
 as the original cli does: ``"<image>\\n" + text`` in the first user message (:func:`with_image`).
 
 Example:
-    >>> render("llava_v1", [("user", with_image("What is this?")), ("assistant", None)])[-40:]
-    "questions. USER: <image>\\nWhat is this? ASSISTANT:"
+    >>> render("mistral_instruct", [("user", with_image("What is this?")), ("assistant", None)])
+    '[INST] <image>\\nWhat is this? [/INST]'
 """
 
 from __future__ import annotations

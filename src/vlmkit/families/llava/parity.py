@@ -90,6 +90,9 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[P
 
     # --- the converted folder, through transformers alone --------------------------
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     processor = AutoProcessor.from_pretrained(converted)
     processor.tokenizer.padding_side = "left"

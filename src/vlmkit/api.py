@@ -1,0 +1,83 @@
+"""The Python API; ``vlmkit.cli`` is a thin layer over these functions.
+
+Example:
+    >>> import vlmkit
+    >>> vlmkit.inspect("llava-v1.5-7b")["family"]                       # doctest: +SKIP
+    'llava'
+    >>> vlmkit.convert("llava-v1.5-7b", "llava-1.5-7b-hf",
+    ...                vision_tower="clip-vit-large-patch14-336")        # doctest: +SKIP
+    >>> vlmkit.verify("llava-v1.5-7b", "llava-1.5-7b-hf",
+    ...               vision_tower="clip-vit-large-patch14-336").passed  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .convert import engine
+from .errors import VlmkitError
+from .options import LoadOptions
+from .tensors import open_source, resolve
+
+ASSET_IMAGES = Path(__file__).parent / "assets" / "images"
+DEFAULT_PROBES = [(ASSET_IMAGES / "chelsea.png", "What is shown in this image?"),
+                  (ASSET_IMAGES / "rocket.png", "Describe the colours of this picture.")]
+
+
+def inspect(path: str | Path) -> dict:
+    """Describe a checkpoint from its headers (see ``vlmkit.inspect.inspect_checkpoint``)."""
+    from .inspect import inspect_checkpoint
+
+    return inspect_checkpoint(path)
+
+
+def prepare(source: str | Path, options: LoadOptions | None = None) -> engine.Conversion:
+    """The conversion of ``source``: its family's, or the identity (re-shard, re-type) when none claims it."""
+    from . import families
+
+    options = options or LoadOptions()
+    path = resolve(source)
+    family = families.detect(path)
+    if family is not None:
+        return family.conversion(path, options)
+    return engine.identity(open_source(path))
+
+
+def convert(source: str | Path, destination: str | Path, *, options: LoadOptions | None = None,
+            max_shard_size: int = engine.DEFAULT_MAX_SHARD, force: bool = False, dry_run: bool = False,
+            progress: Callable | None = None, **load_options) -> engine.Result:
+    """Convert ``source`` into the folder ``destination`` (plan checked first, written atomically).
+
+    Args:
+        source: checkpoint file, folder or hub id.
+        destination: output folder; refused if it exists unless ``force``.
+        options: loading options; or pass them as keywords (``dtype="F16"``, ``vision_tower=...``).
+        max_shard_size: bytes per safetensors shard.
+        force: replace an existing destination.
+        dry_run: return the checked plan, write nothing.
+        progress: see ``vlmkit.convert.run``.
+    """
+    options = options or LoadOptions(**load_options)
+    conversion = prepare(source, options)
+    return engine.run(conversion, destination, dtype=options.dtype, max_shard_size=max_shard_size, force=force,
+                      dry_run=dry_run, progress=progress)
+
+
+def verify(original: str | Path, converted: str | Path, *, options: LoadOptions | None = None,
+           probes: list[tuple[Path, str]] | None = None, max_new_tokens: int = 8, **load_options):
+    """Parity report (``vlmkit.verify.Report``) of a conversion against the original model.
+
+    Args:
+        probes: (image path, question) pairs; default: two bundled photos.
+    """
+    from . import families
+
+    options = options or LoadOptions(**load_options)
+    path = resolve(original)
+    family = families.detect(path)
+    if family is None or not hasattr(family, "verify"):
+        raise VlmkitError(f"{original}: no family that vlmkit can verify recognises it",
+                          hint="`vlmkit inspect` shows what it is")
+    return family.verify(path, Path(converted), options, probes or DEFAULT_PROBES, max_new_tokens=max_new_tokens)
