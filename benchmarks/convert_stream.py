@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmkit.convert import Conversion, rename, run
+from vlmkit.conversion import Conversion, rename, run
 from vlmkit.tensors import open_source
 from vlmkit.tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
 
@@ -42,7 +42,8 @@ LLAVA_RULES = [
 
 def llava_7b_shapes(scale: float = 1.0) -> list[TensorSpec]:
     """LLaVA-1.5-7B's tensors: LLaMA-2-7B (32 layers, 4096 wide, 11008 MLP, 32000 vocab) + projector."""
-    h, ff, vocab, vision = (int(x * scale) for x in (4096, 11008, 32000, 1024))
+    h, ff, vision = (int(x * scale) for x in (4096, 11008, 1024))
+    vocab = 32000  # the real tokenizer's, at every scale
     specs = [TensorSpec("model.embed_tokens.weight", (vocab, h), "BF16")]
     for i in range(32):
         p = f"model.layers.{i}."

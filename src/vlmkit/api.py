@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .convert import engine
+from .conversion import engine
 from .errors import VlmkitError
 from .options import LoadOptions
 from .tensors import open_source, resolve
@@ -27,8 +27,8 @@ DEFAULT_PROBES = [(ASSET_IMAGES / "chelsea.png", "What is shown in this image?")
 
 
 def inspect(path: str | Path) -> dict:
-    """Describe a checkpoint from its headers (see ``vlmkit.inspect.inspect_checkpoint``)."""
-    from .inspect import inspect_checkpoint
+    """Describe a checkpoint from its headers (see ``vlmkit.inspection.inspect_checkpoint``)."""
+    from .inspection import inspect_checkpoint
 
     return inspect_checkpoint(path)
 
@@ -57,7 +57,7 @@ def convert(source: str | Path, destination: str | Path, *, options: LoadOptions
         max_shard_size: bytes per safetensors shard.
         force: replace an existing destination.
         dry_run: return the checked plan, write nothing.
-        progress: see ``vlmkit.convert.run``.
+        progress: see ``vlmkit.conversion.run``.
     """
     options = options or LoadOptions(**load_options)
     conversion = prepare(source, options)

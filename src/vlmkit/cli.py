@@ -56,7 +56,7 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
          ["vlmkit inspect llava-v1.5-7b/", "vlmkit inspect model.gguf --json"])
 def cmd_inspect(args) -> int:
     from . import api
-    from .inspect import render
+    from .inspection import render
 
     report = api.inspect(args.path)
     print(json.dumps(report, indent=1) if args.json else render(report, limit=None if args.all else 40))
@@ -86,8 +86,8 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
           "vlmkit convert ckpt/ out/ --max-shard-size 2GB --force"])
 def cmd_convert(args) -> int:
     from . import api
-    from .convert import engine
-    from .convert.plan import human_bytes
+    from .conversion import engine
+    from .conversion.plan import human_bytes
 
     options = LoadOptions.from_args(args)
     conversion = api.prepare(args.source, options)
@@ -182,7 +182,7 @@ def _verify_files_arguments(p: argparse.ArgumentParser) -> None:
 @command("verify-files", "re-check every file of an output folder against its vlmkit-manifest.json",
          ["vlmkit verify-files llava-hf/"])
 def cmd_verify_files(args) -> int:
-    from .convert import verify_files
+    from .conversion import verify_files
 
     result = verify_files(Path(args.folder))
     print(json.dumps(result) if args.json else f"{args.folder}: all {result['checked']} file(s) match the manifest")

@@ -221,11 +221,12 @@ def render(template: str | Template, messages: Sequence[tuple[str, str | None]])
     tpl = get_template(template)
     fmt = STYLES[tpl.style]
     system, turns = _split_system(messages, tpl)
+    shift = len(messages) - len(turns)  # error messages count the system message too
     out = [_fill(fmt.start, tpl, system, "")]
     for i, (role, text) in enumerate(turns):
         expected = ("user", "assistant")[i % 2]
         if role != expected:
-            raise TemplateError(f"message {i} of template {tpl.name!r} has role {role!r}, expected {expected!r}",
+            raise TemplateError(f"message {i + shift} of template {tpl.name!r} has role {role!r}, expected {expected!r}",
                                 hint="alternate user/assistant turns, starting with user (system only first)")
         if role == "user":
             piece = (fmt.first_user_open if i == 0 else fmt.user_open) if not text else (
@@ -235,7 +236,7 @@ def render(template: str | Template, messages: Sequence[tuple[str, str | None]])
         if piece is None:
             what = "an empty first user message" if role == "user" else "an answered assistant turn"
             raise TemplateError(f"template {tpl.name!r} ({tpl.style.value} style) cannot render {what} "
-                                f"(message {i}); the original fails there too",
+                                f"(message {i + shift}); the original fails there too",
                                 hint="give the first user message text" if role == "user" else
                                 "plain is a prompt-only format: end the conversation with ('assistant', None)")
         out.append(_fill(piece, tpl, system, text or ""))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ...convert import Conversion, Custom, ResizeRows, Rule, create, drop, rename, transform
+from ...conversion import Conversion, Custom, ResizeRows, Rule, create, drop, rename, transform
 from ...errors import ConfigError
 from ...options import LoadOptions
 from ...tensors import TensorSource
@@ -55,10 +55,14 @@ class EmbeddingDistribution:
             e = self.source.read(self.name).float()
             mu = e.mean(0)
             centred = e - mu
-            sigma = centred.T @ centred / e.shape[0]
-            # sample through the eigen-decomposition: robust where Sigma is only semi-definite
-            w, v = torch.linalg.eigh(1e-5 * sigma.double())
-            self._factors = mu, (v * w.clamp(min=0).sqrt()).float()
+            sigma = 1e-5 * (centred.T @ centred / e.shape[0]).double()
+            del e, centred
+            # as MultivariateNormal: a Cholesky factor; an eigen-decomposition where Sigma is only semi-definite
+            factor, info = torch.linalg.cholesky_ex(sigma)
+            if info != 0:
+                w, v = torch.linalg.eigh(sigma)
+                factor = v * w.clamp(min=0).sqrt()
+            self._factors = mu, factor.float()
         return self._factors
 
     def __call__(self, existing: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from ...options import LoadOptions
 from ...runtime import images, templates
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
-from ...verify import Check, Report, compare_ids, compare_tensors
+from ...parity import Check, Report, compare_ids, compare_tensors
 from .checkpoint import open_original
 from .hf_output import template_for
 from .reference import OriginalLlava

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlmkit.convert import (MANIFEST, Conversion, ResizeRows, drop, fuse, identity, rename, reverse, run, split,
+from vlmkit.conversion import (MANIFEST, Conversion, ResizeRows, drop, fuse, identity, rename, reverse, run, split,
                             transform, transpose, verify_files)
 from vlmkit.errors import ManifestError, OutputError
 from vlmkit.tensors import open_source

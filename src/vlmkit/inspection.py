@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import families
-from .convert.plan import human_bytes
+from .conversion.plan import human_bytes
 from .tensors import open_source, resolve
 
 # Config fields worth a line in the summary, when present (top level or in sub-configs).

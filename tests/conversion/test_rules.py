@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vlmkit.convert import (Chunk, Concat, Pattern, Permute, Reshape, ResizeRows, Rule, drop, fuse, rename,
+from vlmkit.conversion import (Chunk, Concat, Pattern, Permute, Reshape, ResizeRows, Rule, drop, fuse, rename,
                             reverse, split, transform, transpose)
 
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmkit.convert import compile_plan, drop, fuse, rename, transpose
+from vlmkit.conversion import compile_plan, drop, fuse, rename, transpose
 from vlmkit.errors import PlanError
 from vlmkit.tensors import TensorInfo
 
