@@ -11,8 +11,6 @@ and pixels (``vlmkit verify`` proves it).
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,11 +19,9 @@ from ...conversion import Conversion, Custom, ResizeRows, Rule, create, drop, re
 from ...errors import ConfigError
 from ...options import LoadOptions
 from ...tensors import TensorSource
+from . import hf_output
 from .checkpoint import TOWER, UNUSED_CLIP, OriginalCheckpoint, open_original
-
-IMAGE_TOKEN = "<image>"
-PAD_TOKEN = "<pad>"
-PAD_VOCAB_TO = 64  # the transformers conversion scripts' pad_to_multiple_of
+from .hf_output import PAD_TOKEN, Target
 
 # transformers-5 module names -> the on-disk names of the published llava-hf repositories,
 # which vLLM, llama.cpp's converter and transformers 4.x read (5.x reads both).
@@ -141,10 +137,6 @@ def rules_for(ckpt: OriginalCheckpoint, vocab_rows: int, seed: int) -> tuple[lis
     return rules, act
 
 
-def padded_vocab(rows: int, added: int) -> int:
-    return math.ceil((rows + added) / PAD_VOCAB_TO) * PAD_VOCAB_TO
-
-
 def expected_tensors(hf_config) -> dict[str, tuple[int, ...]]:
     """Every tensor the target model has, with its shape, under the published names (meta device: no memory)."""
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
@@ -163,21 +155,8 @@ def expected_tensors(hf_config) -> dict[str, tuple[int, ...]]:
     return expected
 
 
-@dataclass
-class Target:
-    """Everything about the output that is known before any tensor is read."""
-
-    hf_config: object
-    tokenizer: object
-    processor: object
-    generation_config: dict
-    template: str
-
-
 def conversion(path: Path, options: LoadOptions) -> Conversion:
     """The conversion of an original LLaVA checkpoint (any form) to a transformers folder."""
-    from . import hf_output
-
     ckpt = open_original(path, options)
     target = hf_output.target_for(ckpt, options)
     rows = target.hf_config.text_config.vocab_size

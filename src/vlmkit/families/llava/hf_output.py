@@ -8,15 +8,34 @@ tower's, and ``--config`` (a transformers Llava/LlavaNext config) overrides any 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError
 from ...options import LoadOptions
 from ...runtime import images, templates, tokens
 from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
-from .convert import IMAGE_TOKEN, PAD_TOKEN, Target, padded_vocab
 
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+PAD_VOCAB_TO = 64  # the transformers conversion scripts' pad_to_multiple_of
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+@dataclass
+class Target:
+    """Everything about the output that is known before any tensor is read."""
+
+    hf_config: object
+    tokenizer: object
+    processor: object
+    generation_config: dict
+    template: str
+
+
+def padded_vocab(rows: int, added: int) -> int:
+    return math.ceil((rows + added) / PAD_VOCAB_TO) * PAD_VOCAB_TO
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -52,6 +71,7 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
 
     legacy = original_tokenizer_legacy(ckpt.tokenizer_folder)
     tokenizer = tokens.build_converted_tokenizer(ckpt.tokenizer_folder, legacy=legacy, pad_token=PAD_TOKEN)
+    tokenizer.padding_side = "left"  # generation pads on the left, as the llava-hf releases do
     rows = ckpt.source.info("model.embed_tokens.weight").shape[0]
     added = len(tokenizer) - rows if len(tokenizer) > rows else 2
     vocab = padded_vocab(rows, added)
