@@ -22,8 +22,10 @@ class LoadOptions:
     Attributes:
         dtype: safetensors dtype code to load or write weights in (None: as stored).
         device: torch device for running ("cpu", "cuda", "cuda:1", "mps").
-        vision_tower: a CLIP folder or hub id replacing the checkpoint's ``mm_vision_tower``.
-        model_base: the base LLM folder for LoRA and projector-only checkpoints.
+        vision_tower: the vision encoder's weights (``--vision-tower`` / ``--vision``): LLaVA's CLIP
+            folder replacing ``mm_vision_tower``, BLIP-2's EVA ViT-g checkpoint.
+        model_base: the base language model (``--model-base`` / ``--language-model``): the LLM of
+            LLaVA LoRA and projector-only checkpoints, BLIP-2's OPT / Flan-T5 folder.
         template: a conversation template name overriding the detected one.
         config: a transformers config (JSON) of the target overriding derived fields.
         seed: seed for anything random in a conversion (new embedding rows).
@@ -60,8 +62,12 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model loading (same meaning in every command)")
     group.add_argument("--dtype", help="float32, float16 or bfloat16 (default: as stored)")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
-    group.add_argument("--vision-tower", metavar="PATH", help="CLIP folder or hub id replacing mm_vision_tower")
-    group.add_argument("--model-base", metavar="PATH", help="base LLM for LoRA and projector-only checkpoints")
+    group.add_argument("--vision-tower", "--vision", dest="vision_tower", metavar="PATH",
+                       help="the vision encoder's weights/config (LLaVA: a CLIP folder replacing mm_vision_tower; "
+                            "BLIP-2: the EVA ViT-g checkpoint)")
+    group.add_argument("--model-base", "--language-model", dest="model_base", metavar="PATH",
+                       help="the base language model (LLaVA: for LoRA and projector-only checkpoints; "
+                            "BLIP-2: the OPT / Flan-T5 folder)")
     group.add_argument("--template", help="conversation template overriding the detected one")
     group.add_argument("--config", metavar="JSON", help="transformers config of the target overriding derived fields")
     group.add_argument("--seed", type=int, default=0, help="seed for new embedding rows (default: 0)")
