@@ -26,6 +26,13 @@ DEFAULT_PROBES = [(ASSET_IMAGES / "chelsea.png", "What is shown in this image?")
                   (ASSET_IMAGES / "rocket.png", "Describe the colours of this picture.")]
 
 
+def load(path: str | Path, **load_options):
+    """A model to chat with (``runtime.model.ChatModel``): original LLaVA checkpoint or transformers folder."""
+    from .runtime.model import load as load_model
+
+    return load_model(path, **load_options)
+
+
 def inspect(path: str | Path) -> dict:
     """Describe a checkpoint from its headers (see ``vlmkit.inspection.inspect_checkpoint``)."""
     from .inspection import inspect_checkpoint

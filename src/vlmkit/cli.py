@@ -171,6 +171,59 @@ def cmd_verify(args) -> int:
                       json_file=args.json, markdown_file=args.markdown)
 
 
+# -------------------------------------------------------------------------- chat
+
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an original LLaVA checkpoint, a transformers Llava/LlavaNext folder, or a hub id")
+    p.add_argument("--image", action="append", default=[], help="image for the first question (repeatable)")
+    p.add_argument("--prompt", help="ask one question and exit (default: interactive chat)")
+    p.add_argument("--system", help="system prompt replacing the template's")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default: 0.2, as LLaVA's cli)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    add_load_arguments(p)
+
+
+@command("chat", "chat with a model about images: one answer with --prompt, else an interactive conversation",
+         ["vlmkit chat llava-1.5-7b-hf/ --image cat.png --prompt 'What is this?' --temperature 0",
+          "vlmkit chat llava-v1.5-7b/ --vision-tower clip-vit-large-patch14-336/ --image cat.png"])
+def cmd_chat(args) -> int:
+    from .runtime.model import load
+
+    options = LoadOptions.from_args(args)
+    model = load(args.model, options=options)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                    seed=options.seed)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    images = list(args.image)
+    interactive = args.prompt is None
+    if interactive:
+        print(f"vlmkit chat: {args.model} (template {model.template}); an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                question = input("USER: ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if not question.strip() or question.strip() in ("exit", "quit"):
+                return 0
+            print("ASSISTANT: ", end="", flush=True)
+        else:
+            question = args.prompt
+        messages.append({"role": "user", "content": question, "images": images})
+        images = []  # the images belong to the first question, as in LLaVA's cli
+        answer = ""
+        for piece in model.stream(messages, **sampling):
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": answer})
+        if not interactive:
+            return 0
+
+
 # ------------------------------------------------------------------- verify-files
 
 
@@ -190,7 +243,7 @@ def cmd_verify_files(args) -> int:
 
 
 ARGUMENTS = {"inspect": _inspect_arguments, "convert": _convert_arguments, "verify": _verify_arguments,
-             "verify-files": _verify_files_arguments}
+             "chat": _chat_arguments, "verify-files": _verify_files_arguments}
 
 
 # --------------------------------------------------------------------------- main

@@ -28,7 +28,7 @@ class LoadOptions:
             LLaVA LoRA and projector-only checkpoints, BLIP-2's OPT / Flan-T5 folder.
         template: a conversation template name overriding the detected one.
         config: a transformers config (JSON) of the target overriding derived fields.
-        seed: seed for anything random in a conversion (new embedding rows).
+        seed: seed for anything random (new embedding rows when converting, sampling when chatting).
     """
 
     dtype: str | None = None
@@ -70,4 +70,6 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                             "BLIP-2: the OPT / Flan-T5 folder)")
     group.add_argument("--template", help="conversation template overriding the detected one")
     group.add_argument("--config", metavar="JSON", help="transformers config of the target overriding derived fields")
-    group.add_argument("--seed", type=int, default=0, help="seed for new embedding rows (default: 0)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed for anything random: new embedding rows when converting, sampling when chatting "
+                            "(default: 0)")

@@ -1,0 +1,116 @@
+"""Chat messages as users write them, normalised once.
+
+Accepted forms (the transformers / OpenAI shape, or plain strings):
+
+    [{"role": "user", "content": "What is this?", "images": ["cat.png"]}]
+    [{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+                                  {"type": "text", "text": "What is this?"}]}]
+
+An image is a path, ``bytes`` or a PIL image. Roles are ``system``, ``user`` and
+``assistant``; a system message may only come first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import VlmkitError
+
+ImageInput = "str | os.PathLike | bytes | Image.Image"
+ROLES = ("system", "user", "assistant")
+
+
+class MessageError(VlmkitError):
+    """A message is malformed (unknown role, misplaced system message, bad content part)."""
+
+
+@dataclass
+class Turn:
+    role: str
+    text: str
+    images: list = field(default_factory=list)
+
+
+def image_digest(image) -> str:
+    """A key for the image's content (bytes of a file, or pixels of a PIL image)."""
+    h = hashlib.sha256()
+    if isinstance(image, Image.Image):
+        h.update(f"{image.mode}{image.size}".encode())
+        h.update(image.tobytes())
+    elif isinstance(image, (bytes, bytearray)):
+        h.update(image)
+    else:
+        with open(image, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _parts(index: int, content) -> tuple[str, list]:
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise MessageError(f"messages[{index}].content must be a string or a list of parts, "
+                           f"not {type(content).__name__}")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            texts.append(part.get("text", ""))
+        elif kind == "image":
+            image = part.get("image", part.get("path", part.get("url")))
+            if image is None:
+                raise MessageError(f"messages[{index}].content[{j}]: an image part needs 'image' (a path, bytes or "
+                                   "a PIL image)")
+            images.append(image)
+        else:
+            raise MessageError(f"messages[{index}].content[{j}]: unknown part type {kind!r}; use 'text' or 'image'")
+    return " ".join(t for t in texts if t), images
+
+
+def normalise(messages) -> list[Turn]:
+    """Validate messages and return them as ``Turn``s (text, images in order).
+
+    Raises:
+        MessageError: naming the message and the field.
+    """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not messages:
+        raise MessageError("no messages: give at least one user message")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise MessageError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = message["role"]
+        if role not in ROLES:
+            raise MessageError(f"messages[{i}].role {role!r} is unknown; use system, user or assistant")
+        if role == "system" and i != 0:
+            raise MessageError(f"messages[{i}]: a system message may only come first")
+        text, images = _parts(i, message.get("content", ""))
+        images += list(message.get("images") or [])
+        if images and role != "user":
+            raise MessageError(f"messages[{i}]: only user messages may carry images")
+        turns.append(Turn(role, text, images))
+    if turns[-1].role != "user":
+        raise MessageError("the last message must be the user's: the model answers it")
+    return turns
+
+
+def image_bytes_or_path(image):
+    """Keep images as paths/bytes/PIL (``runtime.images.load_image`` accepts all three)."""
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image)
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, Image.Image):
+        return image
+    if hasattr(image, "read"):
+        return image.read() if not isinstance(image, io.TextIOBase) else image
+    raise MessageError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")

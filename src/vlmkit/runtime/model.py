@@ -1,0 +1,168 @@
+"""``vlmkit.load``: one object to chat with any LLaVA, original or converted.
+
+Example:
+    >>> model = vlmkit.load("llava-v1.5-7b", vision_tower="clip-vit-large-patch14-336")   # doctest: +SKIP
+    >>> model.chat([{"role": "user", "content": "What is this?", "images": ["cat.png"]}]).text
+    >>> for piece in model.stream("Describe it.", images=["cat.png"]):
+    ...     print(piece, end="")
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..options import LoadOptions
+from ..tensors import resolve
+from .backends import backend_for
+from .generation import Prompt, SamplingParams, Session, TextStream, assemble, batch_tokens, stream_tokens
+from .messages import Turn, image_bytes_or_path, image_digest, normalise
+
+IMAGE_CACHE_SIZE = 32
+
+
+@dataclass
+class Reply:
+    """One answer: its text, token ids, why it stopped, and the token counts (image features included)."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    image_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class ChatModel:
+    """A loaded vision-language model with the original template and preprocessing.
+
+    Projected image features are cached by image content (and preprocessing), and the KV
+    cache of the last conversation is kept, so a follow-up turn computes only what is new.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.template = backend.template
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._session = Session()
+
+    # ------------------------------------------------------------------ prompts
+
+    def _image_features(self, image) -> tuple[str, torch.Tensor]:
+        image = image_bytes_or_path(image)
+        key = image_digest(image) + self.backend.preprocessing
+        if key in self._features:
+            self._features.move_to_end(key)
+        else:
+            self._features[key] = self.backend.image_features(image)
+            if len(self._features) > IMAGE_CACHE_SIZE:
+                self._features.popitem(last=False)
+        return key, self._features[key]
+
+    def prompt(self, messages, images=None) -> Prompt:
+        """The positions the model will read for ``messages`` (text ids and image features)."""
+        turns = normalise(messages)
+        if images:
+            turns[-1] = Turn(turns[-1].role, turns[-1].text, list(turns[-1].images) + list(images))
+        ids = self.backend.prompt_ids(turns)
+        pairs = [self._image_features(image) for t in turns for image in t.images]
+        return assemble(ids, self.backend.marker, [f for _, f in pairs], [k for k, _ in pairs], self.backend.filler)
+
+    # ------------------------------------------------------------------ generation
+
+    def _params(self, **kwargs) -> SamplingParams:
+        stop = kwargs.pop("stop", None) or ()
+        return SamplingParams(stop=(stop,) if isinstance(stop, str) else tuple(stop), **kwargs)
+
+    def stream_reply(self, messages, *, images=None, **sampling) -> Iterator[str | Reply]:
+        """Yield text pieces as they come, then the final ``Reply``."""
+        params = self._params(**sampling)
+        prompt = self.prompt(messages, images)
+        text = TextStream(self.backend.decode)
+        tokens: list[int] = []
+        finish = "length"
+        emitted = ""
+        for token in stream_tokens(self.backend, prompt, params, self._session):
+            tokens.append(token)
+            if token in self.backend.eos_token_ids:
+                finish = "stop"
+                break
+            text.push(token)
+            cut = _stop_position(text.text, params.stop)
+            visible = text.text if cut is None else text.text[:cut]
+            if len(visible) > len(emitted) and not _may_start_stop(visible, params.stop):
+                yield visible[len(emitted):]
+                emitted = visible
+            if cut is not None:
+                finish = "stop"
+                break
+        final = text.text if (cut := _stop_position(text.text, params.stop)) is None else text.text[:cut]
+        if len(final) > len(emitted):
+            yield final[len(emitted):]
+        yield Reply(final, tokens, finish, len(prompt), prompt.image_tokens)
+
+    def stream(self, messages, *, images=None, **sampling) -> Iterator[str]:
+        """Yield the answer's text pieces as they are generated."""
+        for item in self.stream_reply(messages, images=images, **sampling):
+            if isinstance(item, str):
+                yield item
+
+    def chat(self, messages, *, images=None, **sampling) -> Reply:
+        """Answer the conversation ``messages`` (see ``runtime.messages`` for the accepted forms).
+
+        Args:
+            messages: a string, or a list of {"role", "content"[, "images"]} messages.
+            images: images added to the last message (paths, bytes or PIL images).
+            **sampling: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``seed``, ``stop``.
+        """
+        *_, reply = self.stream_reply(messages, images=images, **sampling)
+        return reply
+
+    def generate(self, conversations: list, **sampling) -> list[Reply]:
+        """Answer several conversations in one padded batch (same tokens as one by one)."""
+        params = self._params(**sampling)
+        prompts = [self.prompt(c) for c in conversations]
+        replies = []
+        for prompt, tokens in zip(prompts, batch_tokens(self.backend, prompts, params)):
+            finish = "stop" if tokens and tokens[-1] in self.backend.eos_token_ids else "length"
+            body = tokens[:-1] if finish == "stop" else tokens
+            text = self.backend.decode(body)
+            cut = _stop_position(text, params.stop)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+            replies.append(Reply(text, tokens, finish, len(prompt), prompt.image_tokens))
+        return replies
+
+
+def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _may_start_stop(text: str, stops: tuple[str, ...]) -> bool:
+    """Hold back output while its end could be the beginning of a stop string."""
+    return any(text.endswith(s[:k]) for s in stops for k in range(1, len(s)))
+
+
+def load(path: str | Path, *, options: LoadOptions | None = None, **load_options) -> ChatModel:
+    """Load a model to chat with: an original LLaVA checkpoint (any form) or a transformers folder.
+
+    Args:
+        path: a local folder or a hub id.
+        options: loading options, or pass them as keywords (``vision_tower=``, ``model_base=``,
+            ``template=``, ``dtype="F16"``, ``device="cuda"``).
+    """
+    if options is None:
+        if "dtype" in load_options and load_options["dtype"]:
+            from ..tensors import dtype_code
+
+            load_options["dtype"] = dtype_code(load_options["dtype"])
+        options = LoadOptions(**load_options)
+    return ChatModel(backend_for(resolve(path), options))
