@@ -48,11 +48,14 @@ class EmbeddingDistribution:
 
     def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._factors is None:
-            e = self.source.read(self.name).float()
-            mu = e.mean(0)
-            centred = e - mu
-            sigma = 1e-5 * (centred.T @ centred / e.shape[0]).double()
-            del e, centred
+            e = self.source.read(self.name)
+            mu = sum(chunk.float().sum(0) for chunk in e.split(4096)) / e.shape[0]
+            sigma = torch.zeros(e.shape[1], e.shape[1], dtype=torch.float64)
+            for chunk in e.split(4096):  # in slices: never a float copy of the whole matrix
+                centred = chunk.float() - mu
+                sigma += (centred.T @ centred).double()
+            sigma *= 1e-5 / e.shape[0]
+            del e
             # as MultivariateNormal: a Cholesky factor; an eigen-decomposition where Sigma is only semi-definite
             factor, info = torch.linalg.cholesky_ex(sigma)
             if info != 0:
