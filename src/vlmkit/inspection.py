@@ -20,10 +20,10 @@ SUMMARY_FIELDS = (
 def summarise_config(config: dict | None) -> dict:
     if not config:
         return {}
-    out = {k: config[k] for k in SUMMARY_FIELDS if k in config}
+    out = {k: config[k] for k in SUMMARY_FIELDS if config.get(k) is not None}
     for sub in ("text_config", "vision_config", "qformer_config"):
         if isinstance(config.get(sub), dict):
-            out[sub] = {k: v for k, v in config[sub].items() if k in SUMMARY_FIELDS}
+            out[sub] = {k: v for k, v in config[sub].items() if k in SUMMARY_FIELDS and v is not None}
     return out
 
 
@@ -59,9 +59,22 @@ def inspect_checkpoint(path: str | Path) -> dict:
         }
         if family:
             report["details"] = family.describe(local, config)
+        template = _chat_template_name(local)
+        if template:
+            report.setdefault("details", {})["template"] = template
         return report
     finally:
         source.close()
+
+
+def _chat_template_name(folder: Path) -> str | None:
+    """The conversation template of a converted folder: vlmkit's marker, or 'the folder's own chat template'."""
+    from .runtime.backends import template_name
+
+    file = folder / "chat_template.jinja" if folder.is_dir() else None
+    if file is None or not file.exists():
+        return None
+    return template_name(file.read_text()) or "the folder's own chat template"
 
 
 def render(report: dict, *, limit: int | None = None) -> str:
@@ -69,7 +82,7 @@ def render(report: dict, *, limit: int | None = None) -> str:
     lines = [
         f"path:    {report['path']}",
         f"format:  {report['format']} ({len(report['files'])} file(s))",
-        f"family:  {report['family'] or 'not recognised (generic checkpoint)'}",
+        f"family:  {report['family'] or 'none (a checkpoint vlmkit converts tensor by tensor as it is)'}",
     ]
     for key, value in report["config"].items():
         lines.append(f"  {key}: {value}")

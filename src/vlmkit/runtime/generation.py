@@ -117,19 +117,29 @@ def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
 
 
 class TextStream:
-    """Incremental detokenisation: decode everything so far, emit what is new and complete."""
+    """Incremental detokenisation over a short window (cost independent of the answer's length).
+
+    Decoding a window that starts a few tokens back gives SentencePiece its context (a
+    leading space, a multi-byte character split over tokens); what lies beyond the text
+    already emitted is new. An incomplete UTF-8 sequence is held back until it completes.
+    """
 
     def __init__(self, decode: Callable[[list[int]], str]):
         self.decode = decode
         self.ids: list[int] = []
         self.text = ""
+        self._prefix = 0  # window start
+        self._read = 0  # tokens already turned into text
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
+        before = self.decode(self.ids[self._prefix:self._read])
+        after = self.decode(self.ids[self._prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
-        delta, self.text = text[len(self.text):], text
+        delta = after[len(before):]
+        self._prefix, self._read = max(self._read - 4, 0), len(self.ids)
+        self.text += delta
         return delta
 
 
