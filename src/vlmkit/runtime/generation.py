@@ -194,11 +194,17 @@ def stream_tokens(lm: LanguageModel, prompt: Prompt, params: SamplingParams, ses
             session.keys, session.past = keys, past
 
 
-def batch_tokens(lm: LanguageModel, prompts: list[Prompt], params: SamplingParams) -> list[list[int]]:
-    """Generate for several prompts at once: left padding, attention masks, per-row positions."""
-    for p in prompts:
-        check_context(lm, p, params)
-    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[SamplingParams],
+                 active: Callable[[int], bool] = lambda i: True) -> Iterator[list[int | None]]:
+    """Generate for several prompts at once: left padding, attention masks, per-row positions.
+
+    Each row has its own sampling parameters. Yields, per step, one token per row (None
+    for rows that are finished or no longer ``active``, e.g. a client that went away);
+    stops when no row is left.
+    """
+    for p, ps in zip(prompts, params):
+        check_context(lm, p, ps)
+    generators = [torch.Generator().manual_seed(ps.seed) if ps.seed is not None else None for ps in params]
     width = max(len(p) for p in prompts)
     rows, masks = [], []
     for p in prompts:
@@ -208,19 +214,26 @@ def batch_tokens(lm: LanguageModel, prompts: list[Prompt], params: SamplingParam
         masks.append([0] * pad + [1] * e.shape[0])
     mask = torch.tensor(masks)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
+    left = [ps.max_new_tokens for ps in params]
+    done = [n <= 0 for n in left]
     with torch.no_grad():
         logits, past = lm.forward(torch.stack(rows), mask, positions, None)
-        for _ in range(params.max_new_tokens):
-            tokens = pick(logits[:, -1], params, generator)
-            for i, t in enumerate(tokens.tolist()):
-                if not done[i]:
-                    out[i].append(t)
-                    done[i] = t in lm.eos_token_ids
+        while True:
+            done = [d or not active(i) for i, d in enumerate(done)]
             if all(done):
-                break
+                return
+            tokens = [int(pick(logits[i:i + 1, -1], params[i], generators[i])[0]) for i in range(len(prompts))]
+            step: list[int | None] = []
+            for i, t in enumerate(tokens):
+                if done[i]:
+                    step.append(None)
+                    continue
+                step.append(t)
+                left[i] -= 1
+                done[i] = t in lm.eos_token_ids or left[i] <= 0
+            yield step
+            if all(done):
+                return
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
             positions = positions[:, -1:] + 1
-            logits, past = lm.forward(lm.embed_tokens(tokens[:, None]), mask, positions, past)
-    return out
+            logits, past = lm.forward(lm.embed_tokens(torch.tensor(tokens)[:, None]), mask, positions, past)

@@ -19,7 +19,7 @@ import torch
 from ..options import LoadOptions
 from ..tensors import resolve
 from .backends import backend_for
-from .generation import Prompt, SamplingParams, Session, TextStream, assemble, batch_tokens, stream_tokens
+from .generation import Prompt, SamplingParams, Session, TextStream, assemble, batch_stream, stream_tokens
 from .messages import Turn, image_bytes_or_path, image_digest, normalise
 
 IMAGE_CACHE_SIZE = 32
@@ -85,28 +85,17 @@ class ChatModel:
         """Yield text pieces as they come, then the final ``Reply``."""
         params = self._params(**sampling)
         prompt = self.prompt(messages, images)
-        text = TextStream(self.backend.decode)
-        tokens: list[int] = []
-        finish = "length"
-        emitted = ""
+        reply = ReplyBuilder(self.backend, prompt, params)
         for token in stream_tokens(self.backend, prompt, params, self._session):
-            tokens.append(token)
-            if token in self.backend.eos_token_ids:
-                finish = "stop"
+            delta = reply.push(token)
+            if delta:
+                yield delta
+            if reply.finish_reason:
                 break
-            text.push(token)
-            cut = _stop_position(text.text, params.stop)
-            visible = text.text if cut is None else text.text[:cut]
-            if len(visible) > len(emitted) and not _may_start_stop(visible, params.stop):
-                yield visible[len(emitted):]
-                emitted = visible
-            if cut is not None:
-                finish = "stop"
-                break
-        final = text.text if (cut := _stop_position(text.text, params.stop)) is None else text.text[:cut]
-        if len(final) > len(emitted):
-            yield final[len(emitted):]
-        yield Reply(final, tokens, finish, len(prompt), prompt.image_tokens)
+        tail = reply.flush()
+        if tail:
+            yield tail
+        yield reply.result()
 
     def stream(self, messages, *, images=None, **sampling) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated."""
@@ -129,16 +118,60 @@ class ChatModel:
         """Answer several conversations in one padded batch (same tokens as one by one)."""
         params = self._params(**sampling)
         prompts = [self.prompt(c) for c in conversations]
-        replies = []
-        for prompt, tokens in zip(prompts, batch_tokens(self.backend, prompts, params)):
-            finish = "stop" if tokens and tokens[-1] in self.backend.eos_token_ids else "length"
-            body = tokens[:-1] if finish == "stop" else tokens
-            text = self.backend.decode(body)
-            cut = _stop_position(text, params.stop)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-            replies.append(Reply(text, tokens, finish, len(prompt), prompt.image_tokens))
-        return replies
+        replies = [ReplyBuilder(self.backend, p, params) for p in prompts]
+        for step in batch_stream(self.backend, prompts, [params] * len(prompts),
+                                 active=lambda i: not replies[i].finish_reason):
+            for reply, token in zip(replies, step):
+                if token is not None:
+                    reply.push(token)
+        for reply in replies:
+            reply.flush()
+        return [r.result() for r in replies]
+
+
+class ReplyBuilder:
+    """Tokens -> text for one answer: incremental, cut at EOS or a stop string, held back while
+    the text could be the start of a stop string."""
+
+    def __init__(self, backend, prompt: Prompt, params: SamplingParams):
+        self.eos = backend.eos_token_ids
+        self.prompt = prompt
+        self.stop = params.stop
+        self.text = TextStream(backend.decode)
+        self.tokens: list[int] = []
+        self.emitted = ""
+        self.finish_reason: str | None = None
+        self.limit = params.max_new_tokens
+
+    def push(self, token: int) -> str:
+        """Add a generated token; return the text that can be shown now."""
+        self.tokens.append(token)
+        if token in self.eos:
+            self.finish_reason = "stop"
+            return ""
+        self.text.push(token)
+        cut = _stop_position(self.text.text, self.stop)
+        visible = self.text.text if cut is None else self.text.text[:cut]
+        if cut is not None:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.limit:
+            self.finish_reason = "length"
+        if len(visible) > len(self.emitted) and (cut is not None or not _may_start_stop(visible, self.stop)):
+            delta, self.emitted = visible[len(self.emitted):], visible
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """What is still held back once generation has ended."""
+        cut = _stop_position(self.text.text, self.stop)
+        final = self.text.text if cut is None else self.text.text[:cut]
+        delta, self.emitted = final[len(self.emitted):], final
+        self.finish_reason = self.finish_reason or "length"
+        return delta
+
+    def result(self) -> Reply:
+        return Reply(self.emitted, self.tokens, self.finish_reason or "length", len(self.prompt),
+                     self.prompt.image_tokens)
 
 
 def _stop_position(text: str, stops: tuple[str, ...]) -> int | None:
