@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlmkit.families.llava import tiny
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -44,3 +46,17 @@ def run_cli_process(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Tiny LLaVA models: originals (1.5, NeXT-Mistral) and their conversions, built once per session."""
+    root = tmp_path_factory.mktemp("runtime-models")
+    clip = tiny.make_clip(root / "clip-vit-tiny")
+    out = {"clip": clip, "v15": tiny.make_llava15(root / "llava-v1.5-tiny", clip),
+           "next": tiny.make_llava_next(root / "llava-v1.6-mistral-tiny", clip)}
+    for name, extra in (("v15", []), ("next", ["--vision-tower", str(clip)])):
+        dst = root / f"{name}-hf"
+        assert run_cli("convert", out[name], dst, "--quiet", *extra).code == 0
+        out[f"{name}-hf"] = dst
+    return out

@@ -69,7 +69,9 @@ def cmd_inspect(args) -> int:
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="checkpoint file, folder or hub id")
     p.add_argument("destination", help="output folder (must not exist unless --force)")
-    p.add_argument("--to", choices=["hf"], default="hf", help="output format (default: hf, transformers layout)")
+    p.add_argument("--to", choices=["hf", "gguf"], default="hf",
+                   help="output format: hf (transformers layout, the default) or gguf (llama.cpp: for LLaVA the "
+                        "language model + the mmproj file; --dtype f32|f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0, default f16)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="bytes per shard (default: 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing destination (atomically)")
@@ -78,17 +80,66 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="after converting, run `vlmkit verify` on the result")
     _probe_arguments(p)
     add_load_arguments(p)
+    gguf = p.add_argument_group("--to gguf")
+    gguf.add_argument("--text-only", action="store_true", help="CLIP: write only the text tower")
+    gguf.add_argument("--vision-only", action="store_true", help="CLIP: write only the vision tower")
+    gguf.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                      help="image mean written to the GGUF (default: the model's preprocessor)")
+    gguf.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"),
+                      help="image std written to the GGUF (default: the model's preprocessor)")
+    gguf.add_argument("--mmproj-only", action="store_true",
+                      help="LLaVA: write only the mmproj file (also the only file of a llava.projector input)")
 
 
 @command("convert", "convert a checkpoint (plan checked before any byte is read; output written atomically)",
          ["vlmkit convert pytorch_model.bin out/ --dtype float16",
           "vlmkit convert llava-v1.5-7b/ llava-hf/ --dry-run",
-          "vlmkit convert ckpt/ out/ --max-shard-size 2GB --force"])
+          "vlmkit convert ckpt/ out/ --max-shard-size 2GB --force",
+          "vlmkit convert llava-v1.5-7b/ llava-gguf/ --to gguf --dtype q8_0 --vision-tower clip-vit-large-patch14-336/",
+          "vlmkit convert clip-vit-large-patch14/ clip-gguf/ --to gguf --vision-only --dtype f32"])
 def cmd_convert(args) -> int:
     from . import api
     from .conversion import engine
     from .conversion.plan import human_bytes
 
+    gguf_flags = [f for f in ("text_only", "vision_only", "image_mean", "image_std", "mmproj_only") if getattr(args, f)]
+    if args.to == "gguf":
+        from .conversion import gguf_sink
+        from .families import to_gguf
+
+        type_name = gguf_sink.gguf_type(args.dtype).name  # --dtype names a GGUF type here (q8_0 ...), checked first
+        options = LoadOptions.from_args(argparse.Namespace(**{**vars(args), "dtype": None}))
+        gguf_options = gguf_sink.GGUFOptions(
+            text_only=args.text_only, vision_only=args.vision_only, mmproj_only=args.mmproj_only,
+            image_mean=tuple(args.image_mean) if args.image_mean else None,
+            image_std=tuple(args.image_std) if args.image_std else None)
+        conversion = to_gguf.prepare(args.source, options, gguf_options)
+        if conversion.summary and not args.json:
+            print(conversion.summary, file=sys.stderr)
+        result = gguf_sink.run(conversion, args.destination, type_name=type_name, force=args.force,
+                               dry_run=args.dry_run, progress=None if args.quiet or args.json else progress_bar("converting"))
+        files = [(f.file_name, f.file.arch, len(f.plan.targets), f.bytes_out) for f in result.plan.files]
+        if args.json:
+            print(json.dumps({"destination": str(result.destination) if result.destination else None,
+                              "files": result.files, "plan": result.plan.to_dict()}, indent=1))
+        elif args.dry_run:
+            print(result.plan.render())
+            print("dry run: nothing was written")
+        else:
+            print(f"wrote {args.destination}: " + ", ".join(f"{n} ({k} tensors, {human_bytes(b)})" for n, _, k, b in files))
+            model = next((n for n, arch, _, _ in files if arch != "clip"), None)
+            mmproj = next((n for n, arch, _, _ in files if arch == "clip" and n.startswith("mmproj-")), None)
+            if model and mmproj:
+                dst = Path(args.destination)
+                print(f"run it: llama-mtmd-cli -m {dst / model} --mmproj {dst / mmproj} --image IMAGE "
+                      "-p 'Describe the image.' --temp 0 --jinja")
+        if args.verify and not args.dry_run:
+            return run_verify(args.source, args.destination, options, args)
+        return 0
+    if gguf_flags:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--{gguf_flags[0].replace('_', '-')} applies to --to gguf only", hint="add --to gguf")
     options = LoadOptions.from_args(args)
     conversion = api.prepare(args.source, options)
     if conversion.summary and not args.json:
@@ -153,8 +204,13 @@ def _probes(args) -> list[tuple[Path, str]]:
 def run_verify(original: str, converted: str, options: LoadOptions, args, *, json_file: str | None = None,
                markdown_file: str | None = None) -> int:
     from . import api
+    from .families import to_gguf
 
-    report = api.verify(original, converted, options=options, probes=_probes(args), max_new_tokens=args.max_new_tokens)
+    if to_gguf.is_gguf_folder(converted):  # a folder written by `convert --to gguf`: checked in llama.cpp
+        report = to_gguf.verify(original, converted, options, _probes(args), max_new_tokens=args.max_new_tokens)
+    else:
+        report = api.verify(original, converted, options=options, probes=_probes(args),
+                            max_new_tokens=args.max_new_tokens)
     print(report.render())
     if json_file:
         Path(json_file).write_text(report.to_json() + "\n")
@@ -224,6 +280,59 @@ def cmd_chat(args) -> int:
             return 0
 
 
+# ------------------------------------------------------------------------- serve
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an original LLaVA checkpoint, a transformers Llava/LlavaNext folder, or a hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--served-model-name", help="the model id clients see (default: the folder name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests generated together (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default: 300)")
+    p.add_argument("--max-body-size", type=parse_size, default="32MB", help="request body limit (default: 32MB)")
+    p.add_argument("--max-images", type=int, default=4, help="images per request (default: 4)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default: 2048)")
+    p.add_argument("--max-image-pixels", type=int, default=None, help="pixel limit per image (decompression bombs)")
+    p.add_argument("--allowed-local-media-path", metavar="DIR", help="allow file:// image URLs under DIR")
+    p.add_argument("--allowed-media-domains", default="", help="comma-separated hosts for http(s) image URLs")
+    add_load_arguments(p)
+
+
+@command("serve", "serve a model over an OpenAI-compatible HTTP API with a web chat page",
+         ["vlmkit serve llava-1.5-7b-hf/ --port 8000",
+          "vlmkit serve llava-v1.5-7b/ --vision-tower clip-vit-large-patch14-336/ --api-key secret",
+          "vlmkit serve model/ --host 0.0.0.0 --allowed-media-domains images.example.com"])
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .runtime.images import DEFAULT_MAX_PIXELS
+    from .runtime.model import load
+    from .serve.app import ServeSettings, create_app
+    from .serve.media import MediaPolicy
+
+    options = LoadOptions.from_args(args)
+    name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+    policy = MediaPolicy(
+        allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
+        allowed_domains=frozenset(d.strip().lower() for d in args.allowed_media_domains.split(",") if d.strip()))
+    settings = ServeSettings(model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size,
+                             max_queue=args.max_queue, request_timeout=args.request_timeout,
+                             max_body_size=args.max_body_size, max_images=args.max_images, max_tokens=args.max_tokens,
+                             max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, media=policy)
+
+    def load_model():
+        model = load(args.model, options=options)
+        model.backend.image_max_pixels = settings.max_image_pixels
+        return model
+
+    print(f"vlmkit serve: {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
+    uvicorn.run(create_app(load_model, settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 # ------------------------------------------------------------------- verify-files
 
 
@@ -243,7 +352,7 @@ def cmd_verify_files(args) -> int:
 
 
 ARGUMENTS = {"inspect": _inspect_arguments, "convert": _convert_arguments, "verify": _verify_arguments,
-             "chat": _chat_arguments, "verify-files": _verify_files_arguments}
+             "chat": _chat_arguments, "serve": _serve_arguments, "verify-files": _verify_files_arguments}
 
 
 # --------------------------------------------------------------------------- main

@@ -1,0 +1,1 @@
+"""`vlmkit serve`: the HTTP API, the web page, batching, limits and metrics."""

@@ -1,0 +1,348 @@
+"""``vlmkit serve``: an OpenAI-compatible HTTP API and a chat page over one model.
+
+Routes: ``POST /v1/chat/completions`` (streamed as server-sent events when asked),
+``GET /v1/models``, ``GET /health`` (503 until the model is loaded), ``GET /metrics``
+(Prometheus), ``GET /openapi.json`` (generated from the very models that validate), and
+the web page at ``/``. Every error is a 4xx/5xx with the OpenAI error body
+``{"error": {"message", "type", "param", "code"}}``; bad input never gives a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import VlmkitError
+from ..runtime.generation import ContextError, SamplingParams
+from ..runtime.images import DEFAULT_MAX_PIXELS, load_image
+from ..runtime.messages import MessageError, normalise
+from . import protocol as p
+from .media import MediaError, MediaPolicy, fetch_image
+from .metrics import Metrics
+from .scheduler import DeadlineError, Job, Scheduler
+
+STATIC = Path(__file__).parent / "static"
+# pydantic puts union members in error locations ("temperature.float"); the field is what users need
+UNION_TAG = re.compile(r"^(float|int|str|bool|none|function-.*|.*\[.*\])$")
+log = logging.getLogger("vlmkit.serve")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and policies of one server (each has a ``vlmkit serve`` flag)."""
+
+    model_name: str
+    api_key: str | None = None
+    max_batch_size: int = 8
+    max_queue: int = 64
+    request_timeout: float = 300.0
+    max_body_size: int = 32 * 1024 * 1024
+    max_images: int = 4
+    max_tokens: int = 2048
+    default_max_tokens: int = 256
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, *, param=None, type="invalid_request_error", code=None,
+                   headers=None) -> JSONResponse:
+    body = p.ErrorBody(error=p.ErrorDetail(message=message, type=type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies above ``limit`` bytes with 413, by header or while reading."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await error_response(413, f"the request body is larger than {self.limit} bytes "
+                                             "(--max-body-size)", code="body_too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, f"the request body is larger than {self.limit} bytes (--max-body-size)",
+                               code="body_too_large")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def create_app(load_model: Callable[[], object], settings: ServeSettings) -> FastAPI:
+    """The server. ``load_model`` runs in a background thread; ``/health`` says 503 until it returns."""
+    metrics = Metrics()
+    state: dict = {"model": None, "scheduler": None, "error": None}
+
+    def loader():
+        try:
+            model = load_model()
+            state["scheduler"] = Scheduler(model, max_batch_size=settings.max_batch_size,
+                                           max_queue=settings.max_queue, metrics=metrics)
+            state["model"] = model
+        except Exception as e:  # noqa: BLE001 - reported by /health and every request
+            log.exception("loading the model failed")
+            state["error"] = e
+
+    app = FastAPI(title="vlmkit", version=_version(), description="OpenAI-compatible chat completions with images")
+    threading.Thread(target=loader, name="vlmkit-load", daemon=True).start()
+    app.state.vlmkit = state
+    app.add_middleware(BodyLimit, limit=settings.max_body_size)
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        path = request.url.path
+        if settings.api_key and (path.startswith("/v1/") or path == "/metrics"):
+            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                          type="authentication_error", code="invalid_api_key")
+                metrics.requests.labels(path, "401").inc()
+                return response
+        try:
+            response = await call_next(request)
+        except ApiError as e:
+            response = error_response(e.status, e.message, param=e.param, type=e.type, code=e.code, headers=e.headers)
+        if path.startswith("/v1/") or path in ("/health", "/metrics"):
+            metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and not UNION_TAG.match(str(x))]
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json")
+        param = ".".join(loc) or None
+        got = repr(first.get("input"))
+        shown = f" (got {got})" if "input" in first and len(got) <= 60 and not isinstance(first["input"], dict) else ""
+        return error_response(400, f"{param or 'body'}: {first.get('msg')}{shown}", param=param,
+                              code=first.get("type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), type="not_found_error" if exc.status_code == 404
+                              else "invalid_request_error")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, param=exc.param, type=exc.type, code=exc.code,
+                              headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        log.exception("internal error")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+    @app.get("/health", include_in_schema=True, responses={503: {"description": "the model is still loading"}})
+    async def health():
+        if state["model"] is not None:
+            return {"status": "ok", "model": settings.model_name}
+        if state["error"] is not None:
+            return JSONResponse({"status": "failed", "error": str(state["error"])}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/v1/models", response_model=p.ModelList)
+    async def models():
+        return p.ModelList(data=[p.ModelCard(id=settings.model_name, created=int(time.time()))])
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "a chat.completion, or chat.completion.chunk events when stream=true"},
+                         400: {"model": p.ErrorBody}, 401: {"model": p.ErrorBody}, 413: {"model": p.ErrorBody},
+                         429: {"model": p.ErrorBody}, 503: {"model": p.ErrorBody}, 504: {"model": p.ErrorBody}})
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request):
+        scheduler: Scheduler | None = state["scheduler"]
+        if scheduler is None:
+            raise ApiError(503, "the model is still loading; retry when /health says ok", type="server_error",
+                           code="model_loading", headers={"Retry-After": "5"})
+        messages = await _messages(body, settings)
+        params = _params(body, settings)
+        loop = asyncio.get_running_loop()
+        job = Job(messages, params, loop, deadline=time.monotonic() + settings.request_timeout)
+        if not scheduler.submit(job):
+            raise ApiError(429, "the server is busy: its queue is full (--max-queue); retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        kind, payload = await _next_event(job, request)
+        if kind != "start":
+            raise _terminal_error(kind, payload, metrics)
+        rid, created = p.new_id(), p.now()
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(job, request, rid, created, settings.model_name, include_usage, metrics),
+                                     media_type="text/event-stream")
+        text = []
+        while True:
+            kind, payload = await _next_event(job, request)
+            if kind == "delta":
+                text.append(payload)
+                continue
+            if kind != "done":
+                raise _terminal_error(kind, payload, metrics)
+            reply = payload
+            _observe(metrics, job, reply)
+            usage = p.Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+                            total_tokens=reply.prompt_tokens + reply.completion_tokens)
+            return p.ChatCompletion(id=rid, created=created, model=settings.model_name, usage=usage,
+                                    choices=[p.Choice(message=p.AssistantMessage(content=reply.text),
+                                                      finish_reason=reply.finish_reason)])
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+async def _messages(body: p.ChatCompletionRequest, settings: ServeSettings) -> list[dict]:
+    """Request messages -> runtime messages, with every image fetched under the policy and checked."""
+    out = []
+    count = 0
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, str):
+            out.append({"role": message.role, "content": message.content})
+            continue
+        texts, images = [], []
+        for j, part in enumerate(message.content):
+            if isinstance(part, p.TextPart):
+                texts.append(part.text)
+                continue
+            count += 1
+            param = f"messages.{i}.content.{j}.image_url"
+            if count > settings.max_images:
+                raise ApiError(400, f"too many images: at most {settings.max_images} per request (--max-images)",
+                               param=param, code="too_many_images")
+            try:
+                data = await fetch_image(part.image_url.url, settings.media, param)
+                await asyncio.to_thread(load_image, data, max_pixels=settings.max_image_pixels)
+            except MediaError as e:
+                raise ApiError(e.status, e.message, param=e.param, code="invalid_image") from None
+            except VlmkitError as e:
+                raise ApiError(400, e.message.replace("image bytes", "the image"), param=param,
+                               code="invalid_image") from None
+            images.append(data)
+        out.append({"role": message.role, "content": " ".join(texts), "images": images})
+    try:
+        normalise(out)
+    except MessageError as e:
+        raise ApiError(400, e.message, param="messages") from None
+    return out
+
+
+def _params(body: p.ChatCompletionRequest, settings: ServeSettings) -> SamplingParams:
+    asked = body.max_completion_tokens or body.max_tokens
+    if asked is not None and asked > settings.max_tokens:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise ApiError(400, f"{param} is {asked}; this server generates at most {settings.max_tokens} tokens",
+                       param=param)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return SamplingParams(max_new_tokens=asked or min(settings.default_max_tokens, settings.max_tokens),
+                          temperature=1.0 if body.temperature is None else float(body.temperature),
+                          top_p=1.0 if body.top_p is None else float(body.top_p), seed=body.seed, stop=stop)
+
+
+async def _next_event(job: Job, request: Request):
+    """The job's next event; cancels the job if the client disconnects while waiting."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled.set()
+            if time.monotonic() > job.deadline + 5:  # the worker should have answered; never hang
+                job.cancelled.set()
+                return "error", DeadlineError("the request ran past the server's --request-timeout")
+
+
+def _terminal_error(kind: str, payload, metrics: Metrics) -> ApiError:
+    if kind == "cancelled":
+        metrics.cancelled.inc()
+        return ApiError(499, "the client closed the request", code="client_closed")
+    if isinstance(payload, DeadlineError):
+        return ApiError(504, payload.message, type="timeout_error", code="timeout")
+    if isinstance(payload, ContextError):
+        return ApiError(400, payload.message, param="messages", code="context_length_exceeded")
+    if isinstance(payload, VlmkitError):
+        return ApiError(400, payload.message, param="messages")
+    return ApiError(500, f"internal error: {type(payload).__name__}: {payload}", type="server_error")
+
+
+def _observe(metrics: Metrics, job: Job, reply) -> None:
+    metrics.latency.observe(time.monotonic() - job.created)
+    if job.first_token_at is not None:
+        metrics.ttft.observe(job.first_token_at - job.created)
+    metrics.prompt_tokens.inc(reply.prompt_tokens)
+    metrics.completion_tokens.inc(reply.completion_tokens)
+
+
+async def _sse(job: Job, request: Request, rid: str, created: int, model: str, include_usage: bool,
+               metrics: Metrics):
+    def event(choices, usage=None) -> str:
+        chunk = p.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage)
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    try:
+        yield event([p.ChunkChoice(delta=p.Delta(role="assistant", content=""))])
+        while True:
+            kind, payload = await _next_event(job, request)
+            if kind == "delta":
+                yield event([p.ChunkChoice(delta=p.Delta(content=payload))])
+                continue
+            if kind == "done":
+                _observe(metrics, job, payload)
+                yield event([p.ChunkChoice(delta=p.Delta(), finish_reason=payload.finish_reason)])
+                if include_usage:
+                    yield event([], p.Usage(prompt_tokens=payload.prompt_tokens,
+                                            completion_tokens=payload.completion_tokens,
+                                            total_tokens=payload.prompt_tokens + payload.completion_tokens))
+            else:
+                error = _terminal_error(kind, payload, metrics)
+                body = p.ErrorBody(error=p.ErrorDetail(message=error.message, type=error.type, code=error.code))
+                yield f"data: {json.dumps(body.model_dump())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        if not job.finished:  # the client went away mid-stream: free its slot
+            job.cancelled.set()
+            metrics.cancelled.inc()

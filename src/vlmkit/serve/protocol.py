@@ -1,0 +1,141 @@
+"""The OpenAI-compatible wire format, as pydantic models: what the server accepts and returns.
+
+Strict types: ``"temperature": false`` is an error, not 0. The same models generate
+``/openapi.json``, so the published schema is exactly what is validated.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+Strict = ConfigDict(extra="forbid", strict=True)
+Lenient = ConfigDict(extra="ignore", strict=True)  # unknown OpenAI fields (user, metadata, ...) are tolerated
+
+
+class ImageURL(BaseModel):
+    model_config = Lenient
+    url: StrictStr = Field(description="a data: URL (base64), or file:// / http(s):// where the server allows it")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(BaseModel):
+    model_config = Strict
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImagePart(BaseModel):
+    model_config = Strict
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    model_config = Lenient
+    role: Literal["system", "user", "assistant"]
+    content: Union[StrictStr, list[ContentPart]]
+    name: StrictStr | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = Strict
+    include_usage: StrictBool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = Lenient
+    model: StrictStr | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: Union[StrictFloat, StrictInt] | None = Field(default=None, ge=0, le=2)
+    top_p: Union[StrictFloat, StrictInt] | None = Field(default=None, gt=0, le=1)
+    seed: StrictInt | None = None
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    n: StrictInt = Field(default=1, ge=1, le=1, description="only 1 is supported")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="text tokens + image feature positions")
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vlmkit"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,64 @@
+"""Real servers (uvicorn, started by the tests on free loopback ports) over the tiny converted LLaVA."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PHOTOS = Path(__file__).parents[1] / "fixtures" / "images"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, *flags: str):
+        import httpx2 as httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "vlmkit.cli", "serve", str(model), "--port",
+                                         str(self.port), "--served-model-name", "tiny-llava", *flags],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server did not become healthy within 120 s")
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    (folder / "cat.png").write_bytes((PHOTOS / "chelsea.png").read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(models, media_dir):
+    s = Server(models["v15-hf"], "--max-batch-size", "4", "--max-tokens", "64", "--max-body-size", "4MB",
+               "--max-image-pixels", "1000000", "--allowed-local-media-path", str(media_dir))
+    yield s
+    s.stop()
