@@ -1,0 +1,154 @@
+"""Serving under load: requests/s, p50/p99 latency and time to first token at 1, 4 and 8 clients.
+
+Starts ``vlmkit serve`` (a real uvicorn process on a loopback port) on a synthetic LLaVA —
+``--size 1.1b``: the model of ``chat_latency.py`` (TinyLlama-1.1B-shaped language model +
+CLIP-L/336-shaped tower, float32 CPU); ``--size tiny``: the test model, for a quick run —
+and sends a fixed number of streamed image questions per concurrency level with asyncio +
+httpx2. Every request is accounted for: answered, refused (4xx/5xx, counted as errors) or
+lost (no answer at all). Also measures one request through the server against the same
+``chat`` call in-process.
+
+Targets (issue 9): at 8 clients >= 3x the throughput of 1 client; one request through the
+server <= 1.1x the in-process latency; 0 lost.
+
+Usage:
+    .venv/bin/python benchmarks/serve_load.py --size tiny
+    .venv/bin/python benchmarks/serve_load.py --size 1.1b --requests 16 --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+
+import vlmkit
+from chat_latency import SIZES, build
+
+PHOTOS = sorted((Path(vlmkit.__file__).parent / "assets" / "images").glob("*.png"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def body(i: int, max_tokens: int) -> dict:
+    photo = PHOTOS[i % len(PHOTOS)]
+    url = "data:image/png;base64," + base64.b64encode(photo.read_bytes()).decode()
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": f"Question {i}: what is shown?"}]}],
+            "stream": True, "temperature": 0, "max_tokens": max_tokens, "stop": ["</never>"]}
+
+
+async def one(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
+    start = time.perf_counter()
+    first = None
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=payload, timeout=3600) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return {"status": response.status_code}
+            done = False
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line and first is None:
+                    first = time.perf_counter()
+                if line == "data: [DONE]":
+                    done = True
+            return {"status": 200 if done else "lost", "latency": time.perf_counter() - start,
+                    "ttft": (first or time.perf_counter()) - start}
+    except httpx.HTTPError:
+        return {"status": "lost"}
+
+
+async def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    queue = list(range(requests))
+    results = []
+
+    async def worker(client):
+        while queue:
+            results.append(await one(client, url, body(queue.pop(), max_tokens)))
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient() as client:
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+    wall = time.perf_counter() - start
+    ok = [r for r in results if r["status"] == 200]
+    latencies = sorted(r["latency"] for r in ok)
+    return {"clients": clients, "rps": len(ok) / wall, "p50": statistics.median(latencies),
+            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "ttft": statistics.median(r["ttft"] for r in ok),
+            "errors": sum(1 for r in results if r["status"] not in (200, "lost")),
+            "lost": sum(1 for r in results if r["status"] == "lost") + requests - len(results)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "1.1b"], default="tiny")
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--workdir", type=Path, default=Path(".cache/bench-serve"))
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    folder = build(args.workdir, SIZES["quick" if args.size == "tiny" else "1.1b"])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "vlmkit.cli", "serve", str(folder), "--port", str(port),
+                               "--max-batch-size", "8", "--max-queue", "256", "--request-timeout", "7200",
+                               "--max-tokens", str(args.max_tokens)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                sys.exit("the server did not start")
+            time.sleep(0.5)
+        rows = [asyncio.run(level(url, c, args.requests, args.max_tokens)) for c in (1, 4, 8)]
+        # one request through the server vs the same call in-process (greedy, same tokens)
+        served = statistics.median(asyncio.run(level(url, 1, 3, args.max_tokens))["p50"] for _ in range(1))
+    finally:
+        server.terminate()
+        server.wait(30)
+    model = vlmkit.load(folder)
+    messages = [{"role": "user", "content": "Question 0: what is shown?", "images": [PHOTOS[0]]}]
+    times = []
+    for _ in range(3):
+        model._features.clear()
+        model._session = type(model._session)()
+        start = time.perf_counter()
+        model.chat(messages, temperature=0, max_new_tokens=args.max_tokens, stop=["</never>"])
+        times.append(time.perf_counter() - start)
+    in_process = statistics.median(times)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+
+    print(f"\nmodel: {args.size}; {args.requests} streamed image questions per level, max_tokens {args.max_tokens}, "
+          "greedy, --max-batch-size 8")
+    print("| clients | requests/s | p50 latency (s) | p99 latency (s) | time to first token p50 (s) | errors | lost |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['clients']} | {r['rps']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft']:.2f} | "
+              f"{r['errors']} | {r['lost']} |")
+    speedup = rows[2]["rps"] / rows[0]["rps"]
+    overhead = served / in_process
+    lost = sum(r["lost"] for r in rows)
+    print(f"\nthroughput at 8 clients = {speedup:.2f} x 1 client (target >= 3); one request through the server = "
+          f"{overhead:.2f} x in-process chat ({served:.2f} s vs {in_process:.2f} s; target <= 1.1); lost: {lost}")
+    print(f"targets: {'met' if speedup >= 3 and overhead <= 1.1 and lost == 0 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
