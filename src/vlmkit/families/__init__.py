@@ -24,7 +24,7 @@ ARCHITECTURES: dict[str, str] = {
     "LlavaMistralForCausalLM": "llava",
     "LlavaQwenForCausalLM": "llava",
 }
-RECOGNISERS: list[str] = ["llava"]
+RECOGNISERS: list[str] = ["llava", "blip2", "flava"]
 
 
 def read_config(path: Path) -> dict | None:

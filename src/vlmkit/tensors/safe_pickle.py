@@ -173,6 +173,13 @@ def read_pickled_module(path: Path, modules: frozenset[tuple[str, str]]) -> Pick
         UnsafeCheckpointError: the pickle names a global outside the allow-list (nothing ran).
         CheckpointError: the file is truncated, not a torch pickle, or does not hold a module.
     """
+    result = _load(path, modules)
+    if not isinstance(result.root, ModuleRecord):
+        raise CheckpointError(f"{path}: holds a {type(result.root).__name__}, not a pickled module")
+    return result
+
+
+def _load(path: Path, modules: frozenset[tuple[str, str]]) -> PickledModule:
     storages: dict[str, _Storage] = {}
     try:
         if zipfile.is_zipfile(path):
@@ -187,16 +194,43 @@ def read_pickled_module(path: Path, modules: frozenset[tuple[str, str]]) -> Pick
                 missing = [n for n in names.values() if n not in archive.namelist()]
                 if missing:
                     raise CheckpointError(f"{path}: the archive lacks the tensor data {missing[0]} (truncated?)")
-            result = PickledModule(root, storages, {}, names)
-        else:
-            with open(path, "rb") as f:
-                result = _read_legacy(f, path, modules, storages)
+            return PickledModule(root, storages, {}, names)
+        with open(path, "rb") as f:
+            return _read_legacy(f, path, modules, storages)
     except (pickle.UnpicklingError, EOFError, ValueError, struct.error, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable torch.save file ({e})",
                               hint="the file may be truncated; download or copy it again") from None
-    if not isinstance(result.root, ModuleRecord):
-        raise CheckpointError(f"{path}: holds a {type(result.root).__name__}, not a pickled module")
-    return result
+
+
+WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "model_state")  # as torch_io tries them
+
+
+def peek_state_dict(path: Path) -> dict[str, TensorRef] | None:
+    """The tensor names (and shapes) of a pickled state dict, reading no tensor data in either format.
+
+    For recognising a checkpoint cheaply: ``torch.load`` would read a legacy file's data whole.
+    Looks at the top level, then under the usual wrapper keys (``{"model": state_dict}``).
+
+    Returns:
+        ``{name: TensorRef}``, or None when the file is not a readable torch pickle of plain
+        containers and tensors (anything else, e.g. a pickled module, is refused, not run).
+    """
+    try:
+        return _find_tensors(_load(path, frozenset()).root)
+    except (CheckpointError, OSError, RecursionError):
+        return None
+
+
+def _find_tensors(obj) -> dict[str, TensorRef] | None:
+    if not isinstance(obj, dict):
+        return None
+    if any(isinstance(v, TensorRef) for v in obj.values()):
+        return {k: v for k, v in obj.items() if isinstance(v, TensorRef)}
+    for key in WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, TensorRef) for v in inner.values()):
+            return {k: v for k, v in inner.items() if isinstance(v, TensorRef)}
+    return None
 
 
 def _read_legacy(f, path: Path, modules, storages) -> PickledModule:

@@ -1,0 +1,192 @@
+"""The original BLIP-2 (Salesforce LAVIS) checkpoint forms, presented as one namespace.
+
+LAVIS assembles ``Blip2OPT`` / ``Blip2T5`` from three sources (``blip2.py``, ``blip2_opt.py``,
+``blip2_t5.py``), and so does this module, without reading any tensor data:
+
+* the EVA ViT-g visual encoder from ``eva_vit_g.pth`` (``cls_token``, ``pos_embed``,
+  ``patch_embed.*``, ``blocks.*``): ``--vision PATH``;
+* the OPT / Flan-T5 language model from a transformers folder (config, tokenizer, weights):
+  ``--language-model PATH``;
+* the LAVIS release ``.pth`` (``{"model": state_dict}``), loaded last with
+  ``strict=False`` so that whatever it holds wins: the Q-Former, ``query_tokens``,
+  ``ln_vision``, ``opt_proj`` / ``t5_proj``, and for the COCO caption models (``freeze_vit:
+  False``) the fine-tuned visual encoder too.
+
+A full state dict (``original_model.state_dict()``, everything in one file) needs no
+``--vision``; its language model is inside too, but a ``.pth`` never holds a tokenizer, so
+``--language-model`` still names the folder its tokenizer and config come from. Whatever the
+form, the result is LAVIS's own namespace (``visual_encoder.*``, ``ln_vision.*``,
+``Qformer.bert.*``, ``query_tokens``, ``opt_proj.*``, ``opt_model.model.decoder.*`` /
+``t5_proj.*``, ``t5_model.*``), so one rule table converts them all and one reference runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...errors import CheckpointError, ConfigError
+from ...options import LoadOptions
+from ...tensors import TensorSource, open_source, resolve
+from ...tensors.safe_pickle import peek_state_dict
+from ...tensors.views import CombinedSource, RenamedSource
+
+PICKLES = (".pth", ".pt", ".bin", ".ckpt")
+VISION = "visual_encoder."
+QFORMER_LAYER = re.compile(r"^Qformer\.bert\.encoder\.layer\.(\d+)\.")
+VIT_BLOCK = re.compile(r"^visual_encoder\.blocks\.(\d+)\.")
+# The modules of LAVIS's EVA VisionTransformer (``eva_vit.py``); anything else in eva_vit_g.pth is
+# skipped by its load_state_dict(strict=False) and dropped here by rule, by name.
+VIT_MODULES = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
+UNUSED_VIT = "eva_unused."
+# Width of the language model's embeddings -> the public model LAVIS pairs it with (hints only).
+KNOWN_LMS = {("opt", 2560): "facebook/opt-2.7b", ("opt", 4096): "facebook/opt-6.7b",
+             ("t5", 2048): "google/flan-t5-xl", ("t5", 4096): "google/flan-t5-xxl"}
+
+
+@dataclass
+class OriginalBlip2:
+    """An original BLIP-2 checkpoint of any form, ready to convert or to run."""
+
+    path: Path
+    form: str  # "full" (everything in one state dict) | "parts" (release .pth + --vision + --language-model)
+    lm: str  # "opt" | "t5"
+    source: TensorSource  # LAVIS's namespace (see module docstring)
+    lm_folder: Path  # config.json + tokenizer of the language model
+    lm_config: dict  # its config.json
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        """``opt_model.`` or ``t5_model.``: where the language model lives in the namespace."""
+        return f"{self.lm}_model."
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.info(name).shape
+
+    def layers(self, pattern: re.Pattern) -> list[int]:
+        return sorted({int(m.group(1)) for n in self.source.keys() if (m := pattern.match(n))})
+
+
+def _lavis_file(path: Path) -> Path | None:
+    """The LAVIS ``.pth`` a path names: the file itself, or the only pickle in a folder."""
+    if path.is_file():
+        return path if path.suffix in PICKLES else None
+    if path.is_dir():
+        candidates = [p for p in sorted(path.iterdir()) if p.suffix in PICKLES and p.is_file()]
+        return candidates[0] if len(candidates) == 1 else None
+    return None
+
+
+def lm_kind(names) -> str | None:
+    """``opt`` / ``t5`` from LAVIS's key names: a Q-Former, query tokens and a projection to an LM."""
+    names = set(names)
+    if "query_tokens" not in names or not any(n.startswith("Qformer.bert.") for n in names):
+        return None
+    if "opt_proj.weight" in names:
+        return "opt"
+    if "t5_proj.weight" in names:
+        return "t5"
+    return None
+
+
+def form_of(path: Path) -> str | None:
+    """``"full"`` / ``"parts"`` when ``path`` is a LAVIS BLIP-2 OPT/T5 checkpoint, else None. Reads no tensor data."""
+    file = _lavis_file(path)
+    tensors = peek_state_dict(file) if file is not None else None
+    kind = lm_kind(tensors or ())
+    if kind is None:
+        return None
+    inside = any(n.startswith(f"{kind}_model.") for n in tensors) and any(n.startswith(VISION) for n in tensors)
+    return "full" if inside else "parts"
+
+
+def open_original(path: Path, options: LoadOptions) -> OriginalBlip2:
+    """Open an original BLIP-2 checkpoint of any form; checks what can be checked without data.
+
+    Raises:
+        CheckpointError / ConfigError: naming the missing part or file and the flag that supplies it.
+    """
+    file = _lavis_file(path)
+    if file is None:
+        raise CheckpointError(f"{path}: not a LAVIS BLIP-2 checkpoint (a .pth holding query_tokens, "
+                              "Qformer.bert.* and opt_proj / t5_proj)")
+    main = open_source(file)
+    lm = lm_kind(main.keys())
+    if lm is None:
+        raise CheckpointError(f"{file}: no query_tokens / Qformer.bert.* / opt_proj or t5_proj: not BLIP-2 OPT or T5",
+                              hint="`vlmkit inspect` lists what the file holds")
+    notes: list[str] = []
+    parts: list[tuple[str, TensorSource]] = []
+    has_vit = any(n.startswith(VISION) for n in main.keys())
+    if options.vision_tower and has_vit:
+        notes.append(f"{file.name} holds its own visual encoder (fine-tuned); it wins over --vision, as in LAVIS")
+    elif not has_vit:
+        if not options.vision_tower:
+            raise ConfigError(f"{file} holds no visual encoder (visual_encoder.*): LAVIS loads EVA ViT-g from "
+                              "eva_vit_g.pth first", hint="pass --vision PATH (eva_vit_g.pth, or a state dict of it)")
+        parts.append(("", _vit_source(resolve(options.vision_tower))))
+    lm_folder = _lm_folder(file, lm, main, options)
+    has_lm = any(n.startswith(f"{lm}_model.") for n in main.keys())
+    if has_lm:
+        notes.append(f"{file.name} holds the language model's weights; {lm_folder.name} gives its config and tokenizer")
+    else:
+        parts.append(("", _lm_source(lm_folder, lm)))
+    source = CombinedSource([("", main), *parts], path=file) if parts else main
+    lm_config = _read_json(lm_folder / "config.json")
+    form = "full" if not parts else "parts"
+    return OriginalBlip2(file, form, lm, source, lm_folder, lm_config, notes)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _vit_source(path: Path) -> TensorSource:
+    """eva_vit_g.pth's tensors under ``visual_encoder.``; tensors LAVIS's ViT has no module for are kept aside."""
+    source = open_source(path)
+    if not any(n in ("cls_token", "pos_embed") for n in source.keys()):
+        raise CheckpointError(f"{path}: not an EVA ViT state dict (no cls_token / pos_embed)",
+                              hint="--vision takes eva_vit_g.pth, the visual encoder LAVIS downloads")
+    mapping = {n: (VISION if n.startswith(VIT_MODULES) else UNUSED_VIT) + n for n in source.keys()}
+    return RenamedSource(source, mapping)
+
+
+def _lm_folder(file: Path, lm: str, main: TensorSource, options: LoadOptions) -> Path:
+    proj = main.info(f"{lm}_proj.weight").shape[0]
+    known = KNOWN_LMS.get((lm, proj), f"the {'OPT' if lm == 'opt' else 'Flan-T5'} model whose width is {proj}")
+    if not options.model_base:
+        raise ConfigError(f"{file}: the language model's tokenizer and config are in no LAVIS checkpoint "
+                          f"(LAVIS loads {known} from the hub)",
+                          hint=f"pass --language-model PATH (a local folder of {known}: config.json + tokenizer"
+                               f"{'' if any(n.startswith(lm + '_model.') for n in main.keys()) else ' + weights'})")
+    folder = resolve(options.model_base)
+    if not (folder / "config.json").exists():
+        raise ConfigError(f"--language-model {folder}: no config.json", hint=f"pass the transformers folder of {known}")
+    model_type = _read_json(folder / "config.json").get("model_type")
+    wanted = {"opt": ("opt",), "t5": ("t5", "mt5")}[lm]
+    if model_type not in wanted:
+        raise ConfigError(f"--language-model {folder}: model_type {model_type!r}, but {file.name} was trained with "
+                          f"{'OPT' if lm == 'opt' else 'Flan-T5'} ({lm}_proj)", hint=f"pass the folder of {known}")
+    return folder
+
+
+def _lm_source(folder: Path, lm: str) -> TensorSource:
+    """The transformers folder's weights under ``opt_model.`` / ``t5_model.`` as LAVIS's module holds them."""
+    try:
+        source = open_source(folder)
+    except CheckpointError as e:
+        raise ConfigError(f"--language-model {folder}: no weights ({e.message})",
+                          hint="the checkpoint has no language model inside, so the folder must hold its weights") from None
+    mapping = {}
+    for name in source.keys():
+        if lm == "opt" and name.startswith("decoder."):  # saved from OPTModel (older hub files)
+            mapping[name] = "opt_model.model." + name
+        else:
+            mapping[name] = f"{lm}_model." + name
+    return RenamedSource(source, mapping)

@@ -1,0 +1,134 @@
+"""``vlmkit verify`` for BLIP-2: LAVIS's forward (``reference.py``) vs the converted transformers folder.
+
+The checks, as transformers' conversion script makes them and beyond:
+
+* pixel values: LAVIS's eval preprocessing vs the converted ``Blip2Processor``;
+* input ids: the language model's tokenisation of the prompt vs the processor's (its
+  ``<image>`` placeholders removed);
+* logits: OPT with an empty text input (LAVIS appends "\\n"), T5 with "\\n" as input and as
+  labels, over every position (the queries' too);
+* greedy tokens: LAVIS's generate (``num_beams=1``) vs ``model.generate(do_sample=False)``;
+* batched generation: all probes in one padded batch, each row equal to its own run and to LAVIS.
+
+Each model is loaded in turn, so memory holds one of them at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+
+from ...options import LoadOptions
+from ...parity import Check, Report, compare_ids, compare_tensors
+from ...runtime import images
+from . import hf_output
+from .checkpoint import open_original
+from .reference import OriginalBlip2Model, lavis_eval_pixels
+
+# float32 on both sides. transformers normalises the ViT output with eps 1e-6 where LAVIS's
+# ln_vision uses 1e-5, so float32 logits agree to ~1e-5 relative, not to the last bit.
+TOLERANCES = {
+    "F32": {"pixels": 1e-5, "logits": 1e-4, "cosine": 0.99999},
+    "F16": {"pixels": 1e-5, "logits": 5e-2, "cosine": 0.999},
+    "BF16": {"pixels": 1e-5, "logits": 2e-1, "cosine": 0.99},
+}
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def verify(original: Path, converted: Path, options: LoadOptions, probes: list[tuple[Path, str]], *,
+           max_new_tokens: int = 8) -> Report:
+    """Run LAVIS's forward and the converted model on the same probes and report every difference.
+
+    Args:
+        original: the LAVIS checkpoint (any form; ``options`` as for convert).
+        converted: the transformers folder.
+        probes: (image, prompt) pairs; the first is measured in detail, all are generated in one batch.
+        max_new_tokens: greedy tokens to compare.
+    """
+    ckpt = open_original(original, options)
+    target = hf_output.target_for(ckpt, options)
+    cfg = target.hf_config
+    report = Report(f"BLIP-2 {ckpt.lm.upper()} parity: LAVIS forward vs converted transformers model", str(original),
+                    str(converted), inputs={"probes": [f"{Path(i).name}: {p!r}" for i, p in probes],
+                                            "max_new_tokens": max_new_tokens})
+    logit_text = ("", None) if ckpt.lm == "opt" else ("\n", "\n")
+
+    # --- LAVIS --------------------------------------------------------------------------
+    reference = OriginalBlip2Model.load(ckpt, cfg.vision_config.to_dict(), cfg.qformer_config.to_dict(), cfg.text_config)
+    ref = []
+    for image_path, prompt in probes:
+        image = images.load_image(image_path)
+        pixels = lavis_eval_pixels(image, target.image_size)
+        ref.append({"image": image, "pixels": pixels, "ids": reference.prompt_ids(prompt),
+                    "logits": reference.logits(pixels, *logit_text) if not ref else None,
+                    "tokens": reference.greedy(pixels, prompt, max_new_tokens)})
+    eos = reference.eos_token_id
+    decode = reference.tokenizer.decode
+    del reference
+    gc.collect()
+
+    # --- the converted folder, through transformers alone ---------------------------------
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    processor = AutoProcessor.from_pretrained(converted)
+    model = Blip2ForConditionalGeneration.from_pretrained(converted, dtype=torch.float32).eval()
+    tol = TOLERANCES[_cast_to(ckpt, converted)]
+    image_token = model.config.image_token_index
+    prompts = [p for _, p in probes]
+
+    first = processor(images=ref[0]["image"], text=prompts[0], return_tensors="pt")
+    report.checks.append(compare_tensors("pixel values", ref[0]["pixels"], first["pixel_values"], atol=tol["pixels"]))
+    ids = [i for i in first["input_ids"][0].tolist() if i != image_token]
+    report.checks.append(compare_ids("input ids", ref[0]["ids"], ids, decode=decode))
+    with torch.no_grad():
+        text_in = processor(images=ref[0]["image"], text=logit_text[0] + ("\n" if ckpt.lm == "opt" else ""),
+                            return_tensors="pt")
+        kwargs = {}
+        if ckpt.lm == "t5":
+            labels = processor.tokenizer(logit_text[1], return_tensors="pt").input_ids
+            kwargs["labels"] = labels.masked_fill(labels == processor.tokenizer.pad_token_id, -100)
+        logits = model(**text_in, **kwargs).logits[0]
+    report.checks.append(compare_tensors("logits", ref[0]["logits"], logits, atol=tol["logits"], min_cosine=tol["cosine"]))
+
+    extra = {"min_new_tokens": 1} if ckpt.lm == "opt" else {}  # LAVIS's min_length=1 (see reference.greedy)
+
+    def new_tokens(inputs, rows):
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+        start = inputs["input_ids"].shape[1] if ckpt.lm == "opt" else 1  # T5: after the decoder start token
+        return [_until_eos(row[start:].tolist(), eos) for row in out[:rows]]
+
+    single = [new_tokens(first if i == 0 else processor(images=r["image"], text=prompts[i], return_tensors="pt"), 1)[0]
+              for i, r in enumerate(ref)]
+    report.checks.append(compare_ids("greedy tokens", ref[0]["tokens"], single[0], decode=decode))
+    batch = processor(images=[r["image"] for r in ref], text=prompts, return_tensors="pt", padding=True)
+    batched = new_tokens(batch, len(ref))
+    agree = [b == r["tokens"] and b == s for b, r, s in zip(batched, ref, single)]
+    report.checks.append(Check(
+        "batched generation", all(agree), {"batch": len(ref), "rows_equal": sum(agree)},
+        "each padded batch row = its unbatched generation = LAVIS's",
+        "" if all(agree) else f"rows differing: {[i for i, a in enumerate(agree) if not a]}",
+    ))
+    report.notes.append(f"LAVIS greedy text: {decode(ref[0]['tokens'])!r}")
+    report.notes.append("transformers normalises the ViT output with eps 1e-6, LAVIS's ln_vision with 1e-5")
+    return report
+
+
+def _cast_to(ckpt, converted: Path) -> str:
+    """The dtype the conversion cast the language model to ("F32" when it kept the checkpoint's own values)."""
+    from ...tensors import open_source
+    from .convert import lm_embedding
+
+    out = open_source(converted)
+    try:
+        written = out.info("language_model.model.decoder.embed_tokens.weight" if ckpt.lm == "opt"
+                           else "language_model.shared.weight").dtype
+    finally:
+        out.close()
+    return written if written != ckpt.source.info(lm_embedding(ckpt)).dtype and written in TOLERANCES else "F32"

@@ -1,0 +1,65 @@
+"""FLAVA as facebookresearch/multimodal released it, with OpenAI's DALL-E dVAE as image codebook.
+
+Recognised by its key names: a ``.pt`` state dict with ``image_encoder.module.*`` and
+``mm_encoder.module.*`` (a folder holding it, or the file). The folder also holds the codebook
+(``encoder.pkl``, a pickled module read without running it, or its state dict) and the text
+tokenizer. The pieces:
+
+* ``checkpoint`` — the folder's three parts presented as one namespace (codebook under ``dalle.``);
+* ``convert``    — the rule table to transformers' ``FlavaForPreTraining``;
+* ``hf_output``  — ``FlavaConfig`` from the shapes (``--config`` overrides) and ``FlavaProcessor``;
+* ``reference``  — the original forward pass and dVAE encoder, for ``verify``;
+* ``tiny``       — tiny random folders in the real layouts (tests).
+
+Example:
+    vlmkit convert flava-original/ flava-full-hf/        # flava.pt + encoder.pkl + vocab.txt
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...options import LoadOptions
+from .checkpoint import find_checkpoint, open_original
+from .convert import conversion
+
+NAME = "flava"
+
+__all__ = ["NAME", "recognise", "describe", "conversion", "open_original", "verify"]
+
+
+def recognise(path: Path, config: dict | None) -> bool:
+    return find_checkpoint(path) is not None
+
+
+def describe(path: Path, config: dict | None) -> dict:
+    from ...errors import CheckpointError, UnsafeCheckpointError
+    from .checkpoint import _candidates, _state_dict_keys, open_codebook
+
+    file = find_checkpoint(path)
+    names = _state_dict_keys(file)
+    count = lambda p: len({n.split(".")[4] for n in names if n.startswith(p + "encoder.layer.")})  # noqa: E731
+    info = {"flava checkpoint": file.name,
+            "encoder layers (image/text/multimodal)": (f"{count('image_encoder.module.')}/"
+                                                       f"{count('text_encoder.module.')}/{count('mm_encoder.module.')}")}
+    codebooks = []
+    for candidate in _candidates(file.parent):
+        if candidate == file:
+            continue
+        try:
+            book, form = open_codebook(candidate)
+            book.close()
+            codebooks.append(f"{candidate.name} ({form})")
+        except UnsafeCheckpointError:
+            codebooks.append(f"{candidate.name} (refused: it pickles a class outside the dVAE's allow-list)")
+        except CheckpointError:
+            continue
+    info["image codebook"] = ", ".join(codebooks) or "missing (put encoder.pkl beside the checkpoint)"
+    return info
+
+
+def verify(original: Path, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
+    """Parity report of ``original`` against its conversion ``converted`` (see ``parity.py``)."""
+    from .parity import verify as run
+
+    return run(original, converted, options, [(Path(i), p) for i, p in probes])
