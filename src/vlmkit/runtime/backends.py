@@ -1,4 +1,4 @@
-"""The two ways a LLaVA runs: as the original checkpoint, or as a transformers folder.
+"""How models run: LLaVA as the original checkpoint or as a transformers folder; BLIP-2 (OPT).
 
 Both give generation the same small surface (``runtime.generation.LanguageModel``) plus
 ``prompt_ids`` (the conversation as ids with one placeholder per image) and
@@ -135,6 +135,71 @@ class TransformersBackend:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+class Blip2Backend:
+    """A transformers ``Blip2ForConditionalGeneration`` folder with an OPT language model.
+
+    The 32 projected query outputs are spliced before the prompt, as BLIP-2 does; the
+    prompt is LAVIS's question-answering form, ``Question: {q} Answer:``, turns joined
+    with a space (LAVIS itself is single-turn).
+    """
+
+    kind = "blip2"
+    template = "blip2_qa"
+
+    def __init__(self, path: Path, options):
+        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(options.dtype, torch.float32)
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(options.device).eval()
+        if self.model.config.use_decoder_only_language_model is False:
+            raise VlmkitError(f"{path}: a BLIP-2 with an encoder-decoder (Flan-T5) language model; vlmkit's chat "
+                              "runtime runs decoder-only language models (BLIP-2 OPT, LLaVA)",
+                              hint="run it with transformers' generate, or use a BLIP-2 OPT model")
+        self.device = options.device
+        self.tokenizer = self.processor.tokenizer
+        eos = self.model.generation_config.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
+        self.max_context = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        self.marker = self.model.config.image_token_id
+        self.filler = self.model.config.image_token_id
+        self.image_max_pixels = images.DEFAULT_MAX_PIXELS
+        self.preprocessing = repr(self.processor.image_processor.to_dict())
+
+    def prompt_ids(self, turns: list[Turn]) -> list[int]:
+        n_images = sum(len(t.images) for t in turns)
+        if n_images > 1 or (n_images == 1 and not turns[0].images):
+            raise VlmkitError("BLIP-2 reads one image, given with the first question")
+        parts = []
+        for t in turns:
+            if t.role == "user":
+                parts.append(f"Question: {t.text} Answer:" if t.text else "")
+            elif t.role == "assistant":
+                parts.append(t.text)
+        ids = self.tokenizer(" ".join(p for p in parts if p)).input_ids
+        return ([self.marker] if n_images else []) + ids
+
+    def image_features(self, image) -> torch.Tensor:
+        pil = images.load_image(image, max_pixels=self.image_max_pixels)
+        pixels = self.processor.image_processor(images=[pil], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
+        return out.pooler_output[0]
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def forward(self, embeds, attention_mask, position_ids, past):
+        out = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids, past_key_values=past, use_cache=True)
+        return out.logits, out.past_key_values
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def template_name(chat_template: str | None) -> str | None:
     """The original template named in a vlmkit chat template (``{# vlmkit template: NAME #}``)."""
     marker = "{# vlmkit template: "
@@ -155,6 +220,8 @@ def backend_for(path: Path, options):
     architectures = json.loads(config.read_text()).get("architectures", []) if config.exists() else []
     if any(a in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration") for a in architectures):
         return TransformersBackend(path, options)
-    raise VlmkitError(f"{path}: vlmkit can run original LLaVA checkpoints and transformers Llava / LlavaNext "
-                      f"folders; this is {architectures or 'not a model folder'}",
+    if "Blip2ForConditionalGeneration" in architectures:
+        return Blip2Backend(path, options)
+    raise VlmkitError(f"{path}: vlmkit can run original LLaVA checkpoints and transformers Llava / LlavaNext / "
+                      f"Blip2 folders; this is {architectures or 'not a model folder'}",
                       hint="`vlmkit inspect` shows what it is")
