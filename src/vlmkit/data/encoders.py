@@ -1,0 +1,123 @@
+"""The tokenizer as LLaVA's training code uses it: ``tokenizer(text).input_ids`` and two attributes.
+
+``llava/train/train.py`` calls the tokenizer on whole prompts and on pieces of them, reads
+``tokenizer.legacy`` (``preprocess_v1``; ``getattr(..., False)`` in ``preprocess_mpt``) and
+pads with ``pad_token = unk_token`` (every template but v0). An :class:`Encoder` is exactly
+that surface, over the original slow tokenizer (``runtime.tokens.OriginalTokenizer``) for
+original checkpoints or over a transformers tokenizer for converted folders.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from ..runtime.tokens import IMAGE_TOKEN_INDEX, OriginalTokenizer
+
+IMAGE_PIECE = "<image>"
+
+
+class Encoder(Protocol):
+    """What the original preprocessing needs from a tokenizer.
+
+    Attributes:
+        bos_token_id: the id ``tokenizer_image_token`` looks for at the start of the first chunk.
+        pad_token_id: what the training pads with, and what ``total_len`` does not count: LLaVA sets
+            ``tokenizer.pad_token = tokenizer.unk_token``.
+        legacy: the tokenizer's ``legacy`` flag; None when the tokenizer class has no such attribute.
+    """
+
+    bos_token_id: int | None
+    pad_token_id: int | None
+    legacy: bool | None
+
+    def encode(self, text: str) -> list[int]:
+        """``tokenizer(text).input_ids``: ids with the special tokens the tokenizer adds."""
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """Token strings, ``<image>`` for the image placeholder (for display)."""
+
+
+class OriginalEncoder:
+    """The original slow LLaMA tokenizer (transformers 4.37, ``use_fast=False``) as training used it."""
+
+    def __init__(self, tokenizer: OriginalTokenizer):
+        self.tokenizer = tokenizer
+        self.encode = tokenizer.encode  # bound once: this is the hot path
+        self.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token is not None else None
+        self.pad_token_id = tokenizer.unk_token_id
+        self.legacy = tokenizer.legacy
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, legacy: bool | None = None) -> OriginalEncoder:
+        return cls(OriginalTokenizer.from_folder(folder, legacy=legacy))
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        by_id = {t.id: t.content for t in self.tokenizer.added_tokens.values()}
+        sp = self.tokenizer.sp
+        return [IMAGE_PIECE if i == IMAGE_TOKEN_INDEX else by_id.get(i) or sp.id_to_piece(i) for i in ids]
+
+
+class TransformersEncoder:
+    """A transformers fast tokenizer (a converted folder's) that gives the ORIGINAL slow tokenizer's ids.
+
+    A converted LLaMA tokenizer (``runtime.tokens.build_converted_tokenizer``, a ``Metaspace``
+    pre-tokenizer) agrees with the slow one except on whitespace that starts a piece of text:
+
+    * at the start of the text, the slow tokenizer puts its "▁" prefix IN FRONT of the space
+      (" x" -> "▁ ▁x"), Metaspace does not add one when the text already starts with a space ("▁x");
+    * legacy tokenizers encode every piece between added tokens on its own, with the same prefix
+      ("</s> b" -> "</s> ▁ ▁b"), where Metaspace writes "</s> ▁b".
+
+    One more leading space makes Metaspace write exactly the slow tokenizer's string, so this encoder
+    adds it where the slow tokenizer's prefix goes: at the start (both modes) and, for legacy
+    tokenizers, at the start of every piece between added tokens (which it splits itself).
+    """
+
+    def __init__(self, tokenizer, legacy: bool | None):
+        self.tokenizer = tokenizer
+        self.bos_token_id = tokenizer.bos_token_id
+        self.pad_token_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.pad_token_id
+        self.legacy = legacy
+        # tokenizer(text) of a fast tokenizer is its Rust backend's encode (no truncation or padding unless
+        # asked); a private copy of the backend, with both off whatever tokenizer.json says, is 4x faster.
+        self._backend = copy.deepcopy(tokenizer.backend_tokenizer)
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        self._wrap = self._backend.encode("", add_special_tokens=True).ids  # [BOS] (+ [EOS])
+        added = sorted(tokenizer.get_added_vocab().items(), key=lambda kv: -len(kv[0]))
+        self._added = dict(added)
+        self._split = re.compile("(" + "|".join(re.escape(t) for t, _ in added) + ")") if added else None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> TransformersEncoder:
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        legacy = config.get("legacy")
+        if legacy is None and "Llama" in str(config.get("tokenizer_class", "")):
+            legacy = True  # 4.37's LlamaTokenizer(Fast): a missing legacy means True
+        return cls(tokenizer, legacy)
+
+    def encode(self, text: str) -> list[int]:
+        if not self.legacy or self._split is None:
+            return self._backend.encode(" " + text if text.startswith(" ") else text, add_special_tokens=True).ids
+        ids = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                ids.append(self._added[part])
+            elif part:
+                part = " " + part if part.startswith(" ") else part
+                ids.extend(self._backend.encode(part, add_special_tokens=False).ids)
+        bos = self._wrap[:1] if self._wrap and self._wrap[0] == self.bos_token_id else []
+        return bos + ids + self._wrap[len(bos):]
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        return [IMAGE_PIECE if i == IMAGE_TOKEN_INDEX else self.tokenizer.convert_ids_to_tokens(int(i)) for i in ids]

@@ -1,0 +1,98 @@
+"""Records to training examples for a model, one at a time: what ``vlmkit data tokenize`` writes.
+
+:func:`iter_examples` is the stream the training reads (an :class:`~.tokenize.Example`, or the
+:class:`~.tokenize.RecordError` that says why a record is refused); :func:`tokenize_file`
+writes it as JSON Lines: ``{"id", "input_ids", "labels"}`` or ``{"id", "error"}``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .convert import open_records
+from .files import RecordWriter
+from .model import DataModel
+from .records import Record
+from .tokenize import Example, RecordError, tokenize
+
+
+def _image_size(name: str, folder: Path | None) -> tuple[int, int] | None:
+    path = Path(name) if Path(name).is_absolute() or folder is None else folder / name
+    try:
+        with Image.open(path) as im:  # the header only
+            return im.size
+    except (OSError, ValueError):
+        return None
+
+
+def iter_examples(records: Iterable[Record], model: DataModel, *,
+                  image_folder: str | os.PathLike | None = None) -> Iterator[Example | RecordError]:
+    """Tokenise each record as the model's training does; refused records come as their ``RecordError``.
+
+    Args:
+        records: e.g. ``open_records(path)``.
+        model: see ``model.load_data_model``.
+        image_folder: where the images are; needed for anyres models (features depend on the image size).
+    """
+    folder = Path(image_folder) if image_folder is not None else None
+    for record in records:
+        per_image = model.fixed_image_tokens
+        if per_image is None and record.images and folder is not None:
+            size = _image_size(record.images[0], folder)
+            per_image = model.image_tokens(size) if size else None
+        try:
+            yield tokenize(record, model.template, model.encoder, max_length=model.max_length, image_tokens=per_image)
+        except RecordError as e:
+            yield e
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    """What ``tokenize_file`` wrote."""
+
+    destination: Path
+    examples: int
+    refused: int
+    trained_tokens: int
+    seconds: float
+
+    @property
+    def records_per_second(self) -> float:
+        return (self.examples + self.refused) / self.seconds if self.seconds else 0.0
+
+
+def tokenize_file(source: str | os.PathLike, destination: str | os.PathLike, model: DataModel, *,
+                  image_folder: str | os.PathLike | None = None, source_format: str = "auto", force: bool = False,
+                  on_example: Callable[[Example | RecordError], None] | None = None) -> TokenizeResult:
+    """Write one JSON line per record of ``source``: ``{"id", "input_ids", "labels"}`` or ``{"id", "error"}``.
+
+    Args:
+        source: the records.
+        destination: a .jsonl file (written atomically; refused if it exists unless ``force``).
+        model: the model whose tokenizer, template and length apply.
+        image_folder: where the images are (anyres models).
+        source_format: "auto" or a format of ``formats.FORMATS``.
+        force: replace an existing destination.
+        on_example: called with each example or error (``--show``).
+    """
+    started = time.perf_counter()
+    examples = refused = trained = 0
+    stream = open_records(source, source_format=source_format)
+    with RecordWriter(destination, force=force, sources=(source,)) as out:
+        for item in iter_examples(stream, model, image_folder=image_folder):
+            if isinstance(item, RecordError):
+                out.write({"id": item.record_id, "error": item.message})
+                refused += 1
+            else:
+                out.write(item.to_json())
+                examples += 1
+                trained += item.trained
+            if on_example is not None:
+                on_example(item)
+    return TokenizeResult(Path(destination), examples, refused, trained, time.perf_counter() - started)

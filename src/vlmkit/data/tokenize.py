@@ -1,0 +1,387 @@
+"""Training examples: the token ids and labels LLaVA's ORIGINAL training code makes of a record.
+
+This is the one implementation of LLaVA tokenisation and label masking in vlmkit: ``vlmkit
+data tokenize`` writes its output, ``vlmkit data check`` measures it, and training batches
+are built from it. It follows ``llava/train/train.py`` of haotian-liu/LLaVA at its latest
+commit (train.py last changed in 879ef31, 2024-01-31), template by template:
+
+==================  ==================  =====================================================================
+template            original function   what is trained (labels != -100)
+==================  ==================  =====================================================================
+plain               preprocess_plain    the caption and the separator "\\n" after it; the human turn is
+                                        REPLACED by a bare ``<image>`` (its text never reaches the model)
+vicuna_v1,          preprocess_v1       each answer from its first token (the "▁" of "ASSISTANT: " goes with
+llava_v1                                it) through its "</s>"
+llama_2,            preprocess_llama_2  each answer, the space before "</s>" (its own "▁" token) and "</s>"
+llava_llama_2,
+mistral_instruct
+mpt, chatml_direct  preprocess_mpt      the "\\n" after "<|im_start|>assistant" and each answer; the rounds
+                                        are counted without the last "<|im_end|>", so the result depends on
+                                        the tokenizer's BOS and ``legacy`` (see ``_mpt``)
+==================  ==================  =====================================================================
+
+Quirks kept, because the training sees them:
+
+* ``preprocess_multimodal``: in a record with an image, every turn that holds ``<image>`` is rewritten
+  as ``"<image>\\n" + rest.strip()`` (all placeholders of that turn collapse into one, moved to the front).
+* Round lengths are measured by tokenising each round on its own, and corrected by the number of
+  tokens that differ in context: ``-2`` / ``-1`` on the instruction, and since 879ef31 a ``legacy``-
+  dependent ``-1`` (v1, non-legacy tokenizers, rounds after the first) or ``+1`` (mpt, legacy
+  tokenizers, rounds after the first). The LLaVA-1.5 release code (44e0562) had neither: its v1
+  mismatched every multi-turn record with a non-legacy tokenizer, and its mpt added
+  ``len(tokenizer_image_token(sep))`` per round instead of the ``-1``.
+* Records with an image are tokenised with ``tokenizer_image_token`` (one -200 per ``<image>``) and NOT
+  truncated by the tokenizer; text-only records are truncated to ``model_max_length`` when tokenised.
+  The batch collator then cuts both to ``model_max_length`` ids, and the model cuts again after the image
+  features are inserted (``tokenizer_model_max_length``).
+* ``pad_token = unk_token``, so ``total_len`` does not count ``<unk>`` tokens, and the model drops them
+  from the sequence (its attention mask is ``input_ids != pad``).
+
+Where the original would go on silently with a wrong record, :func:`tokenize` raises
+:class:`RecordError` naming the record and the template:
+
+* "tokenization mismatch": the rounds do not add up to the sequence, and the original masks EVERY label
+  ("WARNING: tokenization mismatch: N vs. M. (ignored)") and trains on the record with loss 0;
+* every label masked after truncation to ``max_length`` (the answer lies beyond it);
+* a conversation that does not start with the human (the original silently drops a leading gpt turn),
+  roles that do not alternate (the original asserts), more than one image (the original takes one),
+  an image whose placeholder is missing or duplicated, a placeholder in an answer, ``<unk>`` in the text.
+
+Example:
+    >>> enc = OriginalEncoder.from_folder("tests/fixtures/tokenizers/llama-spm")
+    >>> ex = tokenize(record, "llava_v1", enc, max_length=2048)
+    >>> ex.to_json()   # {"id": ..., "input_ids": [1, ...], "labels": [-100, ...]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import TemplateError
+from ..runtime.templates import Template, get_template, render
+from ..runtime.tokens import IMAGE_TOKEN_INDEX, tokenizer_image_token
+from .encoders import Encoder
+from .records import ASSISTANT, IMAGE_TOKEN, USER, DataError, Record
+
+IGNORE_INDEX = -100  # llava/constants.py
+# train.py's IS_TOKENIZER_GREATER_THAN_0_14: LLaVA pins tokenizers==0.15.1, so its legacy corrections apply.
+TOKENIZERS_AT_LEAST_0_14 = True
+
+
+class RecordError(DataError):
+    """A record the original training code would train on wrongly (or crash on).
+
+    Attributes:
+        record_id: the record's id.
+        template: the conversation template.
+        code: "mismatch", "masked", "roles", "images", "unk", "unrenderable" or "unsupported".
+        reason: what is wrong, without the record's name.
+    """
+
+    def __init__(self, record: Record, template: str, code: str, reason: str, *, hint: str | None = None):
+        super().__init__(f"{record.name()}, template {template!r}: {reason}", hint=hint)
+        self.record_id, self.template, self.code, self.reason = record.id, template, code, reason
+
+
+@dataclass(frozen=True)
+class Example:
+    """What the training sees of one record.
+
+    Attributes:
+        id: the record's id.
+        input_ids: token ids, -200 where an image goes, cut to ``max_length`` as the collator does.
+        labels: ``input_ids`` with -100 where no loss is taken.
+        images: the record's image paths.
+        length: the number of ids before the cut.
+        image_tokens: features per image, when known (the model inserts them at each -200).
+    """
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    images: tuple[str, ...]
+    length: int
+    image_tokens: int | None = None
+
+    @property
+    def trained(self) -> int:
+        """How many positions carry a label."""
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+    @property
+    def expanded_length(self) -> int | None:
+        """The sequence length the language model sees (before its cut), image features included."""
+        if self.image_tokens is None and len(self.images):
+            return None
+        return self.length + len(self.images) * ((self.image_tokens or 1) - 1)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "input_ids": self.input_ids, "labels": self.labels}
+
+
+@dataclass
+class _Masked:
+    ids: list[int]  # the whole prompt's ids (before any cut)
+    labels: list[int]
+    cur_len: int | None  # None: this preprocess has no mismatch check (plain)
+    stopped: str | None = None  # why the round loop ended early
+    cut_by_tokenizer: bool = False  # text-only: the original's tokenizer call already truncated the ids
+
+
+def _mask(labels: list[int], start: int, stop: int | None = None) -> None:
+    """``target[start:stop] = IGNORE_INDEX`` with a tensor's slice semantics (negative bounds included)."""
+    for k in range(*slice(start, stop).indices(len(labels))):
+        labels[k] = IGNORE_INDEX
+
+
+def _counter(enc: Encoder, has_image: bool) -> Callable[[str], int]:
+    """How the original measures a piece of the prompt: ``len(tokenizer_image_token(x))`` or ``len(tokenizer(x))``."""
+    if has_image:
+        return lambda text: len(tokenizer_image_token(text, enc.encode, enc.bos_token_id))
+    return lambda text: len(enc.encode(text))
+
+
+def _prompt_ids(prompt: str, enc: Encoder, has_image: bool) -> list[int]:
+    """The whole prompt's ids. The original cuts text-only prompts right here (``tokenizer(..., truncation=True,
+    max_length=model_max_length)``) and image prompts only in the collator; masking positions beyond the cut is
+    a no-op, so the labels are the same either way, and the cut is made once, in ``_finish``."""
+    if has_image:
+        return tokenizer_image_token(prompt, enc.encode, enc.bos_token_id)
+    return enc.encode(prompt)
+
+
+def _rounds(labels: list[int], pieces: Sequence[str], sep: str, count: Callable[[str], int], *, start: int,
+            instruction_offset: int, later_round: int) -> tuple[int, str | None]:
+    """The loop all three chat preprocessors share: mask each round's instruction, advance by its length.
+
+    Args:
+        pieces: the rounds (the prompt split at the end-of-answer separator).
+        sep: the text between instruction and answer ("ASSISTANT: " etc.); ``parts[0] += sep``.
+        start: ``cur_len`` before the first round (1: BOS masked; 0 for mpt).
+        instruction_offset: subtracted from the instruction's standalone length (-2 / -1 in the original).
+        later_round: added to both lengths for rounds after the first (the ``legacy`` corrections).
+
+    Returns:
+        ``(cur_len, why the loop stopped early or None)``.
+    """
+    cur = start
+    _mask(labels, 0, cur)
+    for i, rou in enumerate(pieces):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            return cur, (f"round {i + 1} has {len(parts) - 1} {sep!r} separators, not one, so the original "
+                         "stops counting there")
+        round_len = count(rou)
+        instruction_len = count(parts[0] + sep) - instruction_offset
+        if i != 0:
+            round_len += later_round
+            instruction_len += later_round
+        _mask(labels, cur, cur + instruction_len)
+        cur += round_len
+    _mask(labels, cur)
+    return cur, None
+
+
+def _chat(texts: list[str], tpl: Template) -> str:
+    return render(tpl, [((USER, ASSISTANT)[j % 2], text) for j, text in enumerate(texts)])
+
+
+def _v1(texts, tpl, enc, has_image) -> _Masked:
+    """preprocess_v1 (vicuna_v1 / llava_v1: TWO style, answers end with "</s>")."""
+    prompt = _chat(texts, tpl)
+    ids = _prompt_ids(prompt, enc, has_image)
+    labels = list(ids)
+    # `i != 0 and not tokenizer.legacy and IS_TOKENIZER_GREATER_THAN_0_14`: in context, the text after
+    # "</s>" gets no "▁" from a non-legacy tokenizer, standalone it does: one token fewer per later round.
+    if enc.legacy is None and prompt.count(tpl.sep2) > 1:
+        raise _Refuse("unsupported", "the original reads tokenizer.legacy for rounds after the first, and this "
+                                     "tokenizer has no such attribute (AttributeError)")
+    later = -1 if TOKENIZERS_AT_LEAST_0_14 and enc.legacy is False else 0
+    cur, stopped = _rounds(labels, prompt.split(tpl.sep2), tpl.sep + tpl.roles[1] + ": ", _counter(enc, has_image),
+                           start=1, instruction_offset=2, later_round=later)
+    return _Masked(ids, labels, cur, stopped, cut_by_tokenizer=not has_image)
+
+
+def _llama_2(texts, tpl, enc, has_image) -> _Masked:
+    """preprocess_llama_2 (llama_2 / llava_llama_2 / mistral_instruct: "[INST] q [/INST] a </s>")."""
+    prompt = _chat(texts, tpl)
+    ids = _prompt_ids(prompt, enc, has_image)
+    labels = list(ids)
+    # sep is hard-coded "[/INST] "; no legacy correction in this function.
+    cur, stopped = _rounds(labels, prompt.split(tpl.sep2), "[/INST] ", _counter(enc, has_image),
+                           start=1, instruction_offset=2, later_round=0)
+    return _Masked(ids, labels, cur, stopped, cut_by_tokenizer=not has_image)
+
+
+def _mpt(texts, tpl, enc, has_image) -> _Masked:
+    """preprocess_mpt (mpt / chatml_direct: ChatML without newlines between turns).
+
+    The prompt is split at "<|im_end|>" and regrouped as [system + user + assistant], [user + assistant], ...;
+    the "<|im_end|>" that ends each group is not counted by its own group, and ``cur_len`` starts at 0 (no
+    BOS mask). So the counts only add up when the next group's standalone BOS (or, from the second round on,
+    the legacy ``+1``) stands in for the missing "<|im_end|>" -- and the last "<|im_end|>" is never counted:
+    single-round records always mismatch (haotian-liu/LLaVA#1706: LLaVA-1.6-34B fine-tuning at loss 0).
+    """
+    prompt = _chat(texts, tpl)
+    ids = _prompt_ids(prompt, enc, has_image)
+    labels = list(ids)
+    rounds = prompt.split(tpl.sep)
+    groups = [tpl.sep.join(rounds[:3])] + [tpl.sep.join(rounds[k:k + 2]) for k in range(3, len(rounds), 2)]
+    # `i != 0 and getattr(tokenizer, 'legacy', False) and IS_TOKENIZER_GREATER_THAN_0_14`
+    later = 1 if TOKENIZERS_AT_LEAST_0_14 and enc.legacy else 0
+    cur, stopped = _rounds(labels, groups, tpl.sep + tpl.roles[1], _counter(enc, has_image),
+                           start=0, instruction_offset=1, later_round=later)
+    return _Masked(ids, labels, cur, stopped, cut_by_tokenizer=not has_image)
+
+
+def _plain(texts, tpl, enc, has_image) -> _Masked:
+    """preprocess_plain (projector pre-training): ``"<image>" + answer + sep``; no mismatch check."""
+    if len(texts) != 2:
+        raise _Refuse("roles", f"plain takes exactly one human and one gpt turn, this record has {len(texts)} "
+                               "turns (the original asserts len(source) == 2)")
+    if IMAGE_TOKEN not in texts[0]:
+        raise _Refuse("images", "plain needs <image> in the human turn (the original asserts it)")
+    prompt = IMAGE_TOKEN + texts[1] + tpl.sep  # the human turn's text is dropped: source[0]['value'] = "<image>"
+    ids = tokenizer_image_token(prompt, enc.encode, enc.bos_token_id)
+    labels = list(ids)
+    _mask(labels, 0, len(tokenizer_image_token(IMAGE_TOKEN, enc.encode, enc.bos_token_id)))
+    return _Masked(ids, labels, None)
+
+
+# The original dispatches on conv.sep_style / conv.version (PLAIN, LLAMA_2, version "v1*", version "mpt");
+# this is the same mapping, keyed by template name. llava_v0 (SINGLE style) would take the generic
+# `preprocess` path with "### " signals, which vlmkit does not implement.
+PREPROCESS: dict[str, Callable[..., _Masked]] = {
+    "plain": _plain,
+    "vicuna_v1": _v1, "llava_v1": _v1,
+    "llama_2": _llama_2, "llava_llama_2": _llama_2, "mistral_instruct": _llama_2,
+    "mpt": _mpt, "chatml_direct": _mpt,
+}
+
+
+class _Refuse(Exception):
+    def __init__(self, code: str, reason: str, hint: str | None = None):
+        super().__init__(reason)
+        self.code, self.reason, self.hint = code, reason, hint
+
+
+def _multimodal(text: str) -> str:
+    """preprocess_multimodal: ``"<image>\\n" + text.replace("<image>", "").strip()``, stripped."""
+    if IMAGE_TOKEN not in text:
+        return text
+    return (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
+
+
+def _sentences(record: Record) -> tuple[list[str], bool]:
+    """The turns' texts as the preprocessors get them, after the checks the original leaves to chance."""
+    turns = record.turns
+    if not turns:
+        raise _Refuse("roles", "no conversation turns")
+    if turns[0].role != USER:
+        raise _Refuse("roles", f"the conversation starts with a {turns[0].role!r} turn; the original silently "
+                               "drops a leading gpt turn (and fails on other roles)",
+                      hint="start every conversation with the human's turn")
+    for j, turn in enumerate(turns):
+        expected = (USER, ASSISTANT)[j % 2]
+        if turn.role != expected:
+            raise _Refuse("roles", f"turn {j + 1} is {turn.role!r} where {expected!r} is due; roles must "
+                                   "alternate human/gpt (the original asserts)")
+    if len(record.images) > 1:
+        raise _Refuse("images", f"{len(record.images)} images; the original LLaVA training takes one image "
+                                "per record ('image' is a single path)")
+    has_image = bool(record.images)
+    texts = [_multimodal(t.text) for t in turns] if has_image else [t.text for t in turns]
+    holders = [j for j, text in enumerate(texts) if IMAGE_TOKEN in text]
+    if has_image and not holders:
+        raise _Refuse("images", "the record has an image but no <image> placeholder: the model would never "
+                                "see the image", hint="put '<image>\\n' before the first question")
+    if has_image and len(holders) > 1:
+        raise _Refuse("images", f"<image> appears in turns {[j + 1 for j in holders]}; with one image the "
+                                "original model code fails at the second placeholder")
+    if not has_image and holders:
+        raise _Refuse("images", f"<image> in turn {holders[0] + 1} but the record has no image: the placeholder "
+                                "would be trained as text")
+    answers = [j + 1 for j in holders if j % 2]
+    if answers:
+        raise _Refuse("images", f"<image> in an answer (turn {answers[0]}); it belongs in a question")
+    return texts, has_image
+
+
+def tokenize(record: Record, template: str | Template, encoder: Encoder, *, max_length: int,
+             image_tokens: int | None = None) -> Example:
+    """The ids and labels LLaVA's training code makes of ``record`` with ``template``.
+
+    Args:
+        record: the record (images, turns).
+        template: the conversation template (``--version`` of the original training), name or Template.
+        encoder: the tokenizer (see ``encoders``).
+        max_length: ``model_max_length`` / ``tokenizer_model_max_length`` of the training.
+        image_tokens: how many features the record's image becomes (576 for LLaVA-1.5 at 336 px; size
+            dependent for anyres). When given, a record whose every label falls beyond ``max_length`` once
+            the features are inserted is refused too.
+
+    Returns:
+        The :class:`Example`.
+
+    Raises:
+        RecordError: the record would be trained on wrongly (or the original would fail on it).
+    """
+    tpl = get_template(template)
+    preprocess = PREPROCESS.get(tpl.name)
+    try:
+        if preprocess is None:
+            raise _Refuse("unsupported", f"vlmkit has no training preprocessing for template {tpl.name!r} "
+                                         f"(known: {', '.join(PREPROCESS)})", hint="pass --template with one of them")
+        texts, has_image = _sentences(record)
+        try:
+            masked = preprocess(texts, tpl, encoder, has_image)
+        except TemplateError as e:
+            raise _Refuse("unrenderable", e.message, e.hint) from None
+        _check_counts(masked, encoder, max_length, tpl)
+        if encoder.pad_token_id is not None and encoder.pad_token_id in masked.ids:
+            raise _Refuse("unk", "the text produces <unk> (the pad token of LLaVA's training), which the original "
+                                 "model code silently removes from the sequence",
+                          hint="remove literal '<unk>' from the text")
+        return _finish(record, masked, max_length, image_tokens)
+    except _Refuse as r:
+        raise RecordError(record, tpl.name, r.code, r.reason, hint=r.hint) from None
+
+
+def _check_counts(masked: _Masked, encoder: Encoder, max_length: int, tpl: Template) -> None:
+    """The original's ``if cur_len < model_max_length and cur_len != total_len: target[:] = IGNORE_INDEX``."""
+    if masked.cur_len is None or masked.cur_len >= max_length:
+        return
+    seen = masked.ids[:max_length] if masked.cut_by_tokenizer else masked.ids  # total_len of the original
+    total = sum(1 for t in seen if t != encoder.pad_token_id)
+    if masked.cur_len == total:
+        return
+    why = masked.stopped or "the rounds, tokenised one by one, do not add up to the whole prompt"
+    raise _Refuse("mismatch", f"tokenization mismatch: {masked.cur_len} vs. {total}: {why}. The original prints "
+                              "'WARNING: tokenization mismatch ... (ignored)' and trains on this record with every "
+                              "label masked", hint=f"check that {tpl.name!r} is the model's template and the "
+                                                   "tokenizer its own; fix or drop the record")
+
+
+def _finish(record: Record, masked: _Masked, max_length: int, image_tokens: int | None) -> Example:
+    ids, labels = masked.ids[:max_length], masked.labels[:max_length]  # the collator's cut
+    if not any(label != IGNORE_INDEX for label in labels):
+        cut = len(masked.ids) > max_length
+        raise _Refuse("masked", "every label is masked" + (f": the answer lies beyond --max-length {max_length} "
+                                                           f"(the record has {len(masked.ids)} tokens)" if cut
+                                                           else " (no answer text to train on)"),
+                      hint="raise --max-length, shorten the record, or drop it")
+    if image_tokens is not None and record.images:
+        expanded, surviving = 0, False
+        for token, label in zip(ids, labels):
+            if label != IGNORE_INDEX and expanded < max_length:
+                surviving = True
+                break
+            expanded += image_tokens if token == IMAGE_TOKEN_INDEX else 1
+        if not surviving:
+            raise _Refuse("masked", f"every label is masked once the image's {image_tokens} features are inserted: "
+                                    f"the answer starts beyond --max-length {max_length}",
+                          hint="raise --max-length or shorten the question")
+    return Example(record.id, ids, labels, tuple(record.images), len(masked.ids), image_tokens)
