@@ -1,0 +1,29 @@
+"""Fine-tuning LLaVA as its authors do, on the well-kept stack (transformers ``Trainer``, peft, accelerate, DeepSpeed).
+
+* ``config``     — :class:`TrainConfig`, the run as one value, and the stages (:data:`STAGES`);
+* ``model``      — the trainable LLaVA built from any original checkpoint form (or a plain LLM + CLIP);
+* ``setup``      — freezing per stage, LoRA targets, LLaVA's optimizer groups;
+* ``collate``    — batches from ``vlmkit.data`` (the one tokenisation) and ``runtime.images``;
+* ``sampler``    — LLaVA's ``group_by_modality_length`` sampler;
+* ``deepspeed``  — ZeRO presets, validated with DeepSpeed's own parser before anything loads;
+* ``trainer``    — ``LlavaTrainer``: sampler, optimizer groups, atomic checkpoints, tokens/s;
+* ``progress``   — progress bar, JSONL log, TensorBoard, loss plot;
+* ``outputs``    — what LLaVA's ``train.py`` writes (``mm_projector.bin``; adapter + ``non_lora_trainables.bin``);
+* ``run``        — :func:`train`, the order of a run;
+* ``merge``      — :func:`merge_lora`, streaming, into the original or the llava-hf layout;
+* ``cli``        — ``add_train_commands`` for the ``vlmkit`` command.
+
+Example:
+    >>> from vlmkit.train import TrainConfig, train, merge_lora
+    >>> train(TrainConfig(model="llava-v1.5-7b", data="wukong.jsonl", image_folder="images",
+    ...                   output="runs/llava-wukong-lora", lora=True))
+    >>> merge_lora("runs/llava-wukong-lora", base="llava-v1.5-7b", output="llava-wukong")
+"""
+
+from __future__ import annotations
+
+from .config import STAGES, TrainConfig
+from .merge import merge_lora
+from .run import TrainResult, train
+
+__all__ = ["STAGES", "TrainConfig", "TrainResult", "train", "merge_lora"]
