@@ -23,6 +23,7 @@ ARCHITECTURES: dict[str, str] = {
     "LlavaLlamaForCausalLM": "llava",
     "LlavaMistralForCausalLM": "llava",
     "LlavaQwenForCausalLM": "llava",
+    "CLIPModel": "clip",
 }
 RECOGNISERS: list[str] = ["llava", "blip2", "flava"]
 

@@ -134,7 +134,10 @@ class GGUFStreamWriter:
             raise OutputError(f"tensor '{name}' arrived out of order; the GGUF layout expects '{spec.name}' next")
         if tuple(tensor.shape) != spec.shape:
             raise OutputError(f"tensor '{name}' is {tuple(tensor.shape)}, the plan said {spec.shape}")
-        self.kv.write_tensor_data(encode(tensor, spec.ggml_type))
+        data = encode(tensor, spec.ggml_type)
+        if spec.ggml_type == T.F16:
+            _check_f16(name, tensor, data)
+        self.kv.write_tensor_data(data)
         self._next += 1
 
     def close(self) -> dict[str, str]:
@@ -146,6 +149,19 @@ class GGUFStreamWriter:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
         return {self.path.name: digest.hexdigest()}
+
+
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+def _check_f16(name: str, tensor: torch.Tensor, data: np.ndarray) -> None:
+    """Refuse values float16 cannot hold (they would become inf) instead of writing them."""
+    if np.isfinite(data).all():
+        return
+    peak = float(tensor.detach().float().abs().nan_to_num(0.0, 0.0, 0.0).max())
+    if peak > F16_MAX:
+        raise OutputError(f"tensor '{name}' holds values up to {peak:.4g}, beyond float16's {F16_MAX:.0f}; "
+                          "F16 cannot hold it", hint="write this model with --dtype f32 or bf16")
 
 
 def _numpy_dtype(ggml_type: T):

@@ -1,0 +1,120 @@
+"""Vocabularies for GGUF files, read through gguf-py.
+
+* ``sentencepiece``: a LLaMA / Mistral ``tokenizer.model`` with its REAL scores (llama.cpp's
+  SentencePiece tokenizer merges by score; -1000 placeholders change the ids), the added
+  tokens at their ids, and ``[PAD<id>]`` rows up to the embedding rows (llama.cpp refuses
+  a vocabulary shorter than ``token_embd``), as llama.cpp's converter writes them.
+* ``clip_bpe``: CLIP's 49,408 text tokens rebuilt from the original merges file, in the
+  order of the ``vocab.json`` the CLIP repositories ship.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import gguf
+
+from ..errors import ConfigError
+
+TokenType = gguf.TokenType
+ADDED_SCORE = -1000.0  # gguf-py's SentencePieceVocab and llama.cpp's converter for added tokens
+PAD_SCORE = -10000.0  # llama.cpp's converter for rows beyond the tokenizer
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CLIP_MERGES = ASSETS / "tokenizers" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_VOCAB_SIZE = 49408
+
+
+@dataclass
+class Vocab:
+    """Token texts, scores and types, one per embedding row."""
+
+    tokens: list[bytes]
+    scores: list[float]
+    types: list[int]
+    bos: int | None = None
+    eos: int | None = None
+    unk: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def sentencepiece(folder: Path, added: dict[str, int], rows: int) -> Vocab:
+    """The vocabulary of ``folder/tokenizer.model`` padded to ``rows``.
+
+    Args:
+        folder: holds ``tokenizer.model`` (the SentencePiece model the LLM was trained with).
+        added: tokens added after the SentencePiece ones (``{"<image>": 32000, "<pad>": 32001}``).
+        rows: the language model's embedding rows; the vocabulary must fit and is padded to them.
+
+    Raises:
+        ConfigError: no ``tokenizer.model``, added ids that are not free rows, more tokens than rows.
+    """
+    model = folder / "tokenizer.model"
+    if not model.is_file():
+        raise ConfigError(f"{folder}: no tokenizer.model; llama.cpp needs the SentencePiece model's real token "
+                          "scores (tokenizer.json alone would give -1000 placeholders and different token ids)",
+                          hint="copy the base LLM's tokenizer.model into the folder, or pass --model-base FOLDER "
+                               "(the base language model, e.g. vicuna-7b-v1.5)")
+    try:
+        spm = gguf.SentencePieceVocab(folder)  # gguf-py reads pieces, real scores, types (and added_tokens.json)
+    except ValueError as e:
+        raise ConfigError(f"{folder}/added_tokens.json: {e}",
+                          hint="added tokens must follow the SentencePiece ids without gaps") from None
+    if spm.added_tokens_list:  # an added_tokens.json beside the model: those ids are taken as given
+        added = {**spm.added_tokens_dict, **added}
+    base = spm.vocab_size_base
+    if base > rows:
+        raise ConfigError(f"{model}: {base} SentencePiece tokens but the model's embedding has only {rows} rows",
+                          hint="use the tokenizer the model was trained with")
+    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(rows)]
+    scores = [PAD_SCORE] * rows
+    types = [int(TokenType.UNUSED)] * rows
+    for i, (text, score, kind) in enumerate(spm.sentencepiece_tokens()):
+        tokens[i], scores[i], types[i] = text, float(score), int(kind)
+    for text, index in sorted(added.items(), key=lambda kv: kv[1]):
+        if index < base:
+            continue  # an added token that is a SentencePiece piece already (e.g. <unk>, <s>)
+        if index >= rows:
+            raise ConfigError(f"added token {text!r} has id {index} but the model's embedding has {rows} rows",
+                              hint="the tokenizer and the weights come from different models")
+        tokens[index], scores[index], types[index] = text.encode(), ADDED_SCORE, int(TokenType.USER_DEFINED)
+    sp = spm.sentencepiece_tokenizer
+    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    return Vocab(tokens, scores, types, **{k: (v if v >= 0 else None) for k, v in ids.items()})
+
+
+def write_llama_vocab(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None, add_bos: bool, add_eos: bool,
+                      chat_template: str | None) -> None:
+    """The ``tokenizer.*`` keys of a SentencePiece ("llama") vocabulary, as llama.cpp's converter writes them."""
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    for value, add in ((vocab.bos, writer.add_bos_token_id), (vocab.eos, writer.add_eos_token_id),
+                       (vocab.unk, writer.add_unk_token_id), (pad, writer.add_pad_token_id)):
+        if value is not None:
+            add(value)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+@lru_cache(maxsize=1)
+def clip_bpe(merges_file: Path = CLIP_MERGES) -> tuple[str, ...]:
+    """CLIP's text vocabulary, as OpenAI's ``SimpleTokenizer`` builds it (= the order of its ``vocab.json``).
+
+    The 256 byte symbols, the same with ``</w>``, one token per merge (the first 48,894
+    merges), then ``<|startoftext|>`` and ``<|endoftext|>``.
+    """
+    with gzip.open(merges_file, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = lines[1:CLIP_VOCAB_SIZE - 256 - 256 - 2 + 1]
+    symbols = list(gguf.vocab.bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    return tuple(vocab + ["<|startoftext|>", "<|endoftext|>"])

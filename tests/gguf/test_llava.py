@@ -1,0 +1,149 @@
+"""LLaVA to GGUF without llama.cpp: one command, every input form, the plan, and bad input refused before writing.
+
+(That llama.cpp loads and runs the files, and that they are the files llama.cpp's own tools write,
+is in the slow ``test_in_llama_cpp.py`` / ``test_same_as_llama_cpp.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import pytest
+
+from ..conftest import run_cli
+from .llama_tools import compare, Differences
+
+
+def _convert(src, dst, *extra):
+    r = run_cli("convert", src, dst, "--to", "gguf", "--quiet", *extra)
+    assert r.code == 0, r.err
+    return r
+
+
+def test_one_command_two_files_and_a_manifest(parts, tmp_path):
+    out = tmp_path / "gguf"
+    r = _convert(parts["v15"], out)
+    assert sorted(p.name for p in out.iterdir()) == ["llava-v1.5-tiny-f16.gguf", "mmproj-llava-v1.5-tiny-f16.gguf",
+                                                     "vlmkit-manifest.json"]
+    assert f"llama-mtmd-cli -m {out / 'llava-v1.5-tiny-f16.gguf'} --mmproj {out / 'mmproj-llava-v1.5-tiny-f16.gguf'}" \
+        in r.out
+    assert run_cli("verify-files", out).code == 0
+    lm = gguf.GGUFReader(out / "llava-v1.5-tiny-f16.gguf")
+    fields = {k: f.contents() for k, f in lm.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["llama.vocab_size"] == 32064
+    tokens, scores = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"]
+    assert len(tokens) == 32064 and tokens[32000:32002] == ["<image>", "<pad>"] and tokens[-1] == "[PAD32063]"
+    assert len(set(scores[3:32000])) > 1000  # real SentencePiece scores, not -1000 placeholders
+    assert fields["tokenizer.ggml.padding_token_id"] == 32001 and fields["tokenizer.ggml.bos_token_id"] == 1
+    assert fields["tokenizer.chat_template"].startswith("{# vlmkit template: llava_v1 #}")
+    mmproj = {k: f.contents() for k, f in gguf.GGUFReader(out / "mmproj-llava-v1.5-tiny-f16.gguf").fields.items()}
+    assert mmproj["clip.projector_type"] == "mlp" and mmproj["clip.has_llava_projector"]
+    assert mmproj["clip.vision.feature_layer"] == [2] and mmproj["clip.vision.block_count"] == 2  # -2 of 3 layers
+
+
+def test_next_writes_pinpoints_in_llama_cpps_order_and_the_newline(parts, tmp_path):
+    out = tmp_path / "gguf"
+    _convert(parts["next"], out, "--vision-tower", parts["clip"], "--mmproj-only")
+    reader = gguf.GGUFReader(out / "mmproj-llava-v1.6-mistral-tiny-f16.gguf")
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    original = json.loads((parts["next"] / "config.json").read_text())["image_grid_pinpoints"]
+    assert fields["clip.vision.image_grid_pinpoints"] == [v for pair in original for v in pair]  # (width, height)
+    assert fields["clip.vision.mm_patch_merge_type"] == "spatial_unpad"
+    assert "v.image_newline" in {t.name for t in reader.tensors}
+
+
+def test_transformers_folder_gives_the_same_files_as_the_original(parts, hf, tmp_path):
+    """The two-stage plan (original -> published names -> GGUF) and a transformers folder agree exactly."""
+    from_original, from_hf = tmp_path / "a", tmp_path / "b"
+    _convert(parts["v15"], from_original, "--dtype", "f32")
+    _convert(hf["v15"], from_hf, "--dtype", "f32", "--model-base", parts["v15"])  # tokenizer.model from there
+    for ours, theirs in (("llava-v1.5-tiny-f32.gguf", "v15-hf-f32.gguf"),
+                         ("mmproj-llava-v1.5-tiny-f32.gguf", "mmproj-v15-hf-f32.gguf")):
+        assert compare(from_original / ours, from_hf / theirs) == Differences()
+
+
+def test_dry_run_prints_each_tensor_type_and_why(parts, tmp_path):
+    r = run_cli("convert", parts["v15"], tmp_path / "out", "--to", "gguf", "--dry-run", "--dtype", "q8_0")
+    assert r.code == 0, r.err
+    assert "blk.0.attn_q.weight [64, 64] Q8_0  <- language_model.model.layers.0.self_attn.q_proj.weight " \
+           "[llama.cpp RoPE order (2 heads)]" in r.out
+    assert "F32 instead of q8_0 for 1 tensor(s) (v.patch_embd.weight): the patch convolution" in r.out
+    assert "dropped vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight: layer 2 comes after the feature layer" \
+           in r.out
+    assert "dry run: nothing was written" in r.out and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _fails(src, dst, *extra) -> str:
+    r = run_cli("convert", src, dst, "--to", "gguf", "--quiet", *extra)
+    assert r.code == 1, (r.out, r.err)
+    assert "Traceback" not in r.err
+    assert not dst.exists() and not any(p.name.startswith(f".{dst.name}") for p in dst.parent.iterdir())
+    return r.err
+
+
+def _edited(src, dst, edit) -> object:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(mm_projector_type="linear"), "mm_projector_type 'linear'; llama.cpp's LLaVA graph"),
+    (lambda c: c.update(mm_vision_select_feature="cls_patch"), "keeps the CLS position; clip.cpp always drops it"),
+    (lambda c: c.update(architectures=["LlavaQwenForCausalLM"], model_type="llava_qwen"),
+     "llama.cpp has an architecture 'qwen2' but vlmkit's GGUF export does not write it yet"),
+])
+def test_original_checkpoints_llama_cpp_cannot_run(parts, tmp_path, edit, message):
+    src = _edited(parts["v15"], tmp_path / "llava-v1.5-edited", edit)
+    assert message in _fails(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c["text_config"].update(model_type="opt"), "llama.cpp has no architecture for the backbone 'opt'"),
+    (lambda c: c["text_config"].update(vocab_size=32000), "the vocabulary does not match: embed_tokens has 32064 rows"),
+    (lambda c: c.update(projector_hidden_act="relu"), "the projector is not Linear -> GELU -> Linear"),
+])
+def test_transformers_folders_llama_cpp_cannot_run(parts, hf, tmp_path, edit, message):
+    src = _edited(hf["v15"], tmp_path / "edited-hf", edit)
+    assert message in _fails(src, tmp_path / "out", "--model-base", parts["v15"])
+
+
+def test_vocabulary_that_does_not_fit_the_embedding(parts, hf, tmp_path):
+    err = _fails(hf["v15"], tmp_path / "out")
+    assert "no tokenizer.model; llama.cpp needs the SentencePiece model's real token scores" in err
+    assert "--model-base" in err
+    src = _edited(hf["v15"], tmp_path / "extra-token-hf", lambda c: None)
+    shutil.copy(parts["v15"] / "tokenizer.model", src / "tokenizer.model")
+    (src / "added_tokens.json").write_text(json.dumps({"<image>": 32000, "<extra>": 40000}))
+    err = _fails(src, tmp_path / "out")
+    assert "added_tokens.json: Expected new token IDs [32000, 32001] to be sequential; got [32000, 40000]" in err
+
+
+def test_added_tokens_beyond_the_embedding_rows():
+    from vlmkit.conversion.gguf_vocab import sentencepiece
+    from vlmkit.errors import ConfigError
+    from vlmkit.families.llava.tiny import TOKENIZERS
+
+    with pytest.raises(ConfigError) as e:
+        sentencepiece(TOKENIZERS["llama"], {"<image>": 32000, "<pad>": 32001}, rows=32001)
+    assert "added token '<pad>' has id 32001 but the model's embedding has 32001 rows" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        sentencepiece(TOKENIZERS["llama"], {}, rows=31000)
+    assert "32000 SentencePiece tokens but the model's embedding has only 31000 rows" in e.value.message
+
+
+def test_projector_file_needs_its_tower(parts, tmp_path):
+    import torch
+
+    projector = tmp_path / "llava.projector"
+    state = torch.load(parts["pretrain"] / "mm_projector.bin", weights_only=True)
+    torch.save(state, projector)
+    err = _fails(projector, tmp_path / "out")
+    assert "holds only the projector" in err and "--vision-tower" in err
