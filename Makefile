@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+TEST_INSTALLED := $(VENV)/.installed-test
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +15,14 @@ $(PY):
 
 $(INSTALLED): pyproject.toml scripts/install-torch.sh | $(PY)
 	bash scripts/install-torch.sh $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# The test extras add llama.cpp (llama-cpp-python builds it from source, minutes; pip caches the wheel),
+# DeepSpeed, a browser driver, and the data tools.
+$(TEST_INSTALLED): $(INSTALLED)
+	# DeepSpeed's build imports torch: build it against the torch just installed, not an isolated download
+	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.14"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
@@ -22,10 +31,10 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	$(PY) -m vlmkit.demo
 
-test: $(INSTALLED)
+test: $(TEST_INSTALLED)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-test-fast: $(INSTALLED)
+test-fast: $(TEST_INSTALLED)
 	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 clean:

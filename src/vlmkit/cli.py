@@ -369,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         ARGUMENTS[name](p)
         p.set_defaults(func=fn)
+    from .data.cli import add_data_command  # command groups that own their sub-commands
+    from .train.cli import add_train_commands
+
+    add_data_command(sub)
+    add_train_commands(sub)
     return parser
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -79,36 +78,11 @@ def record(*texts: str, images: tuple[str, ...] = (), rid: str = "r1") -> Record
     return Record(rid, list(images), [Turn(("user", "assistant")[i % 2], t) for i, t in enumerate(texts)])
 
 
-def _with_data(build):
-    """``build_parser`` with the data command group added (until cli.py registers it itself)."""
-
-    def wrapped():
-        parser = build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "data" not in sub.choices:
-            from vlmkit.data.cli import add_data_command
-
-            add_data_command(sub)
-        return parser
-
-    return wrapped
-
-
-@pytest.fixture(scope="session")
-def _patched_parser():
-    from vlmkit import cli
-
-    original = cli.build_parser
-    cli.build_parser = _with_data(original)
-    yield
-    cli.build_parser = original
-
-
 def data_cli(*args):
     """Run ``vlmkit data ARGS`` in-process."""
     return run_cli("data", *args)
 
 
 @pytest.fixture
-def vlmkit_data(_patched_parser):
+def vlmkit_data():
     return data_cli
