@@ -58,6 +58,14 @@ class LoadOptions:
                    template=args.template, config=config, seed=args.seed)
 
 
+def deep_merge(derived: dict, override: dict) -> dict:
+    """``derived`` with ``override``'s fields on top, sub-configs merged field by field (how ``--config`` applies)."""
+    out = dict(derived)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model loading (same meaning in every command)")
     group.add_argument("--dtype", help="float32, float16 or bfloat16 (default: as stored)")

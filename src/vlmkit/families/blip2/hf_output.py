@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError
-from ...options import LoadOptions
+from ...options import LoadOptions, deep_merge
 from .checkpoint import QFORMER_LAYER, VIT_BLOCK, OriginalBlip2
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -46,12 +46,6 @@ class Target:
     image_size: int
     tie_lm_head: bool  # the LM's output layer is its input embedding (OPT; T5 with tied embeddings)
 
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def vision_fields(ckpt: OriginalBlip2) -> dict:
@@ -134,7 +128,7 @@ def target_for(ckpt: OriginalBlip2, options: LoadOptions) -> Target:
                           hint="use the tokenizer the language model was trained with")
     derived = {"vision_config": vision, "qformer_config": qformer, "text_config": text,
                "num_query_tokens": ckpt.shape("query_tokens")[1], "image_token_index": image_token}
-    merged = _deep_merge(derived, override)
+    merged = deep_merge(derived, override)
     text_fields = dict(merged["text_config"])
     merged["text_config"] = AutoConfig.for_model(text_fields.pop("model_type"), **text_fields)
     for key in ("model_type", "architectures", "transformers_version"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError
-from ...options import LoadOptions
+from ...options import LoadOptions, deep_merge
 from .checkpoint import CODEBOOK, OriginalFlava
 
 HEAD_DIM = 64  # FLAVA: 768 wide, 12 heads
@@ -81,12 +81,6 @@ def derived_config(ckpt: OriginalFlava) -> dict:
             "projection_dim": ckpt.shape("image_projection.weight")[0], "init_codebook": True}
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
 
 def hf_config(ckpt: OriginalFlava, options: LoadOptions):
     """The derived config with ``--config`` on top; widths and depths must still match the weights."""
@@ -100,7 +94,7 @@ def hf_config(ckpt: OriginalFlava, options: LoadOptions):
             if value is not None and value != derived[sub][key]:
                 raise ConfigError(f"--config sets {sub}.{key}={value} but {ckpt.path.name} has {derived[sub][key]}",
                                   hint=f"remove {sub}.{key} from --config, or pass the checkpoint it describes")
-    merged = _deep_merge(derived, override)
+    merged = deep_merge(derived, override)
     for key in ("model_type", "architectures", "transformers_version"):
         merged.pop(key, None)
     return FlavaConfig(**merged)

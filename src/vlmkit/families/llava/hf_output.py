@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ConfigError
-from ...options import LoadOptions
+from ...options import LoadOptions, deep_merge
 from ...runtime import images, templates, tokens
 from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
 
@@ -37,12 +37,6 @@ class Target:
 def padded_vocab(rows: int, added: int) -> int:
     return math.ceil((rows + added) / PAD_VOCAB_TO) * PAD_VOCAB_TO
 
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def original_tokenizer_legacy(folder: Path) -> bool:
@@ -104,7 +98,7 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
     else:
         patches = (ckpt.vision_config["image_size"] // ckpt.vision_config["patch_size"]) ** 2
         derived["image_seq_length"] = patches + (1 if select == "cls_patch" else 0)
-    merged = _deep_merge(derived, options.config or {})
+    merged = deep_merge(derived, options.config or {})
     text_fields = dict(merged["text_config"])
     text_config = AutoConfig.for_model(text_fields.pop("model_type", ckpt.backbone), **text_fields)
     merged["text_config"] = text_config
