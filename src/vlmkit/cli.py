@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import VlmkitError
+from .console import progress_bar
 from .options import LoadOptions, add_load_arguments
 
 COMMANDS = []
@@ -159,17 +160,6 @@ def cmd_convert(args) -> int:
     if args.verify and not args.dry_run:
         return run_verify(args.source, args.destination, options, args)
     return 0
-
-
-def progress_bar(description: str):
-    """A factory for a bytes progress bar (with bytes/s) on stderr, as ``engine.run`` expects."""
-
-    def start(total: int):
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=description, file=sys.stderr)
-
-    return start
 
 
 # ------------------------------------------------------------------------ verify

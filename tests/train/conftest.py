@@ -52,8 +52,8 @@ def records(tmp_path_factory) -> Path:
 
 
 def run_train_cli(*args) -> CliResult:
-    """``vlmkit train|merge-lora ARGS`` in-process (through ``vlmkit.train.cli.main``)."""
-    from vlmkit.train.cli import main
+    """``vlmkit train|merge-lora ARGS`` in-process (through ``vlmkit.cli.main``)."""
+    from vlmkit.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
@@ -62,10 +62,10 @@ def run_train_cli(*args) -> CliResult:
 
 
 def launch(nproc: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node N -m vlmkit.train.cli ARGS`` (CPU: gloo)."""
+    """``torchrun --nproc_per_node N -m vlmkit.cli ARGS`` (CPU: gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + os.getpid() % 1000 + nproc), "-m", "vlmkit.train.cli", *map(str, args)]
+           str(29500 + os.getpid() % 1000 + nproc), "-m", "vlmkit.cli", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 

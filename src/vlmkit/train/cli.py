@@ -107,7 +107,11 @@ def cmd_train(args) -> int:
     from .run import train
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    result = train(config_from_args(args), announce=(lambda m: print(m, file=sys.stderr)) if rank0 else None)
+    try:
+        result = train(config_from_args(args), announce=(lambda m: print(m, file=sys.stderr)) if rank0 else None)
+    except KeyboardInterrupt:
+        print("interrupted: the latest complete checkpoint is kept; continue with --resume", file=sys.stderr)
+        return 130
     if rank0:
         final = f", final loss {result.losses[-1][1]:.4f}" if result.losses else ""
         print(f"trained {result.steps} step(s){final}; wrote {result.output}: {', '.join(result.files)}")
@@ -126,7 +130,7 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_merge(args) -> int:
-    from ..cli import progress_bar
+    from ..console import progress_bar
     from ..conversion.plan import human_bytes
     from .merge import check_pair, merge_lora
     from ..tensors import resolve
@@ -157,36 +161,3 @@ def add_train_commands(subparsers) -> None:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         arguments(p)
         p.set_defaults(func=fn)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vlmkit.train.cli train|merge-lora ...``: the ``vlmkit`` command with these two registered.
-
-    For launchers (``torchrun -m vlmkit.train.cli train ...``) until ``vlmkit.cli`` registers them itself.
-    """
-    from .. import cli
-
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "train" not in sub.choices:
-        add_train_commands(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return args.func(args)
-    except cli.VlmkitError as e:
-        if args.debug or os.environ.get("VLMKIT_DEBUG") == "1":
-            raise
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the latest complete checkpoint is kept; continue with --resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
