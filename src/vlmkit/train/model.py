@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -306,36 +307,53 @@ def _shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
-def _weights(ckpt: OriginalCheckpoint, model: nn.Module, init_projector: Path | None) -> dict[str, torch.Tensor]:
-    """name -> tensor for every parameter (LoRA merged in as the original builder does)."""
+Reader = Callable[[], torch.Tensor]
+
+
+def _weights(ckpt: OriginalCheckpoint, model: nn.Module, init_projector: Path | None) -> dict[str, Reader]:
+    """name -> a reader of its tensor (LoRA merged in as the original builder does), for every parameter.
+
+    Every name and shape is checked from the headers before any weight is read; ``_load`` then reads
+    one tensor at a time, so the weights are in memory once (in the model), not twice.
+    """
     source = ckpt.source
     names = set(source.keys())
     wanted = dict(model.named_parameters())
-    state: dict[str, torch.Tensor] = {}
+    readers: dict[str, Reader] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     merge = _lora_merge(ckpt.lora.scale) if ckpt.lora else None  # the converter's op: W + scale * B @ A
     for name in wanted:
         if name in names:
-            tensor = source.read(name)
             module = name[:-len(".weight")] if name.endswith(".weight") else None
             if module and f"{module}.lora_A.weight" in names:
-                [tensor] = merge([tensor, source.read(f"{module}.lora_A.weight"), source.read(f"{module}.lora_B.weight")])
-            state[name] = tensor
+                readers[name] = functools.partial(_merged, source, merge, name, module)
+            else:
+                readers[name] = functools.partial(source.read, name)
+            shapes[name] = tuple(source.info(name).shape)
     if init_projector is not None:
-        state.update(read_projector(init_projector, {n: _shape(p) for n, p in wanted.items()
-                                                     if n.startswith(PROJECTOR_PREFIX)}))
-    missing = [n for n in wanted if n not in state and not n.startswith(PROJECTOR_PREFIX) and n != "model.image_newline"]
+        projector = read_projector(init_projector, {n: _shape(p) for n, p in wanted.items()
+                                                    if n.startswith(PROJECTOR_PREFIX)})
+        readers.update({n: functools.partial(projector.__getitem__, n) for n in projector})
+        shapes.update({n: tuple(t.shape) for n, t in projector.items()})
+    missing = [n for n in wanted if n not in readers and not n.startswith(PROJECTOR_PREFIX)
+               and n != "model.image_newline"]
     if missing:
         raise CheckpointError(f"{ckpt.path}: {len(missing)} weight(s) of the model are not in the checkpoint, e.g. "
                               f"'{missing[0]}'", hint="is --model-base / --vision-tower the model it was trained with?")
-    fresh = [n for n in wanted if n not in state]
+    fresh = [n for n in wanted if n not in readers]
     if fresh and ckpt.form != "llm":
         raise CheckpointError(f"{ckpt.path}: the checkpoint has no '{fresh[0]}'",
                               hint="pass --init-projector mm_projector.bin (the stage-1 output)")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != _shape(wanted[name]):
-            raise CheckpointError(f"{ckpt.path}: '{name}' is {list(tensor.shape)}, the model expects "
+    for name, shape in shapes.items():
+        if shape != _shape(wanted[name]):
+            raise CheckpointError(f"{ckpt.path}: '{name}' is {list(shape)}, the model expects "
                                   f"{list(_shape(wanted[name]))}", hint="the config and the weights disagree")
-    return state
+    return readers
+
+
+def _merged(source, merge, name: str, module: str) -> torch.Tensor:
+    [tensor] = merge([source.read(name), source.read(f"{module}.lora_A.weight"), source.read(f"{module}.lora_B.weight")])
+    return tensor
 
 
 def read_projector(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -364,13 +382,14 @@ def read_projector(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str
     return {n: source.read(found[n]) for n in expected}
 
 
-def _load(model: nn.Module, state: dict[str, torch.Tensor], ckpt: OriginalCheckpoint, *, partitioned: bool) -> None:
-    """Copy ``state`` into the parameters; under ZeRO-3 one module at a time inside ``GatheredParameters``."""
+def _load(model: nn.Module, state: dict[str, Reader], ckpt: OriginalCheckpoint, *, partitioned: bool) -> None:
+    """Read each tensor into its parameter; under ZeRO-3 one module at a time inside ``GatheredParameters``,
+    read by rank 0 only (it scatters the partitions)."""
     params = dict(model.named_parameters())
     if not partitioned:
         with torch.no_grad():
-            for name, tensor in state.items():
-                params[name].copy_(tensor)
+            for name, read in state.items():
+                params[name].copy_(read())
         return
     import deepspeed
     import torch.distributed as dist
@@ -386,4 +405,4 @@ def _load(model: nn.Module, state: dict[str, torch.Tensor], ckpt: OriginalCheckp
             if rank == 0:
                 with torch.no_grad():
                     for name, p in own:
-                        p.copy_(state[name])
+                        p.copy_(state[name]())
