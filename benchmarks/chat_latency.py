@@ -117,7 +117,7 @@ def main() -> None:
         for _ in range(args.repeats):
             rows["transformers"].append(transformers_run(hf_model, processor, args.new_tokens))
             model._features.clear()
-            model._session = type(model._session)()  # a fresh conversation: nothing cached
+            model.prefix_cache.clear()  # a fresh conversation: nothing cached
             ttft, rate, count = vlmkit_run(model, ask, args.new_tokens)
             rows["vlmkit"].append((ttft, rate, count))
             answer = model.chat(ask, max_new_tokens=args.new_tokens, temperature=0).text  # warm: as a user would

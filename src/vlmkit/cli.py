@@ -281,6 +281,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the model id clients see (default: the folder name)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests generated together (default: 8)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
+    p.add_argument("--prefix-cache-size", type=parse_size, default="2GB",
+                   help="memory for the KV caches of recent prompts, shared by requests that begin alike, e.g. "
+                        "questions about the same image (default: 2GB; 0 turns it off)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default: 300)")
     p.add_argument("--max-body-size", type=parse_size, default="32MB", help="request body limit (default: 32MB)")
     p.add_argument("--max-images", type=int, default=4, help="images per request (default: 4)")
@@ -310,6 +313,7 @@ def cmd_serve(args) -> int:
         allowed_domains=frozenset(d.strip().lower() for d in args.allowed_media_domains.split(",") if d.strip()))
     settings = ServeSettings(model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size,
                              max_queue=args.max_queue, request_timeout=args.request_timeout,
+                             prefix_cache_size=args.prefix_cache_size,
                              max_body_size=args.max_body_size, max_images=args.max_images, max_tokens=args.max_tokens,
                              max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, media=policy)
 

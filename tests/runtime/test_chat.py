@@ -167,3 +167,26 @@ def test_cli_chat_interactive(models, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("What is this?\nAnd then?\n\n"))
     r = run_cli("chat", models["v15"], "--image", CAT, "--temperature", "0", "--max-new-tokens", "4")
     assert r.code == 0 and r.out.count("ASSISTANT: ") == 2
+
+
+def test_questions_about_an_image_already_read_share_its_positions(models, loaded):
+    model = loaded["v15-hf"]
+    model.generate([ask("What is this?")], **GREEDY)  # the image is read (and kept) once
+    conversations = [ask("Which colours do you see here?"), ask("Describe.", ROCKET)]
+    computed = []
+    forward = model.backend.forward
+
+    def counting(embeds, *args):
+        computed.append(embeds.shape[1])
+        return forward(embeds, *args)
+
+    model.backend.forward = counting
+    try:
+        warm = model.generate(conversations, **GREEDY)
+    finally:
+        model.backend.forward = forward
+    cold = vlmkit.load(models["v15-hf"]).generate(conversations, **GREEDY)
+    assert [w.tokens for w in warm] == [c.tokens for c in cold]
+    # the cat's prompt reads only the words after the image; the rocket's shares the system prompt, not the image
+    assert computed[0] < warm[0].prompt_tokens - warm[0].image_tokens
+    assert warm[1].image_tokens < computed[1] < warm[1].prompt_tokens

@@ -1,15 +1,17 @@
 """Generation from spliced embeddings: sampling, streaming, a reused KV cache, padded batches.
 
 A prompt is a list of positions; each is a text token or one feature vector of an image.
-Positions carry a key (the token id, or the image digest and index) so that a follow-up
-turn can reuse the KV cache of the longest prefix it shares with what was computed
-before: a second turn about the same image re-reads neither the image nor the first turn.
-Reused or not, the positions computed are the same, so a cached turn gives the tokens a
-cold run gives.
+Positions carry a key (the token id, or the image digest and index) so that a prompt can
+reuse the KV cache of the longest prefix it shares with what was computed before
+(``PrefixCache``): a second turn about the same image re-reads neither the image nor the
+first turn, and a server's requests about the same image share its positions. Reused or
+not, the positions computed are the same, so a cached prompt gives the tokens a cold run
+gives.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Protocol
 
@@ -143,12 +145,62 @@ class TextStream:
         return delta
 
 
-@dataclass
-class Session:
-    """The single conversation whose KV cache is kept (keys of the positions it holds)."""
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # (keys, values) [1, heads, positions, head_dim] per layer
 
-    keys: list[Hashable] = field(default_factory=list)
-    past: object = None
+
+class PrefixCache:
+    """KV caches of recent prompts and conversations, looked up by their longest shared prefix.
+
+    ``stream_tokens`` keeps each conversation it finished (prompt and answer), so the next
+    turn computes only the new question; ``batch_stream`` keeps each prompt it read, so a
+    request about an image that another request brought computes only its own words.
+    Entries are dropped least recently used once their tensors exceed ``max_bytes``, and an
+    entry that a newer one extends is dropped at once. The cached tensors are never written
+    to: a reuse slices them, and the model's cache appends by concatenation (new tensors).
+    """
+
+    def __init__(self, max_bytes: int = 2_000_000_000):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, tuple[list[Hashable], Layers, int]] = OrderedDict()
+        self._bytes = 0
+        self._ids = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+    def longest(self, keys: list[Hashable]) -> tuple[int, Layers | None]:
+        """(positions shared, that entry's layers) for the entry sharing the longest prefix with ``keys``."""
+        best, found, at = 0, None, None
+        for entry_id, (entry_keys, layers, _) in self._entries.items():
+            n = _common_prefix(entry_keys, keys)
+            if n > best:
+                best, found, at = n, layers, entry_id
+        if at is not None:
+            self._entries.move_to_end(at)
+        return best, found
+
+    def add(self, keys: list[Hashable], layers: Layers) -> None:
+        size = sum(k.nbytes + v.nbytes for k, v in layers)
+        if size > self.max_bytes or not keys:
+            return
+        for entry_id, (entry_keys, _, entry_size) in list(self._entries.items()):
+            if _common_prefix(entry_keys, keys) == len(entry_keys):  # the new entry holds all of this one
+                del self._entries[entry_id]
+                self._bytes -= entry_size
+        self._entries[self._ids] = (list(keys), layers, size)
+        self._ids += 1
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, (_, _, old) = self._entries.popitem(last=False)
+            self._bytes -= old
 
 
 def _common_prefix(a: list, b: list) -> int:
@@ -160,69 +212,92 @@ def _common_prefix(a: list, b: list) -> int:
     return n
 
 
-def stream_tokens(lm: LanguageModel, prompt: Prompt, params: SamplingParams, session: Session | None = None
+def _kv_cache(layers: Layers):
+    """A transformers ``DynamicCache`` holding ``layers`` (plain layers: every position kept)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def _layers(cache) -> Layers:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def prefill(lm: LanguageModel, prompt: Prompt, cache: PrefixCache | None) -> tuple[torch.Tensor, object]:
+    """Read ``prompt`` (the positions ``cache`` does not already hold): last logits ``[1, V]`` and the KV cache."""
+    reuse, layers = cache.longest(prompt.keys) if cache is not None else (0, None)
+    reuse = min(reuse, len(prompt) - 1)  # the last position is always read: its logits give the first token
+    past = _kv_cache([(k[:, :, :reuse], v[:, :, :reuse]) for k, v in layers] if reuse > 0 else [])
+    logits, past = lm.forward(embed(lm, prompt, reuse), None, None, past)
+    return logits[:, -1], past
+
+
+def stream_tokens(lm: LanguageModel, prompt: Prompt, params: SamplingParams, cache: PrefixCache | None = None
                   ) -> Iterator[int]:
     """Yield generated token ids one by one (EOS included, then stop).
 
-    With a ``session``, the cached prefix shared with the previous call is reused and the
-    session is left holding this call's positions.
+    With a ``cache``, the longest cached prefix is reused, and the conversation computed
+    (prompt and answer) is kept there when the generator ends, however it ends.
     """
     check_context(lm, prompt, params)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    reuse = 0
-    past = None
-    if session is not None and session.past is not None:
-        reuse = min(_common_prefix(session.keys, prompt.keys), len(prompt) - 1)  # recompute at least one position
-        if reuse > 0:
-            past = session.past
-            extra = past.get_seq_length() - reuse
-            if extra > 0:
-                past.crop(-extra)  # transformers 5: a negative count removes that many positions
+    keys = list(prompt.keys)
     with torch.no_grad():
-        logits, past = lm.forward(embed(lm, prompt, reuse), None, None, past)
-        keys = list(prompt.keys)
-        for _ in range(params.max_new_tokens):
-            token = int(pick(logits[:, -1], params, generator)[0])
-            if session is not None:
-                session.keys, session.past = keys, past
-            yield token
-            if token in lm.eos_token_ids:
-                return
-            logits, past = lm.forward(lm.embed_tokens(torch.tensor([[token]])), None, None, past)
-            keys = keys + [token]
-        if session is not None:
-            session.keys, session.past = keys, past
+        logits, past = prefill(lm, prompt, cache)
+        try:
+            for _ in range(params.max_new_tokens):
+                token = int(pick(logits, params, generator)[0])
+                yield token
+                if token in lm.eos_token_ids:
+                    return
+                step, past = lm.forward(lm.embed_tokens(torch.tensor([[token]])), None, None, past)
+                logits = step[:, -1]
+                keys.append(token)
+        finally:
+            if cache is not None:
+                cache.add(keys, _layers(past))
 
 
 def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[SamplingParams],
-                 active: Callable[[int], bool] = lambda i: True) -> Iterator[list[int | None]]:
-    """Generate for several prompts at once: left padding, attention masks, per-row positions.
+                 active: Callable[[int], bool] = lambda i: True, cache: PrefixCache | None = None
+                 ) -> Iterator[list[int | None]]:
+    """Generate for several prompts at once.
 
-    Each row has its own sampling parameters. Yields, per step, one token per row (None
-    for rows that are finished or no longer ``active``, e.g. a client that went away);
-    stops when no row is left.
+    Each prompt is read on its own (``prefill``: reusing and then adding to ``cache``); the
+    rows' KV caches are then padded on the left into one and decoded together, with
+    attention masks and per-row positions. Each row has its own sampling parameters. Yields,
+    per step, one token per row (None for rows that are finished or no longer ``active``,
+    e.g. a client that went away); stops when no row is left.
     """
     for p, ps in zip(prompts, params):
         check_context(lm, p, ps)
     generators = [torch.Generator().manual_seed(ps.seed) if ps.seed is not None else None for ps in params]
     width = max(len(p) for p in prompts)
-    rows, masks = [], []
-    for p in prompts:
-        e = embed(lm, p)[0]
-        pad = width - e.shape[0]
-        rows.append(torch.cat([e.new_zeros(pad, e.shape[1]), e]))
-        masks.append([0] * pad + [1] * e.shape[0])
-    mask = torch.tensor(masks)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    left = [ps.max_new_tokens for ps in params]
-    done = [n <= 0 for n in left]
     with torch.no_grad():
-        logits, past = lm.forward(torch.stack(rows), mask, positions, None)
+        firsts, rows = [], []
+        for p in prompts:
+            logits, past = prefill(lm, p, cache)
+            layers = _layers(past)
+            if cache is not None:
+                cache.add(p.keys, layers)
+            firsts.append(logits)
+            rows.append(layers)
+        logits = torch.cat(firsts)
+        past = _kv_cache([tuple(torch.cat([_pad_left(row[layer][part], width) for row in rows])
+                                for part in (0, 1)) for layer in range(len(rows[0]))])
+        del rows
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        positions = torch.tensor([[len(p) - 1] for p in prompts])
+        left = [ps.max_new_tokens for ps in params]
+        done = [n <= 0 for n in left]
         while True:
             done = [d or not active(i) for i, d in enumerate(done)]
             if all(done):
                 return
-            tokens = [int(pick(logits[i:i + 1, -1], params[i], generators[i])[0]) for i in range(len(prompts))]
+            tokens = [int(pick(logits[i:i + 1], params[i], generators[i])[0]) for i in range(len(prompts))]
             step: list[int | None] = []
             for i, t in enumerate(tokens):
                 if done[i]:
@@ -235,5 +310,12 @@ def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[Sampling
             if all(done):
                 return
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
-            positions = positions[:, -1:] + 1
-            logits, past = lm.forward(lm.embed_tokens(torch.tensor(tokens)[:, None]), mask, positions, past)
+            positions = positions + 1
+            out, past = lm.forward(lm.embed_tokens(torch.tensor(tokens)[:, None]), mask, positions, past)
+            logits = out[:, -1]
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``[1, heads, L, dim]`` -> ``[1, heads, width, dim]`` with zeros first (masked out)."""
+    pad = width - t.shape[2]
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], 2) if pad else t

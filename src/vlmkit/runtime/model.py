@@ -19,7 +19,7 @@ import torch
 from ..options import LoadOptions
 from ..tensors import resolve
 from .backends import backend_for
-from .generation import Prompt, SamplingParams, Session, TextStream, assemble, batch_stream, stream_tokens
+from .generation import PrefixCache, Prompt, SamplingParams, TextStream, assemble, batch_stream, stream_tokens
 from .messages import Turn, image_bytes_or_path, image_digest, normalise
 
 IMAGE_CACHE_SIZE = 32
@@ -44,14 +44,15 @@ class ChatModel:
     """A loaded vision-language model with the original template and preprocessing.
 
     Projected image features are cached by image content (and preprocessing), and the KV
-    cache of the last conversation is kept, so a follow-up turn computes only what is new.
+    caches of recent prompts and conversations are kept (``prefix_cache``, bounded in bytes),
+    so a follow-up turn, or another question about the same image, computes only what is new.
     """
 
     def __init__(self, backend):
         self.backend = backend
         self.template = backend.template
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._session = Session()
+        self.prefix_cache = PrefixCache()
 
     # ------------------------------------------------------------------ prompts
 
@@ -86,7 +87,7 @@ class ChatModel:
         params = self._params(**sampling)
         prompt = self.prompt(messages, images)
         reply = ReplyBuilder(self.backend, prompt, params)
-        for token in stream_tokens(self.backend, prompt, params, self._session):
+        for token in stream_tokens(self.backend, prompt, params, self.prefix_cache):
             delta = reply.push(token)
             if delta:
                 yield delta
@@ -120,7 +121,7 @@ class ChatModel:
         prompts = [self.prompt(c) for c in conversations]
         replies = [ReplyBuilder(self.backend, p, params) for p in prompts]
         for step in batch_stream(self.backend, prompts, [params] * len(prompts),
-                                 active=lambda i: not replies[i].finish_reason):
+                                 active=lambda i: not replies[i].finish_reason, cache=self.prefix_cache):
             for reply, token in zip(replies, step):
                 if token is not None:
                     reply.push(token)

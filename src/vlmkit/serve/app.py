@@ -48,6 +48,7 @@ class ServeSettings:
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 64
+    prefix_cache_size: int = 2_000_000_000
     request_timeout: float = 300.0
     max_body_size: int = 32 * 1024 * 1024
     max_images: int = 4
@@ -106,6 +107,7 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings) -> Fas
     def loader():
         try:
             model = load_model()
+            model.prefix_cache.max_bytes = settings.prefix_cache_size
             state["scheduler"] = Scheduler(model, max_batch_size=settings.max_batch_size,
                                            max_queue=settings.max_queue, metrics=metrics)
             state["model"] = model

@@ -3,7 +3,9 @@
 The worker takes the first waiting request, gathers whatever else is waiting (up to
 ``max_batch_size``, within a few milliseconds, so a lone request is not held back),
 builds the prompts and generates them as one padded batch, handing each request its
-text as it comes. A request whose client went away, or whose deadline passed, stops
+text as it comes. Prompts are read through the model's prefix cache: requests about an
+image that an earlier request brought (same system prompt, same image) read only their
+own words. A request whose client went away, or whose deadline passed, stops
 taking part at the next step; every accepted request gets exactly one terminal event.
 """
 
@@ -118,7 +120,8 @@ class Scheduler:
             self.metrics.batch_size.observe(len(jobs))
         replies = [ReplyBuilder(self.model.backend, p, j.params) for p, j in zip(prompts, jobs)]
         active = lambda i: jobs[i].active and not replies[i].finish_reason  # noqa: E731
-        for step in batch_stream(self.model.backend, prompts, [j.params for j in jobs], active=active):
+        for step in batch_stream(self.model.backend, prompts, [j.params for j in jobs], active=active,
+                                 cache=self.model.prefix_cache):
             for job, reply, token in zip(jobs, replies, step):
                 if token is None:
                     continue
