@@ -213,12 +213,17 @@ def _common_prefix(a: list, b: list) -> int:
 
 
 def _kv_cache(layers: Layers):
-    """A transformers ``DynamicCache`` holding ``layers`` (plain layers: every position kept)."""
+    """A transformers ``DynamicCache`` holding ``layers`` as they are (no copy; plain layers: every position kept).
+
+    Safe for tensors the prefix cache shares: a ``DynamicLayer`` only ever replaces its tensors
+    (``torch.cat`` on update, slicing on crop), it never writes into them.
+    """
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
+        cache.update(k[:, :, :0], v[:, :, :0], i)  # creates the layer (dtype, device)
+        cache.layers[i].keys, cache.layers[i].values = k, v
     return cache
 
 
@@ -261,61 +266,128 @@ def stream_tokens(lm: LanguageModel, prompt: Prompt, params: SamplingParams, cac
                 cache.add(keys, _layers(past))
 
 
+@dataclass(eq=False)
+class Row:
+    """One sequence of a ``DecodeBatch``: its prompt, how it samples, and its positions so far."""
+
+    prompt: Prompt
+    params: SamplingParams
+    generator: torch.Generator | None
+    left: int  # tokens it may still generate
+    length: int  # positions in the KV cache
+
+
+class DecodeBatch:
+    """Sequences decoded together, one token each per step (continuous batching).
+
+    A row joins at any step, once its prompt is read on its own (``prefill``, through the
+    prefix cache); the rows' KV caches are kept as one, each row padded on the left, with an
+    attention mask and per-row positions. A row leaves at any step; padding no row needs any
+    more is cut. A server admits waiting requests between steps instead of waiting for the
+    whole batch to finish.
+    """
+
+    def __init__(self, lm: LanguageModel, cache: PrefixCache | None = None):
+        self.lm, self.cache = lm, cache
+        self.rows: list[Row] = []
+        self.logits: torch.Tensor | None = None  # [rows, vocab]: each row's next-token logits
+        self.layers: Layers = []  # [rows, heads, width, dim] per layer
+        self.mask: torch.Tensor | None = None  # [rows, width]: 0 over each row's left padding
+
+    def add(self, prompt: Prompt, params: SamplingParams) -> Row:
+        """Read ``prompt`` and add its row.
+
+        Raises:
+            ContextError: the prompt and ``params.max_new_tokens`` do not fit the context.
+        """
+        check_context(self.lm, prompt, params)
+        with torch.no_grad():
+            logits, past = prefill(self.lm, prompt, self.cache)
+        layers = _layers(past)
+        if self.cache is not None:
+            self.cache.add(prompt.keys, layers)
+        row = Row(prompt, params, torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
+                  params.max_new_tokens, len(prompt))
+        if not self.rows:
+            self.rows, self.logits, self.layers = [row], logits, layers
+            self.mask = torch.ones(1, len(prompt), dtype=torch.long)
+            return row
+        width = max(self.mask.shape[1], len(prompt))
+        self.layers = [tuple(torch.cat([_pad_left(mine, width, 2), _pad_left(new, width, 2)]) for mine, new in zip(a, b))
+                       for a, b in zip(self.layers, layers)]
+        new_mask = torch.ones(1, len(prompt), dtype=self.mask.dtype)
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(new_mask, width, 1)])
+        self.rows.append(row)
+        self.logits = torch.cat([self.logits, logits])
+        return row
+
+    def pick(self) -> list[int]:
+        """Each row's next token, by its own sampling parameters."""
+        return [int(pick(self.logits[i:i + 1], r.params, r.generator)[0]) for i, r in enumerate(self.rows)]
+
+    def remove(self, rows: list[Row]) -> None:
+        """Take ``rows`` out (finished, or their client went away)."""
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.logits, self.layers, self.mask = None, [], None
+            return
+        index = torch.tensor(keep)
+        mask = self.mask[index]
+        start = int(mask.any(0).nonzero()[0])  # columns before it are padding in every row left
+        self.mask = mask[:, start:]
+        self.layers = [(k[index, :, start:], v[index, :, start:]) for k, v in self.layers]
+        self.logits = self.logits[index]
+
+    def advance(self, tokens: list[int]) -> None:
+        """Feed each row the token it was given (``pick``) and compute the next logits."""
+        for row in self.rows:
+            row.left -= 1
+            row.length += 1
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype)], 1)
+        positions = torch.tensor([[r.length - 1] for r in self.rows])
+        with torch.no_grad():
+            out, past = self.lm.forward(self.lm.embed_tokens(torch.tensor(tokens)[:, None]), self.mask, positions,
+                                        _kv_cache(self.layers))
+        self.logits, self.layers = out[:, -1], _layers(past)
+
+
 def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[SamplingParams],
                  active: Callable[[int], bool] = lambda i: True, cache: PrefixCache | None = None
                  ) -> Iterator[list[int | None]]:
-    """Generate for several prompts at once.
+    """Generate for several prompts at once (a ``DecodeBatch``), each with its own sampling parameters.
 
-    Each prompt is read on its own (``prefill``: reusing and then adding to ``cache``); the
-    rows' KV caches are then padded on the left into one and decoded together, with
-    attention masks and per-row positions. Each row has its own sampling parameters. Yields,
-    per step, one token per row (None for rows that are finished or no longer ``active``,
-    e.g. a client that went away); stops when no row is left.
+    Yields, per step, one token per prompt (None for prompts that are finished or no longer
+    ``active``); stops when none is left.
     """
     for p, ps in zip(prompts, params):
         check_context(lm, p, ps)
-    generators = [torch.Generator().manual_seed(ps.seed) if ps.seed is not None else None for ps in params]
-    width = max(len(p) for p in prompts)
-    with torch.no_grad():
-        firsts, rows = [], []
-        for p in prompts:
-            logits, past = prefill(lm, p, cache)
-            layers = _layers(past)
-            if cache is not None:
-                cache.add(p.keys, layers)
-            firsts.append(logits)
-            rows.append(layers)
-        logits = torch.cat(firsts)
-        past = _kv_cache([tuple(torch.cat([_pad_left(row[layer][part], width) for row in rows])
-                                for part in (0, 1)) for layer in range(len(rows[0]))])
-        del rows
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        positions = torch.tensor([[len(p) - 1] for p in prompts])
-        left = [ps.max_new_tokens for ps in params]
-        done = [n <= 0 for n in left]
-        while True:
-            done = [d or not active(i) for i, d in enumerate(done)]
-            if all(done):
-                return
-            tokens = [int(pick(logits[i:i + 1], params[i], generators[i])[0]) for i in range(len(prompts))]
-            step: list[int | None] = []
-            for i, t in enumerate(tokens):
-                if done[i]:
-                    step.append(None)
-                    continue
-                step.append(t)
-                left[i] -= 1
-                done[i] = t in lm.eos_token_ids or left[i] <= 0
-            yield step
-            if all(done):
-                return
-            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
-            positions = positions + 1
-            out, past = lm.forward(lm.embed_tokens(torch.tensor(tokens)[:, None]), mask, positions, past)
-            logits = out[:, -1]
+    batch = DecodeBatch(lm, cache)
+    rows = [batch.add(p, ps) for p, ps in zip(prompts, params)]
+    index = {id(r): i for i, r in enumerate(rows)}
+    batch.remove([r for i, r in enumerate(rows) if r.left <= 0 or not active(i)])
+    while batch.rows:
+        picked = dict(zip(map(id, batch.rows), batch.pick()))
+        step: list[int | None] = [None] * len(rows)
+        done = []
+        for row in batch.rows:
+            token = step[index[id(row)]] = picked[id(row)]
+            if token in lm.eos_token_ids or row.left <= 1:
+                done.append(row)
+        yield step
+        batch.remove(done + [r for r in batch.rows if not active(index[id(r)])])
+        if batch.rows:
+            batch.advance([picked[id(r)] for r in batch.rows])
 
 
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``[1, heads, L, dim]`` -> ``[1, heads, width, dim]`` with zeros first (masked out)."""
-    pad = width - t.shape[2]
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], 2) if pad else t
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` made ``width`` long along ``dim`` by zeros in front (padding the attention mask hides)."""
+    pad = width - t.shape[dim]
+    if pad <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t.new_zeros(shape), t], dim)

@@ -1,12 +1,13 @@
-"""Dynamic batching on one model: a bounded queue and one worker thread.
+"""Continuous batching on one model: a bounded queue and one worker thread.
 
-The worker takes the first waiting request, gathers whatever else is waiting (up to
-``max_batch_size``, within a few milliseconds, so a lone request is not held back),
-builds the prompts and generates them as one padded batch, handing each request its
-text as it comes. Prompts are read through the model's prefix cache: requests about an
-image that an earlier request brought (same system prompt, same image) read only their
-own words. A request whose client went away, or whose deadline passed, stops
-taking part at the next step; every accepted request gets exactly one terminal event.
+The worker decodes the running requests together, one token each per step
+(``runtime.generation.DecodeBatch``). Between steps it admits what is waiting, up to
+``max_batch_size`` rows: each new prompt is read on its own (through the model's prefix
+cache, so requests about an image an earlier request brought read only their own words)
+and joins the batch; a finished request leaves it at once. When nothing runs, the worker
+waits for a request, and gathers what else arrives within a few milliseconds. A request
+whose client went away, or whose deadline passed, leaves at the next step; every accepted
+request gets exactly one terminal event.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import VlmkitError
-from ..runtime.generation import SamplingParams, batch_stream, check_context
+from ..runtime.generation import DecodeBatch, SamplingParams
 from ..runtime.model import ChatModel, ReplyBuilder
 
 log = logging.getLogger("vlmkit.serve")
@@ -82,64 +83,86 @@ class Scheduler:
             self.metrics.queue_depth.set(self.queue.qsize())
 
     def _work(self) -> None:
+        batch = DecodeBatch(self.model.backend, self.model.prefix_cache)
+        running: dict[int, tuple[Job, ReplyBuilder]] = {}  # id(row) -> its request
         while True:
-            batch = [self.queue.get()]
-            until = time.monotonic() + self.batch_window
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(self.queue.get(timeout=max(0.0, until - time.monotonic())))
-                except queue.Empty:
-                    break
-            self._gauge()
             try:
-                self._run(batch)
+                self._admit(batch, running)
+                if batch.rows:
+                    self._step(batch, running)
             except Exception as e:  # noqa: BLE001 - an internal failure answers 500; the server stays up
                 log.exception("generation failed")
-                for job in batch:
+                for job, _ in running.values():
                     job.emit("error", e)
+                running.clear()
+                batch = DecodeBatch(self.model.backend, self.model.prefix_cache)
 
-    def _run(self, batch: list[Job]) -> None:
-        jobs, prompts = [], []
-        for job in batch:
+    def _waiting(self, room: int, block: bool) -> list[Job]:
+        """Up to ``room`` queued jobs; with ``block``, wait for one and what follows within the window."""
+        jobs = []
+        if block:
+            jobs.append(self.queue.get())
+            until = time.monotonic() + self.batch_window
+            while len(jobs) < room:
+                try:
+                    jobs.append(self.queue.get(timeout=max(0.0, until - time.monotonic())))
+                except queue.Empty:
+                    break
+        while len(jobs) < room:
+            try:
+                jobs.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        self._gauge()
+        return jobs
+
+    def _admit(self, batch: DecodeBatch, running: dict) -> None:
+        admitted = 0
+        for job in self._waiting(self.max_batch_size - len(batch.rows), block=not batch.rows):
             if not job.active:
                 job.emit("cancelled" if job.cancelled.is_set() else "error",
                          None if job.cancelled.is_set() else DeadlineError("the request timed out while queued"))
                 continue
             try:
                 prompt = self.model.prompt(job.messages)
-                check_context(self.model.backend, prompt, job.params)
-            except VlmkitError as e:
+                row = batch.add(prompt, job.params)  # reads the prompt; the batch is unchanged if that fails
+            except VlmkitError as e:  # a bad image, a prompt longer than the context: the request's fault
+                job.emit("error", e)
+                continue
+            except Exception as e:  # noqa: BLE001 - an internal failure answers 500; the others keep going
+                log.exception("reading a prompt failed")
                 job.emit("error", e)
                 continue
             job.emit("start", prompt)
-            jobs.append(job)
-            prompts.append(prompt)
-        if not jobs:
-            return
-        if self.metrics:
-            self.metrics.batch_size.observe(len(jobs))
-        replies = [ReplyBuilder(self.model.backend, p, j.params) for p, j in zip(prompts, jobs)]
-        active = lambda i: jobs[i].active and not replies[i].finish_reason  # noqa: E731
-        for step in batch_stream(self.model.backend, prompts, [j.params for j in jobs], active=active,
-                                 cache=self.model.prefix_cache):
-            for job, reply, token in zip(jobs, replies, step):
-                if token is None:
-                    continue
-                if job.first_token_at is None:
-                    job.first_token_at = time.monotonic()
-                delta = reply.push(token)
-                if delta:
-                    job.emit("delta", delta)
-                if reply.finish_reason:
-                    self._finish(job, reply)
-        for job, reply in zip(jobs, replies):
-            if not job.finished:
-                if job.cancelled.is_set():
-                    job.emit("cancelled")
-                elif time.monotonic() >= job.deadline:
-                    job.emit("error", DeadlineError("the request ran past the server's --request-timeout"))
-                else:
-                    self._finish(job, reply)
+            running[id(row)] = (job, ReplyBuilder(self.model.backend, prompt, job.params))
+            admitted += 1
+        if admitted and self.metrics:
+            self.metrics.batch_size.observe(len(batch.rows))
+
+    def _step(self, batch: DecodeBatch, running: dict) -> None:
+        tokens = batch.pick()
+        done = []
+        for row, token in zip(batch.rows, tokens):
+            job, reply = running[id(row)]
+            if not job.active:
+                job.emit("cancelled" if job.cancelled.is_set() else "error", None if job.cancelled.is_set() else
+                         DeadlineError("the request ran past the server's --request-timeout"))
+                done.append(row)
+                continue
+            if job.first_token_at is None:
+                job.first_token_at = time.monotonic()
+            delta = reply.push(token)
+            if delta:
+                job.emit("delta", delta)
+            if reply.finish_reason:
+                self._finish(job, reply)
+                done.append(row)
+        left = [t for row, t in zip(batch.rows, tokens) if row not in done]
+        batch.remove(done)
+        for row in done:
+            running.pop(id(row))
+        if batch.rows:
+            batch.advance(left)
 
     def _finish(self, job: Job, reply: ReplyBuilder) -> None:
         tail = reply.flush()
