@@ -6,7 +6,12 @@ CLIP-L/336-shaped tower, float32 CPU); ``--size tiny``: the test model, for a qu
 and sends a fixed number of streamed image questions per concurrency level with asyncio +
 httpx2. Every request is accounted for: answered, refused (4xx/5xx, counted as errors) or
 lost (no answer at all). Also measures one request through the server against the same
-``chat`` call in-process.
+``chat`` call in-process (each on an image neither has seen: a cold request both ways).
+
+The questions are about four photos (after one warm-up request each), so requests share
+the image's positions through the server's prefix cache, as users asking about the same
+images do; ``--unique-images`` gives every request an image of its own (one pixel
+changed), the case where nothing is shared and every prompt is read whole.
 
 Targets (issue 9): at 8 clients >= 3x the throughput of 1 client; one request through the
 server <= 1.1x the in-process latency; 0 lost.
@@ -14,6 +19,7 @@ server <= 1.1x the in-process latency; 0 lost.
 Usage:
     .venv/bin/python benchmarks/serve_load.py --size tiny
     .venv/bin/python benchmarks/serve_load.py --size 1.1b --requests 16 --max-tokens 128
+    .venv/bin/python benchmarks/serve_load.py --size 1.1b --requests 16 --max-tokens 128 --unique-images
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
 import shutil
 import socket
 import statistics
@@ -30,6 +37,7 @@ import time
 from pathlib import Path
 
 import httpx2 as httpx
+from PIL import Image
 
 import vlmkit
 from chat_latency import SIZES, build
@@ -43,9 +51,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def body(i: int, max_tokens: int) -> dict:
+def image(i: int, unique: bool) -> bytes:
+    """Photo ``i % 4``; with ``unique``, one pixel set from ``i`` so that no two requests share an image."""
     photo = PHOTOS[i % len(PHOTOS)]
-    url = "data:image/png;base64," + base64.b64encode(photo.read_bytes()).decode()
+    if not unique:
+        return photo.read_bytes()
+    picture = Image.open(photo).convert("RGB")
+    picture.putpixel((0, 0), (i % 256, i // 256 % 256, 7))
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
+
+
+def body(i: int, max_tokens: int, unique: bool) -> dict:
+    url = "data:image/png;base64," + base64.b64encode(image(i, unique)).decode()
     return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                       {"type": "text", "text": f"Question {i}: what is shown?"}]}],
             "stream": True, "temperature": 0, "max_tokens": max_tokens, "stop": ["</never>"]}
@@ -71,13 +90,13 @@ async def one(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
         return {"status": "lost"}
 
 
-async def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
-    queue = list(range(requests))
+async def level(url: str, clients: int, requests: list[int], max_tokens: int, unique: bool) -> dict:
+    queue = list(requests)
     results = []
 
     async def worker(client):
         while queue:
-            results.append(await one(client, url, body(queue.pop(), max_tokens)))
+            results.append(await one(client, url, body(queue.pop(), max_tokens, unique)))
 
     start = time.perf_counter()
     async with httpx.AsyncClient() as client:
@@ -89,7 +108,7 @@ async def level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "ttft": statistics.median(r["ttft"] for r in ok),
             "errors": sum(1 for r in results if r["status"] not in (200, "lost")),
-            "lost": sum(1 for r in results if r["status"] == "lost") + requests - len(results)}
+            "lost": sum(1 for r in results if r["status"] == "lost") + len(requests) - len(results)}
 
 
 def main() -> None:
@@ -97,6 +116,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["tiny", "1.1b"], default="tiny")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--unique-images", action="store_true", help="an image of its own for every request")
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench-serve"))
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -117,26 +137,32 @@ def main() -> None:
             if server.poll() is not None:
                 sys.exit("the server did not start")
             time.sleep(0.5)
-        rows = [asyncio.run(level(url, c, args.requests, args.max_tokens)) for c in (1, 4, 8)]
-        # one request through the server vs the same call in-process (greedy, same tokens)
-        served = statistics.median(asyncio.run(level(url, 1, 3, args.max_tokens))["p50"] for _ in range(1))
+        unique, first = args.unique_images, 0
+        asyncio.run(level(url, 1, list(range(len(PHOTOS))), args.max_tokens, unique))  # warm-up, not counted
+        rows = []
+        for clients in (1, 4, 8):
+            first += 1000  # request numbers (and with --unique-images, images) never repeat
+            rows.append(asyncio.run(level(url, clients, list(range(first, first + args.requests)), args.max_tokens,
+                                          unique)))
+        # one cold request through the server vs the same call in-process: images neither has seen
+        served = asyncio.run(level(url, 1, [900_001, 900_002, 900_003], args.max_tokens, True))["p50"]
     finally:
         server.terminate()
         server.wait(30)
     model = vlmkit.load(folder)
-    messages = [{"role": "user", "content": "Question 0: what is shown?", "images": [PHOTOS[0]]}]
+    model.chat("warm-up", max_new_tokens=2)
     times = []
-    for _ in range(3):
-        model._features.clear()
-        model._session = type(model._session)()
+    for i in (900_001, 900_002, 900_003):
+        messages = [{"role": "user", "content": f"Question {i}: what is shown?", "images": [image(i, True)]}]
         start = time.perf_counter()
         model.chat(messages, temperature=0, max_new_tokens=args.max_tokens, stop=["</never>"])
         times.append(time.perf_counter() - start)
     in_process = statistics.median(times)
     shutil.rmtree(args.workdir, ignore_errors=True)
 
-    print(f"\nmodel: {args.size}; {args.requests} streamed image questions per level, max_tokens {args.max_tokens}, "
-          "greedy, --max-batch-size 8")
+    images = "an image of its own each" if unique else "about 4 photos"
+    print(f"\nmodel: {args.size}; {args.requests} streamed image questions per level ({images}), "
+          f"max_tokens {args.max_tokens}, greedy, --max-batch-size 8")
     print("| clients | requests/s | p50 latency (s) | p99 latency (s) | time to first token p50 (s) | errors | lost |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
