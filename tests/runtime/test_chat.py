@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -27,6 +28,23 @@ def loaded(models):
 
 def ask(text, image=CAT):
     return [{"role": "user", "content": text, "images": [image]}]
+
+
+@contextlib.contextmanager
+def positions_read(model):
+    """The number of positions each forward pass of the language model reads, while inside."""
+    computed: list[int] = []
+    forward = model.backend.forward
+
+    def counting(embeds, *args):
+        computed.append(embeds.shape[1])
+        return forward(embeds, *args)
+
+    model.backend.forward = counting
+    try:
+        yield computed
+    finally:
+        model.backend.forward = forward
 
 
 @pytest.mark.parametrize("family", ["v15", "next"])
@@ -56,18 +74,8 @@ def test_second_turn_reuses_the_cache_and_equals_a_cold_run(models, loaded, name
     first = model.chat(ask("What is this?"), **GREEDY)
     follow_up = ask("What is this?") + [{"role": "assistant", "content": first.text},
                                         {"role": "user", "content": "And its colours?"}]
-    computed = []
-    forward = model.backend.forward
-
-    def counting(embeds, *args):
-        computed.append(embeds.shape[1])
-        return forward(embeds, *args)
-
-    model.backend.forward = counting
-    try:
+    with positions_read(model) as computed:
         warm = model.chat(follow_up, **GREEDY)
-    finally:
-        model.backend.forward = forward
     cold = vlmkit.load(models[name], vision_tower=str(models["clip"]) if name == "next" else None).chat(follow_up, **GREEDY)
     assert warm.tokens == cold.tokens
     assert computed[0] < warm.prompt_tokens - warm.image_tokens  # neither the image nor the first turn re-read
@@ -173,18 +181,8 @@ def test_questions_about_an_image_already_read_share_its_positions(models, loade
     model = loaded["v15-hf"]
     model.generate([ask("What is this?")], **GREEDY)  # the image is read (and kept) once
     conversations = [ask("Which colours do you see here?"), ask("Describe.", ROCKET)]
-    computed = []
-    forward = model.backend.forward
-
-    def counting(embeds, *args):
-        computed.append(embeds.shape[1])
-        return forward(embeds, *args)
-
-    model.backend.forward = counting
-    try:
+    with positions_read(model) as computed:
         warm = model.generate(conversations, **GREEDY)
-    finally:
-        model.backend.forward = forward
     cold = vlmkit.load(models["v15-hf"]).generate(conversations, **GREEDY)
     assert [w.tokens for w in warm] == [c.tokens for c in cold]
     # the cat's prompt reads only the words after the image; the rocket's shares the system prompt, not the image
