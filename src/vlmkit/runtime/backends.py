@@ -67,7 +67,8 @@ class OriginalBackend:
 
     def forward(self, embeds, attention_mask, position_ids, past):
         out = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                        position_ids=position_ids, past_key_values=past, use_cache=True)
+                                        position_ids=position_ids, past_key_values=past, use_cache=True,
+                                        logits_to_keep=1)
         return out.logits, out.past_key_values
 
     def decode(self, ids: list[int]) -> str:
@@ -128,7 +129,7 @@ class TransformersBackend:
 
     def forward(self, embeds, attention_mask, position_ids, past):
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past, use_cache=True)
+                         past_key_values=past, use_cache=True, logits_to_keep=1)
         return out.logits, out.past_key_values
 
     def decode(self, ids: list[int]) -> str:
@@ -193,7 +194,8 @@ class Blip2Backend:
 
     def forward(self, embeds, attention_mask, position_ids, past):
         out = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                        position_ids=position_ids, past_key_values=past, use_cache=True)
+                                        position_ids=position_ids, past_key_values=past, use_cache=True,
+                                        logits_to_keep=1)
         return out.logits, out.past_key_values
 
     def decode(self, ids: list[int]) -> str:

@@ -59,7 +59,8 @@ class LanguageModel(Protocol):
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
 
-    def forward(self, embeds: torch.Tensor, attention_mask, position_ids, past) -> tuple[torch.Tensor, object]: ...
+    def forward(self, embeds: torch.Tensor, attention_mask, position_ids, past) -> tuple[torch.Tensor, object]:
+        """Logits of the last position ``[B, 1, V]`` (the only ones generation reads) and the KV cache."""
 
     def decode(self, ids: list[int]) -> str: ...
 
