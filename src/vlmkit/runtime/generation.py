@@ -147,6 +147,7 @@ class TextStream:
 
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]  # (keys, values) [1, heads, positions, head_dim] per layer
+DEFAULT_PREFIX_CACHE_BYTES = 2_000_000_000
 
 
 class PrefixCache:
@@ -160,7 +161,7 @@ class PrefixCache:
     to: a reuse slices them, and the model's cache appends by concatenation (new tensors).
     """
 
-    def __init__(self, max_bytes: int = 2_000_000_000):
+    def __init__(self, max_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, tuple[list[Hashable], Layers, int]] = OrderedDict()
         self._bytes = 0
@@ -267,11 +268,10 @@ def stream_tokens(lm: LanguageModel, prompt: Prompt, params: SamplingParams, cac
                 cache.add(keys, _layers(past))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False)  # compared and hashed by identity: a row is a key of its request
 class Row:
-    """One sequence of a ``DecodeBatch``: its prompt, how it samples, and its positions so far."""
+    """One sequence of a ``DecodeBatch``: how it samples, and its positions so far."""
 
-    prompt: Prompt
     params: SamplingParams
     generator: torch.Generator | None
     left: int  # tokens it may still generate
@@ -307,7 +307,7 @@ class DecodeBatch:
         layers = _layers(past)
         if self.cache is not None:
             self.cache.add(prompt.keys, layers)
-        row = Row(prompt, params, torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
+        row = Row(params, torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
                   params.max_new_tokens, len(prompt))
         if not self.rows:
             self.rows, self.logits, self.layers = [row], logits, layers
@@ -328,8 +328,8 @@ class DecodeBatch:
 
     def remove(self, rows: list[Row]) -> None:
         """Take ``rows`` out (finished, or their client went away)."""
-        gone = {id(r) for r in rows}
-        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        gone = set(rows)
+        keep = [i for i, r in enumerate(self.rows) if r not in gone]
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
@@ -364,24 +364,23 @@ def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[Sampling
     Yields, per step, one token per prompt (None for prompts that are finished or no longer
     ``active``); stops when none is left.
     """
-    for p, ps in zip(prompts, params):
+    for p, ps in zip(prompts, params):  # every prompt checked before any is read
         check_context(lm, p, ps)
     batch = DecodeBatch(lm, cache)
-    rows = [batch.add(p, ps) for p, ps in zip(prompts, params)]
-    index = {id(r): i for i, r in enumerate(rows)}
-    batch.remove([r for i, r in enumerate(rows) if r.left <= 0 or not active(i)])
+    index = {batch.add(p, ps): i for i, (p, ps) in enumerate(zip(prompts, params))}
+    batch.remove([r for r, i in index.items() if r.left <= 0 or not active(i)])
     while batch.rows:
-        picked = dict(zip(map(id, batch.rows), batch.pick()))
-        step: list[int | None] = [None] * len(rows)
+        picked = dict(zip(batch.rows, batch.pick()))
+        step: list[int | None] = [None] * len(prompts)
         done = []
-        for row in batch.rows:
-            token = step[index[id(row)]] = picked[id(row)]
+        for row, token in picked.items():
+            step[index[row]] = token
             if token in lm.eos_token_ids or row.left <= 1:
                 done.append(row)
         yield step
-        batch.remove(done + [r for r in batch.rows if not active(index[id(r)])])
+        batch.remove(done + [r for r in batch.rows if not active(index[r])])
         if batch.rows:
-            batch.advance([picked[id(r)] for r in batch.rows])
+            batch.advance([picked[r] for r in batch.rows])
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

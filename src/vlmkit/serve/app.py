@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import VlmkitError
-from ..runtime.generation import ContextError, SamplingParams
+from ..runtime.generation import DEFAULT_PREFIX_CACHE_BYTES, ContextError, SamplingParams
 from ..runtime.images import DEFAULT_MAX_PIXELS, load_image
 from ..runtime.messages import MessageError, normalise
 from . import protocol as p
@@ -48,7 +48,7 @@ class ServeSettings:
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 64
-    prefix_cache_size: int = 2_000_000_000
+    prefix_cache_size: int = DEFAULT_PREFIX_CACHE_BYTES
     request_timeout: float = 300.0
     max_body_size: int = 32 * 1024 * 1024
     max_images: int = 4

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import VlmkitError
-from ..runtime.generation import DecodeBatch, SamplingParams
+from ..runtime.generation import DecodeBatch, Row, SamplingParams
 from ..runtime.model import ChatModel, ReplyBuilder
 
 log = logging.getLogger("vlmkit.serve")
@@ -84,7 +84,7 @@ class Scheduler:
 
     def _work(self) -> None:
         batch = DecodeBatch(self.model.backend, self.model.prefix_cache)
-        running: dict[int, tuple[Job, ReplyBuilder]] = {}  # id(row) -> its request
+        running: dict[Row, tuple[Job, ReplyBuilder]] = {}  # row -> its request
         while True:
             try:
                 self._admit(batch, running)
@@ -134,7 +134,7 @@ class Scheduler:
                 job.emit("error", e)
                 continue
             job.emit("start", prompt)
-            running[id(row)] = (job, ReplyBuilder(self.model.backend, prompt, job.params))
+            running[row] = (job, ReplyBuilder(self.model.backend, prompt, job.params))
             admitted += 1
         if admitted and self.metrics:
             self.metrics.batch_size.observe(len(batch.rows))
@@ -143,7 +143,7 @@ class Scheduler:
         tokens = batch.pick()
         done = []
         for row, token in zip(batch.rows, tokens):
-            job, reply = running[id(row)]
+            job, reply = running[row]
             if not job.active:
                 job.emit("cancelled" if job.cancelled.is_set() else "error", None if job.cancelled.is_set() else
                          DeadlineError("the request ran past the server's --request-timeout"))
@@ -160,7 +160,7 @@ class Scheduler:
         left = [t for row, t in zip(batch.rows, tokens) if row not in done]
         batch.remove(done)
         for row in done:
-            running.pop(id(row))
+            running.pop(row)
         if batch.rows:
             batch.advance(left)
 
