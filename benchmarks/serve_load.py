@@ -118,16 +118,20 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--unique-images", action="store_true", help="an image of its own for every request")
     parser.add_argument("--pairs", type=int, default=3, help="cold requests, server and in-process in turns")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench-serve"))
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     folder = build(args.workdir, SIZES["quick" if args.size == "tiny" else "1.1b"])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    log = args.workdir / "server.log"
+    load = ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
     server = subprocess.Popen([sys.executable, "-m", "vlmkit.cli", "serve", str(folder), "--port", str(port),
                                "--max-batch-size", "8", "--max-queue", "256", "--request-timeout", "7200",
-                               "--max-tokens", str(args.max_tokens)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                               "--max-tokens", str(args.max_tokens), *load], stdout=subprocess.DEVNULL,
+                              stderr=log.open("w"))
     try:
         while True:
             try:
@@ -136,7 +140,7 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             if server.poll() is not None:
-                sys.exit("the server did not start")
+                sys.exit("the server did not start:\n" + log.read_text()[-3000:])
             time.sleep(0.5)
         unique, first = args.unique_images, 0
         asyncio.run(level(url, 1, list(range(len(PHOTOS))), args.max_tokens, unique))  # warm-up, not counted
@@ -147,7 +151,7 @@ def main() -> None:
                                           unique)))
         # one cold request (an image neither has seen) through the server and in-process, in turns, so that both
         # meet the same machine (the server idles while the in-process call runs)
-        model = vlmkit.load(folder)
+        model = vlmkit.load(folder, device=args.device, dtype=args.dtype)
         model.chat("warm-up", max_new_tokens=2)
         served_times, local_times = [], []
         for i in range(900_001, 900_001 + args.pairs):
@@ -163,8 +167,8 @@ def main() -> None:
     shutil.rmtree(args.workdir, ignore_errors=True)
 
     images = "an image of its own each" if unique else "about 4 photos"
-    print(f"\nmodel: {args.size}; {args.requests} streamed image questions per level ({images}), "
-          f"max_tokens {args.max_tokens}, greedy, --max-batch-size 8")
+    print(f"\nmodel: {args.size} ({args.dtype or 'float32'}, {args.device}); {args.requests} streamed image questions "
+          f"per level ({images}), max_tokens {args.max_tokens}, greedy, --max-batch-size 8")
     print("| clients | requests/s | p50 latency (s) | p99 latency (s) | time to first token p50 (s) | errors | lost |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -107,10 +107,15 @@ def check_context(lm: LanguageModel, prompt: Prompt, params: SamplingParams) -> 
 
 
 def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row of ``logits [B, V]``: argmax, or temperature + nucleus (top-p) sampling."""
+    """Next token per row of ``logits [B, V]``: argmax, or temperature + nucleus (top-p) sampling.
+
+    Picked on the CPU (a row of logits is small), where the seeded ``generator`` lives: a CPU
+    generator cannot drive sampling on a GPU.
+    """
+    logits = logits.to("cpu", torch.float32)
     if params.temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / params.temperature, -1)
+    probs = torch.softmax(logits / params.temperature, -1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < params.top_p  # always keeps the most likely token
@@ -311,12 +316,12 @@ class DecodeBatch:
                   params.max_new_tokens, len(prompt))
         if not self.rows:
             self.rows, self.logits, self.layers = [row], logits, layers
-            self.mask = torch.ones(1, len(prompt), dtype=torch.long)
+            self.mask = torch.ones(1, len(prompt), dtype=torch.long, device=logits.device)
             return row
         width = max(self.mask.shape[1], len(prompt))
         self.layers = [tuple(torch.cat([_pad_left(mine, width, 2), _pad_left(new, width, 2)]) for mine, new in zip(a, b))
                        for a, b in zip(self.layers, layers)]
-        new_mask = torch.ones(1, len(prompt), dtype=self.mask.dtype)
+        new_mask = self.mask.new_ones(1, len(prompt))
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(new_mask, width, 1)])
         self.rows.append(row)
         self.logits = torch.cat([self.logits, logits])
@@ -336,7 +341,7 @@ class DecodeBatch:
         if not self.rows:
             self.logits, self.layers, self.mask = None, [], None
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.mask.device)
         mask = self.mask[index]
         start = int(mask.any(0).nonzero()[0])  # columns before it are padding in every row left
         self.mask = mask[:, start:]
@@ -348,8 +353,8 @@ class DecodeBatch:
         for row in self.rows:
             row.left -= 1
             row.length += 1
-        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype)], 1)
-        positions = torch.tensor([[r.length - 1] for r in self.rows])
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
+        positions = torch.tensor([[r.length - 1] for r in self.rows], device=self.mask.device)
         with torch.no_grad():
             out, past = self.lm.forward(self.lm.embed_tokens(torch.tensor(tokens)[:, None]), self.mask, positions,
                                         _kv_cache(self.layers))
