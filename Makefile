@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.installed-test
 
-.PHONY: demo test test-fast install clean
+VLLM_VENV := .venv-vllm
+VLLM_INSTALLED := $(VLLM_VENV)/.installed
+LLAMA_SERVER := $(VENV)/bin/llama-server
+
+.PHONY: demo test test-fast install clean vllm llama-server engines
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +32,28 @@ $(TEST_INSTALLED): $(INSTALLED)
 
 install: $(INSTALLED)
 
+# The serving engines of `vlmkit serve --engine` (the slow engine tests need both)
+$(VLLM_INSTALLED): scripts/install-vllm.sh scripts/install-torch.sh
+	PYTHON=$(PYTHON) bash scripts/install-vllm.sh $(VLLM_VENV)
+	touch $@
+
+vllm: $(VLLM_INSTALLED)
+
+$(LLAMA_SERVER): scripts/build-llama-server.sh | $(TEST_INSTALLED)
+	bash scripts/build-llama-server.sh $(PY)
+
+llama-server: $(LLAMA_SERVER)
+
+engines: vllm llama-server
+
 demo: $(INSTALLED)
 	$(PY) -m vlmkit.demo
 
-test: $(TEST_INSTALLED)
+test: $(TEST_INSTALLED) engines
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(TEST_INSTALLED)
-	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) demo-output .pytest_cache

@@ -291,13 +291,29 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, default=None, help="pixel limit per image (decompression bombs)")
     p.add_argument("--allowed-local-media-path", metavar="DIR", help="allow file:// image URLs under DIR")
     p.add_argument("--allowed-media-domains", default="", help="comma-separated hosts for http(s) image URLs")
+    engines = p.add_argument_group("engines and scale-out (vlmkit's front, limits and error bodies stay the same)")
+    engines.add_argument("--engine", choices=["vlmkit", "vllm", "llama.cpp"], default="vlmkit",
+                         help="what generates: vlmkit (its runtime, in process; the default), vllm (vLLM's server "
+                              "on a folder vlmkit wrote), llama.cpp (llama-server on a GGUF pair)")
+    engines.add_argument("--mmproj", metavar="GGUF", help="llama.cpp: the mmproj-*.gguf of a GGUF file "
+                                                          "(not needed for a folder written by convert --to gguf)")
+    engines.add_argument("--data-parallel-size", type=int, default=1, help="vllm: engine copies (vLLM's own "
+                                                                           "data parallelism; default: 1)")
+    engines.add_argument("--replicas", type=int, help="run N vlmkit workers on Ray Serve behind one front")
+    engines.add_argument("--ray-address", metavar="HOST:PORT", help="join this Ray cluster (default: start a "
+                                                                    "local Ray, stopped at exit)")
+    engines.add_argument("--num-cpus-per-replica", type=float, default=1, help="Ray CPUs per worker (default: 1)")
+    engines.add_argument("--num-gpus-per-replica", type=float, default=0, help="Ray GPUs per worker (default: 0)")
     add_load_arguments(p)
 
 
 @command("serve", "serve a model over an OpenAI-compatible HTTP API with a web chat page",
          ["vlmkit serve llava-1.5-7b-hf/ --port 8000",
           "vlmkit serve llava-v1.5-7b/ --vision-tower clip-vit-large-patch14-336/ --api-key secret",
-          "vlmkit serve model/ --host 0.0.0.0 --allowed-media-domains images.example.com"])
+          "vlmkit serve model/ --host 0.0.0.0 --allowed-media-domains images.example.com",
+          "vlmkit serve llava-1.5-7b-hf/ --engine vllm",
+          "vlmkit serve llava-gguf/ --engine llama.cpp",
+          "vlmkit serve llava-1.5-7b-hf/ --replicas 2 --ray-address head-node:6379"])
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -316,6 +332,12 @@ def cmd_serve(args) -> int:
                              prefix_cache_size=args.prefix_cache_size,
                              max_body_size=args.max_body_size, max_images=args.max_images, max_tokens=args.max_tokens,
                              max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, media=policy)
+
+    from .serve import engines
+
+    engines.check_flags(args)  # engine flags that do not apply to --engine are refused, never ignored
+    if engines.uses_front(args):  # another engine, or Ray Serve replicas, behind the same front
+        return engines.run(args, settings, options)
 
     def load_model():
         model = load(args.model, options=options)

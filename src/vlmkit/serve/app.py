@@ -99,17 +99,28 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
-def create_app(load_model: Callable[[], object], settings: ServeSettings) -> FastAPI:
-    """The server. ``load_model`` runs in a background thread; ``/health`` says 503 until it returns."""
+def local_scheduler(model, settings: ServeSettings, metrics: Metrics) -> Scheduler:
+    """Dynamic batching on a model loaded in this process (``--engine vlmkit``)."""
+    model.prefix_cache.max_bytes = settings.prefix_cache_size
+    return Scheduler(model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, metrics=metrics)
+
+
+def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
+               scheduler_factory: Callable[[object, ServeSettings, Metrics], object] = local_scheduler) -> FastAPI:
+    """The server. ``load_model`` runs in a background thread; ``/health`` says 503 until it returns.
+
+    Args:
+        scheduler_factory: ``(what load_model returned, settings, metrics)`` -> an object with
+            ``submit(job) -> bool`` answering jobs with ``Job`` events (``scheduler.Scheduler`` here; an
+            engine's front elsewhere: ``serve.engines``), optionally ``problem() -> str | None`` for ``/health``.
+    """
     metrics = Metrics()
     state: dict = {"model": None, "scheduler": None, "error": None}
 
     def loader():
         try:
             model = load_model()
-            model.prefix_cache.max_bytes = settings.prefix_cache_size
-            state["scheduler"] = Scheduler(model, max_batch_size=settings.max_batch_size,
-                                           max_queue=settings.max_queue, metrics=metrics)
+            state["scheduler"] = scheduler_factory(model, settings, metrics)
             state["model"] = model
         except Exception as e:  # noqa: BLE001 - reported by /health and every request
             log.exception("loading the model failed")
@@ -166,6 +177,9 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings) -> Fas
 
     @app.get("/health", include_in_schema=True, responses={503: {"description": "the model is still loading"}})
     async def health():
+        problem = getattr(state["scheduler"], "problem", lambda: None)()
+        if problem:  # an engine behind the front exited
+            return JSONResponse({"status": "failed", "error": problem}, status_code=503)
         if state["model"] is not None:
             return {"status": "ok", "model": settings.model_name}
         if state["error"] is not None:

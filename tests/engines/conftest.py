@@ -1,0 +1,91 @@
+"""``vlmkit serve`` with other engines and on Ray Serve, started by the tests as real processes."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from vlmkit.serve.engines.process import free_port
+
+PHOTOS = Path(__file__).parents[1] / "fixtures" / "images"
+CAT, ROCKET, COFFEE, ASTRONAUT = (PHOTOS / n for n in ("chelsea.png", "rocket.png", "coffee.png", "astronaut.png"))
+
+
+def data_url(raw: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(raw).decode()
+
+
+def ask(text: str, image: Path = CAT) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image.read_bytes())}},
+                                         {"type": "text", "text": text}]}]
+
+
+class Served:
+    """``vlmkit serve MODEL FLAGS`` on a free port, its output in a file; ready once ``/health`` says 200.
+
+    Stopped with SIGTERM (vlmkit then stops its engine or its Ray), SIGKILL for what is left.
+    """
+
+    def __init__(self, model, *flags: str, timeout: float = 240, env: dict | None = None):
+        import httpx2 as httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(tempfile.mkstemp(prefix="vlmkit-serve-", suffix=".log")[1])
+        self.started = time.monotonic()
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vlmkit.cli", "serve", str(model), "--port", str(self.port),
+                 "--served-model-name", "tiny-llava", *flags], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vlmkit serve exited ({self.process.returncode}):\n{self.tail(40)}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.ready_after = time.monotonic() - self.started
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"vlmkit serve was not ready within {timeout:.0f} s:\n{self.tail(40)}")
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(deque(self.log.read_text(errors="replace").splitlines(), maxlen=lines))
+
+    def stop(self, grace: float = 60) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def reference(models):
+    """vlmkit's runtime in this process: what the single-process server answers (tests/serve proves it)."""
+    import vlmkit
+
+    return vlmkit.load(models["v15-hf"])
+
+
+def expected(reference, question: str, image: Path, max_tokens: int):
+    return reference.chat([{"role": "user", "content": question, "images": [image]}], temperature=0,
+                          max_new_tokens=max_tokens)

@@ -1,0 +1,161 @@
+"""What vlmkit checks and decides before an engine starts: folders, GGUF templates, command lines, flags."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlmkit.errors import ConfigError
+from vlmkit.options import LoadOptions
+from vlmkit.runtime import templates
+from vlmkit.serve.app import ServeSettings
+from vlmkit.serve.engines import NAMES, check_flags
+from vlmkit.serve.engines import llamacpp, vllm
+from vlmkit.serve.engines.front import EngineError
+
+from ..conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def gguf_folder(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "v15-gguf"
+    assert run_cli("convert", models["v15"], out, "--to", "gguf", "--quiet").code == 0
+    return out
+
+
+def copy(folder, tmp_path, name="copy"):
+    return shutil.copytree(folder, tmp_path / name)
+
+
+def test_vlmkit_folders_are_what_vllm_takes(models):
+    config = vllm.check_folder(models["v15-hf"])
+    assert config["text_config"]["head_dim"] >= vllm.MIN_CPU_HEAD_DIM
+    assert "bos_token" not in vllm.chat_template(models["v15-hf"])  # so requests ask vLLM to add BOS
+
+
+def test_vllm_refusals_name_the_field_and_the_fix(models, tmp_path):
+    no_template = copy(models["v15-hf"], tmp_path, "no-template")
+    (no_template / "chat_template.jinja").unlink()
+    with pytest.raises(ConfigError, match="no chat template") as e:
+        vllm.check_folder(no_template)
+    assert "vlmkit convert" in e.value.hint
+
+    new_layout = copy(models["v15-hf"], tmp_path, "new-layout")  # transformers 5's own save_pretrained names
+    (new_layout / "model.safetensors").unlink()
+    save_file({"model.language_model.embed_tokens.weight": torch.zeros(2, 2)}, new_layout / "model.safetensors")
+    with pytest.raises(ConfigError, match="'model.language_model.embed_tokens.weight'.*published llava-hf layout"):
+        vllm.check_folder(new_layout)
+
+    small_heads = copy(models["v15-hf"], tmp_path, "small-heads")
+    config = json.loads((small_heads / "config.json").read_text())
+    config["text_config"]["head_dim"] = 16
+    (small_heads / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="text_config.head_dim is 16.*>= 32"):
+        vllm.check_folder(small_heads)
+    vllm.check_folder(small_heads, device="cuda")  # only the CPU attention has the limit
+
+    with pytest.raises(ConfigError, match="no config.json"):
+        vllm.check_folder(models["v15"].parent / "clip-vit-tiny" / "nowhere")
+
+
+def test_vllm_command_line(models):
+    settings = ServeSettings(model_name="tiny", max_batch_size=4, max_images=2)
+    config = vllm.check_folder(models["v15-hf"])
+    argv = vllm.command("py", models["v15-hf"], 9999, "tiny", settings, LoadOptions(), config, data_parallel_size=2)
+    assert argv[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]  # not the `vllm` CLI
+    text = " ".join(argv)
+    for part in ("--enforce-eager", "--max-num-seqs 4", '--limit-mm-per-prompt {"image": 2}', "--dtype float32",
+                 "--data-parallel-size 2", "--host 127.0.0.1", "--served-model-name tiny"):
+        assert part in text, part
+    assert "--enforce-eager" not in vllm.command("py", models["v15-hf"], 1, "t", settings,
+                                                 LoadOptions(device="cuda"), config)
+
+
+def test_vllm_python_is_found_or_the_error_says_how(monkeypatch, tmp_path):
+    monkeypatch.setenv(vllm.PYTHON_ENV, "/opt/vllm/bin/python")
+    assert vllm.python() == "/opt/vllm/bin/python"
+    monkeypatch.delenv(vllm.PYTHON_ENV)
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "venv"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(EngineError, match="vLLM is not installed") as e:
+        vllm.python()
+    assert "make vllm" in e.value.hint
+
+
+def test_gguf_prompt_is_the_original_template(gguf_folder):
+    model, mmproj = llamacpp.gguf_pair(gguf_folder, None)
+    assert mmproj.name.startswith("mmproj-")
+    chat = llamacpp.GGUFChat(model)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What?", "images": [b""]},
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Sure?"}]
+    original = templates.render("llava_v1", [("system", "Be brief."), ("user", templates.with_image("What?")),
+                                             ("assistant", "A cat."), ("user", "Sure?"), ("assistant", None)])
+    assert chat.render(messages, "<M>") == original.replace(templates.IMAGE_TOKEN, "<M>")
+    assert chat.render(messages).count(llamacpp.DEFAULT_MARKER) == 1
+
+
+def test_llamacpp_command_line_gives_every_slot_the_whole_context(gguf_folder):
+    model, mmproj = llamacpp.gguf_pair(gguf_folder, None)
+    chat = llamacpp.GGUFChat(model)
+    argv = llamacpp.command("llama-server", model, mmproj, 9999, ServeSettings(model_name="t", max_batch_size=4), chat)
+    text = " ".join(argv)
+    assert f"-np 4 -c {4 * chat.context_length}" in text and "--mmproj" in text and "--metrics" in text
+
+
+def test_gguf_pair_errors(gguf_folder, tmp_path):
+    model, _ = llamacpp.gguf_pair(gguf_folder, None)
+    with pytest.raises(ConfigError, match="no --mmproj"):
+        llamacpp.gguf_pair(model, None)
+    with pytest.raises(ConfigError, match="serves a GGUF file"):
+        llamacpp.gguf_pair(tmp_path / "model.safetensors", None)
+    with pytest.raises(ConfigError, match="no such file"):
+        llamacpp.gguf_pair(model, tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--engine", "vllm", "--replicas", "2"], "--data-parallel-size"),
+    (["--engine", "llama.cpp", "--ray-address", "h:6379"], "--ray-address"),
+    (["--data-parallel-size", "2"], "passed to vLLM"),
+    (["--mmproj", "m.gguf"], "llama.cpp"),
+    (["--num-gpus-per-replica", "1"], "--replicas N"),
+    (["--replicas", "0"], "1 or more"),
+])
+def test_flags_that_do_not_apply_are_refused(flags, words):
+    result = run_cli("serve", "model/", *flags)
+    assert result.code == 1 and words in result.err, result.err
+
+
+def test_cli_engine_choices_are_the_engines():
+    from vlmkit.cli import build_parser
+
+    serve = next(a for a in build_parser()._subparsers._group_actions[0].choices["serve"]._actions
+                 if a.dest == "engine")
+    assert tuple(serve.choices) == NAMES
+
+
+def test_check_flags_accepts_the_defaults():
+    from vlmkit.cli import build_parser
+
+    check_flags(build_parser().parse_args(["serve", "m/"]))
+
+
+def test_gguf_prompt_gives_llama_cpp_the_original_ids(gguf_folder, reference):
+    """Around the image, llama.cpp's ids of the rendered prompt are the runtime's (the original's)."""
+    from vlmkit.parity.llamacpp import LlamaCpp
+    from vlmkit.runtime.messages import normalise
+
+    from .conftest import CAT
+
+    model, mmproj = llamacpp.gguf_pair(gguf_folder, None)
+    messages = [{"role": "user", "content": "What is this?", "images": [CAT]}]
+    with LlamaCpp(model, mmproj, n_ctx=512) as llm:
+        chunks = llm.tokenize(llamacpp.GGUFChat(model).render(messages), [CAT])
+    ids = [i for c in chunks for i in (c.ids if c.kind == "text" else [-1])]
+    original = reference.backend.prompt_ids(normalise(messages))
+    marker = reference.backend.marker
+    assert ids == [-1 if i == marker else i for i in original]

@@ -1,0 +1,97 @@
+"""``vlmkit serve GGUF_FOLDER --engine llama.cpp`` (llama-server) on the GGUF pair ``vlmkit convert --to gguf`` wrote.
+
+The answers are checked against llama.cpp called directly (``parity.llamacpp.LlamaCpp``) with
+the same prompt: llama.cpp's LLaVA graph differs from the original (ggml-org/llama.cpp#25814,
+see ``vlmkit verify``), so llama.cpp, not vlmkit's runtime, is the reference here. Slow; never
+skipped: without llama-server (``make llama-server``) the server fails to start and these fail.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import httpx2 as httpx
+import pytest
+from openai import OpenAI
+
+from vlmkit.serve.engines import llamacpp
+
+from ..conftest import run_cli
+from .conftest import ASTRONAUT, CAT, COFFEE, ROCKET, Served, ask, data_url
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama.cpp")]
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "v15-gguf"
+    assert run_cli("convert", models["v15"], out, "--to", "gguf", "--quiet").code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_server(gguf_pair):
+    server = Served(gguf_pair, "--engine", "llama.cpp", "--max-batch-size", "4", "--max-tokens", "64",
+                    "--max-image-pixels", "1000000", timeout=300)
+    yield server
+    server.stop()
+
+
+def direct(folder, question, image, max_tokens) -> tuple[str, int, int]:
+    """llama.cpp through its C API: (text with vlmkit's leading-space convention, prompt tokens, generated)."""
+    from vlmkit.parity.llamacpp import LlamaCpp
+
+    model, mmproj = llamacpp.gguf_pair(folder, None)
+    prompt = llamacpp.GGUFChat(model).render([{"role": "user", "content": question, "images": [image]}])
+    with LlamaCpp(model, mmproj, n_ctx=4096, exact=False) as llm:
+        run = llm.generate(prompt, [image], max_new_tokens=max_tokens)
+        buf, pieces = ctypes.create_string_buffer(256), []
+        for token in run.tokens:
+            if token != llm.eos:
+                n = llm.lib.llama_token_to_piece(llm.vocab, token, buf, 256, 0, False)
+                pieces.append(buf.raw[:n])
+        text = b"".join(pieces).decode()
+        prompt_tokens = sum(len(c.ids) if c.kind == "text" else len(c.embeddings) for c in run.chunks)
+    return (text[1:] if text.startswith(" ") else text), prompt_tokens, len(run.tokens)
+
+
+def client(server) -> OpenAI:
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_image_question_has_llama_cpps_own_greedy_tokens(llama_server, gguf_pair):
+    answer = client(llama_server).chat.completions.create(model="tiny-llava", messages=ask("What is this?"),
+                                                          temperature=0, max_tokens=12)
+    text, prompt_tokens, generated = direct(gguf_pair, "What is this?", CAT, 12)
+    assert answer.choices[0].message.content == text
+    assert answer.usage.prompt_tokens == prompt_tokens and answer.usage.completion_tokens == generated == 12
+    pieces = [c.choices[0].delta.content or "" for c in client(llama_server).chat.completions.create(
+        model="tiny-llava", messages=ask("What is this?"), temperature=0, max_tokens=12, stream=True) if c.choices]
+    assert "".join(pieces) == text
+
+
+def test_concurrent_requests_share_the_slots_and_answer_as_alone(llama_server, gguf_pair):
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [("Which colours?", ROCKET), ("Describe.", COFFEE), ("Who?", ASTRONAUT), ("What?", CAT)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda q: client(llama_server).chat.completions.create(
+            model="tiny-llava", messages=ask(*q), temperature=0, max_tokens=16).choices[0].message.content, questions))
+    assert answers == [direct(gguf_pair, q, i, 16)[0] for q, i in questions]
+
+
+@pytest.mark.parametrize("url, words", [
+    (data_url(CAT.read_bytes()[:4000]), "truncated"),
+    ("file:///etc/passwd", "--allowed-local-media-path"),
+])
+def test_broken_image_and_file_url_are_refused_with_400(llama_server, url, words):
+    response = httpx.post(llama_server.url + "/v1/chat/completions", timeout=60, json={"messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]})
+    error = response.json()["error"]
+    assert response.status_code == 400 and words in error["message"], error
+    assert error["param"] == "messages.0.content.0.image_url"
+
+
+def test_metrics_pass_llama_servers_through(llama_server):
+    text = httpx.get(llama_server.url + "/metrics", timeout=30).text
+    assert "vlmkit_request_latency_seconds_bucket" in text and "llamacpp:" in text
