@@ -72,6 +72,7 @@ class Worker:
 
         loaded = load(model, options=options)
         loaded.backend.image_max_pixels = settings.max_image_pixels
+        loaded.prefix_cache.max_bytes = settings.prefix_cache_size
         self.scheduler = Scheduler(loaded, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
         context = serve.get_replica_context()
         replica = getattr(context, "replica_tag", None) or context.replica_id.unique_id
