@@ -297,6 +297,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                               "on a folder vlmkit wrote), llama.cpp (llama-server on a GGUF pair)")
     engines.add_argument("--mmproj", metavar="GGUF", help="llama.cpp: the mmproj-*.gguf of a GGUF file "
                                                           "(not needed for a folder written by convert --to gguf)")
+    engines.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp: spread the model over these "
+                                                                "ggml-rpc-server hosts (llama.cpp RPC; README)")
     engines.add_argument("--data-parallel-size", type=int, default=1, help="vllm: engine copies (vLLM's own "
                                                                            "data parallelism; default: 1)")
     engines.add_argument("--replicas", type=int, help="run N vlmkit workers on Ray Serve behind one front")

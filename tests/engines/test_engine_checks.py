@@ -105,6 +105,9 @@ def test_llamacpp_command_line_gives_every_slot_the_whole_context(gguf_folder):
     argv = llamacpp.command("llama-server", model, mmproj, 9999, ServeSettings(model_name="t", max_batch_size=4), chat)
     text = " ".join(argv)
     assert f"-np 4 -c {4 * chat.context_length}" in text and "--mmproj" in text and "--metrics" in text
+    assert "--rpc" not in argv
+    rpc = llamacpp.command("llama-server", model, mmproj, 9999, ServeSettings(model_name="t"), chat, "h1:50052,h2:50052")
+    assert rpc[rpc.index("--rpc") + 1] == "h1:50052,h2:50052"
 
 
 def test_gguf_pair_errors(gguf_folder, tmp_path):
@@ -124,6 +127,7 @@ def test_gguf_pair_errors(gguf_folder, tmp_path):
     (["--mmproj", "m.gguf"], "llama.cpp"),
     (["--num-gpus-per-replica", "1"], "--replicas N"),
     (["--replicas", "0"], "1 or more"),
+    (["--rpc", "h:50052"], "rpc-server"),
 ])
 def test_flags_that_do_not_apply_are_refused(flags, words):
     result = run_cli("serve", "model/", *flags)

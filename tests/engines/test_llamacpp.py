@@ -95,3 +95,43 @@ def test_broken_image_and_file_url_are_refused_with_400(llama_server, url, words
 def test_metrics_pass_llama_servers_through(llama_server):
     text = httpx.get(llama_server.url + "/metrics", timeout=30).text
     assert "vlmkit_request_latency_seconds_bucket" in text and "llamacpp:" in text
+
+
+def test_layers_on_an_rpc_server_answer_as_llama_cpp_directly(gguf_pair, tmp_path):
+    """The README's multi-host recipe on one machine: llama.cpp's ggml-rpc-server (built by ``make llama-server``)
+    on a loopback port holds the model's layers, ``--rpc`` points llama-server at it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from vlmkit.serve.engines.process import free_port
+
+    port = free_port()
+    log = tmp_path / "rpc-server.log"
+    with open(log, "wb") as out:
+        rpc = subprocess.Popen([str(Path(sys.executable).parent / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert rpc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        # verbosity 4 makes llama-server log where each buffer lives
+        server = Served(gguf_pair, "--engine", "llama.cpp", "--rpc", f"127.0.0.1:{port}", "--max-batch-size", "2",
+                        "--max-tokens", "64", timeout=300, env={"LLAMA_ARG_LOG_VERBOSITY": "4"})
+        try:
+            answer = client(server).chat.completions.create(model="tiny-llava", messages=ask("Which colours?", ROCKET),
+                                                            temperature=0, max_tokens=12)
+            engine_log = Path(server.tail(200).split("(log: ", 1)[1].split(")", 1)[0]).read_text()
+        finally:
+            server.stop()
+    finally:
+        rpc.terminate()
+        rpc.wait(30)
+    assert answer.choices[0].message.content == direct(gguf_pair, "Which colours?", ROCKET, 12)[0]
+    assert f"RPC0[127.0.0.1:{port}] model buffer size" in engine_log, engine_log[-3000:]  # its layers lived there

@@ -42,6 +42,8 @@ FLAG_RULES = (
      "--data-parallel-size is passed to vLLM (--engine vllm)"),
     ("--mmproj", lambda a: a.mmproj is None or a.engine == "llama.cpp",
      "--mmproj names llama.cpp's vision file (--engine llama.cpp)"),
+    ("--rpc", lambda a: a.rpc is None or a.engine == "llama.cpp",
+     "--rpc names llama.cpp ggml-rpc-server hosts (--engine llama.cpp)"),
     ("--num-cpus-per-replica", lambda a: a.num_cpus_per_replica == 1 or a.replicas is not None,
      "--num-cpus-per-replica sizes Ray Serve replicas (--replicas N)"),
     ("--num-gpus-per-replica", lambda a: a.num_gpus_per_replica == 0 or a.replicas is not None,

@@ -41,7 +41,7 @@ from ...runtime.generation import SamplingParams
 from ...runtime import templates
 from ...runtime.templates import IMAGE_TOKEN
 from .front import EngineFailed, EngineReply, image_payload, refusal
-from .openai_backend import LeadingSpace, error_message
+from .openai_backend import EngineServer, LeadingSpace, error_message
 from .process import EngineProcess, free_port
 
 NAME = "llama.cpp"
@@ -151,34 +151,30 @@ class GGUFChat:
         return text.replace(IMAGE_TOKEN, marker)
 
 
-def command(binary: str, model: Path, mmproj: Path, port: int, settings, chat: GGUFChat) -> list[str]:
-    """llama-server's command line: one slot per ``--max-batch-size``, each with the whole context."""
+def command(binary: str, model: Path, mmproj: Path, port: int, settings, chat: GGUFChat,
+            rpc: str | None = None) -> list[str]:
+    """llama-server's command line: one slot per ``--max-batch-size``, each with the whole context;
+    with ``rpc`` (``HOST:PORT,...``), the layers are spread over those llama.cpp ggml-rpc-servers."""
     slots = settings.max_batch_size
     argv = [binary, "-m", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(port),
             "--alias", settings.model_name, "-np", str(slots), "-c", str(slots * chat.context_length),
             "--metrics", "--no-webui"]
     if chat.file_type in NO_REPACK:
         argv.append("--no-repack")
+    if rpc:
+        argv += ["--rpc", rpc]
     return argv
 
 
-class CompletionBackend:
+class CompletionBackend(EngineServer):
     """Streams llama-server's ``POST /completion`` with a rendered prompt and base64 images."""
 
     name = NAME
 
     def __init__(self, url: str, chat: GGUFChat, process=None):
-        self.url, self.chat, self.process = url, chat, process
-        self._client = None
+        super().__init__(url, process)
+        self.chat = chat
         self.marker: str | None = None  # llama-server's media marker, random per server (text cannot forge it)
-
-    def client(self):
-        import httpx2 as httpx
-
-        if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10),
-                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-        return self._client
 
     def body(self, messages: list[dict], params: SamplingParams) -> dict:
         images = [base64.b64encode(image_payload(i, STB_FORMATS)[1]).decode() for m in messages
@@ -219,22 +215,17 @@ class CompletionBackend:
         yield "done", EngineReply("".join(text), int(last.get("tokens_evaluated", 0)),
                                   int(last.get("tokens_predicted", 0)), FINISH.get(last.get("stop_type"), "stop"))
 
-    def retryable(self, error: BaseException) -> bool:
-        return False
 
-    def problem(self) -> str | None:
-        return self.process.problem() if self.process is not None else None
-
-
-def start(model: str, settings, mmproj: str | None = None):
+def start(model: str, settings, mmproj: str | None = None, rpc: str | None = None):
     """Check the GGUF pair, start llama-server on it; returns ``(EngineProcess, Backend)``."""
     model_file, mmproj_file = gguf_pair(model, mmproj)
     chat = GGUFChat(model_file)
     port = free_port()
-    process = EngineProcess(NAME, command(server_binary(), model_file, mmproj_file, port, settings, chat), port).start()
+    argv = command(server_binary(), model_file, mmproj_file, port, settings, chat, rpc)
+    process = EngineProcess(NAME, argv, port).start()
     return process, CompletionBackend(process.url, chat, process)
 
 
 def start_from_args(args, settings, options):
     """``start`` with ``vlmkit serve``'s arguments (``--dtype`` / ``--device`` are the GGUF's own)."""
-    return start(str(args.model), settings, mmproj=args.mmproj)
+    return start(str(args.model), settings, mmproj=args.mmproj, rpc=args.rpc)

@@ -36,7 +36,34 @@ class LeadingSpace:
         return text
 
 
-class OpenAIChatBackend:
+class EngineServer:
+    """What every backend over an engine's HTTP server shares: one pooled client, the process's state.
+
+    Args:
+        url: the server, e.g. ``http://127.0.0.1:PORT``.
+        process: the ``EngineProcess``, for ``problem()``.
+    """
+
+    def __init__(self, url: str, process=None):
+        self.url, self.process = url, process
+        self._client = None
+
+    def client(self):
+        import httpx2 as httpx
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10),
+                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        return self._client
+
+    def retryable(self, error: BaseException) -> bool:
+        return False  # one engine: nowhere else to go
+
+    def problem(self) -> str | None:
+        return self.process.problem() if self.process is not None else None
+
+
+class OpenAIChatBackend(EngineServer):
     """Streams ``POST /v1/chat/completions`` of an engine's server.
 
     Args:
@@ -48,16 +75,8 @@ class OpenAIChatBackend:
     """
 
     def __init__(self, name: str, url: str, model: str, *, extra: dict | None = None, process=None):
-        self.name, self.url, self.model, self.extra, self.process = name, url, model, extra or {}, process
-        self._client = None
-
-    def client(self):
-        import httpx2 as httpx
-
-        if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10),
-                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-        return self._client
+        super().__init__(url, process)
+        self.name, self.model, self.extra = name, model, extra or {}
 
     def body(self, messages: list[dict], params: SamplingParams) -> dict:
         body = {"model": self.model, "messages": openai_messages(messages), "stream": True,
@@ -92,9 +111,3 @@ class OpenAIChatBackend:
             raise EngineFailed(f"{self.name} ended the stream without its usage")
         yield "done", EngineReply("".join(text), usage["prompt_tokens"], usage["completion_tokens"],
                                   FINISH.get(finish, "stop"))
-
-    def retryable(self, error: BaseException) -> bool:
-        return False  # one engine: nowhere else to go
-
-    def problem(self) -> str | None:
-        return self.process.problem() if self.process is not None else None
