@@ -71,8 +71,8 @@ def test_vllm_command_line(models):
     for part in ("--enforce-eager", "--max-num-seqs 4", '--limit-mm-per-prompt {"image": 2}', "--dtype float32",
                  "--data-parallel-size 2", "--host 127.0.0.1", "--served-model-name tiny"):
         assert part in text, part
-    assert "--enforce-eager" not in vllm.command("py", models["v15-hf"], 1, "t", settings,
-                                                 LoadOptions(device="cuda"), config)
+    on_gpu = vllm.command("py", models["v15-hf"], 1, "t", settings, LoadOptions(device="cuda:1"), config)
+    assert "--enforce-eager" not in on_gpu and on_gpu[on_gpu.index("--device-ids") + 1] == "1"
 
 
 def test_vllm_python_is_found_or_the_error_says_how(monkeypatch, tmp_path):

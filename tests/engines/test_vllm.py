@@ -6,6 +6,8 @@ the server fails to start and these tests fail, saying how to install it.
 
 from __future__ import annotations
 
+import os
+
 import httpx2 as httpx
 import pytest
 from openai import OpenAI
@@ -79,3 +81,29 @@ def test_allowed_file_url_and_engine_context_errors(vllm_server, reference):
 def test_metrics_pass_vllms_through(vllm_server):
     text = httpx.get(vllm_server.url + "/metrics", timeout=30).text
     assert "vlmkit_request_latency_seconds_bucket" in text and "vllm:num_requests_running" in text
+
+
+def test_every_command_line_vlmkit_writes_is_one_vllms_own_parser_accepts(models):
+    """The GPU and data-parallel command lines (the CPU one is started above), parsed by vLLM itself."""
+    import json
+    import subprocess
+
+    from vlmkit.options import LoadOptions
+    from vlmkit.serve.app import ServeSettings
+    from vlmkit.serve.engines import vllm
+
+    config = vllm.check_folder(models["v15-hf"])
+    settings = ServeSettings(model_name="t")
+    lines = [vllm.command("py", models["v15-hf"], 1, "t", settings, LoadOptions(device=device), config,
+                          data_parallel_size=dp)[3:] for device, dp in (("cpu", 1), ("cuda", 2), ("cuda:1", 1))]
+    check = ("import json, sys\n"
+             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+             "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+             "parser = make_arg_parser(FlexibleArgumentParser())\n"
+             "for argv in json.loads(sys.argv[1]):\n"
+             "    args = parser.parse_args(argv)\n"
+             "    print(args.data_parallel_size, args.device_ids, args.enforce_eager)\n")
+    run = subprocess.run([vllm.python(), "-c", check, json.dumps(lines)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(vllm.SITE)}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[-4:-1] == ["1 None True", "2 None False", "1 [1] False"], run.stdout

@@ -152,8 +152,8 @@ def command(python_path: str, folder: Path, port: int, name: str, settings, opti
             "--uvicorn-log-level", "warning"]
     if options.device == "cpu":
         argv.append("--enforce-eager")
-    else:
-        argv += ["--device", options.device.split(":")[0]]
+    elif ":" in options.device:  # cuda:N -> that GPU (vLLM finds its platform itself; it has no --device)
+        argv += ["--device-ids", options.device.split(":", 1)[1]]
     if data_parallel_size > 1:
         argv += ["--data-parallel-size", str(data_parallel_size)]
     return argv
