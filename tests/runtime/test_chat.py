@@ -61,6 +61,16 @@ def test_templates_are_the_checkpoints(loaded):
     assert loaded["next"].template == "mistral_instruct" and loaded["next-hf"].template == "mistral_instruct"
 
 
+def test_a_paused_stream_leaves_the_callers_grad_mode_alone(loaded):
+    import torch
+
+    stream = loaded["v15-hf"].stream(ask("Describe it."), max_new_tokens=4, temperature=0)
+    next(stream)
+    assert torch.is_grad_enabled()  # between tokens the caller may train, or compute anything else
+    list(stream)
+    assert torch.is_grad_enabled()
+
+
 @pytest.mark.parametrize("name", ["v15", "next-hf"])
 def test_streaming_yields_the_same_text(loaded, name):
     model = loaded[name]

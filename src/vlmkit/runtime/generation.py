@@ -257,20 +257,21 @@ def stream_tokens(lm: LanguageModel, prompt: Prompt, params: SamplingParams, cac
     check_context(lm, prompt, params)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     keys = list(prompt.keys)
-    with torch.no_grad():
+    with torch.no_grad():  # not held across the yields: the caller's grad mode stays its own
         logits, past = prefill(lm, prompt, cache)
-        try:
-            for _ in range(params.max_new_tokens):
-                token = int(pick(logits, params, generator)[0])
-                yield token
-                if token in lm.eos_token_ids:
-                    return
+    try:
+        for _ in range(params.max_new_tokens):
+            token = int(pick(logits, params, generator)[0])
+            yield token
+            if token in lm.eos_token_ids:
+                return
+            with torch.no_grad():
                 step, past = lm.forward(lm.embed_tokens(torch.tensor([[token]])), None, None, past)
-                logits = step[:, -1]
-                keys.append(token)
-        finally:
-            if cache is not None:
-                cache.add(keys, _layers(past))
+            logits = step[:, -1]
+            keys.append(token)
+    finally:
+        if cache is not None:
+            cache.add(keys, _layers(past))
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a row is a key of its request
