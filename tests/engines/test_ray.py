@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
+import psutil
 import pytest
 from openai import OpenAI
 
@@ -109,35 +110,48 @@ def _stream(server, question, image, max_tokens, seen: threading.Event, started:
     return 200, "".join(text)
 
 
+def retried(server) -> float:
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r"^vlmkit_retried_requests_total\{[^}]*\} ([0-9.e+]+)$", metrics, re.M))
+
+
 def test_a_replica_killed_mid_load_loses_no_request(ray_server, reference):
-    answer_all(ray_server, QUESTIONS[:4], max_tokens=2)  # both replicas known
-    victim = next(iter(replicas(ray_server).values()))
-    # twice as many requests as both replicas batch at once: whichever replica dies, it has work in flight
+    # twice as many requests as both replicas batch at once. Ray's router may still leave the victim idle at the
+    # moment it dies (its requests done, the rest queued for the other): that kill proves nothing, so it is tried
+    # again on a fresh victim, up to 3 times; every kill must lose and change nothing
     questions = QUESTIONS * 2
-    seen, started = threading.Event(), set()
-    with ThreadPoolExecutor(len(questions)) as pool:
-        futures = [pool.submit(_stream, ray_server, q, i, 48, seen, started) for q, i in questions]
-        assert seen.wait(60), "no tokens arrived"
-        os.kill(victim["pid"], signal.SIGKILL)  # a replica dies while answering
-        results = [f.result() for f in futures]
-    assert [status for status, _ in results] == [200] * len(questions), results
-    assert [text for _, text in results] == [expected(reference, q, i, 48).text for q, i in questions]
-    metrics = httpx.get(ray_server.url + "/metrics", timeout=10).text
-    retried = sum(float(v) for v in re.findall(r"^vlmkit_retried_requests_total\{[^}]*\} ([0-9.e+]+)$", metrics, re.M))
-    assert retried >= 1, "the killed replica had no request in flight: the test proved nothing"
-    # Ray Serve starts a new replica; the service keeps answering meanwhile and after
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    for attempt in range(3):
         answer_all(ray_server, QUESTIONS[:4], max_tokens=2)
-        alive = {k: v for k, v in replicas(ray_server).items() if v["pid"] != victim["pid"]}
-        if len(alive) == 2:
+        victim = next(r for r in replicas(ray_server).values() if psutil.pid_exists(r["pid"]))  # not a killed one
+        seen, started = threading.Event(), set()
+        with ThreadPoolExecutor(len(questions)) as pool:
+            futures = [pool.submit(_stream, ray_server, q, i, 48, seen, started) for q, i in questions]
+            assert seen.wait(60), "no tokens arrived"
+            os.kill(victim["pid"], signal.SIGKILL)  # a replica dies while answering
+            results = [f.result() for f in futures]
+        assert [status for status, _ in results] == [200] * len(questions), results
+        assert [text for _, text in results] == [expected(reference, q, i, 48).text for q, i in questions]
+        # Ray Serve starts a new replica; the service keeps answering meanwhile and after
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            answer_all(ray_server, QUESTIONS[:4], max_tokens=2)
+            alive = {k: v for k, v in replicas(ray_server).items() if psutil.pid_exists(v["pid"])}
+            if len(alive) == 2:
+                break
+            time.sleep(2)
+        assert len(alive) == 2, f"no replacement replica answered: {replicas(ray_server)}"
+        if retried(ray_server) >= 1:
             break
-        time.sleep(2)
-    assert len(alive) == 2, f"no replacement replica answered: {replicas(ray_server)}"
+    assert retried(ray_server) >= 1, "no killed replica had a request in flight: the test proved nothing"
 
 
-def test_two_node_cluster_places_one_replica_per_node(models, reference):
+def test_two_node_cluster_places_one_replica_per_node(models, reference, monkeypatch):
     from ray.cluster_utils import Cluster
+
+    from vlmkit.serve.engines.ray_serve import RAY_ENV
+
+    for name, value in RAY_ENV.items():  # what vlmkit gives a Ray it starts; a cluster's nodes take their own
+        monkeypatch.setenv(name, value)
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                             "object_store_memory": 100 * 1024 * 1024})

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -35,13 +36,17 @@ from ray import serve
 from ...errors import VlmkitError
 from ...runtime.generation import ContextError, SamplingParams
 from ..scheduler import DeadlineError, Job, Scheduler
-from .front import EngineFailed, EngineRefused, EngineReply, RemoteScheduler
+from .front import EngineError, EngineFailed, EngineRefused, EngineReply, RemoteScheduler
 
 APP = "vlmkit"
+LOAD_TIMEOUT = 600.0  # seconds for every worker to load its model
 # the front's router asks each worker for its queue length before it sends a request, and skips a worker
 # that does not answer within 0.1 s; a worker decoding on a busy CPU answers late, so the router would pile
 # every request on one worker. These deadlines suit CPU-bound workers.
 ROUTER_ENV = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0", "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0"}
+# Ray Serve's own defaults give its HTTP proxy 5 s to get ready; on a busy machine (the model loading beside it,
+# a few cores) it needs more, or the controller kills it and nothing serves
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 log = logging.getLogger("vlmkit.serve")
 
 
@@ -167,22 +172,34 @@ class RayBackend:
 class Front:
     """vlmkit's app in front of the workers (the page, the API, every limit and error body)."""
 
-    def __init__(self, worker, settings, max_pending: int):
-        self.worker, self.settings, self.max_pending = worker, settings, max_pending
+    def __init__(self, worker, settings, max_pending: int, replicas: int):
+        self.worker, self.settings, self.max_pending, self.replicas = worker, settings, max_pending, replicas
 
     def __serve_build_asgi_app__(self):
         from ..app import create_app
 
         backend = RayBackend(self.worker)
 
-        def load():  # /health says 200 once a worker answers
-            return self.worker.ready.remote().result(timeout_s=600)
+        def load():  # /health says 200 once every worker has loaded its model (not at the first one)
+            deadline = time.monotonic() + LOAD_TIMEOUT
+            while self._running_workers() < self.replicas:
+                if time.monotonic() > deadline:
+                    raise EngineFailed(f"ray serve: {self._running_workers()} of {self.replicas} worker(s) loaded "
+                                       f"the model in {LOAD_TIMEOUT:.0f} s; see Ray's logs")
+                time.sleep(0.5)
+            return self.worker.ready.remote().result(timeout_s=LOAD_TIMEOUT)
 
         def scheduler(_ready, settings, metrics):
             backend.attach(metrics)
             return RemoteScheduler(backend, max_pending=self.max_pending, metrics=metrics, retries=3)
 
         return create_app(load, self.settings, scheduler_factory=scheduler)
+
+    @staticmethod
+    def _running_workers() -> int:
+        application = serve.status().applications.get(APP)
+        worker = application.deployments.get("Worker") if application else None
+        return worker.replica_states.get("RUNNING", 0) if worker else 0
 
 
 def application(model: str, settings, options, *, replicas: int, num_cpus: float, num_gpus: float):
@@ -195,15 +212,14 @@ def application(model: str, settings, options, *, replicas: int, num_cpus: float
     pending = replicas * settings.max_batch_size + settings.max_queue
     front = Front.options(max_ongoing_requests=pending + 64,
                           ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": ROUTER_ENV}})
-    return front.bind(worker.bind(model, options, settings), settings, pending)
+    return front.bind(worker.bind(model, options, settings), settings, pending, replicas)
 
 
 def run(model: str, settings, options, *, replicas: int, address: str | None, num_cpus: float, num_gpus: float,
         host: str, port: int) -> int:
     """Serve on Ray until SIGINT / SIGTERM: start (or join) Ray, deploy, wait, clean up."""
-    import sys
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in RAY_ENV.items():  # inherited by the Ray that vlmkit starts (a cluster keeps its own)
+        os.environ.setdefault(name, value)
     started = address is None
     if started:  # a local Ray with room for every replica (logical CPUs: N replicas may share few cores)
         ray.init(num_cpus=max(os.cpu_count() or 1, int(replicas * num_cpus + 0.999)), include_dashboard=False,
@@ -214,15 +230,8 @@ def run(model: str, settings, options, *, replicas: int, address: str | None, nu
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        # one HTTP proxy, on the head node: several nodes on one machine would race for the same port
-        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
-        print(f"vlmkit serve: {settings.model_name}: {replicas} replica(s) on Ray "
-              f"({'local, started by vlmkit' if started else address}; Ray address "
-              f"{ray.get_runtime_context().gcs_address}); loading...", file=sys.stderr, flush=True)
-        serve.run(application(model, settings, options, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus),
-                  name=APP, route_prefix="/", blocking=False)
-        print(f"vlmkit serve: {settings.model_name} on http://{host}:{port} (Ray Serve, {replicas} replica(s))",
-              file=sys.stderr, flush=True)
+        _deploy(model, settings, options, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus, host=host,
+                port=port, where="local, started by vlmkit" if started else address)
         stop.wait()
     finally:
         try:
@@ -232,3 +241,24 @@ def run(model: str, settings, options, *, replicas: int, address: str | None, nu
         finally:
             ray.shutdown()
     return 0
+
+
+def _deploy(model: str, settings, options, *, replicas: int, num_cpus: float, num_gpus: float, host: str, port: int,
+            where: str) -> None:
+    """Start Ray Serve's proxy and deploy the application; a Ray failure becomes an ``EngineError``."""
+    from ray.exceptions import RayError
+
+    try:
+        # one HTTP proxy, on the head node: several nodes on one machine would race for the same port
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+        print(f"vlmkit serve: {settings.model_name}: {replicas} replica(s) on Ray ({where}; Ray address "
+              f"{ray.get_runtime_context().gcs_address}); loading...", file=sys.stderr, flush=True)
+        serve.run(application(model, settings, options, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus),
+                  name=APP, route_prefix="/", blocking=False)
+    except RayError as e:
+        reason = str(e).strip().splitlines()
+        raise EngineError(f"Ray Serve did not start: {type(e).__name__}: {reason[0] if reason else ''}",
+                          hint="Ray's own logs are under /tmp/ray/session_latest/logs; on a busy machine raise "
+                               "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S") from None
+    print(f"vlmkit serve: {settings.model_name} on http://{host}:{port} (Ray Serve, {replicas} replica(s))",
+          file=sys.stderr, flush=True)
