@@ -127,7 +127,7 @@ class RayBackend:
 
     def __init__(self, handle):
         self.handle = handle
-        self.replicas = None  # a Gauge once the app's metrics exist
+        self.replicas = None  # a Counter per replica, once the app has its metrics
 
     def attach(self, metrics) -> None:
         from prometheus_client import Counter
