@@ -29,6 +29,21 @@ def ask(text: str, image: Path = CAT) -> list[dict]:
                                          {"type": "text", "text": text}]}]
 
 
+BROKEN_IMAGE = data_url(CAT.read_bytes()[:4000])  # a PNG cut short
+
+
+def assert_image_refused(server, url: str, words: str) -> None:
+    """The front answers an image question with ``url`` by a 400 naming the image field and saying ``words``."""
+    import httpx2 as httpx
+
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]
+    response = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": content}]})
+    error = response.json()["error"]
+    assert response.status_code == 400 and words in error["message"], error
+    assert error["param"] == "messages.0.content.0.image_url"
+
+
 class Served:
     """``vlmkit serve MODEL FLAGS`` on a free port, its output in a file; ready once ``/health`` says 200.
 

@@ -106,7 +106,8 @@ def test_llamacpp_command_line_gives_every_slot_the_whole_context(gguf_folder):
     text = " ".join(argv)
     assert f"-np 4 -c {4 * chat.context_length}" in text and "--mmproj" in text and "--metrics" in text
     assert "--rpc" not in argv
-    rpc = llamacpp.command("llama-server", model, mmproj, 9999, ServeSettings(model_name="t"), chat, "h1:50052,h2:50052")
+    rpc = llamacpp.command("llama-server", model, mmproj, 9999, ServeSettings(model_name="t"), chat,
+                           "h1:50052,h2:50052")
     assert rpc[rpc.index("--rpc") + 1] == "h1:50052,h2:50052"
 
 

@@ -17,7 +17,7 @@ from openai import OpenAI
 from vlmkit.serve.engines import llamacpp
 
 from ..conftest import run_cli
-from .conftest import ASTRONAUT, CAT, COFFEE, ROCKET, Served, ask, data_url
+from .conftest import ASTRONAUT, BROKEN_IMAGE, CAT, COFFEE, ROCKET, Served, ask, assert_image_refused
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("llama.cpp")]
 
@@ -80,16 +80,10 @@ def test_concurrent_requests_share_the_slots_and_answer_as_alone(llama_server, g
     assert answers == [direct(gguf_pair, q, i, 16)[0] for q, i in questions]
 
 
-@pytest.mark.parametrize("url, words", [
-    (data_url(CAT.read_bytes()[:4000]), "truncated"),
-    ("file:///etc/passwd", "--allowed-local-media-path"),
-])
+@pytest.mark.parametrize("url, words", [(BROKEN_IMAGE, "truncated"),
+                                        ("file:///etc/passwd", "--allowed-local-media-path")])
 def test_broken_image_and_file_url_are_refused_with_400(llama_server, url, words):
-    response = httpx.post(llama_server.url + "/v1/chat/completions", timeout=60, json={"messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]})
-    error = response.json()["error"]
-    assert response.status_code == 400 and words in error["message"], error
-    assert error["param"] == "messages.0.content.0.image_url"
+    assert_image_refused(llama_server, url, words)
 
 
 def test_metrics_pass_llama_servers_through(llama_server):
@@ -111,8 +105,8 @@ def test_layers_on_an_rpc_server_answer_as_llama_cpp_directly(gguf_pair, tmp_pat
     port = free_port()
     log = tmp_path / "rpc-server.log"
     with open(log, "wb") as out:
-        rpc = subprocess.Popen([str(Path(sys.executable).parent / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=out, stderr=subprocess.STDOUT)
+        binary = Path(sys.executable).parent / "ggml-rpc-server"
+        rpc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while True:

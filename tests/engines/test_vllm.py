@@ -12,7 +12,8 @@ import httpx2 as httpx
 import pytest
 from openai import OpenAI
 
-from .conftest import ASTRONAUT, CAT, COFFEE, ROCKET, Served, ask, data_url, expected
+from .conftest import (ASTRONAUT, BROKEN_IMAGE, CAT, COFFEE, ROCKET, Served, ask, assert_image_refused,
+                       expected)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm")]
 
@@ -55,16 +56,9 @@ def test_concurrent_requests_are_answered_as_one_by_one(vllm_server, reference):
     assert answers == [expected(reference, q, i, 16).text for q, i in questions]
 
 
-@pytest.mark.parametrize("url, words", [
-    (data_url(CAT.read_bytes()[:4000]), "truncated"),
-    ("file:///etc/passwd", "only allowed under"),
-])
+@pytest.mark.parametrize("url, words", [(BROKEN_IMAGE, "truncated"), ("file:///etc/passwd", "only allowed under")])
 def test_broken_image_and_file_url_are_refused_by_the_front(vllm_server, url, words):
-    response = httpx.post(vllm_server.url + "/v1/chat/completions", timeout=60, json={"messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]})
-    error = response.json()["error"]
-    assert response.status_code == 400 and words in error["message"], error
-    assert error["param"] == "messages.0.content.0.image_url"
+    assert_image_refused(vllm_server, url, words)
 
 
 def test_allowed_file_url_and_engine_context_errors(vllm_server, reference):

@@ -43,7 +43,8 @@ LOAD_TIMEOUT = 600.0  # seconds for every worker to load its model
 # the front's router asks each worker for its queue length before it sends a request, and skips a worker
 # that does not answer within 0.1 s; a worker decoding on a busy CPU answers late, so the router would pile
 # every request on one worker. These deadlines suit CPU-bound workers.
-ROUTER_ENV = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0", "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0"}
+ROUTER_ENV = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0",
+              "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0"}
 # Ray Serve's own defaults give its HTTP proxy 5 s to get ready; on a busy machine (the model loading beside it,
 # a few cores) it needs more, or the controller kills it and nothing serves
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
