@@ -42,22 +42,30 @@ BAD = [
      "conversations": conv("<image>\nDescribe.", "Coffee in a cup.")},
     {"id": "two-images", "image": ["coffee.png", "chelsea.png"],
      "conversations": conv("<image>\n<image>\nCompare.", "A drink and a cat.")},
+    {"id": "text-placeholder", "conversations": conv("<image>\nSay hi.", "Hi.")},
+    {"id": "merged", "image": "chelsea.png", "conversations": conv("<image> Who is it? <image>", "Chelsea.")},
 ]
 EXPECTED = {  # problem -> the records it must name, exactly
     "missing_image": {"missing", "url"},
     "truncated_image": {"truncated"},
     "unreadable_image": {"not-an-image"},
     "image_too_large": {"too-large"},
-    "image_count": {"no-placeholder", "two-placeholders"},
-    "image_in_answer": {"image-in-answer"},
-    "roles": {"human-twice", "gpt-first", "narrator"},
+    "image_count": {"two-placeholders"},
+    "roles": {"human-twice", "narrator"},
     "empty_turn": {"empty-answer"},
     "unanswered": {"unanswered"},
     "duplicate_id": {"good"},
     "duplicate_pair": {"copy"},
     "system_ignored": {"with-system"},
     "multi_image": {"two-images"},
+    # trained as the original trains them: warnings (errors with --strict)
+    "leading_gpt": {"gpt-first"},
+    "image_unplaced": {"no-placeholder"},
+    "image_in_answer": {"image-in-answer"},
+    "text_placeholder": {"text-placeholder"},
+    "image_merged": {"merged"},
 }
+ORIGINAL_WAY = {"gpt-first", "no-placeholder", "image-in-answer", "text-placeholder", "merged"}
 MAX_PIXELS = 250_000  # chelsea 451x300 and coffee 600x400 fit, astronaut 512x512 does not
 
 
@@ -84,7 +92,7 @@ def test_every_problem_is_caught_and_named(bad):
     report = check(path, image_folder=images, max_pixels=MAX_PIXELS)
     assert {code: named(report, code) for code in report.problems} == EXPECTED
     assert report.records == len(BAD)
-    clean = {"good", "with-system", "two-images", "copy"}  # warnings only (or nothing) for these
+    clean = {"good", "with-system", "two-images", "copy"} | ORIGINAL_WAY  # warnings only (or nothing) for these
     assert report.errors == len(BAD) - len(clean) - 1  # the second "good" has a duplicate id and is fine
     assert report.failed()
     assert set(EXPECTED) <= set(PROBLEMS)
@@ -111,14 +119,26 @@ def test_cli_exit_status_json_and_fix(bad, tmp_path, vlmkit_data):
                          "--fix", fixed)
     assert result.code == 3
     report = json.loads(result.out)
-    assert report["problems"]["roles"]["severity"] == "error" and report["problems"]["roles"]["count"] == 3
+    assert report["problems"]["roles"]["severity"] == "error" and report["problems"]["roles"]["count"] == 2
+    assert report["problems"]["leading_gpt"]["severity"] == "warning"
     kept = [json.loads(line)["id"] for line in fixed.read_text().splitlines()]
-    assert kept == ["good", "with-system", "two-images"]  # no errors, no duplicates (second "good", "copy")
-    assert report["fixed"] == {"path": str(fixed), "kept": 3, "dropped": len(BAD) - 3}
+    # no errors, no duplicates (second "good", "copy"); what the original trains on in its own way is kept
+    assert kept == ["good", "no-placeholder", "gpt-first", "image-in-answer", "with-system", "two-images",
+                    "text-placeholder", "merged"]
+    assert report["fixed"] == {"path": str(fixed), "kept": len(kept), "dropped": len(BAD) - len(kept)}
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # the input is never modified
     again = vlmkit_data("check", fixed, "--image-folder", images, "--max-pixels", MAX_PIXELS)
     assert again.code == 0, again.out
     assert vlmkit_data("check", fixed, "--image-folder", images, "--max-pixels", MAX_PIXELS, "--strict").code == 3
+    strict_fixed = tmp_path / "strict.jsonl"
+    strict = vlmkit_data("check", path, "--image-folder", images, "--max-pixels", MAX_PIXELS, "--json", "--strict",
+                         "--fix", strict_fixed)
+    assert strict.code == 3
+    problems = json.loads(strict.out)["problems"]
+    assert {code for code, p in problems.items() if p["severity"] == "error"} >= set(EXPECTED) - {
+        "duplicate_id", "duplicate_pair", "system_ignored", "multi_image"}
+    assert [json.loads(line)["id"] for line in strict_fixed.read_text().splitlines()] == [
+        "good", "with-system", "two-images"]
     refused = vlmkit_data("check", path, "--fix", path)
     assert refused.code == 1 and "never modifies its input" in refused.err
 
@@ -169,3 +189,41 @@ def test_cli_with_model(long_records, tiny_models, vlmkit_data):
     assert tokens["all_masked"] == ["separator-in-answer", "long-question", "long-text-only"]
     assert tokens["image_tokens"] == 16 and tokens["max_length"] == 128
     assert [b["count"] for b in tokens["histogram"] if b["count"]] == [1, 1]
+
+
+def test_records_the_original_trains_its_own_way_are_warnings_that_say_how(bad):
+    path, images = bad
+    report = check(path, image_folder=images, max_pixels=MAX_PIXELS)
+
+    def message(code):
+        return report.problems[code].examples[0]["message"]
+
+    assert message("leading_gpt").startswith("turn 1 is gpt's: the original drops it (source = source[1:])")
+    assert "the original loads the image, but its ids hold no image token" in message("image_unplaced")
+    assert "in answer turn 2: the original moves it to the front of that answer" in message("image_in_answer")
+    assert "the original tokenises it as the text '<image>'" in message("text_placeholder")
+    assert "turn 1 holds 2 <image> for one image: the original keeps one" in message("image_merged")
+    assert "assert" in message("roles") and "KeyError" in report.problems["roles"].examples[1]["message"]
+    text = render(report)
+    assert "  warning leading_gpt " in text and "  error   image_count " in text
+    strict = render(check(path, image_folder=images, max_pixels=MAX_PIXELS, strict=True))
+    assert "  error   leading_gpt " in strict and "  warning system_ignored " in strict
+
+
+def test_plain_template_reads_no_roles(tmp_path, llama):
+    from vlmkit.data.model import DataModel
+
+    rows = [{"id": "caption-first", "image": "chelsea.png", "conversations": conv("<image>", "A cat.",
+                                                                                roles=["gpt", "human"])},
+            {"id": "no-image", "conversations": conv("<image>", "A cat.")},
+            {"id": "three", "image": "chelsea.png", "conversations": conv("<image>", "A cat.", "More?")}]
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copyfile(IMAGES / "chelsea.png", tmp_path / "chelsea.png")
+    model = DataModel(tmp_path, "original", "plain", llama, 2048, "test", 576)
+    report = check(path, image_folder=tmp_path, model=model)
+    assert {code: named(report, code) for code in report.problems} == {
+        "roles_ignored": {"caption-first"}, "text_placeholder": {"no-image"}, "roles": {"three"}}
+    assert "all-zero dummy image" in report.problems["text_placeholder"].examples[0]["message"]
+    assert "len(source) == 2" in report.problems["roles"].examples[0]["message"]
+    assert report.tokens.count == 2  # both warned records are tokenised (and measured) as the original trains them

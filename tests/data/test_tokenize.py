@@ -256,23 +256,19 @@ def test_mpt_template_uses_its_own_system_prompt(chatml):
 
 # --------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("texts,images,match", [
-    (("A?", "B."), ("x.png",), "no <image> placeholder"),
-    (("<image>\nA?", "B.", "<image>\nC?", "D."), ("x.png",), "appears in turns"),
-    (("<image>\nA?", "B."), (), "has no image"),
+    # the model takes one image's features per -200: a second placeholder turn runs the batch out of them
+    (("<image>\nA?", "B.", "<image>\nC?", "D."), ("x.png",), r"<image> in turns \[1, 3\] for one image"),
     (("<image>\nA?", "B."), ("x.png", "y.png"), "one image per record"),
-    (("<image>\nA?", "<image> B."), ("x.png",), "appears in turns"),
+    (("<image>\nA?", "<image> B."), ("x.png",), r"<image> in turns \[1, 2\] for one image"),
 ])
 def test_image_placeholders(llama, texts, images, match):
+    # (what the original trains on in its own way: tests/data/test_original_records.py)
     with pytest.raises(RecordError, match=match) as e:
         tokenize(record(*texts, images=images), "llava_v1", llama, max_length=2048)
     assert e.value.code == "images"
 
 
 def test_roles(llama):
-    rec = record("Hi", "Hello")
-    rec.turns[0].role = "assistant"  # the original silently drops a leading gpt turn
-    with pytest.raises(RecordError, match="starts with a 'assistant' turn"):
-        tokenize(rec, "llava_v1", llama, max_length=2048)
     rec = record("Hi", "Hello", "More")
     rec.turns[2].role = "assistant"
     with pytest.raises(RecordError, match="turn 3 is 'assistant' where 'user' is due"):

@@ -2,7 +2,9 @@
 
 Each problem has a code, a severity and a fix (:data:`PROBLEMS`). Errors are records the
 training would use wrongly or fail on; warnings are records it would use, but probably not
-as meant. With a model, every record is also tokenised by the training's own preprocessing
+as meant, among them the records the original trains on in its own way (``tokenize.QUIRKS``:
+vlmkit trains them the same way; each message says how; ``strict`` makes them errors). Without
+a model the record's turns are read as a chat template reads them. With a model, every record is also tokenised by the training's own preprocessing
 (``tokenize.tokenize``) to count its tokens (image features included) and to find the
 records whose labels would all be masked.
 
@@ -27,7 +29,7 @@ from .files import RecordWriter
 from .formats import get_format
 from .model import DataModel
 from .records import ASSISTANT, IMAGE_TOKEN, USER, Record
-from .tokenize import RecordError, tokenize
+from .tokenize import QUIRKS, RecordError, structure, tokenize
 
 EXAMPLES = 20  # records named per problem in the report (all of them in JSON for all_masked)
 IMAGE_CACHE = 100_000
@@ -46,11 +48,10 @@ PROBLEMS: dict[str, Problem] = {
     "unreadable_image": Problem("error", "image cannot be decoded", "re-download or re-export it, or drop the record"),
     "truncated_image": Problem("error", "image data truncated or corrupt", "re-download it, or drop the record"),
     "image_too_large": Problem("error", "image above the pixel limit", "downscale it, or raise --max-pixels"),
-    "image_count": Problem("error", "<image> placeholders do not match the images",
-                           "one '<image>' per image, in the question that shows it"),
-    "image_in_answer": Problem("error", "<image> inside an answer", "move it to the question"),
-    "roles": Problem("error", "roles do not alternate human/gpt starting with the human",
-                     "start with the human's turn and alternate; drop stray turns"),
+    "image_count": Problem("error", "<image> in several turns for one image, or placeholders that do not match "
+                           "the images", "one '<image>' per image, in the question that shows it"),
+    "roles": Problem("error", "roles the original fails on: not alternating human/gpt after the first human turn, "
+                     "or neither human nor gpt", "alternate human and gpt; drop stray turns"),
     "unanswered": Problem("error", "last turn is the human's (nothing to train on after it)",
                           "end every conversation with the answer"),
     "empty_turn": Problem("error", "empty turn", "fill in or drop the turn (an empty answer breaks the masking)"),
@@ -64,6 +65,19 @@ PROBLEMS: dict[str, Problem] = {
                               "fold it into the first question if it matters"),
     "truncated": Problem("warning", "longer than --max-length: the end is cut off",
                          "raise --max-length or shorten the record"),
+    # tokenize.QUIRKS: trained as the original trains them; --strict makes them errors
+    "leading_gpt": Problem("warning", "starts with a gpt turn: the original drops it",
+                           "start with the human's turn, or drop the first turn"),
+    "image_in_answer": Problem("warning", "<image> inside an answer: the original moves it to the front of that answer",
+                               "move it to the question"),
+    "image_unplaced": Problem("warning", "image without an <image> placeholder: the original trains the text only",
+                              "put '<image>\\n' before the first question"),
+    "image_merged": Problem("warning", "several <image> in one turn for one image: the original keeps one",
+                            "one '<image>' per image"),
+    "text_placeholder": Problem("warning", "<image> in a record without an image",
+                                "remove it, or give the record its image"),
+    "roles_ignored": Problem("warning", "plain template: roles ignored, turn 2 is the caption whoever speaks it",
+                             "a human turn with <image>, then the gpt caption"),
 }
 # ImageError messages of runtime.images.load_image -> problem code (first match wins).
 IMAGE_CODES = (("no such file", "missing_image"), ("more than the limit", "image_too_large"),
@@ -128,6 +142,10 @@ class Report:
     tokens: TokenStats | None = None
     fixed: dict | None = None
     seconds: float = 0.0
+    strict: bool = False  # the records the original trains on in its own way (tokenize.QUIRKS) are errors
+
+    def severity(self, code: str) -> str:
+        return "error" if self.strict and code in QUIRKS else PROBLEMS[code].severity
 
     @property
     def ok(self) -> int:
@@ -139,7 +157,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"path": str(self.path), "format": self.format, "records": self.records, "ok": self.ok,
                 "errors": self.errors, "warnings": self.warnings,
-                "problems": {code: {"severity": PROBLEMS[code].severity, "what": PROBLEMS[code].what,
+                "problems": {code: {"severity": self.severity(code), "what": PROBLEMS[code].what,
                                     "fix": PROBLEMS[code].fix, "count": t.count, "examples": t.examples}
                              for code, t in self.problems.items()},
                 "tokens": self.tokens.to_dict() if self.tokens else None, "fixed": self.fixed,
@@ -180,29 +198,23 @@ class _Context:
         return None, "", size
 
 
-def _structure(record: Record) -> list[tuple[str, str]]:
-    """Problems visible in the record alone."""
-    found = []
+def _structure(record: Record, template: str | None) -> list[tuple[str, str]]:
+    """Problems visible in the record alone (``template``: the model's, None without a model: a chat template)."""
+    found = [("image_count" if code == "images" else code, message) for code, message in structure(record, template)]
     turns = record.turns
-    roles = [t.role for t in turns]
-    if not turns:
-        found.append(("roles", "no conversation turns"))
-    elif roles[0] != USER or any(r != (USER, ASSISTANT)[j % 2] for j, r in enumerate(roles)):
-        found.append(("roles", "roles are " + " / ".join(roles[:6]) + (" ..." if len(roles) > 6 else "")))
-    elif roles[-1] != ASSISTANT:
+    if turns and not any(code == "roles" for code, _ in found) and turns[-1].role != ASSISTANT \
+            and template != "plain":
         found.append(("unanswered", f"{len(turns)} turns, the last one the human's"))
+    # a question may be the bare <image>; so may plain's turn 1, whoever speaks it (plain replaces it by <image>)
     empty = [j + 1 for j, t in enumerate(turns) if not t.text.replace(IMAGE_TOKEN, "").strip()
-             and not (t.role == USER and IMAGE_TOKEN in t.text)]
+             and not (IMAGE_TOKEN in t.text and (t.role == USER or template == "plain" and j == 0))]
     if empty:
         found.append(("empty_turn", f"turn {empty[0]} is empty" + (f" (and {len(empty) - 1} more)" if len(empty) > 1
                                                                    else "")))
-    if record.placeholders() != len(record.images):
-        found.append(("image_count", f"{record.placeholders()} <image> placeholder(s) for {len(record.images)} "
-                                     "image(s)"))
-    answers = [j + 1 for j, t in enumerate(turns) if t.role == ASSISTANT and IMAGE_TOKEN in t.text]
-    if answers:
-        found.append(("image_in_answer", f"turn {answers[0]}"))
     if len(record.images) > 1:
+        if record.placeholders() != len(record.images):
+            found.append(("image_count", f"{record.placeholders()} <image> placeholder(s) for {len(record.images)} "
+                                         "images"))
         found.append(("multi_image", f"{len(record.images)} images"))
     if record.system is not None:
         found.append(("system_ignored", f"system prompt {record.system[:40]!r}"))
@@ -244,7 +256,7 @@ def _tokens(record: Record, sizes: list, ctx: _Context, stats: TokenStats) -> li
 
 def check(path: str | os.PathLike, *, image_folder: str | os.PathLike | None = None, model: DataModel | None = None,
           max_pixels: int = DEFAULT_MAX_PIXELS, source_format: str = "auto", fix: str | os.PathLike | None = None,
-          fix_format: str = "llava", force: bool = False) -> Report:
+          fix_format: str = "llava", force: bool = False, strict: bool = False) -> Report:
     """Validate every record of ``path``.
 
     Args:
@@ -256,13 +268,15 @@ def check(path: str | os.PathLike, *, image_folder: str | os.PathLike | None = N
         fix: write the records without errors and without duplicates here (never over the input).
         fix_format: the format of the cleaned copy.
         force: replace an existing ``fix`` file.
+        strict: report the records the original trains on in its own way (``tokenize.QUIRKS``: a leading
+            gpt turn, ``<image>`` in an answer ...) as errors, not warnings; ``fix`` then drops them too.
 
     Returns:
         The :class:`Report`.
     """
     started = time.perf_counter()
     stream = open_records(path, source_format=source_format)
-    report = Report(Path(path), stream.format)
+    report = Report(Path(path), stream.format, strict=strict)
     ctx = _Context(Path(image_folder) if image_folder is not None else None, max_pixels, model)
     if model is not None:
         # powers of two below the limit, then one bin for everything over it
@@ -274,17 +288,17 @@ def check(path: str | os.PathLike, *, image_folder: str | os.PathLike | None = N
     kept = 0
     with writer if writer is not None else _Null():
         for record in stream:
-            found = _structure(record) + _duplicates(record, ctx)
+            found = _structure(record, model.template if model is not None else None) + _duplicates(record, ctx)
             sizes = []
             for name in record.images:
                 code, message, size = ctx.image(name)
                 sizes.append(size)
                 if code:
                     found.append((code, message))
-            if model is not None and not any(PROBLEMS[c].severity == "error" for c, _ in found):
+            if model is not None and not any(report.severity(c) == "error" for c, _ in found):
                 found += _tokens(record, sizes, ctx, report.tokens)
             _count(report, record, found)
-            if writer is not None and not any(PROBLEMS[c].severity == "error" or c.startswith("duplicate")
+            if writer is not None and not any(report.severity(c) == "error" or c.startswith("duplicate")
                                               for c, _ in found):
                 writer.write(encode(record))
                 kept += 1
@@ -304,7 +318,7 @@ class _Null:
 
 def _count(report: Report, record: Record, found: list[tuple[str, str]]) -> None:
     report.records += 1
-    severities = {PROBLEMS[code].severity for code, _ in found}
+    severities = {report.severity(code) for code, _ in found}
     report.errors += "error" in severities
     report.warnings += severities == {"warning"}
     for code in dict.fromkeys(code for code, _ in found):
@@ -320,10 +334,10 @@ def render(report: Report, *, examples: int = 3) -> str:
     """The report as text for a terminal."""
     lines = [f"{report.path}: {report.records} record(s) ({report.format}): {report.ok} ok, {report.errors} with "
              f"errors, {report.warnings} with warnings only ({report.seconds:.1f} s)"]
-    order = sorted(report.problems, key=lambda c: (PROBLEMS[c].severity != "error", -report.problems[c].count))
+    order = sorted(report.problems, key=lambda c: (report.severity(c) != "error", -report.problems[c].count))
     for code in order:
         problem, tally = PROBLEMS[code], report.problems[code]
-        lines.append(f"  {problem.severity:<7} {code:<17} {tally.count:>7}  {problem.what}")
+        lines.append(f"  {report.severity(code):<7} {code:<17} {tally.count:>7}  {problem.what}")
         for ex in tally.examples[:examples]:
             lines.append(f"          - record {ex['id']!r} ({ex['where']}): {ex['message']}")
         if tally.count > examples:

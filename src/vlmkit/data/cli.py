@@ -109,7 +109,9 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fix-format", default="llava", choices=["llava", "sharegpt", "messages", "openai"],
                    help="format of the --fix copy (default: llava)")
     p.add_argument("--force", action="store_true", help="replace an existing --fix file")
-    p.add_argument("--strict", action="store_true", help="fail on warnings too")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on warnings too, and count the records the original trains on in its own way "
+                        "(leading gpt turn, <image> in an answer or missing ...) as errors (--fix drops them)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_load_arguments(p)
 
@@ -127,7 +129,7 @@ def cmd_check(args) -> int:
     model = _data_model(args) if args.model else None
     report = check(args.data, image_folder=args.image_folder, model=model,
                    max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, source_format=args.source_format,
-                   fix=args.fix, fix_format=args.fix_format, force=args.force)
+                   fix=args.fix, fix_format=args.fix_format, force=args.force, strict=args.strict)
     print(json.dumps(report.to_dict(), ensure_ascii=False, indent=1) if args.json else render(report))
     return FAILED if report.failed(args.strict) else 0
 
@@ -146,6 +148,9 @@ def _tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source_format", default="auto",
                    choices=["auto", "llava", "sharegpt", "messages", "openai"], help="input format")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse the records the original trains on in its own way (leading gpt turn, <image> in an "
+                        "answer or missing ...; `data check` lists them) instead of tokenising them as it does")
     add_load_arguments(p)
 
 
@@ -169,7 +174,7 @@ def cmd_tokenize(args) -> int:
 
     print(f"template {model.template}, --max-length {model.max_length} ({model.max_length_from})", file=sys.stderr)
     result = tokenize_file(args.data, args.out, model, image_folder=args.image_folder,
-                           source_format=args.source_format, force=args.force,
+                           source_format=args.source_format, force=args.force, strict=args.strict,
                            on_example=show if args.show else None)
     print(f"wrote {result.destination}: {result.examples} example(s), {result.refused} refused, "
           f"{result.trained_tokens} trained token(s), {result.records_per_second:,.0f} records/s", file=sys.stderr)

@@ -9,7 +9,6 @@ original checkpoints or over a transformers tokenizer for converted folders.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections.abc import Sequence
@@ -76,6 +75,10 @@ class TransformersEncoder:
     One more leading space makes Metaspace write exactly the slow tokenizer's string, so this encoder
     adds it where the slow tokenizer's prefix goes: at the start (both modes) and, for legacy
     tokenizers, at the start of every piece between added tokens (which it splits itself).
+
+    The ``<image>`` token the conversion adds is not a token here: the original's tokenizer has none
+    (prompts with an image are cut at ``<image>`` before they are tokenised), so a text-only record's
+    literal ``<image>`` is text, "▁<" "image" ">", as in the original training.
     """
 
     def __init__(self, tokenizer, legacy: bool | None):
@@ -85,11 +88,12 @@ class TransformersEncoder:
         self.legacy = legacy
         # tokenizer(text) of a fast tokenizer is its Rust backend's encode (no truncation or padding unless
         # asked); a private copy of the backend, with both off whatever tokenizer.json says, is 4x faster.
-        self._backend = copy.deepcopy(tokenizer.backend_tokenizer)
+        self._backend = _without_token(tokenizer.backend_tokenizer, IMAGE_PIECE)
         self._backend.no_truncation()
         self._backend.no_padding()
         self._wrap = self._backend.encode("", add_special_tokens=True).ids  # [BOS] (+ [EOS])
-        added = sorted(tokenizer.get_added_vocab().items(), key=lambda kv: -len(kv[0]))
+        added = sorted(((t, i) for t, i in tokenizer.get_added_vocab().items() if t != IMAGE_PIECE),
+                       key=lambda kv: -len(kv[0]))
         self._added = dict(added)
         self._split = re.compile("(" + "|".join(re.escape(t) for t, _ in added) + ")") if added else None
 
@@ -121,3 +125,12 @@ class TransformersEncoder:
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         return [IMAGE_PIECE if i == IMAGE_TOKEN_INDEX else self.tokenizer.convert_ids_to_tokens(int(i)) for i in ids]
+
+
+def _without_token(backend, content: str):
+    """A copy of a ``tokenizers.Tokenizer`` without the added token ``content`` (its text is then tokenised)."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["content"] != content]
+    return Tokenizer.from_str(json.dumps(data))

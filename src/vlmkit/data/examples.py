@@ -31,14 +31,15 @@ def _image_size(name: str, folder: Path | None) -> tuple[int, int] | None:
         return None
 
 
-def iter_examples(records: Iterable[Record], model: DataModel, *,
-                  image_folder: str | os.PathLike | None = None) -> Iterator[Example | RecordError]:
+def iter_examples(records: Iterable[Record], model: DataModel, *, image_folder: str | os.PathLike | None = None,
+                  strict: bool = False) -> Iterator[Example | RecordError]:
     """Tokenise each record as the model's training does; refused records come as their ``RecordError``.
 
     Args:
         records: e.g. ``open_records(path)``.
         model: see ``model.load_data_model``.
         image_folder: where the images are; needed for anyres models (features depend on the image size).
+        strict: refuse the records the original trains on in its own way (``tokenize.QUIRKS``).
     """
     folder = Path(image_folder) if image_folder is not None else None
     for record in records:
@@ -47,7 +48,8 @@ def iter_examples(records: Iterable[Record], model: DataModel, *,
             size = _image_size(record.images[0], folder)
             per_image = model.image_tokens(size) if size else None
         try:
-            yield tokenize(record, model.template, model.encoder, max_length=model.max_length, image_tokens=per_image)
+            yield tokenize(record, model.template, model.encoder, max_length=model.max_length, image_tokens=per_image,
+                           strict=strict)
         except RecordError as e:
             yield e
 
@@ -69,6 +71,7 @@ class TokenizeResult:
 
 def tokenize_file(source: str | os.PathLike, destination: str | os.PathLike, model: DataModel, *,
                   image_folder: str | os.PathLike | None = None, source_format: str = "auto", force: bool = False,
+                  strict: bool = False,
                   on_example: Callable[[Example | RecordError], None] | None = None) -> TokenizeResult:
     """Write one JSON line per record of ``source``: ``{"id", "input_ids", "labels"}`` or ``{"id", "error"}``.
 
@@ -79,13 +82,14 @@ def tokenize_file(source: str | os.PathLike, destination: str | os.PathLike, mod
         image_folder: where the images are (anyres models).
         source_format: "auto" or a format of ``formats.FORMATS``.
         force: replace an existing destination.
+        strict: refuse the records the original trains on in its own way (``tokenize.QUIRKS``).
         on_example: called with each example or error (``--show``).
     """
     started = time.perf_counter()
     examples = refused = trained = 0
     stream = open_records(source, source_format=source_format)
     with RecordWriter(destination, force=force, sources=(source,)) as out:
-        for item in iter_examples(stream, model, image_folder=image_folder):
+        for item in iter_examples(stream, model, image_folder=image_folder, strict=strict):
             if isinstance(item, RecordError):
                 out.write({"id": item.record_id, "error": item.message})
                 refused += 1

@@ -22,8 +22,10 @@ mpt, chatml_direct  preprocess_mpt      the "\\n" after "<|im_start|>assistant" 
 
 Quirks kept, because the training sees them:
 
-* ``preprocess_multimodal``: in a record with an image, every turn that holds ``<image>`` is rewritten
-  as ``"<image>\\n" + rest.strip()`` (all placeholders of that turn collapse into one, moved to the front).
+* ``preprocess_multimodal``: in a record with an image, every turn that holds ``<image>`` (an answer too)
+  is rewritten as ``"<image>\\n" + rest.strip()`` (all placeholders of that turn collapse into one, moved
+  to the front); then a leading gpt turn is dropped. A text-only record's ``<image>`` stays text (but plain
+  always tokenises with ``tokenizer_image_token``).
 * Round lengths are measured by tokenising each round on its own, and corrected by the number of
   tokens that differ in context: ``-2`` / ``-1`` on the instruction, and since 879ef31 a ``legacy``-
   dependent ``-1`` (v1, non-legacy tokenizers, rounds after the first) or ``+1`` (mpt, legacy
@@ -37,15 +39,20 @@ Quirks kept, because the training sees them:
 * ``pad_token = unk_token``, so ``total_len`` does not count ``<unk>`` tokens, and the model drops them
   from the sequence (its attention mask is ``input_ids != pad``).
 
-Where the original would go on silently with a wrong record, :func:`tokenize` raises
+Where the original would go on silently with a wrong record, or crash, :func:`tokenize` raises
 :class:`RecordError` naming the record and the template:
 
 * "tokenization mismatch": the rounds do not add up to the sequence, and the original masks EVERY label
   ("WARNING: tokenization mismatch: N vs. M. (ignored)") and trains on the record with loss 0;
 * every label masked after truncation to ``max_length`` (the answer lies beyond it);
-* a conversation that does not start with the human (the original silently drops a leading gpt turn),
-  roles that do not alternate (the original asserts), more than one image (the original takes one),
-  an image whose placeholder is missing or duplicated, a placeholder in an answer, ``<unk>`` in the text.
+* what the original crashes on: roles that do not alternate once a leading gpt turn is dropped (it
+  asserts), a role other than human / gpt (KeyError), more than one image, ``<image>`` in two turns of
+  a one-image record (the model runs out of image features), plain's two asserts; and ``<unk>`` in the
+  text (the model drops it from the sequence).
+
+Records the original trains on in its own way are trained the same way (a dataset trains in vlmkit as
+it did in the original); ``vlmkit data check`` reports each as a warning, and ``strict=True``
+(``--strict``) refuses them. :data:`QUIRKS` lists them.
 
 Example:
     >>> enc = OriginalEncoder.from_folder("tests/fixtures/tokenizers/llama-spm")
@@ -75,7 +82,8 @@ class RecordError(DataError):
     Attributes:
         record_id: the record's id.
         template: the conversation template.
-        code: "mismatch", "masked", "roles", "images", "unk", "unrenderable" or "unsupported".
+        code: "mismatch", "masked", "roles", "images", "unk", "unrenderable" or "unsupported"; with
+            ``strict``, also a code of :data:`QUIRKS`.
         reason: what is wrong, without the record's name.
     """
 
@@ -95,6 +103,8 @@ class Example:
         images: the record's image paths.
         length: the number of ids before the cut.
         image_tokens: features per image, when known (the model inserts them at each -200).
+        marks: how many -200 the ids hold before the cut: 0 for an image without a placeholder (the model
+            never sees it), 1 for plain's ``<image>`` in a text-only record (the dummy image's features).
     """
 
     id: str
@@ -103,6 +113,7 @@ class Example:
     images: tuple[str, ...]
     length: int
     image_tokens: int | None = None
+    marks: int = 0
 
     @property
     def trained(self) -> int:
@@ -112,9 +123,9 @@ class Example:
     @property
     def expanded_length(self) -> int | None:
         """The sequence length the language model sees (before its cut), image features included."""
-        if self.image_tokens is None and len(self.images):
+        if self.image_tokens is None and self.marks:
             return None
-        return self.length + len(self.images) * ((self.image_tokens or 1) - 1)
+        return self.length + self.marks * ((self.image_tokens or 1) - 1)
 
     def to_json(self) -> dict:
         return {"id": self.id, "input_ids": self.input_ids, "labels": self.labels}
@@ -238,12 +249,10 @@ def _mpt(texts, tpl, enc, has_image) -> _Masked:
 
 
 def _plain(texts, tpl, enc, has_image) -> _Masked:
-    """preprocess_plain (projector pre-training): ``"<image>" + answer + sep``; no mismatch check."""
-    if len(texts) != 2:
-        raise _Refuse("roles", f"plain takes exactly one human and one gpt turn, this record has {len(texts)} "
-                               "turns (the original asserts len(source) == 2)")
-    if IMAGE_TOKEN not in texts[0]:
-        raise _Refuse("images", "plain needs <image> in the human turn (the original asserts it)")
+    """preprocess_plain (projector pre-training): ``"<image>" + answer + sep``; no mismatch check.
+
+    Always ``tokenizer_image_token``, image or not (the asserts are in ``_plain_turns``).
+    """
     prompt = IMAGE_TOKEN + texts[1] + tpl.sep  # the human turn's text is dropped: source[0]['value'] = "<image>"
     ids = tokenizer_image_token(prompt, enc.encode, enc.bos_token_id)
     labels = list(ids)
@@ -269,49 +278,130 @@ class _Refuse(Exception):
 
 
 def _multimodal(text: str) -> str:
-    """preprocess_multimodal: ``"<image>\\n" + text.replace("<image>", "").strip()``, stripped."""
+    """preprocess_multimodal: ``"<image>\\n" + text.replace("<image>", "").strip()``, stripped.
+
+    vlmkit has no ``mmtag`` template and refuses ``mm_use_im_start_end`` checkpoints, the two cases in which
+    the original wraps the placeholder in further tokens.
+    """
     if IMAGE_TOKEN not in text:
         return text
     return (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
 
 
-def _sentences(record: Record) -> tuple[list[str], bool]:
-    """The turns' texts as the preprocessors get them, after the checks the original leaves to chance."""
-    turns = record.turns
+# Records the original trains on in its own way, which their author may not have meant. vlmkit trains them
+# the same way; `data check` reports each (a warning saying what the original does; check.PROBLEMS describes
+# them) and strict mode refuses them.
+QUIRKS = ("leading_gpt", "image_in_answer", "image_unplaced", "image_merged", "text_placeholder", "roles_ignored")
+
+
+@dataclass
+class _Turns:
+    texts: list[str]  # what the preprocess function gets
+    has_image: bool  # `'image' in record`: tokenizer_image_token (no truncation) instead of tokenizer()
+    quirks: list[tuple[str, str]]  # (code of QUIRKS, what the original does with this record)
+
+
+def _turns(record: Record, plain: bool) -> _Turns:
+    """The turns as the original's preprocess function gets them (``__getitem__``, ``preprocess_multimodal``, the
+    leading-turn drop), the patterns it trains on in its own way, and a refusal for what it crashes on.
+
+    The placeholders of a record with several images are not looked at (``tokenize`` refuses it before).
+    """
+    turns, has_image = record.turns, bool(record.images)
+    # preprocess_multimodal runs on every turn of a record with an image, before anything looks at roles
+    texts = [_multimodal(t.text) if has_image else t.text for t in turns]
+    if plain:
+        return _plain_turns(record, texts, has_image)
     if not turns:
-        raise _Refuse("roles", "no conversation turns")
-    if turns[0].role != USER:
-        raise _Refuse("roles", f"the conversation starts with a {turns[0].role!r} turn; the original silently "
-                               "drops a leading gpt turn (and fails on other roles)",
-                      hint="start every conversation with the human's turn")
-    for j, turn in enumerate(turns):
+        raise _Refuse("roles", "no conversation turns (the original fails on source[0])")
+    unknown = next((t.role for t in turns if t.role not in (USER, ASSISTANT)), None)
+    if unknown is not None:
+        raise _Refuse("roles", f"role {unknown!r}: the original knows only human and gpt (KeyError)",
+                      hint="use human / gpt (user / assistant)")
+    quirks = []
+    first = 0
+    if turns[0].role != USER:  # `if roles[source[0]["from"]] != conv.roles[0]: source = source[1:]`
+        first = 1
+        quirks.append(("leading_gpt", "turn 1 is gpt's: the original drops it (source = source[1:]) and trains on "
+                                      "the turns after it" + (", <image> included" if IMAGE_TOKEN in texts[0] else "")))
+    if first == len(turns):
+        raise _Refuse("roles", "the only turn is gpt's, which the original drops: nothing is left to train on")
+    for j, turn in enumerate(turns[first:]):
         expected = (USER, ASSISTANT)[j % 2]
-        if turn.role != expected:
-            raise _Refuse("roles", f"turn {j + 1} is {turn.role!r} where {expected!r} is due; roles must "
-                                   "alternate human/gpt (the original asserts)")
-    if len(record.images) > 1:
-        raise _Refuse("images", f"{len(record.images)} images; the original LLaVA training takes one image "
-                                "per record ('image' is a single path)")
-    has_image = bool(record.images)
-    texts = [_multimodal(t.text) for t in turns] if has_image else [t.text for t in turns]
-    holders = [j for j, text in enumerate(texts) if IMAGE_TOKEN in text]
-    if has_image and not holders:
-        raise _Refuse("images", "the record has an image but no <image> placeholder: the model would never "
-                                "see the image", hint="put '<image>\\n' before the first question")
-    if has_image and len(holders) > 1:
-        raise _Refuse("images", f"<image> appears in turns {[j + 1 for j in holders]}; with one image the "
-                                "original model code fails at the second placeholder")
-    if not has_image and holders:
-        raise _Refuse("images", f"<image> in turn {holders[0] + 1} but the record has no image: the placeholder "
-                                "would be trained as text")
-    answers = [j + 1 for j in holders if j % 2]
-    if answers:
-        raise _Refuse("images", f"<image> in an answer (turn {answers[0]}); it belongs in a question")
-    return texts, has_image
+        if turn.role != expected:  # `assert role == conv.roles[j % 2]`
+            raise _Refuse("roles", f"turn {first + j + 1} is {turn.role!r} where {expected!r} is due: roles must "
+                                   "alternate human/gpt after the first human turn (the original asserts)")
+    holders = [j for j in range(first, len(texts)) if IMAGE_TOKEN in texts[j]]
+    if len(record.images) > 1:  # refused by tokenize; `data check` counts their placeholders itself
+        pass
+    elif not has_image:
+        if holders:
+            quirks.append(("text_placeholder", f"'<image>' in turn {holders[0] + 1} of a record without an image: "
+                                               "the original tokenises it as the text '<image>'"))
+    elif len(holders) > 1:
+        raise _Refuse("images", f"<image> in turns {[j + 1 for j in holders]} for one image: the original model "
+                                "code runs out of image features at the second placeholder and fails",
+                      hint="keep one '<image>', in the question that shows the image")
+    elif not holders:
+        quirks.append(("image_unplaced", "an image but no <image> placeholder" + (" after the dropped turn 1" if first
+                                         and IMAGE_TOKEN in texts[0] else "") + ": the original loads the image, "
+                                         "but its ids hold no image token, so the model never sees it and the record "
+                                         "trains as text only"))
+    else:
+        j = holders[0]
+        if (j - first) % 2:
+            quirks.append(("image_in_answer", f"<image> in answer turn {j + 1}: the original moves it to the front "
+                                              "of that answer ('<image>\\n' + the answer), so the image sits inside the "
+                                              "trained answer"))
+        count = turns[j].text.count(IMAGE_TOKEN)
+        if count > 1:
+            quirks.append(("image_merged", f"turn {j + 1} holds {count} <image> for one image: the original keeps "
+                                           "one, moved to the front of the turn"))
+    return _Turns(texts[first:], has_image, quirks)
+
+
+def _plain_turns(record: Record, texts: list[str], has_image: bool) -> _Turns:
+    """preprocess_plain reads no roles: two turns, <image> in the first (its two asserts), the second is the caption."""
+    if len(texts) != 2:
+        raise _Refuse("roles", f"plain takes exactly one human and one gpt turn, this record has {len(texts)} "
+                               "turns (the original asserts len(source) == 2)")
+    if IMAGE_TOKEN not in texts[0]:
+        raise _Refuse("images", "plain needs <image> in the human turn (the original asserts it)")
+    if IMAGE_TOKEN in texts[1]:
+        raise _Refuse("images", "<image> in the caption as well: the original inserts two image tokens for one "
+                                "image and the model code fails")
+    quirks = []
+    roles = [t.role for t in record.turns]
+    if roles != [USER, ASSISTANT]:
+        quirks.append(("roles_ignored", f"roles {' / '.join(roles)}: plain ignores them; the original replaces turn "
+                                        "1 by <image> and trains turn 2 as the caption"))
+    if not has_image:
+        quirks.append(("text_placeholder", "'<image>' in turn 1 of a record without an image: plain still puts an "
+                                           "image token there, and the original model inserts the features of its "
+                                           "all-zero dummy image"))
+    return _Turns(texts, has_image, quirks)
+
+
+def structure(record: Record, template: str | Template | None = None) -> list[tuple[str, str]]:
+    """How the original's preprocessing meets ``record``'s turns and placeholders, without tokenising.
+
+    Args:
+        record: the record (one image at most is looked at).
+        template: the training's template; None: a chat template (every template but plain).
+
+    Returns:
+        ``[("roles" | "images", why)]`` when the original would fail on the record, else its :data:`QUIRKS`
+        as ``(code, what the original does)``.
+    """
+    plain = template is not None and get_template(template).name == "plain"
+    try:
+        return _turns(record, plain).quirks
+    except _Refuse as r:
+        return [(r.code, r.reason)]
 
 
 def tokenize(record: Record, template: str | Template, encoder: Encoder, *, max_length: int,
-             image_tokens: int | None = None) -> Example:
+             image_tokens: int | None = None, strict: bool = False) -> Example:
     """The ids and labels LLaVA's training code makes of ``record`` with ``template``.
 
     Args:
@@ -322,6 +412,8 @@ def tokenize(record: Record, template: str | Template, encoder: Encoder, *, max_
         image_tokens: how many features the record's image becomes (576 for LLaVA-1.5 at 336 px; size
             dependent for anyres). When given, a record whose every label falls beyond ``max_length`` once
             the features are inserted is refused too.
+        strict: refuse the records the original trains on in its own way (:data:`QUIRKS`) instead of
+            training them as it does.
 
     Returns:
         The :class:`Example`.
@@ -335,9 +427,16 @@ def tokenize(record: Record, template: str | Template, encoder: Encoder, *, max_
         if preprocess is None:
             raise _Refuse("unsupported", f"vlmkit has no training preprocessing for template {tpl.name!r} "
                                          f"(known: {', '.join(PREPROCESS)})", hint="pass --template with one of them")
-        texts, has_image = _sentences(record)
+        if len(record.images) > 1:
+            raise _Refuse("images", f"{len(record.images)} images; the original LLaVA training takes one image "
+                                    "per record ('image' is a single path)")
+        turns = _turns(record, plain=preprocess is _plain)
+        if strict and turns.quirks:
+            code, what = turns.quirks[0]
+            raise _Refuse(code, f"{what} (refused by --strict)",
+                          hint="fix the record, or leave out --strict to train it as the original does")
         try:
-            masked = preprocess(texts, tpl, encoder, has_image)
+            masked = preprocess(turns.texts, tpl, encoder, turns.has_image)
         except TemplateError as e:
             raise _Refuse("unrenderable", e.message, e.hint) from None
         _check_counts(masked, encoder, max_length, tpl)
@@ -373,7 +472,8 @@ def _finish(record: Record, masked: _Masked, max_length: int, image_tokens: int 
                                                            f"(the record has {len(masked.ids)} tokens)" if cut
                                                            else " (no answer text to train on)"),
                       hint="raise --max-length, shorten the record, or drop it")
-    if image_tokens is not None and record.images:
+    marks = masked.ids.count(IMAGE_TOKEN_INDEX)
+    if image_tokens is not None and marks:
         expanded, surviving = 0, False
         for token, label in zip(ids, labels):
             if label != IGNORE_INDEX and expanded < max_length:
@@ -384,4 +484,4 @@ def _finish(record: Record, masked: _Masked, max_length: int, image_tokens: int 
             raise _Refuse("masked", f"every label is masked once the image's {image_tokens} features are inserted: "
                                     f"the answer starts beyond --max-length {max_length}",
                           hint="raise --max-length or shorten the question")
-    return Example(record.id, ids, labels, tuple(record.images), len(masked.ids), image_tokens)
+    return Example(record.id, ids, labels, tuple(record.images), len(masked.ids), image_tokens, marks)

@@ -36,6 +36,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                                  "LoRA with --model-base) or a plain language model with --vision-tower")
     p.add_argument("--data", required=True, help="training records (LLaVA JSON/JSONL, ShareGPT, messages)")
     p.add_argument("--image-folder", help="where relative image paths start")
+    p.add_argument("--strict-data", action="store_true",
+                   help="refuse the records the original trains on in its own way (leading gpt turn, <image> in an "
+                        "answer or missing ...), as `vlmkit data check --strict` does; default: train them as it does")
     p.add_argument("--output", required=True, help="the run folder: checkpoints, logs, final outputs")
     p.add_argument("--stage", choices=list(STAGES), default="finetune",
                    help="; ".join(f"{k}: {v.what}" for k, v in STAGES.items()) + " (default: finetune)")
@@ -88,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     options = LoadOptions.from_args(args)
     return TrainConfig(
         model=args.model, data=args.data, output=args.output, stage=args.stage, image_folder=args.image_folder,
+        strict_data=args.strict_data,
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_targets=tuple(args.lora_targets) if args.lora_targets else None, train_vision=args.train_vision,
         init_projector=args.init_projector, projector_type=args.projector_type,

@@ -66,6 +66,7 @@ class TrainConfig:
     output: str
     stage: str = "finetune"
     image_folder: str | None = None
+    strict_data: bool = False  # refuse the records the original trains on in its own way (data check --strict)
     # parts and adapters
     lora: bool = False
     lora_r: int = 128

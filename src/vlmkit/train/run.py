@@ -141,11 +141,12 @@ def _check_data(config: TrainConfig, data_model) -> None:
     from ..data import DataError, check
     from ..data.check import render
 
-    report = check(config.data, image_folder=config.image_folder, model=data_model)
+    report = check(config.data, image_folder=config.image_folder, model=data_model, strict=config.strict_data)
     if report.failed():
         raise DataError(f"the training data does not check out; nothing was loaded:\n{render(report)}",
                         hint=f"fix the records, or keep the good ones: vlmkit data check {config.data} "
-                             f"--image-folder {config.image_folder or '.'} --model {config.model} --fix clean.jsonl")
+                             f"--image-folder {config.image_folder or '.'} --model {config.model} --fix clean.jsonl"
+                             + (" --strict" if config.strict_data else ""))
 
 
 def _arguments(config: TrainConfig, run_dir: Path, deepspeed: dict | None, bf16: bool, fp16: bool):
