@@ -37,3 +37,16 @@ def test_the_whitespace_the_plain_fast_tokenizer_gets_wrong(fast, llama):
     assert plain(" ASSISTANT:").input_ids != llama.encode(" ASSISTANT:")
     assert TransformersEncoder(plain, False).encode(" ASSISTANT:") == llama.encode(" ASSISTANT:")
     assert llama.pieces(llama.encode(" ASSISTANT:"))[:3] == ["<s>", "▁", "▁A"]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_literal_image_placeholder_is_text_as_in_the_original(fast, legacy):
+    # The conversion adds "<image>" (id 32000) to the tokenizer; LLaVA's own tokenizer has no such token, so a
+    # text-only record's literal "<image>" reaches the original training as text ("▁<" "image" ">").
+    tokenizer = fast["llama-spm", legacy]
+    assert tokenizer.convert_tokens_to_ids("<image>") == 32000
+    original = OriginalEncoder(OriginalTokenizer.from_folder(TOKENIZERS / "llama-spm", legacy=legacy))
+    converted = TransformersEncoder(tokenizer, legacy)
+    for text in ("USER: <image>\nWhat is it? ASSISTANT:", "<image>", "a</s><image> b"):
+        assert converted.encode(text) == original.encode(text), repr(text)
+    assert original.pieces(original.encode("USER: <image>"))[-3:] == ["▁<", "image", ">"]

@@ -185,3 +185,26 @@ def test_ordinary_records_pass_strict(llama):
                           (record("<image>\nDescribe.", "A cat.", images=IMAGE), "plain"),
                           (record("Hi", "Hello", "More?", "No."), "llava_llama_2")]:
         assert tokenize(rec, template, llama, max_length=2048, strict=True).trained > 0
+
+
+# --------------------------------------------------------------------------------------------- the command
+def test_tokenize_command_trains_them_and_strict_refuses_them(tmp_path, tiny_models, vlmkit_data):
+    import json
+
+    rows = [{"id": "gpt-first", "conversations": [{"from": "gpt", "value": "Welcome!"},
+                                                  {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {"id": "text-placeholder", "conversations": [{"from": "human", "value": "<image>\nHi"},
+                                                         {"from": "gpt", "value": "Hello"}]}]
+    source = tmp_path / "r.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "t.jsonl"
+    result = vlmkit_data("tokenize", source, "--model", tiny_models["v15"], "--out", out)
+    assert result.code == 0, result.err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(set(line) == {"id", "input_ids", "labels"} for line in lines)
+    strict = vlmkit_data("tokenize", source, "--model", tiny_models["v15"], "--out", out, "--force", "--strict")
+    assert strict.code == 3 and "0 example(s), 2 refused" in strict.err
+    errors = [json.loads(line) for line in out.read_text().splitlines()]
+    assert errors[0]["id"] == "gpt-first" and "record 'gpt-first'" in errors[0]["error"]
+    assert "turn 1 is gpt's: the original drops it" in errors[0]["error"] and "--strict" in errors[0]["error"]
+    assert "record 'text-placeholder'" in errors[1]["error"] and "as the text '<image>'" in errors[1]["error"]

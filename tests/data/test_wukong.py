@@ -76,6 +76,7 @@ def test_converted_tokenizer_agrees_on_awkward_text(both):
         record("Emoji 🐱 and 中文混合 text", "好的。 Fine.", "  ", "x"),
         record("<image>", "caption only, pre-training style", images=("a.png",)),
         record("Multi", "turn", "with </s> in the text?", "yes"),
+        record("<image>\nA text-only record", "whose <image> is text", "<image>", "again"),
     ]
     for rec in records:
         for template in ("llava_v1", "llava_llama_2", "plain"):

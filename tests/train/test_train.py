@@ -175,6 +175,22 @@ def test_bad_data_fails_before_the_model_loads(tmp_path, parts, records, monkeyp
     assert not (tmp_path / "bad").exists()
 
 
+def test_strict_data_refuses_what_the_original_trains_its_own_way(tmp_path, parts, records, monkeypatch):
+    from vlmkit.train import run as run_module
+
+    data = json.loads(records.read_text())
+    data[1]["conversations"].insert(0, {"from": "gpt", "value": "Welcome!"})  # the original drops this turn
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps(data))
+    monkeypatch.setattr(run_module, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(VlmkitError) as e:
+        run(tmp_path, parts, records=odd, name="strict", strict_data=True)
+    assert "'r1'" in e.value.message and "leading_gpt" in e.value.message and "drops it" in e.value.message
+    assert e.value.hint.endswith("--strict")
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):  # by default the data checks out
+        run(tmp_path, parts, records=odd, name="default")
+
+
 def test_refuses_an_existing_run_without_resume_or_force(pretrain, parts, records):
     result, _ = pretrain
     with pytest.raises(VlmkitError, match="already holds files"):
