@@ -4,9 +4,9 @@ Each problem has a code, a severity and a fix (:data:`PROBLEMS`). Errors are rec
 training would use wrongly or fail on; warnings are records it would use, but probably not
 as meant, among them the records the original trains on in its own way (``tokenize.QUIRKS``:
 vlmkit trains them the same way; each message says how; ``strict`` makes them errors). Without
-a model the record's turns are read as a chat template reads them. With a model, every record is also tokenised by the training's own preprocessing
-(``tokenize.tokenize``) to count its tokens (image features included) and to find the
-records whose labels would all be masked.
+a model the record's turns are read as a chat template reads them. With a model, every record
+is also tokenised by the training's own preprocessing (``tokenize.tokenize``) to count its
+tokens (image features included) and to find the records whose labels would all be masked.
 
 Example:
     >>> report = check("wukong.jsonl", image_folder="images")

@@ -331,33 +331,36 @@ def _turns(record: Record, plain: bool) -> _Turns:
         if turn.role != expected:  # `assert role == conv.roles[j % 2]`
             raise _Refuse("roles", f"turn {first + j + 1} is {turn.role!r} where {expected!r} is due: roles must "
                                    "alternate human/gpt after the first human turn (the original asserts)")
+    if len(record.images) <= 1:  # several images: refused by tokenize, their placeholders counted by `data check`
+        quirks += _placeholders(record, texts, first)
+    return _Turns(texts[first:], has_image, quirks)
+
+
+def _placeholders(record: Record, texts: list[str], first: int) -> list[tuple[str, str]]:
+    """Where the placeholders of a record with one image (or none) are, in the turns the original keeps."""
     holders = [j for j in range(first, len(texts)) if IMAGE_TOKEN in texts[j]]
-    if len(record.images) > 1:  # refused by tokenize; `data check` counts their placeholders itself
-        pass
-    elif not has_image:
-        if holders:
-            quirks.append(("text_placeholder", f"'<image>' in turn {holders[0] + 1} of a record without an image: "
-                                               "the original tokenises it as the text '<image>'"))
-    elif len(holders) > 1:
+    if not record.images:
+        return [("text_placeholder", f"'<image>' in turn {holders[0] + 1} of a record without an image: the original "
+                                     "tokenises it as the text '<image>'")] if holders else []
+    if len(holders) > 1:
         raise _Refuse("images", f"<image> in turns {[j + 1 for j in holders]} for one image: the original model "
                                 "code runs out of image features at the second placeholder and fails",
                       hint="keep one '<image>', in the question that shows the image")
-    elif not holders:
-        quirks.append(("image_unplaced", "an image but no <image> placeholder" + (" after the dropped turn 1" if first
-                                         and IMAGE_TOKEN in texts[0] else "") + ": the original loads the image, "
-                                         "but its ids hold no image token, so the model never sees it and the record "
-                                         "trains as text only"))
-    else:
-        j = holders[0]
-        if (j - first) % 2:
-            quirks.append(("image_in_answer", f"<image> in answer turn {j + 1}: the original moves it to the front "
-                                              "of that answer ('<image>\\n' + the answer), so the image sits inside the "
-                                              "trained answer"))
-        count = turns[j].text.count(IMAGE_TOKEN)
-        if count > 1:
-            quirks.append(("image_merged", f"turn {j + 1} holds {count} <image> for one image: the original keeps "
-                                           "one, moved to the front of the turn"))
-    return _Turns(texts[first:], has_image, quirks)
+    if not holders:
+        return [("image_unplaced", "an image but no <image> placeholder" + (" after the dropped turn 1" if first and
+                                   IMAGE_TOKEN in texts[0] else "") + ": the original loads the image, but its ids "
+                                   "hold no image token, so the model never sees it and the record trains as text "
+                                   "only")]
+    j, found = holders[0], []
+    if (j - first) % 2:
+        found.append(("image_in_answer", f"<image> in answer turn {j + 1}: the original moves it to the front of that "
+                                         "answer ('<image>\\n' + the answer), so the image sits inside the trained "
+                                         "answer"))
+    count = record.turns[j].text.count(IMAGE_TOKEN)
+    if count > 1:
+        found.append(("image_merged", f"turn {j + 1} holds {count} <image> for one image: the original keeps one, "
+                                      "moved to the front of the turn"))
+    return found
 
 
 def _plain_turns(record: Record, texts: list[str], has_image: bool) -> _Turns:
