@@ -119,5 +119,5 @@ def merge_lora(adapter: str | Path, base: str | Path, output: str | Path, *, for
     rules = original_rules(ckpt, _tower_trained(adapter, base))
     summary = f"LoRA {adapter} merged into {base} (scale {ckpt.lora.scale:g}, {len(ckpt.lora.modules)} module kinds)"
     conversion = Conversion(ckpt.source, rules, write_extras=lambda folder: _write_original_extras(folder, adapter, ckpt),
-                            summary=summary)
+                            summary=summary, dtype=ckpt.lora.base_dtype)
     return engine.run(conversion, output, dtype=options.dtype, force=force, progress=progress)
