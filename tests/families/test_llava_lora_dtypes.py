@@ -102,6 +102,7 @@ def test_merge_lora_original_layout(lora_runs, adapter, base, tmp_path):
     merge_lora(run, base_folder, tmp_path / "merged")
     written = open_source(tmp_path / "merged")
     assert {written.info(n).dtype for n in written.keys()} == {CODES[base]}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == base
     reference = _builder_merge(run, base_folder, DTYPES[base])
     for module in ADAPTED:
         name = f"model.layers.0.{module}.weight"
