@@ -76,9 +76,9 @@ def _lora_merge(scale: float) -> Custom:
     peft upcasts float16/bfloat16 adapters to float32, computes the delta in float32 and adds
     it to the base weight in float32; so here, from the tensors as stored (any float dtypes).
     The float32 sum is rounded once, to the target's dtype (the base's unless ``--dtype``): the
-    builder's result bit for bit when the base is stored in that dtype or a narrower one. (The
-    builder loads a wider base in float16 first, so ``--dtype float16`` from a float32 base can
-    differ from it by one float16 step where that double rounding bites.)
+    builder's result (base loaded in that dtype) bit for bit whenever the base's values are exact
+    in it, e.g. the base's own dtype or float32. (Loading a float32 base in float16 rounds it
+    first, so there ``--dtype float16`` can differ from the builder by one float16 step.)
     """
 
     def merge(tensors):
