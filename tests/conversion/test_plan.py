@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmkit.conversion import compile_plan, drop, fuse, rename, transpose
+from vlmkit.conversion import Custom, compile_plan, drop, fuse, rename, transform, transpose
 from vlmkit.errors import PlanError
 from vlmkit.tensors import TensorInfo
 
@@ -64,3 +64,14 @@ def test_fuse_refuses_mixed_dtypes_and_bad_shapes():
         compile_plan([fuse(["a", "b"], "ab")], [info("a", (2,)), info("b", (2,), "BF16")])
     with pytest.raises(PlanError, match="cannot concatenate"):
         compile_plan([fuse(["a", "b"], "ab", dim=0)], [info("a", (2, 3)), info("b", (2, 4))])
+
+
+def test_an_op_that_takes_mixed_float_dtypes_writes_the_first_sources():
+    """A LoRA merge: a float16 weight with float32 factors is the usual case, not a mix-up."""
+    add = Custom("add", lambda t: [t[0].float() + t[1].float()], lambda s: [s[0]], n_in=2, mixed_dtypes=True)
+    rules = [transform(["w", "d"], "out", add)]
+    sources = [info("w", (2,), "F16"), info("d", (2,), "F32")]
+    assert compile_plan(rules, sources).targets[0].dtype == "F16"
+    assert compile_plan(rules, sources, dtype="BF16").targets[0].dtype == "BF16"
+    with pytest.raises(PlanError, match="mix dtypes"):  # floats only
+        compile_plan(rules, [info("w", (2,), "F16"), info("d", (2,), "I64")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vlmkit.families.llava import tiny
 
@@ -16,13 +17,14 @@ def llava_parts(tmp_path_factory):
         "clip": clip,
         "v15": tiny.make_llava15(root / "llava-v1.5-tiny", clip),
         "next": tiny.make_llava_next(root / "llava-v1.6-mistral-tiny", clip),
-        "base": tiny.make_base_llm(root / "vicuna-tiny"),
+        "base": tiny.make_base_llm(root / "vicuna-tiny", dtype=torch.float16),  # lmsys/vicuna-7b-v1.5 is float16
         "lora": None,
     }
 
 
 @pytest.fixture(scope="session")
 def llava_lora(llava_parts):
+    """As finetune_lora.sh leaves it: bfloat16 adapter and non_lora_trainables.bin beside the float16 base."""
     root = llava_parts["root"]
     return tiny.make_lora(root / "llava-v1.5-tiny-lora", llava_parts["base"], llava_parts["clip"])
 

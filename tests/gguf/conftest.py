@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlmkit.families.llava import tiny
 
@@ -28,12 +29,12 @@ def parts(tmp_path_factory):
     """Tiny CLIP, LLaVA-1.5 (llama), LLaVA-NeXT (mistral) originals, LoRA and projector-only forms."""
     root = tmp_path_factory.mktemp("gguf-models")
     clip = tiny.make_clip(root / "clip-vit-tiny-patch14")
-    base = tiny.make_base_llm(root / "vicuna-tiny")
+    base = tiny.make_base_llm(root / "vicuna-tiny", dtype=torch.float16)  # lmsys/vicuna-7b-v1.5 is float16
     return {
         "root": root, "clip": clip, "base": base,
         "v15": tiny.make_llava15(root / "llava-v1.5-tiny", clip),
         "next": tiny.make_llava_next(root / "llava-v1.6-mistral-tiny", clip),
-        "lora": tiny.make_lora(root / "llava-v1.5-tiny-lora", base, clip),
+        "lora": tiny.make_lora(root / "llava-v1.5-tiny-lora", base, clip),  # bfloat16, as finetune_lora.sh
         "pretrain": tiny.make_projector_only(root / "llava-v1.5-tiny-pretrain", clip),
     }
 

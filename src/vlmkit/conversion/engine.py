@@ -35,6 +35,8 @@ class Conversion:
         rules: source names -> target names.
         expected: target name -> shape that must be produced (None: not checked).
         keep_dtype: targets never cast by ``--dtype``.
+        dtype: the dtype written when ``--dtype`` asks for none (None: each tensor keeps its
+            own), e.g. a LoRA run's base model's, whatever its adapter's dtype.
         write_extras: writes config, tokenizer, processor... into the output folder.
         summary: one line shown before converting (what was recognised).
     """
@@ -43,6 +45,7 @@ class Conversion:
     rules: list[Rule]
     expected: dict[str, tuple[int, ...]] | None = None
     keep_dtype: frozenset[str] = frozenset()
+    dtype: str | None = None
     write_extras: ExtraWriter | None = None
     summary: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
@@ -69,7 +72,7 @@ class Result:
 def plan_for(conversion: Conversion, *, dtype: str | None = None) -> Plan:
     """Compile and check the plan of a conversion; reads no tensor data."""
     infos = [conversion.source.info(n) for n in conversion.source.keys()]
-    return compile_plan(conversion.rules, infos, dtype=dtype, expected=conversion.expected,
+    return compile_plan(conversion.rules, infos, dtype=dtype or conversion.dtype, expected=conversion.expected,
                         keep_dtype=conversion.keep_dtype)
 
 

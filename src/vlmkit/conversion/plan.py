@@ -174,7 +174,8 @@ def compile_plan(
             continue
         infos = tuple(found[i] for i in range(len(rule.sources)))
         dtypes = {i.dtype for i in infos} or {"F32"}
-        if len(dtypes) > 1:
+        mixable = bool(rule.ops) and rule.ops[0].mixed_dtypes and dtypes <= FLOAT_CODES
+        if len(dtypes) > 1 and not mixable:
             problems.append(f"rule {rule.name}: sources {[i.name for i in infos]} mix dtypes {sorted(dtypes)}")
             continue
         shapes = [i.shape for i in infos]
@@ -184,7 +185,7 @@ def compile_plan(
         except ValueError as e:
             problems.append(f"rule {rule.name} on {[i.name for i in infos]}: {e}")
             continue
-        (src_dtype,) = dtypes
+        src_dtype = infos[0].dtype if infos else "F32"  # mixed: the first source's (e.g. the weight a LoRA modifies)
         targets = []
         for pattern, shape in zip(rule.targets, shapes):
             name = pattern.format(names)

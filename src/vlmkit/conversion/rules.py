@@ -70,7 +70,13 @@ class Op:
     ``count(n)`` says how many tensors come out of ``n`` going in (raising ValueError
     when ``n`` does not fit); ``shapes`` does the same for shapes at plan time so that
     every mismatch is found before any data is read.
+
+    ``mixed_dtypes`` says the op takes floating-point sources of different dtypes (the
+    plan refuses that otherwise, e.g. a fuse of F16 and F32 halves); the result takes the
+    first source's dtype unless ``--dtype`` asks for another.
     """
+
+    mixed_dtypes: bool = False
 
     def count(self, n: int) -> int:
         if n != 1:
@@ -230,7 +236,8 @@ class Custom(Op):
         name: shown in plans and errors.
         fn: tensors -> tensors.
         shape_fn: shapes -> shapes (plan-time check).
-        inverse_of: optional Custom that undoes this one.
+        inverse_op: optional Custom that undoes this one.
+        mixed_dtypes: accepts sources of different float dtypes (see ``Op``).
     """
 
     name: str
@@ -239,6 +246,7 @@ class Custom(Op):
     n_in: int = 1
     n_out: int = 1
     inverse_op: "Custom | None" = field(default=None, compare=False)
+    mixed_dtypes: bool = False
 
     def count(self, n: int) -> int:
         if n != self.n_in:

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..families.llava import checkpoint as llava_checkpoint
 from ..families.llava.checkpoint import TOWER, UNUSED_CLIP, OriginalCheckpoint
 from ..families.llava.convert import _lora_merge
+from ..families.llava.hf_output import DTYPE_NAMES
 from ..options import LoadOptions
 from ..tensors import open_source, resolve
 from .outputs import RECORD, TOKENIZER_FILES, base_fingerprint
@@ -82,8 +83,9 @@ def _tower_trained(adapter: Path, base: Path) -> bool:
     return any("vision_tower." in k for k in trained) or any(k.startswith(TOWER) for k in open_source(base).keys())
 
 
-def _write_original_extras(folder: Path, adapter: Path, ckpt: OriginalCheckpoint) -> None:
+def _write_original_extras(folder: Path, adapter: Path, ckpt: OriginalCheckpoint, dtype: str) -> None:
     config = json.loads((adapter / "config.json").read_text())
+    config["torch_dtype"] = DTYPE_NAMES.get(dtype, "float32")  # what was written, not what the run trained in
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (ckpt.tokenizer_folder / name).exists():
@@ -118,6 +120,7 @@ def merge_lora(adapter: str | Path, base: str | Path, output: str | Path, *, for
     ckpt = llava_checkpoint.open_original(adapter, options)
     rules = original_rules(ckpt, _tower_trained(adapter, base))
     summary = f"LoRA {adapter} merged into {base} (scale {ckpt.lora.scale:g}, {len(ckpt.lora.modules)} module kinds)"
-    conversion = Conversion(ckpt.source, rules, write_extras=lambda folder: _write_original_extras(folder, adapter, ckpt),
-                            summary=summary)
+    dtype = options.dtype or ckpt.lora.base_dtype
+    conversion = Conversion(ckpt.source, rules, summary=summary, dtype=dtype,
+                            write_extras=lambda folder: _write_original_extras(folder, adapter, ckpt, dtype))
     return engine.run(conversion, output, dtype=options.dtype, force=force, progress=progress)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import CheckpointError, ConfigError
 from ...options import LoadOptions
-from ...tensors import TensorSource, open_source, resolve
+from ...tensors import FLOAT_CODES, TensorSource, open_source, resolve
 from ...tensors.views import CombinedSource, RenamedSource
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
@@ -56,6 +57,7 @@ class LoraInfo:
     scale: float
     modules: list[str]  # module paths with {layer}, e.g. "model.layers.{layer}.self_attn.q_proj"
     adapter_config: dict
+    base_dtype: str = "F32"  # the base model's dtype: what a merge writes unless --dtype says otherwise
 
 
 @dataclass
@@ -224,7 +226,11 @@ def _with_lora(path: Path, base: TensorSource, notes: list[str]) -> tuple[Tensor
     rank, alpha = adapter_config.get("r", 8), adapter_config.get("lora_alpha", 8)
     scale = alpha / rank**0.5 if adapter_config.get("use_rslora") else alpha / rank
     combined = CombinedSource([("", base_kept), ("", overrides), ("", RenamedSource(adapter, lora_names))], path=path)
-    return combined, LoraInfo(scale, sorted(modules), adapter_config)
+    # Adapters and non_lora_trainables.bin are often float32 or bfloat16 beside a float16 base (finetune_lora.sh):
+    # the merged model takes the base's dtype, as the original builder loads everything into the base model.
+    floats = Counter(base.info(n).dtype for n in base.keys() if base.info(n).dtype in FLOAT_CODES)
+    base_dtype = floats.most_common(1)[0][0] if floats else "F32"
+    return combined, LoraInfo(scale, sorted(modules), adapter_config, base_dtype)
 
 
 def _tower_folder(path: Path, config: dict, options: LoadOptions, *, inside: bool) -> Path | None:

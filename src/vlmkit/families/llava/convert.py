@@ -71,9 +71,19 @@ class EmbeddingDistribution:
 
 
 def _lora_merge(scale: float) -> Custom:
+    """``W + scale * B @ A`` as peft's ``merge_and_unload`` computes it in the original builder.
+
+    peft upcasts float16/bfloat16 adapters to float32, computes the delta in float32 and adds
+    it to the base weight in float32; so here, from the tensors as stored (any float dtypes).
+    The float32 sum is rounded once, to the target's dtype (the base's unless ``--dtype``): the
+    builder's result (base loaded in that dtype) bit for bit whenever the base's values are exact
+    in it, e.g. the base's own dtype or float32. (Loading a float32 base in float16 rounds it
+    first, so there ``--dtype float16`` can differ from the builder by one float16 step.)
+    """
+
     def merge(tensors):
         w, a, b = tensors
-        return [(w.float() + scale * (b.float() @ a.float())).to(w.dtype)]
+        return [w.float() + scale * (b.float() @ a.float())]
 
     def shapes(s):
         w, a, b = s
@@ -81,7 +91,7 @@ def _lora_merge(scale: float) -> Custom:
             raise ValueError(f"LoRA factors {a} / {b} do not fit the weight {w}")
         return [w]
 
-    return Custom(f"merge LoRA (scale {scale:g})", merge, shapes, n_in=3, n_out=1)
+    return Custom(f"merge LoRA (scale {scale:g})", merge, shapes, n_in=3, n_out=1, mixed_dtypes=True)
 
 
 def _projector_rules(ckpt: OriginalCheckpoint, hidden: int) -> tuple[list[Rule], str]:
@@ -170,8 +180,9 @@ def conversion(path: Path, options: LoadOptions) -> Conversion:
     summary = (f"LLaVA{'-NeXT' if ckpt.is_next else '-1.5'} ({ckpt.form} checkpoint, {ckpt.backbone} backbone, "
                f"{ckpt.config.get('mm_projector_type', 'linear')} projector, template {target.template})"
                + "".join(f"; {n}" for n in ckpt.notes))
-    return Conversion(ckpt.source, rules, expected=expected_tensors(target.hf_config),
-                      write_extras=lambda folder: hf_output.write(folder, ckpt, target, options.dtype), summary=summary)
+    dtype = options.dtype or (ckpt.lora.base_dtype if ckpt.lora else None)
+    return Conversion(ckpt.source, rules, expected=expected_tensors(target.hf_config), dtype=dtype,
+                      write_extras=lambda folder: hf_output.write(folder, ckpt, target, dtype), summary=summary)
 
 
 def _check_vocabulary(ckpt: OriginalCheckpoint, target: Target) -> None:

@@ -78,7 +78,7 @@ class OriginalLlava(nn.Module):
                                   f"'{sorted(missing)[0]}'")
         lm.load_state_dict(state, strict=True, assign=True)
         if ckpt.lora:
-            lm = _merge_lora(lm, ckpt, dtype)
+            lm = _merge_lora(lm, ckpt)
         lm.eval()
 
         vision_fields = {k: v for k, v in ckpt.vision_config.items() if k != "model_type"}
@@ -198,7 +198,7 @@ class OriginalLlava(nn.Module):
         return new
 
 
-def _merge_lora(lm: nn.Module, ckpt: OriginalCheckpoint, dtype: torch.dtype) -> nn.Module:
+def _merge_lora(lm: nn.Module, ckpt: OriginalCheckpoint) -> nn.Module:
     """Apply the adapter with peft and merge it, as ``load_pretrained_model`` does."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -206,7 +206,9 @@ def _merge_lora(lm: nn.Module, ckpt: OriginalCheckpoint, dtype: torch.dtype) -> 
     fields = {k: cfg[k] for k in ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora",
                                   "fan_in_fan_out") if k in cfg}
     peft_model = get_peft_model(lm, LoraConfig(**fields))
-    adapter = {"base_model.model." + n: ckpt.source.read(n).to(dtype) for n in ckpt.source.keys() if ".lora_" in n}
+    # the factors as stored, as PeftModel.from_pretrained loads them: peft keeps its LoRA layers in float32
+    # (autocast_adapter_dtype) whatever the base's dtype, so a float32 adapter is not rounded to float16 first
+    adapter = {"base_model.model." + n: ckpt.source.read(n) for n in ckpt.source.keys() if ".lora_" in n}
     result = set_peft_model_state_dict(peft_model, adapter)
     if result.unexpected_keys:
         from ...errors import CheckpointError

@@ -11,8 +11,8 @@ projector pre-training run would have written, at toy sizes, with a fixed seed:
   shards + index, the slow-tokenizer files; no vision tower inside;
 * LLaVA-NeXT: safetensors shards with the tower under ``model.vision_tower.vision_tower.*``
   and ``model.image_newline``, ``image_aspect_ratio: anyres``;
-* LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` + ``non_lora_trainables.bin``
-  + the LLaVA ``config.json``, beside a plain LLM base folder;
+* LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``) + ``non_lora_trainables.bin``
+  + the LLaVA ``config.json``, in the training run's dtypes, beside a plain LLM base folder in its own;
 * projector-only: ``mm_projector.bin`` + ``config.json``, beside a base LLM folder.
 
 The tokenizer is the real LLaMA (or Mistral) SentencePiece model, so the vocabulary is
@@ -221,13 +221,18 @@ def make_llava_next(folder: Path, clip: Path, sizes: TinySizes = TinySizes(), *,
     return folder
 
 
-def make_base_llm(folder: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama", seed: int = 0) -> Path:
-    """A plain LLM folder (the Vicuna a LoRA or projector was trained on)."""
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def make_base_llm(folder: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama", seed: int = 0,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """A plain LLM folder (the Vicuna a LoRA or projector was trained on; ``lmsys/vicuna-7b-v1.5`` is float16)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _save_safetensors_shards(_language_model(backbone, sizes, seed), folder, 1 << 30)
+    state = {k: v.to(dtype) for k, v in _language_model(backbone, sizes, seed).items()}
+    _save_safetensors_shards(state, folder, 1 << 30)
     arch = "MistralForCausalLM" if backbone == "mistral" else "LlamaForCausalLM"
     _write_json(folder / "config.json", {"architectures": [arch], "model_type": backbone,
-                                         **_text_config(backbone, sizes), "torch_dtype": "float32"})
+                                         **_text_config(backbone, sizes), "torch_dtype": DTYPE_NAMES[dtype]})
     _generation_config(folder, backbone)
     copy_tokenizer(folder, backbone)
     return folder
@@ -248,8 +253,15 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama",
-              rank: int = 4, alpha: int = 8, seed: int = 0) -> Path:
-    """A LoRA fine-tune as LLaVA's ``train.py --lora_enable`` saves it, for the LLM at ``base``."""
+              rank: int = 4, alpha: int = 8, seed: int = 0, adapter_dtype: torch.dtype = torch.bfloat16,
+              non_lora_dtype: torch.dtype = torch.bfloat16, adapter_file: str = "adapter_model.safetensors") -> Path:
+    """A LoRA fine-tune as LLaVA's ``train.py --lora_enable`` saves it, for the LLM at ``base``.
+
+    The dtypes are the training run's, not the base's: ``finetune_lora.sh`` (``--bf16 True``)
+    casts the peft model to bfloat16 and saves adapter and ``non_lora_trainables.bin`` so,
+    beside a float16 Vicuna; ``--bits 4/8`` or fp32 runs leave float32 adapters. Older peft
+    wrote ``adapter_model.bin`` (``liuhaotian/llava-v1.5-7b-lora``), newer ``.safetensors``.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -265,14 +277,21 @@ def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes
             prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
             adapter[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.1
             adapter[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.1  # trained: not zero
-    save_file(adapter, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    _write_json(folder / "adapter_config.json", {
-        "base_model_name_or_path": str(base), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "lora_alpha": alpha, "lora_dropout": 0.05, "modules_to_save": None,
-        "peft_type": "LORA", "r": rank, "target_modules": LORA_TARGETS, "task_type": "CAUSAL_LM",
+    adapter = {k: v.to(adapter_dtype) for k, v in adapter.items()}
+    if adapter_file.endswith(".safetensors"):
+        save_file(adapter, folder / adapter_file, metadata={"format": "pt"})
+    else:
+        torch.save(adapter, folder / adapter_file)
+    _write_json(folder / "adapter_config.json", {  # as peft's save_pretrained writes it (sorted, nulls kept)
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": str(base), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "layers_pattern": None,
+        "layers_to_transform": None, "lora_alpha": alpha, "lora_dropout": 0.05, "modules_to_save": None,
+        "peft_type": "LORA", "r": rank, "rank_pattern": {}, "revision": None, "target_modules": sorted(LORA_TARGETS),
+        "task_type": "CAUSAL_LM", "use_rslora": False,
     })
     projector = _projector(sizes, seed + 20)
-    torch.save({"base_model.model." + k: v for k, v in projector.items()}, folder / "non_lora_trainables.bin")
+    torch.save({"base_model.model." + k: v.to(non_lora_dtype) for k, v in projector.items()},
+               folder / "non_lora_trainables.bin")
     config = llava_config(backbone, sizes, clip, next_=False)
     config.update({"_name_or_path": str(base), "model_type": "llava_llama" if backbone == "llama" else "llava_mistral"})
     _write_json(folder / "config.json", config)
