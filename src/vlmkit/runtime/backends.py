@@ -148,8 +148,7 @@ class Blip2Backend:
     The projected query outputs come before the prompt, as BLIP-2 does; the prompt is LAVIS's
     question-answering form (``BLIP2_PROMPTS``), turns joined with a space (LAVIS itself is
     single-turn). OPT decodes them; Flan-T5's encoder reads them and its decoder generates from
-    the start token (``generation.Seq2SeqBatch``), greedy tokens equal to LAVIS's
-    ``generate(num_beams=1)``: its ``min_length=1`` counts the start token, so it adds nothing.
+    the start token (``generation.Seq2SeqBatch``). Greedy tokens are LAVIS's ``generate(num_beams=1)``'s.
     """
 
     kind = "blip2"
@@ -164,6 +163,10 @@ class Blip2Backend:
         else:
             self._load_transformers(path, options)
         self.encoder_decoder = self.lm_kind == "t5"
+        # LAVIS's generate passes min_length=1. transformers counts it over the ids it was given:
+        # none for OPT (inputs_embeds only), so EOS cannot come first; the decoder start token for
+        # T5, so it asks nothing more there.
+        self.min_new_tokens = 1 if self.lm_kind == "opt" else 0
         self.template, self.question = BLIP2_PROMPTS[self.lm_kind]
         self.max_context = getattr(self.language_model.config, "max_position_embeddings", None)
         self.decoder_start_token_id = getattr(self.language_model.config, "decoder_start_token_id", None)

@@ -61,6 +61,7 @@ class LanguageModel(Protocol):
     eos_token_ids: set[int]
     max_context: int | None
     encoder_decoder: bool  # absent means False
+    min_new_tokens: int  # EOS cannot come before this many tokens (absent means 0)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -127,6 +128,15 @@ def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+
+
+def _early_eos_ruled_out(lm: LanguageModel, logits: torch.Tensor, generated: int) -> torch.Tensor:
+    """``logits`` with EOS ruled out while ``generated`` is under the backend's ``min_new_tokens``."""
+    if generated >= getattr(lm, "min_new_tokens", 0):
+        return logits
+    logits = logits.clone()
+    logits[..., sorted(lm.eos_token_ids)] = -torch.inf
+    return logits
 
 
 class TextStream:
@@ -269,8 +279,8 @@ def stream_tokens(lm: LanguageModel, prompt: Prompt, params: SamplingParams, cac
     with torch.no_grad():  # not held across the yields: the caller's grad mode stays its own
         logits, past = prefill(lm, prompt, cache)
     try:
-        for _ in range(params.max_new_tokens):
-            token = int(pick(logits, params, generator)[0])
+        for generated in range(params.max_new_tokens):
+            token = int(pick(_early_eos_ruled_out(lm, logits, generated), params, generator)[0])
             yield token
             if token in lm.eos_token_ids:
                 return
@@ -339,7 +349,8 @@ class DecodeBatch:
 
     def pick(self) -> list[int]:
         """Each row's next token, by its own sampling parameters."""
-        return [int(pick(self.logits[i:i + 1], r.params, r.generator)[0]) for i, r in enumerate(self.rows)]
+        return [int(pick(_early_eos_ruled_out(self.lm, self.logits[i:i + 1], r.params.max_new_tokens - r.left),
+                         r.params, r.generator)[0]) for i, r in enumerate(self.rows)]
 
     def remove(self, rows: list[Row]) -> None:
         """Take ``rows`` out (finished, or their client went away)."""
