@@ -64,7 +64,7 @@ def test_concurrent_requests_answer_as_one_by_one(t5_server):
 
 def test_a_request_joins_the_running_batch_and_answers_as_alone(blip2_t5):
     model = vlmkit.load(blip2_t5["hf"])
-    (long_q, long_image), (short_q, short_image) = QUESTIONS[0], QUESTIONS[1]
+    (long_q, long_image), (short_q, short_image) = QUESTIONS[2], QUESTIONS[1]
     long = ([{"role": "user", "content": long_q, "images": [long_image]}], SamplingParams(max_new_tokens=60))
     short = ([{"role": "user", "content": short_q, "images": [short_image]}], SamplingParams(max_new_tokens=12))
     alone = [model.chat(messages, max_new_tokens=p.max_new_tokens, temperature=0) for messages, p in (long, short)]
