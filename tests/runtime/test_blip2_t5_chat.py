@@ -114,3 +114,10 @@ def test_cli_chat_on_the_converted_folder_and_the_lavis_checkpoint(blip2_t5):
                     "--max-new-tokens", "12", *extra)
         assert r.code == 0, r.err
         assert r.out.strip() == text.strip()
+
+
+def test_an_original_checkpoint_in_half_precision_is_refused_by_name(blip2_t5):
+    r = run_cli("chat", blip2_t5["lavis"], "--image", CAT, "--prompt", "what is this?", "--dtype", "float16",
+                *blip2_t5["args"])
+    assert r.code != 0 and r.out == ""
+    assert "blip2_pretrained_flant5xl.pth" in r.err and "float32" in r.err and "Traceback" not in r.err

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import VlmkitError
+from ..errors import ConfigError, VlmkitError
 from . import images, templates
 from .messages import Turn
 from .tokens import IMAGE_TOKEN_INDEX
@@ -200,6 +200,10 @@ class Blip2Backend:
         from ..families.blip2.checkpoint import open_original
         from ..families.blip2.reference import OriginalBlip2Model, lavis_eval_pixels
 
+        if options.dtype not in (None, "F32"):
+            raise ConfigError(f"{path}: an original BLIP-2 checkpoint runs in float32 (as LAVIS on the CPU); "
+                              f"--dtype {options.dtype} applies to converted folders",
+                              hint="leave out --dtype, or convert it (vlmkit convert ... --dtype) and run the folder")
         ckpt = open_original(path, options)
         cfg = hf_output.target_for(ckpt, options).hf_config
         model = OriginalBlip2Model.load(ckpt, cfg.vision_config.to_dict(), cfg.qformer_config.to_dict(),

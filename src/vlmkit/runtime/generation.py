@@ -442,20 +442,15 @@ class Seq2SeqBatch(DecodeBatch):
     def remove(self, rows: list[Row]) -> None:
         gone = set(rows)
         keep = [i for i, r in enumerate(self.rows) if r not in gone]
-        if len(keep) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in keep]
+        super().remove(rows)  # the rows, their logits and decoder caches
         if not self.rows:
-            self.logits, self.layers, self.cross, self.mask, self.encoder_mask = None, [], [], None, None
+            self.cross, self.encoder_mask = [], None
             return
-        index = torch.tensor(keep, device=self.mask.device)
-        mask, encoder_mask = self.mask[index], self.encoder_mask[index]
-        start = int(mask.any(0).nonzero()[0])  # columns before it are padding in every row left
-        end = int(encoder_mask.any(0).nonzero()[-1]) + 1  # and columns from here on
-        self.mask, self.encoder_mask = mask[:, start:], encoder_mask[:, :end]
-        self.layers = [(k[index, :, start:], v[index, :, start:]) for k, v in self.layers]
+        index = torch.tensor(keep, device=self.encoder_mask.device)
+        encoder_mask = self.encoder_mask[index]
+        end = int(encoder_mask.any(0).nonzero()[-1]) + 1  # columns from here on are padding in every row left
+        self.encoder_mask = encoder_mask[:, :end]
         self.cross = [(k[index, :, :end], v[index, :, :end]) for k, v in self.cross]
-        self.logits = self.logits[index]
 
     def advance(self, tokens: list[int]) -> None:
         for row in self.rows:
