@@ -42,7 +42,9 @@ def test_an_eos_first_answer_follows_lavis_min_length(lm, tmp_path):
     folder = tiny.make_language_model(tmp_path / f"{lm}-tiny", lm, sizes)
     options = LoadOptions(vision_tower=str(eva), model_base=str(folder), config=sizes.override())
     prompt = PROMPTS[lm].format("what is this?")
-    pixels = lambda model: lavis_eval_pixels(load_image(CAT), model.image_size)  # noqa: E731
+
+    def pixels(model):
+        return lavis_eval_pixels(load_image(CAT), model.image_size)
 
     reference = lavis_reference(release, options)
     first = reference.greedy(pixels(reference), prompt, 1)[0]
