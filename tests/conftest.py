@@ -60,3 +60,28 @@ def models(tmp_path_factory):
         assert run_cli("convert", out[name], dst, "--quiet", *extra).code == 0
         out[f"{name}-hf"] = dst
     return out
+
+
+@pytest.fixture(scope="session")
+def blip2_t5(tmp_path_factory):
+    """A tiny BLIP-2 Flan-T5 as LAVIS releases it (release .pth, eva_vit_g.pth, Flan-T5 folder) and its conversion.
+
+    ``options``: the loading arguments the LAVIS parts need (``vlmkit.load`` keywords; ``args``: the CLI flags).
+    """
+    import json
+
+    from vlmkit.families.blip2 import tiny as blip2_tiny
+
+    root = tmp_path_factory.mktemp("blip2-t5")
+    sizes = blip2_tiny.TinySizes()
+    heads = root / "heads.json"
+    heads.write_text(json.dumps(sizes.override()))
+    out = {"lavis": blip2_tiny.make_release(root / "lavis" / "blip2_pretrained_flant5xl.pth", "t5", sizes),
+           "eva": blip2_tiny.make_eva_vit(root / "eva" / "eva_vit_g.pth", sizes),
+           "t5": blip2_tiny.make_language_model(root / "flan-t5-tiny", "t5", sizes)}
+    out["args"] = ["--vision", out["eva"], "--language-model", out["t5"], "--config", heads]
+    out["options"] = {"vision_tower": str(out["eva"]), "model_base": str(out["t5"]), "config": sizes.override()}
+    out["hf"] = root / "blip2-flan-t5-hf"
+    r = run_cli("convert", out["lavis"], out["hf"], "--quiet", *out["args"])
+    assert r.code == 0, r.err
+    return out

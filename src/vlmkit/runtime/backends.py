@@ -1,4 +1,4 @@
-"""How models run: LLaVA as the original checkpoint or as a transformers folder; BLIP-2 (OPT).
+"""How models run: LLaVA and BLIP-2 (OPT, Flan-T5), as the original checkpoint or a transformers folder.
 
 Both give generation the same small surface (``runtime.generation.LanguageModel``) plus
 ``prompt_ids`` (the conversation as ids with one placeholder per image) and
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import VlmkitError
+from ..errors import ConfigError, VlmkitError
 from . import images, templates
 from .messages import Turn
 from .tokens import IMAGE_TOKEN_INDEX
@@ -136,38 +136,86 @@ class TransformersBackend:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-class Blip2Backend:
-    """A transformers ``Blip2ForConditionalGeneration`` folder with an OPT language model.
+# LAVIS's question-answering prompts: OPT as the BLIP-2 model cards ask, Flan-T5 as LAVIS's
+# zero-shot VQA configs do (lavis/projects/blip2/eval/vqav2_zeroshot_flant5xl_eval.yaml).
+BLIP2_PROMPTS = {"opt": ("blip2_qa", "Question: {} Answer:"), "t5": ("blip2_t5_qa", "Question: {} Short answer:")}
 
-    The 32 projected query outputs are spliced before the prompt, as BLIP-2 does; the
-    prompt is LAVIS's question-answering form, ``Question: {q} Answer:``, turns joined
-    with a space (LAVIS itself is single-turn).
+
+class Blip2Backend:
+    """BLIP-2 with OPT or Flan-T5: a transformers ``Blip2ForConditionalGeneration`` folder, or the
+    original LAVIS checkpoint run through vlmkit's reference of LAVIS's forward (``families.blip2``).
+
+    The projected query outputs come before the prompt, as BLIP-2 does; the prompt is LAVIS's
+    question-answering form (``BLIP2_PROMPTS``), turns joined with a space (LAVIS itself is
+    single-turn). OPT decodes them; Flan-T5's encoder reads them and its decoder generates from
+    the start token (``generation.Seq2SeqBatch``). Greedy tokens are LAVIS's ``generate(num_beams=1)``'s.
     """
 
     kind = "blip2"
-    template = "blip2_qa"
 
-    def __init__(self, path: Path, options):
-        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+    def __init__(self, path: Path, options, *, original: bool = False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        self.device = options.device
+        if original:
+            self._load_original(path, options)
+        else:
+            self._load_transformers(path, options)
+        self.encoder_decoder = self.lm_kind == "t5"
+        # LAVIS's generate passes min_length=1. transformers counts it over the ids it was given:
+        # none for OPT (inputs_embeds only), so EOS cannot come first; the decoder start token for
+        # T5, so it asks nothing more there.
+        self.min_new_tokens = 1 if self.lm_kind == "opt" else 0
+        self.template, self.question = BLIP2_PROMPTS[self.lm_kind]
+        self.max_context = getattr(self.language_model.config, "max_position_embeddings", None)
+        self.decoder_start_token_id = getattr(self.language_model.config, "decoder_start_token_id", None)
+        self.image_max_pixels = images.DEFAULT_MAX_PIXELS
+
+    def _load_transformers(self, path: Path, options) -> None:
+        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
         dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(options.dtype, torch.float32)
         self.processor = AutoProcessor.from_pretrained(path)
-        self.model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(options.device).eval()
-        if self.model.config.use_decoder_only_language_model is False:
-            raise VlmkitError(f"{path}: a BLIP-2 with an encoder-decoder (Flan-T5) language model; vlmkit's chat "
-                              "runtime runs decoder-only language models (BLIP-2 OPT, LLaVA)",
-                              hint="run it with transformers' generate, or use a BLIP-2 OPT model")
-        self.device = options.device
+        model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(options.device).eval()
+        self.lm_kind = "opt" if model.config.use_decoder_only_language_model else "t5"
         self.tokenizer = self.processor.tokenizer
-        eos = self.model.generation_config.eos_token_id
+        eos = model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
-        self.max_context = getattr(self.model.config.text_config, "max_position_embeddings", None)
-        self.marker = self.model.config.image_token_id
-        self.filler = self.model.config.image_token_id
-        self.image_max_pixels = images.DEFAULT_MAX_PIXELS
+        self.marker = self.filler = model.config.image_token_id
         self.preprocessing = repr(self.processor.image_processor.to_dict())
+        self.language_model = model.language_model
+
+        def features(pixels):
+            return model.get_image_features(pixel_values=pixels.to(self.device, model.dtype)).pooler_output[0]
+
+        def pixels(pil):
+            return self.processor.image_processor(images=[pil], return_tensors="pt")["pixel_values"]
+
+        self._features, self._pixels = features, pixels
+
+    def _load_original(self, path: Path, options) -> None:
+        """LAVIS's model, float32 as LAVIS runs it on the CPU (``reference.py``)."""
+        from ..families.blip2 import hf_output
+        from ..families.blip2.checkpoint import open_original
+        from ..families.blip2.reference import OriginalBlip2Model, lavis_eval_pixels
+
+        if options.dtype not in (None, "F32"):
+            raise ConfigError(f"{path}: an original BLIP-2 checkpoint runs in float32 (as LAVIS on the CPU); "
+                              f"--dtype {options.dtype} applies to converted folders",
+                              hint="leave out --dtype, or convert it (vlmkit convert ... --dtype) and run the folder")
+        ckpt = open_original(path, options)
+        cfg = hf_output.target_for(ckpt, options).hf_config
+        model = OriginalBlip2Model.load(ckpt, cfg.vision_config.to_dict(), cfg.qformer_config.to_dict(),
+                                        cfg.text_config).to(options.device)
+        self.lm_kind = ckpt.lm
+        self.tokenizer = model.tokenizer
+        self.eos_token_ids = {model.eos_token_id}
+        self.marker, self.filler = IMAGE_TOKEN_INDEX, self.tokenizer.pad_token_id
+        self.preprocessing = f"LAVIS blip_image_eval {model.image_size}"
+        self.language_model = model.language_model
+        self._features = lambda pixels: model.query_embeds(pixels.to(self.device))[0]
+        self._pixels = lambda pil: lavis_eval_pixels(pil, model.image_size)
 
     def prompt_ids(self, turns: list[Turn]) -> list[int]:
         n_images = sum(len(t.images) for t in turns)
@@ -176,27 +224,35 @@ class Blip2Backend:
         parts = []
         for t in turns:
             if t.role == "user":
-                parts.append(f"Question: {t.text} Answer:" if t.text else "")
+                parts.append(self.question.format(t.text) if t.text else "")
             elif t.role == "assistant":
                 parts.append(t.text)
         ids = self.tokenizer(" ".join(p for p in parts if p)).input_ids
         return ([self.marker] if n_images else []) + ids
 
     def image_features(self, image) -> torch.Tensor:
-        pil = images.load_image(image, max_pixels=self.image_max_pixels)
-        pixels = self.processor.image_processor(images=[pil], return_tensors="pt")["pixel_values"]
+        pixels = self._pixels(images.load_image(image, max_pixels=self.image_max_pixels))
         with torch.no_grad():
-            out = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
-        return out.pooler_output[0]
+            return self._features(pixels)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device))
+        return self.language_model.get_input_embeddings()(ids.to(self.device))
 
     def forward(self, embeds, attention_mask, position_ids, past):
-        out = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                        position_ids=position_ids, past_key_values=past, use_cache=True,
-                                        logits_to_keep=1)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past, use_cache=True, logits_to_keep=1)
         return out.logits, out.past_key_values
+
+    def encode(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Flan-T5's encoder over the queries and the prompt: ``[1, L, H]``."""
+        return self.language_model.get_encoder()(inputs_embeds=embeds).last_hidden_state
+
+    def decoder_forward(self, ids, attention_mask, encoder_states, encoder_mask, past):
+        """One decoder step of Flan-T5 (``ids [B, 1]``): logits and the ``EncoderDecoderCache``."""
+        out = self.language_model(encoder_outputs=(encoder_states,), attention_mask=encoder_mask,
+                                  decoder_input_ids=ids, decoder_attention_mask=attention_mask, cache=past,
+                                  use_cache=True)
+        return out.logits, out.cache
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -211,19 +267,22 @@ def template_name(chat_template: str | None) -> str | None:
 
 
 def backend_for(path: Path, options):
-    """The backend that runs ``path``: an original LLaVA checkpoint, or a transformers folder."""
+    """The backend that runs ``path``: an original LLaVA or BLIP-2 checkpoint, or a transformers folder."""
     import json
 
+    from ..families.blip2.checkpoint import form_of as blip2_form
     from ..families.llava.checkpoint import form_of
 
     if form_of(path) is not None:
         return OriginalBackend(path, options)
+    if blip2_form(path) is not None:  # a LAVIS checkpoint
+        return Blip2Backend(path, options, original=True)
     config = path / "config.json"
     architectures = json.loads(config.read_text()).get("architectures", []) if config.exists() else []
     if any(a in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration") for a in architectures):
         return TransformersBackend(path, options)
     if "Blip2ForConditionalGeneration" in architectures:
         return Blip2Backend(path, options)
-    raise VlmkitError(f"{path}: vlmkit can run original LLaVA checkpoints and transformers Llava / LlavaNext / "
-                      f"Blip2 folders; this is {architectures or 'not a model folder'}",
+    raise VlmkitError(f"{path}: vlmkit can run original LLaVA and BLIP-2 (LAVIS) checkpoints and transformers "
+                      f"Llava / LlavaNext / Blip2 folders; this is {architectures or 'not a model folder'}",
                       hint="`vlmkit inspect` shows what it is")

@@ -52,10 +52,16 @@ class Prompt:
 
 
 class LanguageModel(Protocol):
-    """What generation needs from a backend."""
+    """What generation needs from a backend.
+
+    An encoder-decoder backend (BLIP-2 Flan-T5) sets ``encoder_decoder = True`` and gives
+    ``encode`` / ``decoder_forward`` instead of ``forward`` (see ``Seq2SeqBatch``).
+    """
 
     eos_token_ids: set[int]
     max_context: int | None
+    encoder_decoder: bool  # absent means False
+    min_new_tokens: int  # EOS cannot come before this many tokens (absent means 0)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -122,6 +128,15 @@ def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+
+
+def _early_eos_ruled_out(lm: LanguageModel, logits: torch.Tensor, generated: int) -> torch.Tensor:
+    """``logits`` with EOS ruled out while ``generated`` is under the backend's ``min_new_tokens``."""
+    if generated >= getattr(lm, "min_new_tokens", 0):
+        return logits
+    logits = logits.clone()
+    logits[..., sorted(lm.eos_token_ids)] = -torch.inf
+    return logits
 
 
 class TextStream:
@@ -254,14 +269,18 @@ def stream_tokens(lm: LanguageModel, prompt: Prompt, params: SamplingParams, cac
     With a ``cache``, the longest cached prefix is reused, and the conversation computed
     (prompt and answer) is kept there when the generator ends, however it ends.
     """
+    if getattr(lm, "encoder_decoder", False):  # nothing of a conversation carries over: a batch of one
+        for step in batch_stream(lm, [prompt], [params], cache=cache):
+            yield step[0]
+        return
     check_context(lm, prompt, params)
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     keys = list(prompt.keys)
     with torch.no_grad():  # not held across the yields: the caller's grad mode stays its own
         logits, past = prefill(lm, prompt, cache)
     try:
-        for _ in range(params.max_new_tokens):
-            token = int(pick(logits, params, generator)[0])
+        for generated in range(params.max_new_tokens):
+            token = int(pick(_early_eos_ruled_out(lm, logits, generated), params, generator)[0])
             yield token
             if token in lm.eos_token_ids:
                 return
@@ -330,7 +349,8 @@ class DecodeBatch:
 
     def pick(self) -> list[int]:
         """Each row's next token, by its own sampling parameters."""
-        return [int(pick(self.logits[i:i + 1], r.params, r.generator)[0]) for i, r in enumerate(self.rows)]
+        return [int(pick(_early_eos_ruled_out(self.lm, self.logits[i:i + 1], r.params.max_new_tokens - r.left),
+                         r.params, r.generator)[0]) for i, r in enumerate(self.rows)]
 
     def remove(self, rows: list[Row]) -> None:
         """Take ``rows`` out (finished, or their client went away)."""
@@ -362,6 +382,103 @@ class DecodeBatch:
         self.logits, self.layers = out[:, -1], _layers(past)
 
 
+class Seq2SeqBatch(DecodeBatch):
+    """Encoder-decoder sequences (BLIP-2 Flan-T5) decoded together: ``DecodeBatch``'s interface.
+
+    A row joins with its prompt (queries and text) read by the encoder once and its decoder's
+    first step (the start token) computed on its own. The encoder reads the whole prompt both
+    ways, so no prefix of it can be reused: the prefix cache keeps each prompt's
+    cross-attention keys and values whole, and a prompt uses an entry only when the keys are
+    the same (the same question about the same image: no encoder run at all). In the batch,
+    the decoders' self-attention caches are padded on the left, as ``DecodeBatch`` pads, which
+    T5's relative position bias allows (it depends on distances only); the cross-attention
+    keys and values are padded on the right, and each padding is hidden by its mask.
+    """
+
+    def __init__(self, lm: LanguageModel, cache: PrefixCache | None = None):
+        super().__init__(lm, cache)
+        self.cross: Layers = []  # [rows, heads, encoder width, dim] per layer
+        self.encoder_mask: torch.Tensor | None = None  # [rows, encoder width]: 0 over each row's right padding
+
+    def _cross(self, prompt: Prompt) -> Layers | None:
+        """The cross-attention keys and values the cache holds for exactly this prompt, or None."""
+        if self.cache is None:
+            return None
+        shared, layers = self.cache.longest(prompt.keys)
+        whole = shared == len(prompt) and layers and layers[0][0].shape[2] == len(prompt)  # not a longer prompt
+        return layers if whole else None
+
+    def add(self, prompt: Prompt, params: SamplingParams) -> Row:
+        check_context(self.lm, prompt, params)
+        cross = self._cross(prompt)
+        with torch.no_grad():
+            states = self.lm.encode(embed(self.lm, prompt)) if cross is None else None
+            start = torch.tensor([[self.lm.decoder_start_token_id]])
+            logits, past = self._decode(start, torch.ones(1, 1, dtype=torch.long), [], cross or [],
+                                        torch.ones(1, len(prompt), dtype=torch.long), states)
+        layers, cross = _layers(past.self_attention_cache), _layers(past.cross_attention_cache)
+        if self.cache is not None:
+            self.cache.add(prompt.keys, cross)
+        row = Row(params, torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
+                  params.max_new_tokens, 1)
+        device = logits.device
+        if not self.rows:
+            self.rows, self.logits, self.layers, self.cross = [row], logits[:, -1], layers, cross
+            self.mask = torch.ones(1, 1, dtype=torch.long, device=device)
+            self.encoder_mask = torch.ones(1, len(prompt), dtype=torch.long, device=device)
+            return row
+        width, encoder_width = self.mask.shape[1], max(self.encoder_mask.shape[1], len(prompt))
+        self.layers = [tuple(torch.cat([mine, _pad_left(new, width, 2)]) for mine, new in zip(a, b))
+                       for a, b in zip(self.layers, layers)]
+        self.cross = [tuple(torch.cat([_pad_right(mine, encoder_width, 2), _pad_right(new, encoder_width, 2)])
+                            for mine, new in zip(a, b)) for a, b in zip(self.cross, cross)]
+        self.mask = torch.cat([self.mask, _pad_left(self.mask.new_ones(1, 1), width, 1)])
+        self.encoder_mask = torch.cat([_pad_right(self.encoder_mask, encoder_width, 1),
+                                       _pad_right(self.encoder_mask.new_ones(1, len(prompt)), encoder_width, 1)])
+        self.rows.append(row)
+        self.logits = torch.cat([self.logits, logits[:, -1]])
+        return row
+
+    def remove(self, rows: list[Row]) -> None:
+        gone = set(rows)
+        keep = [i for i, r in enumerate(self.rows) if r not in gone]
+        super().remove(rows)  # the rows, their logits and decoder caches
+        if not self.rows:
+            self.cross, self.encoder_mask = [], None
+            return
+        index = torch.tensor(keep, device=self.encoder_mask.device)
+        encoder_mask = self.encoder_mask[index]
+        end = int(encoder_mask.any(0).nonzero()[-1]) + 1  # columns from here on are padding in every row left
+        self.encoder_mask = encoder_mask[:, :end]
+        self.cross = [(k[index, :, :end], v[index, :, :end]) for k, v in self.cross]
+
+    def advance(self, tokens: list[int]) -> None:
+        for row in self.rows:
+            row.left -= 1
+            row.length += 1
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
+        with torch.no_grad():
+            out, past = self._decode(torch.tensor(tokens)[:, None], self.mask, self.layers, self.cross,
+                                     self.encoder_mask, None)
+        self.logits, self.layers = out[:, -1], _layers(past.self_attention_cache)
+
+    def _decode(self, ids, mask, layers: Layers, cross: Layers, encoder_mask, states):
+        """One decoder step. Without ``states`` (the encoder's output), the cached ``cross`` keys and
+        values are all the decoder reads of it: a zero-width stand-in gives their batch and length."""
+        from transformers import EncoderDecoderCache
+
+        if states is None:
+            states = cross[0][0].new_zeros(encoder_mask.shape[0], encoder_mask.shape[1], 0)
+        device = states.device
+        past = EncoderDecoderCache(_kv_cache(layers), _kv_cache(cross))
+        return self.lm.decoder_forward(ids.to(device), mask.to(device), states, encoder_mask.to(device), past)
+
+
+def new_batch(lm: LanguageModel, cache: PrefixCache | None = None) -> DecodeBatch:
+    """The batch that decodes ``lm``'s sequences: a ``Seq2SeqBatch`` for an encoder-decoder."""
+    return (Seq2SeqBatch if getattr(lm, "encoder_decoder", False) else DecodeBatch)(lm, cache)
+
+
 def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[SamplingParams],
                  active: Callable[[int], bool] = lambda i: True, cache: PrefixCache | None = None
                  ) -> Iterator[list[int | None]]:
@@ -372,7 +489,7 @@ def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[Sampling
     """
     for p, ps in zip(prompts, params):  # every prompt checked before any is read
         check_context(lm, p, ps)
-    batch = DecodeBatch(lm, cache)
+    batch = new_batch(lm, cache)
     index = {batch.add(p, ps): i for i, (p, ps) in enumerate(zip(prompts, params))}
     batch.remove([r for r, i in index.items() if r.left <= 0 or not active(i)])
     while batch.rows:
@@ -391,9 +508,18 @@ def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[Sampling
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """``t`` made ``width`` long along ``dim`` by zeros in front (padding the attention mask hides)."""
+    return _pad(t, width, dim, front=True)
+
+
+def _pad_right(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` made ``width`` long along ``dim`` by zeros behind (padding the encoder mask hides)."""
+    return _pad(t, width, dim, front=False)
+
+
+def _pad(t: torch.Tensor, width: int, dim: int, front: bool) -> torch.Tensor:
     pad = width - t.shape[dim]
     if pad <= 0:
         return t
     shape = list(t.shape)
     shape[dim] = pad
-    return torch.cat([t.new_zeros(shape), t], dim)
+    return torch.cat([t.new_zeros(shape), t] if front else [t, t.new_zeros(shape)], dim)

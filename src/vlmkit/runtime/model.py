@@ -1,4 +1,4 @@
-"""``vlmkit.load``: one object to chat with any LLaVA, original or converted.
+"""``vlmkit.load``: one object to chat with any LLaVA or BLIP-2, original or converted.
 
 Example:
     >>> model = vlmkit.load("llava-v1.5-7b", vision_tower="clip-vit-large-patch14-336")   # doctest: +SKIP
@@ -186,7 +186,7 @@ def _may_start_stop(text: str, stops: tuple[str, ...]) -> bool:
 
 
 def load(path: str | Path, *, options: LoadOptions | None = None, **load_options) -> ChatModel:
-    """Load a model to chat with: an original LLaVA checkpoint (any form) or a transformers folder.
+    """Load a model to chat with: an original LLaVA or BLIP-2 checkpoint (any form) or a transformers folder.
 
     Args:
         path: a local folder or a hub id.

@@ -1,7 +1,7 @@
 """Continuous batching on one model: a bounded queue and one worker thread.
 
 The worker decodes the running requests together, one token each per step
-(``runtime.generation.DecodeBatch``). Between steps it admits what is waiting, up to
+(``runtime.generation.new_batch``). Between steps it admits what is waiting, up to
 ``max_batch_size`` rows: each new prompt is read on its own (through the model's prefix
 cache, so requests about an image an earlier request brought read only their own words)
 and joins the batch; a finished request leaves it at once. When nothing runs, the worker
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import VlmkitError
-from ..runtime.generation import DecodeBatch, Row, SamplingParams
+from ..runtime.generation import DecodeBatch, Row, SamplingParams, new_batch
 from ..runtime.model import ChatModel, ReplyBuilder
 
 log = logging.getLogger("vlmkit.serve")
@@ -83,7 +83,7 @@ class Scheduler:
             self.metrics.queue_depth.set(self.queue.qsize())
 
     def _work(self) -> None:
-        batch = DecodeBatch(self.model.backend, self.model.prefix_cache)
+        batch = new_batch(self.model.backend, self.model.prefix_cache)
         running: dict[Row, tuple[Job, ReplyBuilder]] = {}  # row -> its request
         while True:
             try:
@@ -95,7 +95,7 @@ class Scheduler:
                 for job, _ in running.values():
                     job.emit("error", e)
                 running.clear()
-                batch = DecodeBatch(self.model.backend, self.model.prefix_cache)
+                batch = new_batch(self.model.backend, self.model.prefix_cache)
 
     def _waiting(self, room: int, block: bool) -> list[Job]:
         """Up to ``room`` queued jobs; with ``block``, wait for one and what follows within the window."""
