@@ -55,7 +55,7 @@ def test_vllm_refusals_name_the_field_and_the_fix(models, tmp_path):
     (mixed / "model.safetensors").unlink()
     save_file({"lm_head.weight": torch.zeros(2, 2), "language_model.lm_head.weight": torch.zeros(2, 2)},
               mixed / "model.safetensors")
-    with pytest.raises(CheckpointError, match="'lm_head.weight' and 'language_model.lm_head.weight'.*two layouts"):
+    with pytest.raises(CheckpointError, match="are both 'language_model.lm_head.weight'.*mixes two layouts"):
         vllm.check_folder(mixed)
 
     small_heads = copy(models["v15-hf"], tmp_path, "small-heads")
