@@ -85,3 +85,31 @@ def blip2_t5(tmp_path_factory):
     r = run_cli("convert", out["lavis"], out["hf"], "--quiet", *out["args"])
     assert r.code == 0, r.err
     return out
+
+
+TRANSFORMERS_LAYOUTS = ("loaded", "built", "modules")
+
+
+def save_with_transformers(folder: Path, dst: Path, how: str) -> Path:
+    """``folder`` loaded and saved again by transformers' own ``save_pretrained`` (model and processor), as a
+    user who fine-tunes with transformers 5 gets it. transformers 5.25 writes, by ``how``:
+
+    * ``loaded``: ``from_pretrained`` then ``save_pretrained``: the published names again;
+    * ``built``: a model built from its config given the weights (as training scripts and accelerate's
+      empty-weight loading do): the CLIP tower without ``vision_model.`` (``vision_tower.encoder.*``);
+    * ``modules``: ``save_pretrained(save_original_format=False)`` (also a model with a PEFT adapter):
+      the module names (``model.language_model.*``, ``lm_head.weight``, ``model.vision_tower.*``, ...).
+
+    No ``tokenizer.model`` and no ``preprocessor_config.json``: transformers 5 writes neither.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    if how == "built":
+        built = type(model)(AutoConfig.from_pretrained(folder))
+        built.load_state_dict(model.state_dict())
+        built.save_pretrained(dst)
+    else:
+        model.save_pretrained(dst, save_original_format=how != "modules")
+    AutoProcessor.from_pretrained(folder).save_pretrained(dst)
+    return dst

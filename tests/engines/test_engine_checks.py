@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlmkit.errors import ConfigError
+from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.options import LoadOptions
 from vlmkit.runtime import templates
 from vlmkit.serve.app import ServeSettings
@@ -17,7 +18,7 @@ from vlmkit.serve.engines import NAMES, check_flags
 from vlmkit.serve.engines import llamacpp, vllm
 from vlmkit.serve.engines.front import EngineError
 
-from ..conftest import run_cli
+from ..conftest import TRANSFORMERS_LAYOUTS, run_cli, save_with_transformers
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,18 @@ def test_vllm_refusals_name_the_field_and_the_fix(models, tmp_path):
         vllm.check_folder(no_template)
     assert "vlmkit convert" in e.value.hint
 
-    new_layout = copy(models["v15-hf"], tmp_path, "new-layout")  # transformers 5's own save_pretrained names
-    (new_layout / "model.safetensors").unlink()
-    save_file({"model.language_model.embed_tokens.weight": torch.zeros(2, 2)}, new_layout / "model.safetensors")
-    with pytest.raises(ConfigError, match="'model.language_model.embed_tokens.weight'.*published llava-hf layout"):
-        vllm.check_folder(new_layout)
+    other_model = copy(models["v15-hf"], tmp_path, "other-model")  # names no Llava layout has
+    (other_model / "model.safetensors").unlink()
+    save_file({"transformer.wte.weight": torch.zeros(2, 2)}, other_model / "model.safetensors")
+    with pytest.raises(ConfigError, match="'transformer.wte.weight'.*no layout transformers writes for Llava"):
+        vllm.check_folder(other_model)
+
+    mixed = copy(models["v15-hf"], tmp_path, "mixed")  # one tensor under two layouts' names
+    (mixed / "model.safetensors").unlink()
+    save_file({"lm_head.weight": torch.zeros(2, 2), "language_model.lm_head.weight": torch.zeros(2, 2)},
+              mixed / "model.safetensors")
+    with pytest.raises(CheckpointError, match="are both 'language_model.lm_head.weight'.*mixes two layouts"):
+        vllm.check_folder(mixed)
 
     small_heads = copy(models["v15-hf"], tmp_path, "small-heads")
     config = json.loads((small_heads / "config.json").read_text())
@@ -60,6 +68,55 @@ def test_vllm_refusals_name_the_field_and_the_fix(models, tmp_path):
 
     with pytest.raises(ConfigError, match="no config.json"):
         vllm.check_folder(models["v15"].parent / "clip-vit-tiny" / "nowhere")
+
+
+def _tensors(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _files(folder) -> dict:
+    return {f.name: f.read_bytes() for f in folder.iterdir()}
+
+
+@pytest.mark.parametrize("name", ["v15", "next"])
+@pytest.mark.parametrize("how", TRANSFORMERS_LAYOUTS)
+def test_vllm_gets_every_transformers_layout_in_published_names(models, tmp_path, name, how):
+    """A folder saved by transformers 5 is served, not refused: vLLM gets a copy in the published names
+    (the tensors of the folder vlmkit wrote, unchanged), beside the folder's own other files."""
+    published = models[f"{name}-hf"]
+    saved = save_with_transformers(published, tmp_path / f"{name}-{how}", how)
+    before = _files(saved)
+    vllm.check_folder(saved)
+    view = vllm.published_view(saved)
+    try:
+        if how == "loaded":  # transformers wrote the published names again: nothing to rewrite
+            assert view is None
+            return
+        assert view is not None and not view.is_relative_to(saved)
+        ours, reference = _tensors(view), _tensors(published)
+        assert sorted(ours) == sorted(reference)
+        assert all(torch.equal(ours[k], reference[k]) for k in reference)
+        for file in ("config.json", "chat_template.jinja", "tokenizer.json", "processor_config.json"):
+            assert (view / file).read_bytes() == (saved / file).read_bytes()
+        vllm.check_folder(view)
+        assert vllm.published_view(view) is None
+        assert _files(saved) == before  # the user's folder is untouched
+    finally:
+        if view is not None:
+            shutil.rmtree(view.parent)
+
+
+def test_vllm_is_started_on_the_view_which_goes_with_it(models, tmp_path, monkeypatch, capsys):
+    saved = save_with_transformers(models["v15-hf"], tmp_path / "built", "built")
+    monkeypatch.setattr(vllm, "python", lambda: shutil.which("true"))  # a "vLLM" that exits at once
+    process, _ = vllm.start(str(saved), ServeSettings(model_name="tiny"), LoadOptions())
+    served = Path(process.argv[process.argv.index("--model") + 1])
+    assert served != saved and served.name == saved.name and (served / "model.safetensors").is_file()
+    assert f"vLLM gets a renamed copy in {served}" in capsys.readouterr().err
+    process.stop()
+    assert not served.parent.exists()
 
 
 def test_vllm_command_line(models):

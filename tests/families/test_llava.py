@@ -11,7 +11,7 @@ import torch
 from vlmkit.families.llava import tiny
 from vlmkit.tensors import open_source
 
-from ..conftest import run_cli
+from ..conftest import run_cli, save_with_transformers
 
 PUBLISHED_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
                       "multi_modal_projector.linear_1.", "multi_modal_projector.linear_2.", "image_newline")
@@ -199,3 +199,18 @@ def test_verify_catches_a_wrong_conversion(llava_parts, tmp_path):
     assert v.code == 3
     assert "[FAIL] logits" in v.out and "verdict: FAIL" in v.out
     assert "[pass] input ids" in v.out and "[pass] pixel values" in v.out
+
+
+def test_verify_reads_the_dtype_transformers_5_saves(llava_parts, tmp_path):
+    """transformers 5's save_pretrained writes "dtype" where 4.x (and vlmkit) write "torch_dtype": a float16
+    folder it saved is judged at float16's tolerances, not float32's."""
+    import vlmkit
+
+    f16 = tmp_path / "f16"
+    assert run_cli("convert", llava_parts["v15"], f16, "--quiet", "--dtype", "float16").code == 0
+    saved = save_with_transformers(f16, tmp_path / "saved", "modules")
+    config = json.loads((saved / "config.json").read_text())
+    assert config["dtype"] == "float16" and "torch_dtype" not in config
+    report = vlmkit.verify(llava_parts["v15"], saved, max_new_tokens=2)
+    logits = next(c for c in report.checks if c.name == "logits")
+    assert logits.passed and logits.tolerance == "max abs diff <= 0.05, cosine >= 0.999", logits

@@ -33,7 +33,7 @@ def with_tokenizer(hf_folder: Path, original: Path, dst: Path, added: dict[str, 
     llava-hf repositories ship them: what llama.cpp's converter needs for real token scores."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in hf_folder.iterdir():
-        if f.is_file():
+        if f.is_file() and f.name != "tokenizer.model":
             (dst / f.name).symlink_to(f.resolve())
     shutil.copy(original / "tokenizer.model", dst / "tokenizer.model")
     (dst / "added_tokens.json").write_text(json.dumps(added))

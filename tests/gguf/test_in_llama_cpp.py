@@ -13,7 +13,7 @@ import torch
 from vlmkit.parity.llamacpp import LlamaCpp
 from vlmkit.runtime import images, templates
 
-from ..conftest import run_cli
+from ..conftest import run_cli, save_with_transformers
 from . import llama_tools
 from .test_same_as_llama_cpp import ADDED
 
@@ -123,3 +123,49 @@ def test_verify_catches_a_wrong_mmproj(parts, tmp_path):
     assert v.code == 3, v.out
     assert "[FAIL] image embeddings (mmproj)" in v.out
     assert "[pass] language model logits" in v.out and "[pass] prompt ids (probe 1)" in v.out
+
+
+PROMPTS = ["What is shown in this image?",
+           "Describe  the picture,   please.\n    Indented code:\tx = 1234567;\n\n- a list\n- of things",
+           "naïve café — 日本語のテキスト, emoji 🙂 and a URL: https://example.com/a_b?c=d"]
+
+
+def _llama_ids(model: Path, texts: list[str]) -> list[list[int]]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        return [llm.tokenize(t.encode(), add_bos=True, special=False) for t in texts]
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("name", ["v15", "next"])
+def test_tokenizer_json_vocabulary_gives_llama_cpp_the_sentencepiece_ids(parts, hf, tmp_path, name):
+    """A folder transformers 5 saved (tokenizer.json, no tokenizer.model) -> GGUF: llama.cpp tokenizes to the
+    ids of the GGUF from tokenizer.model, which are the SentencePiece model's own. The scores matter: with the
+    -1000 placeholders llama.cpp's converter writes from tokenizer.json, llama.cpp gives other ids."""
+    import gguf
+    import sentencepiece
+
+    saved = save_with_transformers(hf[name], tmp_path / "saved", "loaded")
+    assert not (saved / "tokenizer.model").exists()
+    files = {}
+    for label, src in (("model", hf[name]), ("json", saved)):
+        out = tmp_path / label
+        assert run_cli("convert", src, out, "--to", "gguf", "--quiet", "--dtype", "f32").code == 0
+        files[label] = next(p for p in out.glob("*.gguf") if not p.name.startswith("mmproj-"))
+    placeholder = tmp_path / "placeholder.gguf"
+    placeholder.write_bytes(files["json"].read_bytes())
+    reader = gguf.GGUFReader(placeholder, "r+")
+    scores = reader.fields["tokenizer.ggml.scores"]
+    for i in scores.data:
+        scores.parts[i][...] = -1000.0
+    reader.data.flush()
+    del reader
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(parts[name] / "tokenizer.model"))
+    original = [[sp.bos_id(), *sp.encode(t)] for t in PROMPTS]
+    assert _llama_ids(files["model"], PROMPTS) == original
+    assert _llama_ids(files["json"], PROMPTS) == original
+    assert _llama_ids(placeholder, PROMPTS) != original

@@ -12,7 +12,7 @@ import shutil
 import gguf
 import pytest
 
-from ..conftest import run_cli
+from ..conftest import TRANSFORMERS_LAYOUTS, run_cli, save_with_transformers
 from .llama_tools import compare, Differences
 
 
@@ -55,13 +55,58 @@ def test_next_writes_pinpoints_in_llama_cpps_order_and_the_newline(parts, tmp_pa
 
 
 def test_transformers_folder_gives_the_same_files_as_the_original(parts, hf, tmp_path):
-    """The two-stage plan (original -> published names -> GGUF) and a transformers folder agree exactly."""
+    """The two-stage plan (original -> published names -> GGUF) and a transformers folder agree exactly
+    (the folder carries the original tokenizer.model, as the published llava-hf repositories do)."""
     from_original, from_hf = tmp_path / "a", tmp_path / "b"
     _convert(parts["v15"], from_original, "--dtype", "f32")
-    _convert(hf["v15"], from_hf, "--dtype", "f32", "--model-base", parts["v15"])  # tokenizer.model from there
+    _convert(hf["v15"], from_hf, "--dtype", "f32")
+    assert (hf["v15"] / "tokenizer.model").read_bytes() == (parts["v15"] / "tokenizer.model").read_bytes()
     for ours, theirs in (("llava-v1.5-tiny-f32.gguf", "v15-hf-f32.gguf"),
                          ("mmproj-llava-v1.5-tiny-f32.gguf", "mmproj-v15-hf-f32.gguf")):
         assert compare(from_original / ours, from_hf / theirs) == Differences()
+
+
+@pytest.mark.parametrize("name", ["v15", "next"])
+@pytest.mark.parametrize("how", TRANSFORMERS_LAYOUTS)
+def test_every_transformers_layout_gives_the_same_files(hf, tmp_path, name, how):
+    """A folder transformers 5 saved (its tensor names, tokenizer.json without tokenizer.model) converts to
+    the files of the folder vlmkit wrote; the one difference is the token scores (``sentencepiece_json``)."""
+    saved = save_with_transformers(hf[name], tmp_path / f"{name}-{how}", how)
+    before = {f.name: f.read_bytes() for f in saved.iterdir()}
+    published, ours = tmp_path / "published", tmp_path / "ours"
+    _convert(hf[name], published, "--dtype", "f32")
+    _convert(saved, ours, "--dtype", "f32")
+    lm = compare(published / f"{name}-hf-f32.gguf", ours / f"{name}-{how}-f32.gguf")
+    assert lm == Differences(keys={"tokenizer.ggml.scores": "value"})
+    assert compare(published / f"mmproj-{name}-hf-f32.gguf", ours / f"mmproj-{name}-{how}-f32.gguf") == Differences()
+    assert {f.name: f.read_bytes() for f in saved.iterdir()} == before  # the user's folder is untouched
+
+
+@pytest.mark.parametrize("name", ["v15", "next"])
+def test_vocabulary_from_tokenizer_json_is_the_sentencepiece_models(parts, hf, tmp_path, name):
+    """The tokenizer transformers 5 saves (tokenizer.json only) against the SentencePiece library on the
+    original tokenizer.model: the same pieces, types and special ids, and scores in the same order wherever
+    llama.cpp reads them (the pieces a merge makes)."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from vlmkit.conversion.gguf_vocab import sentencepiece_json
+
+    AutoTokenizer.from_pretrained(hf[name]).save_pretrained(tmp_path)
+    assert not (tmp_path / "tokenizer.model").exists()
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(parts[name] / "tokenizer.model"))
+    n = sp.vocab_size()
+    vocab = sentencepiece_json(tmp_path, {"<image>": n, "<pad>": n + 1}, rows=n + 64)
+    assert vocab.tokens[:n] == [sp.IdToPiece(i).encode() for i in range(n)]
+    kinds = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 1 for i in range(n)]
+    assert vocab.types[:n] == kinds  # gguf.TokenType: NORMAL 1, UNKNOWN 2, CONTROL 3, BYTE 6
+    assert vocab.tokens[n:n + 3] == [b"<image>", b"<pad>", f"[PAD{n + 2}]".encode()]
+    assert vocab.types[n:n + 3] == [4, 4, 5]  # USER_DEFINED twice, UNUSED: as from tokenizer.model
+    assert (vocab.bos, vocab.eos, vocab.unk) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
+    merged = [i for i in range(n) if kinds[i] == 1 and len(sp.IdToPiece(i)) > 1]
+    assert len(merged) > 20000
+    by_ours = sorted(merged, key=lambda i: -vocab.scores[i])
+    assert all(sp.GetScore(a) >= sp.GetScore(b) for a, b in zip(by_ours, by_ours[1:]))
 
 
 def test_dry_run_prints_each_tensor_type_and_why(parts, tmp_path):
@@ -116,11 +161,12 @@ def test_transformers_folders_llama_cpp_cannot_run(parts, hf, tmp_path, edit, me
 
 
 def test_vocabulary_that_does_not_fit_the_embedding(parts, hf, tmp_path):
-    err = _fails(hf["v15"], tmp_path / "out")
-    assert "no tokenizer.model; llama.cpp needs the SentencePiece model's real token scores" in err
-    assert "--model-base" in err
+    no_tokenizer = _edited(hf["v15"], tmp_path / "no-tokenizer-hf", lambda c: None)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        (no_tokenizer / name).unlink()
+    err = _fails(no_tokenizer, tmp_path / "out")
+    assert "no tokenizer.model and no tokenizer.json" in err and "--model-base" in err
     src = _edited(hf["v15"], tmp_path / "extra-token-hf", lambda c: None)
-    shutil.copy(parts["v15"] / "tokenizer.model", src / "tokenizer.model")
     (src / "added_tokens.json").write_text(json.dumps({"<image>": 32000, "<extra>": 40000}))
     err = _fails(src, tmp_path / "out")
     assert "added_tokens.json: Expected new token IDs [32000, 32001] to be sequential; got [32000, 40000]" in err

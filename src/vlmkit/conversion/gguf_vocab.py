@@ -4,6 +4,8 @@
   SentencePiece tokenizer merges by score; -1000 placeholders change the ids), the added
   tokens at their ids, and ``[PAD<id>]`` rows up to the embedding rows (llama.cpp refuses
   a vocabulary shorter than ``token_embd``), as llama.cpp's converter writes them.
+* ``sentencepiece_json``: the same vocabulary from ``tokenizer.json`` alone (transformers'
+  conversion of that model), for folders without ``tokenizer.model``; ``llama`` picks one.
 * ``clip_bpe``: CLIP's 49,408 text tokens rebuilt from the original merges file, in the
   order of the ``vocab.json`` the CLIP repositories ship.
 """
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +45,22 @@ class Vocab:
         return len(self.tokens)
 
 
+def llama(folder: Path, added: dict[str, int], rows: int) -> Vocab:
+    """The vocabulary of the LLaMA / Mistral tokenizer in ``folder``: from ``tokenizer.model`` where there is
+    one (the published llava-hf folders, vlmkit's), else from ``tokenizer.json`` (transformers 5 saves only that).
+
+    Raises:
+        ConfigError: neither file, or one that is not a SentencePiece(-BPE) tokenizer (see the two readers).
+    """
+    if (folder / "tokenizer.model").is_file():
+        return sentencepiece(folder, added, rows)
+    if (folder / "tokenizer.json").is_file():
+        return sentencepiece_json(folder, added, rows)
+    raise ConfigError(f"{folder}: no tokenizer.model and no tokenizer.json; the GGUF needs the language model's "
+                      "vocabulary", hint="copy the base LLM's tokenizer.model into the folder, or pass --model-base "
+                                         "FOLDER (the base language model, e.g. vicuna-7b-v1.5)")
+
+
 def sentencepiece(folder: Path, added: dict[str, int], rows: int) -> Vocab:
     """The vocabulary of ``folder/tokenizer.model`` padded to ``rows``.
 
@@ -56,9 +75,8 @@ def sentencepiece(folder: Path, added: dict[str, int], rows: int) -> Vocab:
     model = folder / "tokenizer.model"
     if not model.is_file():
         raise ConfigError(f"{folder}: no tokenizer.model; llama.cpp needs the SentencePiece model's real token "
-                          "scores (tokenizer.json alone would give -1000 placeholders and different token ids)",
-                          hint="copy the base LLM's tokenizer.model into the folder, or pass --model-base FOLDER "
-                               "(the base language model, e.g. vicuna-7b-v1.5)")
+                          "scores", hint="copy the base LLM's tokenizer.model into the folder, or pass --model-base "
+                                         "FOLDER (the base language model, e.g. vicuna-7b-v1.5)")
     try:
         spm = gguf.SentencePieceVocab(folder)  # gguf-py reads pieces, real scores, types (and added_tokens.json)
     except ValueError as e:
@@ -66,25 +84,67 @@ def sentencepiece(folder: Path, added: dict[str, int], rows: int) -> Vocab:
                           hint="added tokens must follow the SentencePiece ids without gaps") from None
     if spm.added_tokens_list:  # an added_tokens.json beside the model: those ids are taken as given
         added = {**spm.added_tokens_dict, **added}
-    base = spm.vocab_size_base
-    if base > rows:
-        raise ConfigError(f"{model}: {base} SentencePiece tokens but the model's embedding has only {rows} rows",
+    sp = spm.sentencepiece_tokenizer
+    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    return _padded(list(spm.sentencepiece_tokens()), added, rows, model,
+                   **{k: (v if v >= 0 else None) for k, v in ids.items()})
+
+
+def sentencepiece_json(folder: Path, added: dict[str, int], rows: int) -> Vocab:
+    """The vocabulary of ``folder/tokenizer.json`` (a SentencePiece-BPE model as transformers converts it),
+    equal to the one ``sentencepiece`` reads from that ``tokenizer.model`` but for the scores.
+
+    llama.cpp's converter falls back to gguf-py's ``LlamaHfVocab`` without ``tokenizer.model``: the
+    same tokens and types (but ``<unk>``, see below), every score a -1000 placeholder. llama.cpp's
+    SentencePiece tokenizer merges the highest-scored pair first, so equal scores merge left to
+    right and give other ids than the model's. The scores here follow the BPE merges instead (a
+    piece scores minus the rank of the first merge that makes it): the order transformers' converter
+    took from the SentencePiece scores, so llama.cpp merges in the same order. The numbers differ
+    from SentencePiece's (which are minus the piece's rank among the normal pieces, the
+    whitespace-only pieces -1e9); pieces no merge makes (controls, bytes, single characters, whose
+    scores llama.cpp never reads) score 0.
+
+    Raises:
+        ConfigError: ``tokenizer.json`` is not a SentencePiece-BPE tokenizer, or the vocabulary does not fit.
+    """
+    file = folder / "tokenizer.json"
+    try:
+        hf = gguf.LlamaHfVocab(folder)  # gguf-py: the tokens and types, through transformers' tokenizer
+    except (FileNotFoundError, TypeError) as e:
+        raise ConfigError(f"{file}: not a SentencePiece-BPE (LLaMA / Mistral) tokenizer: {e}",
+                          hint="pass --model-base FOLDER with the base LLM's tokenizer.model") from None
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(json.loads(file.read_text())["model"]["merges"]):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    tok = hf.tokenizer
+    base = []
+    for i, (text, _, kind) in enumerate(hf.hf_tokens()):
+        # SentencePiece marks its unknown piece UNKNOWN; LlamaHfVocab calls every special token CONTROL
+        kind = TokenType.UNKNOWN if i == tok.unk_token_id else kind
+        base.append((text, -float(rank.get(text.decode("utf-8"), 0)), kind))
+    added = {**hf.added_tokens_dict, **added}
+    return _padded(base, added, rows, file, bos=tok.bos_token_id, eos=tok.eos_token_id, unk=tok.unk_token_id)
+
+
+def _padded(base: list[tuple[bytes, float, int]], added: dict[str, int], rows: int, where: Path, **ids) -> Vocab:
+    """``base`` (text, score, type) at ids 0.., ``added`` at their ids, ``[PAD<id>]`` rows up to ``rows``."""
+    if len(base) > rows:
+        raise ConfigError(f"{where}: {len(base)} SentencePiece tokens but the model's embedding has only {rows} rows",
                           hint="use the tokenizer the model was trained with")
     tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(rows)]
     scores = [PAD_SCORE] * rows
     types = [int(TokenType.UNUSED)] * rows
-    for i, (text, score, kind) in enumerate(spm.sentencepiece_tokens()):
+    for i, (text, score, kind) in enumerate(base):
         tokens[i], scores[i], types[i] = text, float(score), int(kind)
     for text, index in sorted(added.items(), key=lambda kv: kv[1]):
-        if index < base:
+        if index < len(base):
             continue  # an added token that is a SentencePiece piece already (e.g. <unk>, <s>)
         if index >= rows:
             raise ConfigError(f"added token {text!r} has id {index} but the model's embedding has {rows} rows",
                               hint="the tokenizer and the weights come from different models")
         tokens[index], scores[index], types[index] = text.encode(), ADDED_SCORE, int(TokenType.USER_DEFINED)
-    sp = spm.sentencepiece_tokenizer
-    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
-    return Vocab(tokens, scores, types, **{k: (v if v >= 0 else None) for k, v in ids.items()})
+    return Vocab(tokens, scores, types, **ids)
 
 
 def write_llama_vocab(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None, add_bos: bool, add_eos: bool,

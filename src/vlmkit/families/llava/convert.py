@@ -19,20 +19,9 @@ from ...conversion import Conversion, Custom, ResizeRows, Rule, create, drop, re
 from ...errors import ConfigError
 from ...options import LoadOptions
 from ...tensors import TensorSource
-from . import hf_output
+from . import hf_output, layout
 from .checkpoint import TOWER, UNUSED_CLIP, OriginalCheckpoint, open_original
 from .hf_output import PAD_TOKEN, Target
-
-# transformers-5 module names -> the on-disk names of the published llava-hf repositories,
-# which vLLM, llama.cpp's converter and transformers 4.x read (5.x reads both).
-PUBLISHED_LAYOUT = [
-    rename("model.language_model.{rest:path}", "language_model.model.{rest:path}"),
-    rename("lm_head.weight", "language_model.lm_head.weight"),
-    rename("model.vision_tower.{rest:path}", "vision_tower.vision_model.{rest:path}"),
-    rename("model.multi_modal_projector.{rest:path}", "multi_modal_projector.{rest:path}"),
-    rename("model.image_newline", "image_newline"),
-]
-
 
 class EmbeddingDistribution:
     """New vocabulary rows as the transformers conversion scripts draw them.
@@ -157,15 +146,8 @@ def expected_tensors(hf_config) -> dict[str, tuple[int, ...]]:
     cls = LlavaNextForConditionalGeneration if hf_config.model_type == "llava_next" else LlavaForConditionalGeneration
     with torch.device("meta"):
         model = cls(hf_config)
-    expected = {}
-    for name, tensor in model.state_dict().items():
-        for rule in PUBLISHED_LAYOUT:
-            captures = rule.sources[0].match(name)
-            if captures is not None:
-                name = rule.targets[0].format(captures)
-                break
-        expected[name] = tuple(tensor.shape)
-    return expected
+    state = model.state_dict()
+    return {new: tuple(state[old].shape) for old, new in layout.published_names(state, cls.__name__).items()}
 
 
 def conversion(path: Path, options: LoadOptions) -> Conversion:

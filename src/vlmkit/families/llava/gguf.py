@@ -6,7 +6,7 @@ Every input is first put in the published transformers names, then planned to GG
   ``--to hf`` conversion's checked plan (LoRA merged by its merge op, the vocabulary grown
   with the same seeded rows), read through ``PlannedSource``: nothing is read twice, and the
   GGUF holds exactly what the transformers folder would;
-* a transformers ``Llava`` / ``LlavaNext`` folder (published or transformers-5 layout);
+* a transformers ``Llava`` / ``LlavaNext`` folder, in any layout transformers writes (``layout``);
 * a ``llava.projector`` file (``llava_surgery.py``'s output) with ``--vision-tower``: mmproj only.
 
 The language model: llama.cpp's architecture for the backbone (``BACKBONES``), names from
@@ -40,7 +40,7 @@ from ...tensors import TensorSource, open_source
 from ...tensors.torch_io import TorchSource
 from ...tensors.views import CombinedSource, RenamedSource
 from ..clip import gguf as clip_gguf
-from .convert import PUBLISHED_LAYOUT
+from . import layout
 
 MT = gguf.MODEL_TENSOR
 
@@ -73,7 +73,7 @@ POST_NORM_WHY = "LLaVA takes the feature layer's hidden state; CLIP's post-layer
 class Tokenizer:
     """What the language-model GGUF needs of the tokenizer."""
 
-    folder: Path  # holds tokenizer.model
+    folder: Path  # holds tokenizer.model or tokenizer.json
     added: dict[str, int]
     pad: int | None
     add_bos: bool
@@ -155,20 +155,6 @@ def from_original(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -
         what=f"original {ckpt.form} checkpoint, {ckpt.backbone} backbone")
 
 
-def _published(source: TensorSource) -> TensorSource:
-    """transformers-5 ``save_pretrained`` names -> the published llava-hf names (others kept)."""
-    mapping = {}
-    for name in source.keys():
-        for rule in PUBLISHED_LAYOUT:
-            captures = rule.sources[0].match(name)
-            if captures is not None:
-                mapping[name] = rule.targets[0].format(captures)
-                break
-        else:
-            mapping[name] = name
-    return RenamedSource(source, mapping)
-
-
 def _added_tokens(folder: Path) -> dict[str, int]:
     added: dict[str, int] = {}
     if (folder / "tokenizer.json").is_file():
@@ -195,7 +181,7 @@ def from_transformers(path: Path, options: LoadOptions, gguf_options: GGUFOption
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    source = _published(open_source(path))
+    source = layout.published(open_source(path))  # any layout transformers writes
     has_model = (path / "tokenizer.model").is_file()
     tokenizer_folder = path if has_model or not options.model_base else Path(options.model_base)
     add_bos, add_eos = _tokenizer_flags(path)
@@ -448,7 +434,7 @@ def gguf_files(llava: Llava, gguf_options: GGUFOptions) -> list[GGUFFile]:
     files = []
     if llava.text is not None and not gguf_options.mmproj_only:
         rows = llava.source.info(LM + "model.embed_tokens.weight").shape[0]
-        vocab = gguf_vocab.sentencepiece(llava.tokenizer.folder, llava.tokenizer.added, rows)
+        vocab = gguf_vocab.llama(llava.tokenizer.folder, llava.tokenizer.added, rows)
         files.append(GGUFFile(f"{name}-{{type}}.gguf", gguf.MODEL_ARCH_NAMES[BACKBONES[llava.text.model_type].arch],
                               lm_rules(llava), _lm_metadata(llava, vocab)))
     files.append(GGUFFile(f"mmproj-{name}-{{type}}.gguf", "clip", mmproj_rules(llava), _mmproj_metadata(llava),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def _processor_class(kind: str):
 
 
 def write(folder: Path, ckpt: OriginalCheckpoint, target: Target, dtype: str | None = None) -> None:
-    """config.json (published fields), generation_config.json and the processor files."""
+    """config.json (published fields), generation_config.json, the processor files and ``tokenizer.model``."""
     config = target.hf_config.to_dict()
     arch = "LlavaNextForConditionalGeneration" if ckpt.is_next else "LlavaForConditionalGeneration"
     config["architectures"] = [arch]
@@ -141,3 +142,8 @@ def write(folder: Path, ckpt: OriginalCheckpoint, target: Target, dtype: str | N
     # transformers 5 nests the image processor in processor_config.json; 4.x, vLLM and llama.cpp's
     # converter read preprocessor_config.json, as the published repositories have it
     target.processor.image_processor.save_pretrained(folder)
+    # the SentencePiece model itself, as the published repositories ship it: its real token scores are
+    # what llama.cpp's converter (and `vlmkit convert --to gguf`) write into a GGUF
+    spm = ckpt.tokenizer_folder / "tokenizer.model"
+    if spm.is_file():
+        shutil.copyfile(spm, folder / "tokenizer.model")

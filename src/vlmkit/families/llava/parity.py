@@ -151,4 +151,5 @@ def _stored_dtype(folder: Path) -> str:
     import json
 
     config = json.loads((Path(folder) / "config.json").read_text())
-    return {"float16": "F16", "bfloat16": "BF16"}.get(config.get("torch_dtype"), "F32")
+    stored = config.get("torch_dtype") or config.get("dtype")  # transformers 5's save_pretrained writes "dtype"
+    return {"float16": "F16", "bfloat16": "BF16"}.get(stored, "F32")

