@@ -339,8 +339,9 @@ def run(conversion: GGUFConversion, destination: str | Path, *, type_name: str |
             hashes.update(writer.close())
         from ..publish import card
 
+        first = getattr(conversion.source, "plan", None)  # a staged source: its first plan (vocabulary, drops)
         output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(conversion.source),
-                              plan=checked.to_dict(),
+                              plan={**checked.to_dict(), **({"first_stage": first.to_dict()} if first else {})},
                               provenance={**(provenance or {}), "output": "gguf", "summary": conversion.summary},
                               card=card.render)
     return Result(checked, destination, hashes)

@@ -125,8 +125,8 @@ def source_record(source) -> dict:
     when the source's own README states one.
     """
     infos = [source.info(n) for n in source.keys()]
-    files = sorted({f.resolve() for f in source.files()})
-    return {"path": str(source.path), "format": source.format, "fingerprint": source_fingerprint(infos),
+    files = sorted({f.absolute() for f in source.files()})
+    return {"path": str(Path(source.path).absolute()), "format": source.format, "fingerprint": source_fingerprint(infos),
             "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files],
             "hub_id": hub_id_of(Path(source.path)), "license": license_of(Path(source.path))}
 

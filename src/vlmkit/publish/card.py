@@ -110,15 +110,15 @@ inputs = processor(images=Image.open("image.jpg"), text=["a photo of a cat"], re
 outputs = model(**inputs)
 print(outputs.image_embeddings.shape, outputs.text_embeddings.shape, outputs.multimodal_embeddings.shape)'''),
     "transformers-clip": ("python", '''from PIL import Image
-from transformers import AutoProcessor, CLIPModel
+from transformers import CLIPImageProcessor, CLIPModel
 
 path = "{path}"
-processor = AutoProcessor.from_pretrained(path)
+processor = CLIPImageProcessor.from_pretrained(path)
 model = CLIPModel.from_pretrained(path)
-inputs = processor(images=Image.open("image.jpg"), text=["a photo of a cat", "a photo of a dog"],
-                   return_tensors="pt", padding=True)
-print(model(**inputs).logits_per_image.softmax(-1))'''),
-    "vlmkit-chat": ("sh", 'vlmkit chat {path} --image image.jpg --prompt "What is shown in this image?" --temperature 0'),
+inputs = processor(images=Image.open("image.jpg"), return_tensors="pt")
+print(model.get_image_features(**inputs))'''),
+    "vlmkit-chat": ("sh", 'vlmkit chat {path} --image image.jpg --prompt "What is shown in this image?" --temperature 0 '
+                            '--max-new-tokens 64'),
     "vllm": ("sh", "vllm serve {path}"),
     "to-gguf": ("sh", "vlmkit convert {path} {path}-gguf --to gguf --dtype q8_0   # for llama.cpp"),
     "llama-mtmd-cli": ("sh", 'llama-mtmd-cli -m {path}/{model} --mmproj {path}/{mmproj} --image image.jpg '
@@ -258,53 +258,76 @@ def _provenance_section(manifest: dict) -> str:
 def _changes_section(manifest: dict) -> str:
     plan, prov = manifest.get("plan") or {}, manifest.get("provenance") or {}
     lines = ["## What changed on the way", ""]
-    drops: dict[str, list[str]] = {}
-    ops: dict[str, int] = {}
-    if "files" in plan:  # GGUF: the type asked for, and every tensor written in another type with the reason
-        lines.append(f"- GGUF type: {plan.get('type')}")
-        reasons: dict[tuple[str, str], list[str]] = {}
-        for f in plan["files"]:
-            for t in f.get("tensors") or []:
-                if t.get("why"):
-                    reasons.setdefault((t["type"], t["why"]), []).append(t["name"])
-                for op in t.get("ops") or []:
-                    ops[op] = ops.get(op, 0) + 1
-            for d in f.get("drops") or []:
-                drops.setdefault(d["why"], []).append(f"{f['file']}: {d['name']}")
-        for (ty, why), names in reasons.items():
-            lines.append(f"- {len(names)} tensor(s) in {ty} instead ({_names(names)}): {why}")
+    if "files" in plan:  # GGUF: the first stage (original -> transformers names), then the GGUF files
+        if plan.get("first_stage"):
+            lines += _plan_changes(plan["first_stage"], prov)
+        lines += _gguf_changes(plan, prov)
     else:
-        casts: dict[tuple[str, str], int] = {}
-        created = []
-        for step in plan.get("steps") or []:
-            src = step["sources"][0]["dtype"] if step["sources"] else None
-            for t in step["targets"]:
-                casts[(src or "new", t["dtype"])] = casts.get((src or "new", t["dtype"]), 0) + 1
-            if not step["sources"]:
-                created += [t["name"] for t in step["targets"]]
-            for op in step.get("ops") or []:
-                if not op.startswith("create "):
-                    ops[op] = ops.get(op, 0) + 1
-            for d in step.get("drops") or []:
-                drops.setdefault(d["why"], []).append(d["name"])
-        for d in plan.get("drops") or []:
-            drops.setdefault(d["why"], []).append(d["name"])
-        asked = prov.get("dtype")
-        lines.append(f"- dtype: {'cast to ' + asked if asked else 'as stored'}; "
-                     + ", ".join(f"{a} -> {b}: {n} tensor(s)" if a != b else f"{a}: {n} tensor(s)"
-                                 for (a, b), n in sorted(casts.items())))
-        if created:
-            lines.append(f"- created (the source has no such tensor): {_names(created)}")
+        lines += _plan_changes(plan, prov)
+    if len(lines) == 2:
+        lines.append("- nothing but names and layout")
+    return "\n".join(lines)
+
+
+def _plan_changes(plan: dict, prov: dict) -> list[str]:
+    """A ``Plan.to_dict()``: casts, created tensors, the ops that change values, drops with their reasons."""
+    casts: dict[tuple[str, str], int] = {}
+    created: list[str] = []
+    ops: dict[str, int] = {}
+    for step in plan.get("steps") or []:
+        src = step["sources"][0]["dtype"] if step["sources"] else "new"
+        for t in step["targets"]:
+            casts[(src, t["dtype"])] = casts.get((src, t["dtype"]), 0) + 1
+        if not step["sources"]:
+            created += [t["name"] for t in step["targets"]]
+        for op in step.get("ops") or []:
+            if not op.startswith("create "):
+                ops[op] = ops.get(op, 0) + 1
+    drops: dict[str, list[str]] = {}
+    for d in plan.get("drops") or []:
+        drops.setdefault(d["why"], []).append(d["name"])
+    asked = prov.get("dtype")
+    lines = [f"- dtype: {'cast to ' + asked if asked else 'as stored'}; "
+             + ", ".join(f"{a} -> {b}: {n} tensor(s)" if a != b else f"{a}: {n} tensor(s)"
+                         for (a, b), n in sorted(casts.items()))]
+    if created:
+        lines.append(f"- created (the source has no such tensor): {_names(created)}")
+    return lines + _op_lines(ops, prov) + [f"- dropped {len(n)} tensor(s) ({_names(n)}): {why}"
+                                           for why, n in drops.items()]
+
+
+def _gguf_changes(plan: dict, prov: dict) -> list[str]:
+    """The type asked for, each tensor in another type with the reason, the ops, and what no file holds."""
+    lines = [f"- GGUF type: {plan.get('type')}"]
+    reasons: dict[tuple[str, str], list[str]] = {}
+    ops: dict[str, int] = {}
+    written = {name for f in plan["files"] for t in f.get("tensors") or [] for name in t.get("from") or []}
+    dropped: dict[str, list[str]] = {}
+    for f in plan["files"]:
+        for t in f.get("tensors") or []:
+            if t.get("why"):
+                reasons.setdefault((t["type"], t["why"]), []).append(t["name"])
+            for op in t.get("ops") or []:
+                ops[op] = ops.get(op, 0) + 1
+        for d in f.get("drops") or []:
+            if d["name"] not in written:  # one file leaves out what another writes: only what no file holds
+                dropped.setdefault(d["name"], []).append(d["why"])
+    lines += [f"- {len(n)} tensor(s) in {ty} instead ({_names(n)}): {why}" for (ty, why), n in reasons.items()]
+    lines += _op_lines(ops, prov)
+    by_reason: dict[str, list[str]] = {}
+    for name, whys in dropped.items():
+        by_reason.setdefault("; ".join(dict.fromkeys(whys)), []).append(name)
+    return lines + [f"- dropped {len(n)} tensor(s) ({_names(n)}): {why}" for why, n in by_reason.items()]
+
+
+def _op_lines(ops: dict[str, int], prov: dict) -> list[str]:
+    lines = []
     for op, n in ops.items():
         line = f"- {op}: {n} tensor(s)"
         if op.startswith("rows "):
             line += f" (vocabulary growth; new rows drawn at random with `--seed {prov.get('seed', 0)}`)"
         lines.append(line)
-    for why, names in drops.items():
-        lines.append(f"- dropped {len(names)} tensor(s) ({_names(names)}): {why}")
-    if len(lines) == 2:
-        lines.append("- nothing but names and layout")
-    return "\n".join(lines)
+    return lines
 
 
 def _differences_section(kind: Kind) -> str:
