@@ -132,9 +132,9 @@ def _convert(args) -> int:
         conversion = to_gguf.prepare(args.source, options, gguf_options)
         if conversion.summary and not args.json:
             print(conversion.summary, file=sys.stderr)
+        bar = None if args.quiet or args.json else progress_bar("converting")
         result = gguf_sink.run(conversion, args.destination, type_name=type_name, force=args.force,
-                               dry_run=args.dry_run, progress=None if args.quiet or args.json else progress_bar("converting"),
-                               provenance=output.provenance(options, command))
+                               dry_run=args.dry_run, progress=bar, provenance=output.provenance(options, command))
         files = [(f.file_name, f.file.arch, len(f.plan.targets), f.bytes_out) for f in result.plan.files]
         if args.json:
             print(json.dumps({"destination": str(result.destination) if result.destination else None,
@@ -428,7 +428,8 @@ def _push(folder: str, repo_id: str, **options) -> int:
 
 
 ARGUMENTS = {"inspect": _inspect_arguments, "convert": _convert_arguments, "verify": _verify_arguments,
-             "chat": _chat_arguments, "serve": _serve_arguments, "verify-files": _verify_files_arguments, "push": _push_arguments}
+             "chat": _chat_arguments, "serve": _serve_arguments, "verify-files": _verify_files_arguments,
+             "push": _push_arguments}
 
 
 # --------------------------------------------------------------------------- main

@@ -16,7 +16,6 @@ import pytest
 from ..conftest import run_cli, run_cli_process
 
 REPO = "someone/llava-tiny-hf"
-SRC = str(Path(__file__).parents[2] / "src")
 
 
 class Hub(BaseHTTPRequestHandler):
@@ -81,8 +80,7 @@ def folder(originals, tmp_path_factory):
 def vlmkit(*args, endpoint: str, token: str | None = "hf_test_token", home: Path, cwd: Path | None = None):
     """The CLI in its own process: huggingface_hub reads HF_ENDPOINT when it is imported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
-               PYTHONPATH=os.pathsep.join([SRC, env.get("PYTHONPATH", "")]))
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1")
     if token:
         env["HF_TOKEN"] = token
     return run_cli_process(*args, env=env, cwd=cwd, timeout=300)
@@ -92,7 +90,8 @@ def commit_of(requests) -> tuple[dict, dict[str, bytes]]:
     (commit,) = [r for r in requests if "/commit/" in r["path"]]
     lines = [json.loads(line) for line in commit["body"].splitlines() if line.strip()]
     header = next(item["value"] for item in lines if item["key"] == "header")
-    files = {item["value"]["path"]: base64.b64decode(item["value"]["content"]) for item in lines if item["key"] == "file"}
+    files = {item["value"]["path"]: base64.b64decode(item["value"]["content"])
+             for item in lines if item["key"] == "file"}
     return header, files
 
 

@@ -126,7 +126,8 @@ def source_record(source) -> dict:
     """
     infos = [source.info(n) for n in source.keys()]
     files = sorted({f.absolute() for f in source.files()})
-    return {"path": str(Path(source.path).absolute()), "format": source.format, "fingerprint": source_fingerprint(infos),
+    return {"path": str(Path(source.path).absolute()), "format": source.format,
+            "fingerprint": source_fingerprint(infos),
             "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files],
             "hub_id": hub_id_of(Path(source.path)), "license": license_of(Path(source.path))}
 
@@ -264,6 +265,6 @@ def provenance(options, command: str | None = None) -> dict:
     def absolute(p):
         return str(Path(p).absolute()) if p and Path(p).exists() else p
 
-    return {"command": command, "vision_tower": absolute(options.vision_tower), "model_base": absolute(options.model_base),
-            "seed": options.seed, "template": options.template, "dtype": options.dtype,
-            "config_override": options.config}
+    return {"command": command, "vision_tower": absolute(options.vision_tower),
+            "model_base": absolute(options.model_base), "seed": options.seed, "template": options.template,
+            "dtype": options.dtype, "config_override": options.config}

@@ -49,7 +49,8 @@ NEXT_TILES = ("llama.cpp arranges LLaVA-NeXT images its own way (overview + tile
 def _cls_defect() -> str:
     from ..families.llava.gguf_parity import DEFECT
 
-    return f"llama.cpp builds with {DEFECT}: until it is fixed upstream, its image embeddings differ from the original's"
+    return (f"llama.cpp builds with {DEFECT}: until it is fixed upstream, its image embeddings differ from the "
+            "original's")
 
 
 KINDS: dict[str, Kind] = {
@@ -85,7 +86,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 path = "{path}"
 processor = AutoProcessor.from_pretrained(path)
 model = AutoModelForImageTextToText.from_pretrained(path)
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown in this image?"}}]}}]
+question = {{"type": "text", "text": "What is shown in this image?"}}
+messages = [{{"role": "user", "content": [{{"type": "image"}}, question]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=Image.open("image.jpg"), text=prompt, return_tensors="pt")
 output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
@@ -117,8 +119,8 @@ processor = CLIPImageProcessor.from_pretrained(path)
 model = CLIPModel.from_pretrained(path)
 inputs = processor(images=Image.open("image.jpg"), return_tensors="pt")
 print(model.get_image_features(**inputs))'''),
-    "vlmkit-chat": ("sh", 'vlmkit chat {path} --image image.jpg --prompt "What is shown in this image?" --temperature 0 '
-                            '--max-new-tokens 64'),
+    "vlmkit-chat": ("sh", 'vlmkit chat {path} --image image.jpg --prompt "What is shown in this image?" '
+                          '--temperature 0 --max-new-tokens 64'),
     "vllm": ("sh", "vllm serve {path}"),
     "to-gguf": ("sh", "vlmkit convert {path} {path}-gguf --to gguf --dtype q8_0   # for llama.cpp"),
     "llama-mtmd-cli": ("sh", 'llama-mtmd-cli -m {path}/{model} --mmproj {path}/{mmproj} --image image.jpg '
