@@ -104,7 +104,10 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
           "vlmkit convert llava-v1.5-7b/ llava-hf/ --verify --push-to-hub me/llava-1.5-7b-hf"])
 def cmd_convert(args) -> int:
     code = _convert(args)
-    if code == 0 and args.push_to_hub and not args.dry_run:
+    if args.push_to_hub and not args.dry_run:
+        if code != 0:  # a conversion that failed its proof is not published
+            print(f"not pushed to {args.push_to_hub}: the verification failed", file=sys.stderr)
+            return code
         return _push(args.destination, args.push_to_hub)
     return code
 

@@ -164,3 +164,19 @@ def test_verify_files_ignores_huggingface_hub_bookkeeping(originals, tmp_path):
     (dst / ".cache" / "huggingface" / "download").mkdir(parents=True)
     (dst / ".cache" / "huggingface" / "download" / "config.json.metadata").write_text("0\n")
     assert run_cli("verify-files", dst).code == 0
+
+
+def test_card_lists_the_assumptions_the_plan_and_the_report_record(originals, tmp_path):
+    """Values no source file states (recorded as ``assumptions`` by the plan or the report) are named in the card."""
+    from vlmkit.publish import card
+
+    dst = tmp_path / "v15-hf"
+    convert(originals["v15"], dst)
+    manifest = json.loads((dst / "vlmkit-manifest.json").read_text())
+    manifest["plan"]["assumptions"] = ["vision_config.num_attention_heads = 2 (no shape states it)"]
+    manifest["parity"] = {"title": "parity", "original": "a", "converted": "b", "checks": [],
+                          "assumptions": ["vision_config.num_attention_heads = 2 (no shape states it)",
+                                          "layer_norm_eps = 1e-5 (LLaVA's default)"]}
+    text = card.render(manifest, dst)
+    assert text.count("- vision_config.num_attention_heads = 2 (no shape states it)") == 1
+    assert "- layer_norm_eps = 1e-5 (LLaVA's default)" in text

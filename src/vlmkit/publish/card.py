@@ -72,6 +72,8 @@ KINDS: dict[str, Kind] = {
     "gguf:pair": Kind("LLaVA as GGUF for llama.cpp: the language model and its vision projector (mmproj)",
                       "image-text-to-text", "gguf", ("llava", "gguf", "llama.cpp"),
                       ("llama-mtmd-cli", "llama-server", "vlmkit-serve-llama"), ("cls-defect",)),
+    "gguf:model": Kind("a language model as GGUF for llama.cpp", "text-generation", "gguf", ("gguf", "llama.cpp"),
+                       ("llama-cli",)),
     "gguf:mmproj": Kind("a LLaVA vision projector (mmproj) as GGUF for llama.cpp", "image-text-to-text", "gguf",
                         ("llava", "gguf", "llama.cpp"), (), ("cls-defect",)),
     "gguf:clip": Kind("CLIP as GGUF (llama.cpp's CLIP layout)", "feature-extraction", "gguf", ("clip", "gguf"), ()),
@@ -125,6 +127,7 @@ print(model.get_image_features(**inputs))'''),
     "to-gguf": ("sh", "vlmkit convert {path} {path}-gguf --to gguf --dtype q8_0   # for llama.cpp"),
     "llama-mtmd-cli": ("sh", 'llama-mtmd-cli -m {path}/{model} --mmproj {path}/{mmproj} --image image.jpg '
                              '-p "What is shown in this image?" --temp 0 --jinja'),
+    "llama-cli": ("sh", 'llama-cli -m {path}/{model} -p "Hello" --temp 0'),
     "llama-server": ("sh", "llama-server -m {path}/{model} --mmproj {path}/{mmproj} --jinja"),
     "vlmkit-serve-llama": ("sh", "vlmkit serve {path} --engine llama.cpp"),
 }
@@ -159,7 +162,7 @@ def kind_of(manifest: dict, folder: Path) -> str:
     if (manifest.get("provenance") or {}).get("output") == "gguf":
         files = plan.get("files") or []
         if any(f["arch"] != "clip" for f in files):
-            return "gguf:pair"
+            return "gguf:pair" if any(f["file"].startswith("mmproj-") for f in files) else "gguf:model"
         return "gguf:mmproj" if all(f["file"].startswith("mmproj-") for f in files) else "gguf:clip"
     config = _json(folder / "config.json") or {}
     return next((a for a in config.get("architectures") or [] if a in KINDS), "tensors")
@@ -175,7 +178,7 @@ def render(manifest: dict, folder: Path) -> str:
     name = folder.name[1:].split(".vlmkit-tmp-")[0] if ".vlmkit-tmp-" in folder.name else folder.name
     sections = [
         _front_matter(kind, source),
-        f"# {name}\n\n{kind.title}, converted by [vlmkit](https://pypi.org/project/vlmkit/) "
+        f"# {name}\n\n{kind.title}, converted by vlmkit "
         f"{manifest.get('vlmkit_version', __version__)} on {manifest.get('created', '?')}."
         + (f"\n\n{prov['summary']}." if prov.get("summary") else ""),
         _model_section(manifest, folder, key),
@@ -184,7 +187,7 @@ def render(manifest: dict, folder: Path) -> str:
         _differences_section(kind),
         _parity_section(manifest, name),
         _files_section(manifest),
-        _run_section(kind, manifest, name, source),
+        _run_section(kind, manifest, name),
     ]
     return "\n\n".join(s.rstrip() for s in sections if s) + "\n"
 
@@ -382,7 +385,7 @@ def _files_section(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_section(kind: Kind, manifest: dict, name: str, source: dict) -> str:
+def _run_section(kind: Kind, manifest: dict, name: str) -> str:
     if not kind.run:
         return ""
     files = [f["file"] for f in (manifest.get("plan") or {}).get("files") or []]

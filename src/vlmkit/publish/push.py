@@ -73,7 +73,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     except _unreachable() as e:
         raise HubError(f"pushing {folder} to {repo_id}: cannot reach {constants.ENDPOINT} ({_reason(e)})",
                        hint="push from a machine with network access (and HF_HUB_OFFLINE unset)") from None
-    return Pushed(repo_id, files, str(info.commit_url) if hasattr(info, "commit_url") else str(info))
+    return Pushed(repo_id, files, str(info.commit_url))
 
 
 def _unreachable() -> tuple[type[BaseException], ...]:
