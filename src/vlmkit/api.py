@@ -66,10 +66,12 @@ def convert(source: str | Path, destination: str | Path, *, options: LoadOptions
         dry_run: return the checked plan, write nothing.
         progress: see ``vlmkit.conversion.run``.
     """
+    from .conversion import output
+
     options = options or LoadOptions(**load_options)
     conversion = prepare(source, options)
     return engine.run(conversion, destination, dtype=options.dtype, max_shard_size=max_shard_size, force=force,
-                      dry_run=dry_run, progress=progress)
+                      dry_run=dry_run, progress=progress, provenance=output.provenance(options))
 
 
 def verify(original: str | Path, converted: str | Path, *, options: LoadOptions | None = None,

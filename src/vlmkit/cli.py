@@ -78,7 +78,10 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing destination (atomically)")
     p.add_argument("--json", action="store_true", help="print the plan / result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--verify", action="store_true", help="after converting, run `vlmkit verify` on the result")
+    p.add_argument("--verify", action="store_true",
+                   help="after converting, run `vlmkit verify` on the result and put its report in the model card")
+    p.add_argument("--push-to-hub", metavar="REPO_ID",
+                   help="after converting (and verifying, if asked), upload the folder as `vlmkit push` does")
     _probe_arguments(p)
     add_load_arguments(p)
     gguf = p.add_argument_group("--to gguf")
@@ -97,11 +100,26 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
           "vlmkit convert llava-v1.5-7b/ llava-hf/ --dry-run",
           "vlmkit convert ckpt/ out/ --max-shard-size 2GB --force",
           "vlmkit convert llava-v1.5-7b/ llava-gguf/ --to gguf --dtype q8_0 --vision-tower clip-vit-large-patch14-336/",
-          "vlmkit convert clip-vit-large-patch14/ clip-gguf/ --to gguf --vision-only --dtype f32"])
+          "vlmkit convert clip-vit-large-patch14/ clip-gguf/ --to gguf --vision-only --dtype f32",
+          "vlmkit convert llava-v1.5-7b/ llava-hf/ --verify --push-to-hub me/llava-1.5-7b-hf"])
 def cmd_convert(args) -> int:
+    code = _convert(args)
+    if args.push_to_hub and not args.dry_run:
+        if code != 0:  # a conversion that failed its proof is not published
+            print(f"not pushed to {args.push_to_hub}: the verification failed", file=sys.stderr)
+            return code
+        return _push(args.destination, args.push_to_hub)
+    return code
+
+
+def _convert(args) -> int:
+    import shlex
+
     from . import api
-    from .conversion import engine
+    from .conversion import engine, output
     from .conversion.plan import human_bytes
+
+    command = shlex.join(["vlmkit", *getattr(args, "argv", ["convert", "..."])])
 
     gguf_flags = [f for f in ("text_only", "vision_only", "image_mean", "image_std", "mmproj_only") if getattr(args, f)]
     if args.to == "gguf":
@@ -117,8 +135,9 @@ def cmd_convert(args) -> int:
         conversion = to_gguf.prepare(args.source, options, gguf_options)
         if conversion.summary and not args.json:
             print(conversion.summary, file=sys.stderr)
+        bar = None if args.quiet or args.json else progress_bar("converting")
         result = gguf_sink.run(conversion, args.destination, type_name=type_name, force=args.force,
-                               dry_run=args.dry_run, progress=None if args.quiet or args.json else progress_bar("converting"))
+                               dry_run=args.dry_run, progress=bar, provenance=output.provenance(options, command))
         files = [(f.file_name, f.file.arch, len(f.plan.targets), f.bytes_out) for f in result.plan.files]
         if args.json:
             print(json.dumps({"destination": str(result.destination) if result.destination else None,
@@ -135,7 +154,7 @@ def cmd_convert(args) -> int:
                 print(f"run it: llama-mtmd-cli -m {dst / model} --mmproj {dst / mmproj} --image IMAGE "
                       "-p 'Describe the image.' --temp 0 --jinja")
         if args.verify and not args.dry_run:
-            return run_verify(args.source, args.destination, options, args)
+            return run_verify(args.source, args.destination, options, args, write_card=True)
         return 0
     if gguf_flags:
         from .errors import ConfigError
@@ -147,7 +166,8 @@ def cmd_convert(args) -> int:
         print(conversion.summary, file=sys.stderr)
     result = engine.run(conversion, args.destination, dtype=options.dtype, max_shard_size=args.max_shard_size,
                         force=args.force, dry_run=args.dry_run,
-                        progress=None if args.quiet or args.json else progress_bar("converting"))
+                        progress=None if args.quiet or args.json else progress_bar("converting"),
+                        provenance=output.provenance(options, command))
     if args.json:
         print(json.dumps({"destination": str(result.destination) if result.destination else None,
                           "files": result.files, "plan": result.plan.to_dict()}, indent=1))
@@ -158,7 +178,7 @@ def cmd_convert(args) -> int:
         print(f"wrote {args.destination}: {len(result.plan.targets)} tensors, "
               f"{human_bytes(result.plan.bytes_out)} in {len(result.files)} file(s)")
     if args.verify and not args.dry_run:
-        return run_verify(args.source, args.destination, options, args)
+        return run_verify(args.source, args.destination, options, args, write_card=True)
     return 0
 
 
@@ -170,6 +190,8 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     _probe_arguments(p)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
+    p.add_argument("--write-card", action="store_true",
+                   help="put the report into the converted folder's model card (README.md) and its manifest")
     add_load_arguments(p)
 
 
@@ -192,7 +214,7 @@ def _probes(args) -> list[tuple[Path, str]]:
 
 
 def run_verify(original: str, converted: str, options: LoadOptions, args, *, json_file: str | None = None,
-               markdown_file: str | None = None) -> int:
+               markdown_file: str | None = None, write_card: bool = False) -> int:
     from . import api
     from .families import to_gguf
 
@@ -206,15 +228,20 @@ def run_verify(original: str, converted: str, options: LoadOptions, args, *, jso
         Path(json_file).write_text(report.to_json() + "\n")
     if markdown_file:
         Path(markdown_file).write_text(report.to_markdown())
+    if write_card:
+        from .publish import card
+
+        print(f"wrote the report into {card.write(converted, report)}", file=sys.stderr)
     return 0 if report.passed else 3
 
 
 @command("verify", "prove a conversion: pixels, token ids, logits and generations against the original model",
          ["vlmkit verify llava-v1.5-7b/ llava-1.5-7b-hf/ --vision-tower clip-vit-large-patch14-336/",
-          "vlmkit verify orig/ conv/ --image cat.png --prompt 'What is this?' --json report.json"])
+          "vlmkit verify orig/ conv/ --image cat.png --prompt 'What is this?' --json report.json",
+          "vlmkit verify llava-v1.5-7b/ llava-1.5-7b-hf/ --write-card"])
 def cmd_verify(args) -> int:
     return run_verify(args.original, args.converted, LoadOptions.from_args(args), args,
-                      json_file=args.json, markdown_file=args.markdown)
+                      json_file=args.json, markdown_file=args.markdown, write_card=args.write_card)
 
 
 # -------------------------------------------------------------------------- chat
@@ -369,8 +396,43 @@ def cmd_verify_files(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------- push
+
+
+def _push_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="a folder written by vlmkit (checked against its manifest first)")
+    p.add_argument("repo_id", help="the Hub model repository, owner/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
+    p.add_argument("--commit-message", help="default: 'Upload FOLDER with vlmkit VERSION'")
+    p.add_argument("--dry-run", action="store_true", help="check the folder, list what would be uploaded; no request")
+
+
+@command("push", "upload a converted folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)",
+         ["vlmkit push llava-1.5-7b-hf/ me/llava-1.5-7b-hf",
+          "vlmkit push llava-gguf/ me/llava-1.5-7b-gguf --private --dry-run"])
+def cmd_push(args) -> int:
+    return _push(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                 commit_message=args.commit_message, dry_run=args.dry_run)
+
+
+def _push(folder: str, repo_id: str, **options) -> int:
+    from .conversion.plan import human_bytes
+    from .publish.push import push
+
+    result = push(folder, repo_id, **options)
+    if result.url is None:
+        for name, size in result.files.items():
+            print(f"{name}  {human_bytes(size)}")
+        print(f"dry run: {len(result.files)} file(s), {human_bytes(result.bytes)} would go to {repo_id}; nothing sent")
+    else:
+        print(f"pushed {folder} to {repo_id}: {len(result.files)} file(s), {human_bytes(result.bytes)} ({result.url})")
+    return 0
+
+
 ARGUMENTS = {"inspect": _inspect_arguments, "convert": _convert_arguments, "verify": _verify_arguments,
-             "chat": _chat_arguments, "serve": _serve_arguments, "verify-files": _verify_files_arguments}
+             "chat": _chat_arguments, "serve": _serve_arguments, "verify-files": _verify_files_arguments,
+             "push": _push_arguments}
 
 
 # --------------------------------------------------------------------------- main
@@ -398,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the exact command, for the model card
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

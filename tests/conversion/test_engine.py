@@ -51,7 +51,7 @@ def test_conversion_applies_every_op(tmp_path):
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert manifest["files"]["model.safetensors"]["sha256"] == result.files["model.safetensors"]
     assert manifest["plan"]["drops"] == [{"name": "inv_freq", "why": "recomputed at load"}]
-    assert verify_files(tmp_path / "out")["checked"] == 1
+    assert verify_files(tmp_path / "out")["checked"] == 2  # the shard and the model card
 
 
 def test_round_trip_reproduces_identical_bytes(tmp_path):

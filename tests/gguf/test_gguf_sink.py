@@ -101,7 +101,7 @@ def test_plan_then_stream_one_tensor_at_a_time(source, tmp_path):
     embd = gguf.quants.dequantize(by_name["token_embd.weight"].data, T.Q8_0)
     assert np.abs(embd - tensors["embed"].numpy()).max() <= np.abs(tensors["embed"].numpy()).max() / 127
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
-    assert set(manifest["files"]) == {"tiny-q8_0.gguf"}
+    assert set(manifest["files"]) == {"tiny-q8_0.gguf", "README.md"}
     planned = manifest["plan"]["files"][0]
     assert planned["metadata"]["general.description"] == "tiny"
     assert {t["name"]: t["type"] for t in planned["tensors"]}["odd.weight"] == "F16"

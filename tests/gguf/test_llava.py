@@ -22,11 +22,11 @@ def _convert(src, dst, *extra):
     return r
 
 
-def test_one_command_two_files_and_a_manifest(parts, tmp_path):
+def test_one_command_two_files_a_card_and_a_manifest(parts, tmp_path):
     out = tmp_path / "gguf"
     r = _convert(parts["v15"], out)
-    assert sorted(p.name for p in out.iterdir()) == ["llava-v1.5-tiny-f16.gguf", "mmproj-llava-v1.5-tiny-f16.gguf",
-                                                     "vlmkit-manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "llava-v1.5-tiny-f16.gguf",
+                                                     "mmproj-llava-v1.5-tiny-f16.gguf", "vlmkit-manifest.json"]
     assert f"llama-mtmd-cli -m {out / 'llava-v1.5-tiny-f16.gguf'} --mmproj {out / 'mmproj-llava-v1.5-tiny-f16.gguf'}" \
         in r.out
     assert run_cli("verify-files", out).code == 0

@@ -85,6 +85,7 @@ def run(
     force: bool = False,
     dry_run: bool = False,
     progress: Callable[[int], "Progress"] | None = None,
+    provenance: dict | None = None,
 ) -> Result:
     """Convert into ``destination`` (a folder), atomically.
 
@@ -97,6 +98,7 @@ def run(
         dry_run: compile and check the plan, write nothing.
         progress: called with the total source bytes once the plan checks out; returns
             an object with ``update(n)`` and ``close()`` (a ``tqdm`` fits).
+        provenance: how the conversion was asked for (``output.provenance``), for the manifest and the card.
 
     Raises:
         PlanError: the plan does not check out (before anything is read).
@@ -111,7 +113,6 @@ def run(
     if dry_run:
         return Result(plan, None, {})
     shards = layout_shards([TensorSpec(t.name, t.shape, t.dtype) for t in plan.targets], max_shard_size)
-    infos = [source.info(n) for n in source.keys()]
     bar = progress(plan.bytes_in) if progress else None
     with contextlib.ExitStack() as cleanup:
         if bar is not None:
@@ -126,13 +127,11 @@ def run(
         hashes = writer.hashes
         if conversion.write_extras:
             conversion.write_extras(tmp)
-        output.write_manifest(
-            tmp,
-            known_hashes=hashes,
-            source={"path": str(source.path), "format": source.format,
-                    "fingerprint": output.source_fingerprint(infos)},
-            plan=plan.to_dict(),
-        )
+        from ..publish import card
+
+        output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(source), plan=plan.to_dict(),
+                              provenance={**(provenance or {}), "output": "hf", "summary": conversion.summary},
+                              card=card.render)
     return Result(plan, destination, hashes)
 
 

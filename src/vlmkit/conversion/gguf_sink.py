@@ -294,7 +294,8 @@ def plan(conversion: GGUFConversion, type_name: str | None = None) -> GGUFPlan:
 
 
 def run(conversion: GGUFConversion, destination: str | Path, *, type_name: str | None = None, force: bool = False,
-        dry_run: bool = False, progress: Callable[[int], Progress] | None = None) -> Result:
+        dry_run: bool = False, progress: Callable[[int], Progress] | None = None,
+        provenance: dict | None = None) -> Result:
     """Write every GGUF file of ``conversion`` into the folder ``destination``, atomically, with a manifest.
 
     Args:
@@ -304,6 +305,7 @@ def run(conversion: GGUFConversion, destination: str | Path, *, type_name: str |
         force: replace an existing destination (at the end, atomically).
         dry_run: compile and check the plan, write nothing.
         progress: as for ``engine.run``.
+        provenance: as for ``engine.run``.
 
     Returns:
         ``Result`` whose ``plan`` is the ``GGUFPlan``.
@@ -335,11 +337,11 @@ def run(conversion: GGUFConversion, destination: str | Path, *, type_name: str |
                 if bar is not None:
                     bar.update(step.nbytes_in)
             hashes.update(writer.close())
-        source = conversion.source
-        output.write_manifest(
-            tmp, known_hashes=hashes,
-            source={"path": str(source.path), "format": source.format,
-                    "fingerprint": output.source_fingerprint([source.info(n) for n in source.keys()])},
-            plan=checked.to_dict(),
-        )
+        from ..publish import card
+
+        first = getattr(conversion.source, "plan", None)  # a staged source: its first plan (vocabulary, drops)
+        output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(conversion.source),
+                              plan={**checked.to_dict(), **({"first_stage": first.to_dict()} if first else {})},
+                              provenance={**(provenance or {}), "output": "gguf", "summary": conversion.summary},
+                              card=card.render)
     return Result(checked, destination, hashes)

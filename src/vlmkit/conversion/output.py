@@ -17,13 +17,16 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .. import __version__
 from ..errors import ManifestError, OutputError
 from ..tensors import TensorInfo
 
 MANIFEST = "vlmkit-manifest.json"
+CARD = "README.md"  # the model card: the name the Hub shows
+# huggingface_hub's own bookkeeping inside a folder (``hf download --local-dir``, uploads): never model files
+HUB_BOOKKEEPING = ".cache/huggingface/"
 
 
 def check_destination(dst: Path, source_files: list[Path], *, force: bool) -> None:
@@ -113,11 +116,59 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, *, known_hashes: dict[str, str], source: dict, plan: dict | None) -> None:
+def source_record(source) -> dict:
+    """What the manifest and the card say about a source: path, format, listing fingerprint, and each file.
+
+    Every source file is hashed here, one more read after the conversion read it (usually from
+    the page cache): a card names the exact bytes it came from, which a listing fingerprint
+    cannot. The hub id is known when the source is a ``huggingface_hub`` snapshot, the license
+    when the source's own README states one.
+    """
+    infos = [source.info(n) for n in source.keys()]
+    files = sorted({f.absolute() for f in source.files()})
+    return {"path": str(Path(source.path).absolute()), "format": source.format,
+            "fingerprint": source_fingerprint(infos),
+            "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files],
+            "hub_id": hub_id_of(Path(source.path)), "license": license_of(Path(source.path))}
+
+
+def hub_id_of(path: Path) -> str | None:
+    """``owner/name`` of a path inside the huggingface_hub cache (``models--owner--name/snapshots/...``)."""
+    for part in Path(path).absolute().parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/", 1)
+    return None
+
+
+def license_of(path: Path) -> dict | None:
+    """The ``license`` (and ``license_name`` / ``license_link``) of the README front matter beside a source."""
+    import yaml
+
+    readme = (path if path.is_dir() else path.parent) / CARD
+    try:
+        text = readme.read_text(encoding="utf-8")
+        if not text.startswith("---"):
+            return None
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (OSError, UnicodeDecodeError, IndexError, yaml.YAMLError):
+        return None
+    if not isinstance(meta, dict) or not meta.get("license"):
+        return None
+    return {k: meta[k] for k in ("license", "license_name", "license_link") if meta.get(k)}
+
+
+def write_manifest(folder: Path, *, known_hashes: dict[str, str], source: dict, plan: dict | None,
+                   provenance: dict | None = None, card: Callable[[dict, Path], str] | None = None) -> dict:
     """Write ``vlmkit-manifest.json``: each file's sha256 and size, the source, the tool version, the plan.
 
     Args:
         known_hashes: hashes computed while writing (the big files); the rest are hashed here.
+        provenance: how the folder was made (command, options); shown by the model card.
+        card: renders the model card from the manifest and the folder; written as README.md
+            and listed in the manifest like every other file.
+
+    Returns:
+        The manifest.
     """
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
@@ -130,7 +181,48 @@ def write_manifest(folder: Path, *, known_hashes: dict[str, str], source: dict, 
         "files": files,
         "plan": plan,
     }
+    if provenance is not None:
+        manifest["provenance"] = provenance
+    if card is not None:
+        data = card(manifest, folder).encode("utf-8")
+        (folder / CARD).write_bytes(data)
+        files[CARD] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise ManifestError(f"{folder}: no {MANIFEST}; only folders written by vlmkit carry one")
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ManifestError(f"{path}: unreadable manifest ({e!r})") from None
+    return manifest
+
+
+def rewrite_file(folder: Path, manifest: dict, name: str, data: bytes) -> None:
+    """Replace one file of a checked folder and its manifest entry, each by an atomic rename.
+
+    The file is renamed into place first, then the manifest: a crash between the two leaves a
+    folder whose ``verify-files`` names that one file, never a manifest vouching for bytes it
+    did not hash.
+    """
+    folder = Path(folder)
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    tag = uuid.uuid4().hex[:8]
+    tmp_file, tmp_manifest = folder / f".{name}.vlmkit-tmp-{tag}", folder / f".{MANIFEST}.vlmkit-tmp-{tag}"
+    try:
+        tmp_file.write_bytes(data)
+        tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp_file, folder / name)
+        os.replace(tmp_manifest, folder / MANIFEST)
+    except OSError as e:
+        for p in (tmp_file, tmp_manifest):
+            p.unlink(missing_ok=True)
+        raise _os_error(e, folder / name) from None
 
 
 def verify_files(folder: Path) -> dict:
@@ -143,14 +235,7 @@ def verify_files(folder: Path) -> dict:
         ManifestError: listing every missing, changed or unlisted file.
     """
     folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.exists():
-        raise ManifestError(f"{folder}: no {MANIFEST}; only folders written by vlmkit carry one")
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ManifestError(f"{path}: unreadable manifest ({e!r})") from None
+    files = read_manifest(folder)["files"]
     problems = []
     total = 0
     for rel, entry in files.items():
@@ -166,10 +251,20 @@ def verify_files(folder: Path) -> dict:
         total += size
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
-        if p.is_file() and p.name != MANIFEST and rel not in files:
+        if p.is_file() and p.name != MANIFEST and rel not in files and not rel.startswith(HUB_BOOKKEEPING):
             problems.append(f"{rel}: not in the manifest")
     if problems:
         raise ManifestError(f"{folder}: {len(problems)} file(s) do not match {MANIFEST}:\n"
                             + "\n".join(f"  - {p}" for p in problems),
                             hint="copy or download the folder again, or re-run the conversion")
     return {"checked": len(files), "bytes": total}
+
+
+def provenance(options, command: str | None = None) -> dict:
+    """How a conversion was asked for (``LoadOptions`` and the command line), as the manifest records it."""
+    def absolute(p):
+        return str(Path(p).absolute()) if p and Path(p).exists() else p
+
+    return {"command": command, "vision_tower": absolute(options.vision_tower),
+            "model_base": absolute(options.model_base), "seed": options.seed, "template": options.template,
+            "dtype": options.dtype, "config_override": options.config}

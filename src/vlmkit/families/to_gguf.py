@@ -78,7 +78,7 @@ def convert(source: str | Path, destination: str | Path, *, type_name: str | Non
     Returns:
         ``vlmkit.conversion.Result`` (its ``plan`` is the ``GGUFPlan``).
     """
-    from ..conversion import gguf_sink
+    from ..conversion import gguf_sink, output
 
     return gguf_sink.run(prepare(source, options, gguf_options), destination, type_name=type_name, force=force,
-                         dry_run=dry_run, progress=progress)
+                         dry_run=dry_run, progress=progress, provenance=output.provenance(options or LoadOptions()))

@@ -8,7 +8,7 @@ any check fails.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -52,6 +52,15 @@ class Report:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed, "verdict": self.verdict}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """The report ``to_dict`` wrote (derived fields such as ``verdict`` are recomputed)."""
+        known = {f.name for f in fields(cls)}
+        report = cls(**{k: v for k, v in data.items() if k in known})
+        report.checks = [Check(**{k: v for k, v in c.items() if k in {f.name for f in fields(Check)}})
+                         for c in data.get("checks") or []]
+        return report
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -9,6 +9,8 @@ vision half of that layout.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from ...conversion import engine
@@ -32,6 +34,27 @@ def describe(path: Path, config: dict | None) -> dict:
             "clip text": {k: text.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}}
 
 
+# the non-tensor files of a transformers CLIP folder (openai/clip-vit-*): without them the output is no model
+SIDE_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+              "merges.txt", "special_tokens_map.json")
+DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
 def conversion(path: Path, options: LoadOptions) -> engine.Conversion:
-    """``--to hf``: the folder is already a transformers CLIP; tensors are copied (re-sharded, re-typed)."""
-    return engine.identity(open_source(path))
+    """``--to hf``: the folder is already a transformers CLIP; tensors are copied (re-sharded, re-typed) with its
+    config, preprocessor and tokenizer files."""
+    folder = path if path.is_dir() else path.parent
+
+    def write_extras(out: Path) -> None:
+        for name in SIDE_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, out / name)
+        if options.dtype and (out / "config.json").is_file():  # the dtype the weights now have
+            config = json.loads((out / "config.json").read_text())
+            config["torch_dtype"] = DTYPE_NAMES.get(options.dtype, config.get("torch_dtype"))
+            (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    identity = engine.identity(open_source(path))
+    identity.write_extras = write_extras
+    identity.summary = "CLIP (transformers CLIPModel): tensors copied, with the config, preprocessor and tokenizer"
+    return identity
