@@ -113,11 +113,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, *, known_hashes: dict[str, str], source: dict, plan: dict | None) -> None:
+def write_manifest(folder: Path, *, known_hashes: dict[str, str], source: dict, plan: dict | None,
+                   assumptions: list[str] | None = None) -> None:
     """Write ``vlmkit-manifest.json``: each file's sha256 and size, the source, the tool version, the plan.
 
     Args:
         known_hashes: hashes computed while writing (the big files); the rest are hashed here.
+        assumptions: values no source file states that the output rests on (empty: none).
     """
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
@@ -128,6 +130,7 @@ def write_manifest(folder: Path, *, known_hashes: dict[str, str], source: dict, 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source,
         "files": files,
+        "assumptions": list(assumptions or []),
         "plan": plan,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -171,7 +171,8 @@ def conversion(path: Path, options: LoadOptions) -> Conversion:
                f"{ckpt.config.get('mm_projector_type', 'linear')} projector, template {target.template})"
                + "".join(f"; {n}" for n in ckpt.notes))
     return Conversion(ckpt.source, rules, expected=expected_tensors(target.hf_config),
-                      write_extras=lambda folder: hf_output.write(folder, ckpt, target, options.dtype), summary=summary)
+                      write_extras=lambda folder: hf_output.write(folder, ckpt, target, options.dtype), summary=summary,
+                      assumptions=list(ckpt.assumptions))
 
 
 def _check_vocabulary(ckpt: OriginalCheckpoint, target: Target) -> None:

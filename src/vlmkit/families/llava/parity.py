@@ -68,7 +68,8 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[P
     template = template_for(ckpt, options)
     report = Report("LLaVA parity: original forward vs converted transformers model", str(original), str(converted),
                     inputs={"template": template, "probes": [f"{p.image.name}: {p.prompt!r}" for p in probes],
-                            "max_new_tokens": max_new_tokens})
+                            "max_new_tokens": max_new_tokens},
+                    assumptions=list(ckpt.assumptions))
 
     # --- the original ------------------------------------------------------------
     reference = OriginalLlava.load(ckpt, dtype=torch.float32)
