@@ -170,6 +170,7 @@ class GGUFConversion:
     files: list[GGUFFile]
     summary: str = ""
     notes: list[str] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)  # as engine.Conversion's: listed in the manifest
 
 
 @dataclass(frozen=True)
@@ -341,5 +342,6 @@ def run(conversion: GGUFConversion, destination: str | Path, *, type_name: str |
             source={"path": str(source.path), "format": source.format,
                     "fingerprint": output.source_fingerprint([source.info(n) for n in source.keys()])},
             plan=checked.to_dict(),
+            assumptions=list(conversion.assumptions),
         )
     return Result(checked, destination, hashes)
