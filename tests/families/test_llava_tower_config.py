@@ -260,7 +260,8 @@ def _without_square_grids(pinpoints):
 EDITS = {  # a value the converter derives, changed in the output only -> the stage that must fail
     "heads": (lambda d: _edit_vision(d, num_attention_heads=1), "logits"),
     "layer_norm_eps": (lambda d: _edit_vision(d, layer_norm_eps=1.0), "logits"),
-    "rope_theta": (lambda d: _edit_text(d, rope_theta=10000.0), "logits"),
+    "rope_theta": (lambda d: _edit_config(d, lambda c: c["text_config"]["rope_parameters"].update(rope_theta=1e4)),
+                   "logits"),  # transformers 5 keeps it in rope_parameters
     "pinpoints": (lambda d: _edit_json(d, "image_grid_pinpoints",
                                        _without_square_grids(
                                            json.loads((d / "config.json").read_text())["image_grid_pinpoints"])),
@@ -282,10 +283,6 @@ def _edit_config(folder, edit):
 
 def _edit_vision(folder, **fields):
     _edit_config(folder, lambda c: c["vision_config"].update(fields))
-
-
-def _edit_text(folder, **fields):
-    _edit_config(folder, lambda c: c["text_config"].update(fields))
 
 
 def _edit_top(folder, **fields):

@@ -309,7 +309,7 @@ def _tower_source(folder: Path) -> TensorSource:
 # What a CLIP config holds that no tensor shape does, and OpenAI CLIP's value of each: used only
 # with --assume-clip-defaults, and then listed as assumptions wherever the result goes.
 CLIP_DEFAULTS = {
-    "num_attention_heads": ("64-wide heads (OpenAI CLIP)", lambda facts: max(1, facts["hidden_size"] // 64)),
+    "num_attention_heads": ("OpenAI CLIP's 64-wide heads", lambda facts: max(1, facts["hidden_size"] // 64)),
     "hidden_act": ("OpenAI CLIP's activation", lambda facts: "quick_gelu"),
     "layer_norm_eps": ("OpenAI CLIP's layer norm epsilon", lambda facts: 1e-5),
 }
