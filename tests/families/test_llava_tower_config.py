@@ -185,16 +185,10 @@ def test_relative_tower_path_found_beside_the_checkpoint(llava_parts, tmp_path, 
     assert f"used {tmp_path / 'checkpoints' / 'clip-vit-tiny-patch14'} beside the checkpoint" in r.err
     vision = json.loads((tmp_path / "out" / "config.json").read_text())["vision_config"]
     assert vision["num_attention_heads"] == 2  # the tower folder's own config, not a derivation
-
-
-def test_relative_tower_path_is_first_read_from_the_working_directory(llava_parts, tmp_path, monkeypatch):
-    """As the original reads it: a tower at the path from the working directory wins (no note)."""
-    src = _trained_elsewhere(llava_parts, tmp_path, "tower", "v15")
-    shutil.copytree(llava_parts["clip"], tmp_path / "tower")
-    monkeypatch.chdir(tmp_path)
-    r = run_cli("convert", src, tmp_path / "out", "--quiet")
-    assert r.code == 0, r.err
-    assert "beside the checkpoint" not in r.err
+    # as the original reads it, a tower at the path from the working directory comes first (no note)
+    shutil.copytree(llava_parts["clip"], elsewhere / "checkpoints" / "clip-vit-tiny-patch14")
+    r = run_cli("convert", src, tmp_path / "again", "--quiet")
+    assert r.code == 0 and "beside the checkpoint" not in r.err, r.err
 
 
 def test_chat_finds_a_relative_tower_beside_the_checkpoint(llava_parts, tmp_path, monkeypatch):
