@@ -275,8 +275,8 @@ def _tower_folder(path: Path, config: dict, options: LoadOptions, *, inside: boo
     if not options.vision_tower:
         for candidate in _beside_checkpoint(name, path):
             if (candidate / "config.json").is_file():
-                return TowerRef(name, given_by, candidate,
-                                f"mm_vision_tower '{name}' is not a path from here; used {candidate} beside the checkpoint")
+                return TowerRef(name, given_by, candidate, f"mm_vision_tower '{name}' is not a path from here; "
+                                                           f"used {candidate} beside the checkpoint")
     if inside and known_tower(name) is not None:
         return TowerRef(name, given_by, None)  # the config is in the table; the weights are in the checkpoint
     try:
