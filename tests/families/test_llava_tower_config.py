@@ -84,12 +84,16 @@ def test_a_released_tower_name_converts_offline_from_the_table(llava_parts, tmp_
     The checkpoint has ViT-L/14-336's real tensor shapes (24 layers, 1024 wide, 577 positions;
     written as a sparse file) beside the tiny Mistral; the dry run reads headers only.
     """
+    import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    with __import__("torch").device("meta"):  # the published ViT-L/14-336 architecture, typed here from its card
+    from vlmkit.families.llava.checkpoint import open_original
+    from vlmkit.options import LoadOptions
+    from vlmkit.tensors import open_source
+
+    with torch.device("meta"):  # the published ViT-L/14-336 architecture, typed here from its model card
         tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                  num_attention_heads=16, patch_size=14, image_size=336))
-    from vlmkit.tensors import open_source
 
     tiny_next = open_source(llava_parts["next"])
     shapes = {n: tiny_next.info(n).shape for n in tiny_next.keys() if ".vision_tower." not in n}
@@ -111,9 +115,6 @@ def test_a_released_tower_name_converts_offline_from_the_table(llava_parts, tmp_
     assert "table of released towers (openai/clip-vit-large-patch14-336)" in r.err
     assert "vision_tower.vision_model.encoder.layers.23.mlp.fc1.weight [4096, 1024]" in r.out
     assert "assumed:" not in r.out
-
-    from vlmkit.families.llava.checkpoint import open_original
-    from vlmkit.options import LoadOptions
 
     ckpt = open_original(src, LoadOptions())
     assert (ckpt.vision_config["num_attention_heads"], ckpt.vision_config["projection_dim"]) == (16, 768)
