@@ -164,6 +164,8 @@ def _convert(args) -> int:
     conversion = api.prepare(args.source, options)
     if conversion.summary and not args.json:
         print(conversion.summary, file=sys.stderr)
+    for assumption in [] if args.json or args.dry_run else conversion.assumptions:  # --dry-run's plan lists them
+        print(f"warning: assumed {assumption}", file=sys.stderr)
     result = engine.run(conversion, args.destination, dtype=options.dtype, max_shard_size=args.max_shard_size,
                         force=args.force, dry_run=args.dry_run,
                         progress=None if args.quiet or args.json else progress_bar("converting"),

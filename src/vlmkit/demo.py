@@ -47,6 +47,17 @@ def answer(folder: Path) -> str:
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def build_original(work: Path) -> tuple[Path, Path]:
+    """The CLIP folder and the LLaVA-1.5 checkpoint, side by side in ``work``.
+
+    ``mm_vision_tower`` is the tower's path as given (relative to the directory the demo ran
+    in), as a training run leaves it; vlmkit finds the tower beside the checkpoint from any
+    other directory, so the README's commands on ``demo-output/`` work from anywhere.
+    """
+    clip = tiny.make_clip(work / "clip-vit-tiny-patch14-56")
+    return clip, tiny.make_llava15(work / "llava-v1.5-tiny", clip)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="vlmkit demo: convert and verify a tiny original LLaVA-1.5")
     parser.add_argument("--workdir", type=Path, default=Path("demo-output"))
@@ -55,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
 
     step("1. a tiny original LLaVA-1.5 checkpoint (real LLaMA tokenizer, random weights, seed 0)")
-    clip = tiny.make_clip(work / "clip-vit-tiny-patch14-56")
-    original = tiny.make_llava15(work / "llava-v1.5-tiny", clip)
+    clip, original = build_original(work)
     print(f"original checkpoint: {original}\nvision tower:        {clip}")
     vlmkit(["inspect", str(original)])
 

@@ -29,6 +29,8 @@ class LoadOptions:
         template: a conversation template name overriding the detected one.
         config: a transformers config (JSON) of the target overriding derived fields.
         seed: seed for anything random (new embedding rows when converting, sampling when chatting).
+        assume_clip_defaults: allow OpenAI CLIP's values for what no file states (LLaVA: a tower config that
+            cannot be found); every value taken so is listed as an assumption (plan, manifest, parity report).
     """
 
     dtype: str | None = None
@@ -38,6 +40,7 @@ class LoadOptions:
     template: str | None = None
     config: dict | None = None
     seed: int = 0
+    assume_clip_defaults: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LoadOptions":
@@ -55,7 +58,8 @@ class LoadOptions:
             except ValueError as e:
                 raise ConfigError(f"--dtype: {e}") from None
         return cls(dtype=dtype, device=args.device, vision_tower=args.vision_tower, model_base=args.model_base,
-                   template=args.template, config=config, seed=args.seed)
+                   template=args.template, config=config, seed=args.seed,
+                   assume_clip_defaults=getattr(args, "assume_clip_defaults", False))
 
 
 def deep_merge(derived: dict, override: dict) -> dict:
@@ -78,6 +82,10 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                             "BLIP-2: the OPT / Flan-T5 folder)")
     group.add_argument("--template", help="conversation template overriding the detected one")
     group.add_argument("--config", metavar="JSON", help="transformers config of the target overriding derived fields")
+    group.add_argument("--assume-clip-defaults", action="store_true",
+                       help="LLaVA: when the vision tower's config cannot be found, take OpenAI CLIP's values "
+                            "(64-wide heads, quick_gelu, eps 1e-5, CLIP normalisation) for what no tensor shape "
+                            "holds; each is listed as an assumption (default: refuse)")
     group.add_argument("--seed", type=int, default=0,
                        help="seed for anything random: new embedding rows when converting, sampling when chatting "
                             "(default: 0)")

@@ -80,15 +80,15 @@ def test_llava_next_mistral_safetensors_tower_inside(llava_parts, tmp_path):
 
 
 def test_llava_next_without_tower_folder_derives_the_vision_config(llava_parts, tmp_path):
-    """mm_vision_tower unreachable: shapes + OpenAI CLIP defaults, head count from --config."""
+    """mm_vision_tower unreachable and unknown: shapes, head count from --config, the rest assumed when asked."""
     src = tmp_path / "next-moved"
     shutil.copytree(llava_parts["next"], src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+    cfg["mm_vision_tower"] = "someone/clip-vit-unknown"
     (src / "config.json").write_text(json.dumps(cfg))
     override = tmp_path / "target.json"
     override.write_text(json.dumps({"vision_config": {"num_attention_heads": 2}}))
-    r = run_cli("convert", src, tmp_path / "out", "--quiet", "--config", override)
+    r = run_cli("convert", src, tmp_path / "out", "--quiet", "--config", override, "--assume-clip-defaults")
     assert r.code == 0, r.err
     vision = json.loads((tmp_path / "out" / "config.json").read_text())["vision_config"]
     assert (vision["hidden_size"], vision["num_hidden_layers"], vision["image_size"], vision["num_attention_heads"]) \

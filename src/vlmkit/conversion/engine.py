@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -39,6 +40,8 @@ class Conversion:
             own), e.g. a LoRA run's base model's, whatever its adapter's dtype.
         write_extras: writes config, tokenizer, processor... into the output folder.
         summary: one line shown before converting (what was recognised).
+        assumptions: values no source file states that the conversion rests on, each with where it
+            came from; listed by the plan, the CLI and the manifest.
     """
 
     source: TensorSource
@@ -49,6 +52,7 @@ class Conversion:
     write_extras: ExtraWriter | None = None
     summary: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    assumptions: list[str] = field(default_factory=list)
 
 
 def identity(source: TensorSource) -> Conversion:
@@ -72,8 +76,9 @@ class Result:
 def plan_for(conversion: Conversion, *, dtype: str | None = None) -> Plan:
     """Compile and check the plan of a conversion; reads no tensor data."""
     infos = [conversion.source.info(n) for n in conversion.source.keys()]
-    return compile_plan(conversion.rules, infos, dtype=dtype or conversion.dtype, expected=conversion.expected,
+    plan = compile_plan(conversion.rules, infos, dtype=dtype or conversion.dtype, expected=conversion.expected,
                         keep_dtype=conversion.keep_dtype)
+    return dataclasses.replace(plan, assumptions=tuple(conversion.assumptions))
 
 
 def run(
@@ -131,7 +136,7 @@ def run(
 
         output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(source), plan=plan.to_dict(),
                               provenance={**(provenance or {}), "output": "hf", "summary": conversion.summary},
-                              card=card.render)
+                              assumptions=list(plan.assumptions), card=card.render)
     return Result(plan, destination, hashes)
 
 

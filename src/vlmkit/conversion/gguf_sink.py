@@ -170,6 +170,7 @@ class GGUFConversion:
     files: list[GGUFFile]
     summary: str = ""
     notes: list[str] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)  # as engine.Conversion's: listed in the manifest
 
 
 @dataclass(frozen=True)
@@ -343,5 +344,5 @@ def run(conversion: GGUFConversion, destination: str | Path, *, type_name: str |
         output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(conversion.source),
                               plan={**checked.to_dict(), **({"first_stage": first.to_dict()} if first else {})},
                               provenance={**(provenance or {}), "output": "gguf", "summary": conversion.summary},
-                              card=card.render)
+                              assumptions=list(conversion.assumptions), card=card.render)
     return Result(checked, destination, hashes)

@@ -158,12 +158,14 @@ def license_of(path: Path) -> dict | None:
 
 
 def write_manifest(folder: Path, *, known_hashes: dict[str, str], source: dict, plan: dict | None,
-                   provenance: dict | None = None, card: Callable[[dict, Path], str] | None = None) -> dict:
+                   provenance: dict | None = None,
+                   assumptions: list[str] | None = None, card: Callable[[dict, Path], str] | None = None) -> dict:
     """Write ``vlmkit-manifest.json``: each file's sha256 and size, the source, the tool version, the plan.
 
     Args:
         known_hashes: hashes computed while writing (the big files); the rest are hashed here.
         provenance: how the folder was made (command, options); shown by the model card.
+        assumptions: values no source file states that the output rests on (empty: none).
         card: renders the model card from the manifest and the folder; written as README.md
             and listed in the manifest like every other file.
 
@@ -179,6 +181,7 @@ def write_manifest(folder: Path, *, known_hashes: dict[str, str], source: dict, 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source,
         "files": files,
+        "assumptions": list(assumptions or []),
         "plan": plan,
     }
     if provenance is not None:

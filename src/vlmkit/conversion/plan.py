@@ -53,6 +53,7 @@ class Drop:
 class Plan:
     steps: tuple[Step, ...]
     drops: tuple[Drop, ...]
+    assumptions: tuple[str, ...] = ()  # values no source file states, each with its origin (Conversion.assumptions)
 
     @property
     def targets(self) -> list[Target]:
@@ -80,6 +81,7 @@ class Plan:
                 for s in self.steps
             ],
             "drops": [{"name": d.source.name, "why": d.why} for d in self.drops],
+            "assumptions": list(self.assumptions),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
@@ -98,6 +100,7 @@ class Plan:
             f"{len(self.steps)} step(s), {len(self.targets)} target tensor(s), {len(self.drops)} dropped; "
             f"read {human_bytes(self.bytes_in)}, write {human_bytes(self.bytes_out)}"
         )
+        lines += [f"assumed: {a}" for a in self.assumptions]
         return "\n".join(lines)
 
 

@@ -40,6 +40,9 @@ class Report:
     inputs: dict = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # what the reference rests on that no file of the original states: a passing report with any
+    # of these proves the conversion only as far as they are true, so it is never a plain PASS
+    assumptions: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -48,7 +51,12 @@ class Report:
     @property
     def verdict(self) -> str:
         failed = [c.name for c in self.checks if not c.passed]
-        return "PASS" if self.passed else f"FAIL ({', '.join(failed) or 'no checks ran'})"
+        if not self.passed:
+            return f"FAIL ({', '.join(failed) or 'no checks ran'})"
+        if self.assumptions:
+            return (f"CONDITIONAL PASS (true only if the {len(self.assumptions)} assumed value(s) above are: no file "
+                    "of the original states them)")
+        return "PASS"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed, "verdict": self.verdict}
@@ -72,7 +80,8 @@ class Report:
         for c in self.checks:
             measured = ", ".join(f"{k}={_fmt(v)}" for k, v in c.measured.items())
             lines.append(f"| {c.name} | {'pass' if c.passed else 'FAIL'} | {measured} | {c.tolerance} | {c.detail} |")
-        lines += [""] + [f"> {n}" for n in self.notes] + ["", f"**Verdict: {self.verdict}**", ""]
+        lines += [""] + [f"> {n}" for n in self.notes] + [f"> assumed: {a}" for a in self.assumptions]
+        lines += ["", f"**Verdict: {self.verdict}**", ""]
         return "\n".join(lines)
 
     def render(self) -> str:
@@ -84,6 +93,7 @@ class Report:
             lines.append(f"  [{'pass' if c.passed else 'FAIL'}] {c.name:<{width}}  {measured}  ({c.tolerance})"
                          + (f"\n         {c.detail}" if c.detail else ""))
         lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  assumed: {a}" for a in self.assumptions]
         lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines)
 

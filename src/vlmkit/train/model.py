@@ -211,11 +211,13 @@ def compose(path: Path, options: LoadOptions, new: NewModel) -> OriginalCheckpoi
               "mm_use_im_patch_token": False}
     llava_checkpoint._check_multimodal_fields(path, config)
     tower_folder = llava_checkpoint._tower_folder(path, config, options, inside=False)
-    source = llava_checkpoint.CombinedSource([("", open_source(path)), ("", llava_checkpoint._tower_source(tower_folder))],
+    source = llava_checkpoint.CombinedSource([("", open_source(path)),
+                                              ("", llava_checkpoint._tower_source(tower_folder.folder))],
                                              path=path)
-    vision_config, preprocessor = llava_checkpoint._vision_config(source, tower_folder, options)
+    vision_config, preprocessor, assumptions = llava_checkpoint._vision_config(source, tower_folder, options)
     config["mm_hidden_size"] = vision_config["hidden_size"]
-    return OriginalCheckpoint(path, "llm", config, source, path, backbone, vision_config, preprocessor)
+    return OriginalCheckpoint(path, "llm", config, source, path, backbone, vision_config, preprocessor,
+                              assumptions=assumptions)
 
 
 def open_start(path: Path, options: LoadOptions, new: NewModel) -> OriginalCheckpoint:

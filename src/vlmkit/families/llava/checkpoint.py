@@ -26,6 +26,7 @@ from ...errors import CheckpointError, ConfigError
 from ...options import LoadOptions
 from ...tensors import FLOAT_CODES, TensorSource, open_source, resolve
 from ...tensors.views import CombinedSource, RenamedSource
+from .towers import CLIP_MEAN, CLIP_STD, known_tower
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
 UNUSED_CLIP = "clip_unused."  # the CLIP folder's text tower etc.: dropped by rule, with the reason
@@ -47,9 +48,6 @@ MULTIMODAL_FIELDS = {
     "transformers_version", "torch_dtype", "dtype", "max_length", "pretraining_tp", "use_cache",
 }
 PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
-# OpenAI CLIP constants, the defaults for facts no file states (a tower inside a checkpoint).
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass
@@ -74,6 +72,8 @@ class OriginalCheckpoint:
     preprocessor: dict  # CLIP preprocessor_config.json fields
     lora: LoraInfo | None = None
     notes: list[str] = field(default_factory=list)
+    # values no file of the original states (from --config or --assume-clip-defaults), each with its origin
+    assumptions: list[str] = field(default_factory=list)
 
     @property
     def is_next(self) -> bool:
@@ -138,15 +138,19 @@ def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
             llm = CombinedSource([("", llm), ("", projector)], path=path)
         else:
             llm, lora = _with_lora(path, llm, notes)
-    tower_folder = _tower_folder(path, config, options, inside=any(k.startswith(TOWER) for k in llm.keys()))
+    tower = _tower_folder(path, config, options, inside=any(k.startswith(TOWER) for k in llm.keys()))
+    if tower.note:
+        notes.append(tower.note)
+    elif tower.folder is None and known_tower(tower.name) is not None:
+        notes.append(f"vision tower config from vlmkit's table of released towers ({tower.name})")
     parts: list[tuple[str, TensorSource]] = [("", llm)]
-    if tower_folder is not None and not any(k.startswith(TOWER) for k in llm.keys()):
-        parts.append(("", _tower_source(tower_folder)))
+    if tower.folder is not None and not any(k.startswith(TOWER) for k in llm.keys()):
+        parts.append(("", _tower_source(tower.folder)))
     source = CombinedSource(parts, path=path) if len(parts) > 1 else llm
-    vision_config, preprocessor = _vision_config(source, tower_folder, options)
+    vision_config, preprocessor, assumptions = _vision_config(source, tower, options)
     _check_tower(path, config, vision_config)
     return OriginalCheckpoint(path, form, config, source, tokenizer_folder, backbone, vision_config, preprocessor,
-                              lora, notes)
+                              lora, notes, assumptions)
 
 
 def _check_multimodal_fields(path: Path, config: dict) -> None:
@@ -233,22 +237,63 @@ def _with_lora(path: Path, base: TensorSource, notes: list[str]) -> tuple[Tensor
     return combined, LoraInfo(scale, sorted(modules), adapter_config, base_dtype)
 
 
-def _tower_folder(path: Path, config: dict, options: LoadOptions, *, inside: bool) -> Path | None:
-    """The CLIP folder: ``--vision-tower``, else ``mm_vision_tower`` (a local path or a hub id)."""
+@dataclass(frozen=True)
+class TowerRef:
+    """Where the vision tower is: its name as given, the flag or field that gave it, the local folder (if any)."""
+
+    name: str | None
+    given_by: str  # "--vision-tower" | "mm_vision_tower"
+    folder: Path | None
+    note: str = ""  # how a name that is not a path from here was found
+
+
+def _beside_checkpoint(name: str, path: Path) -> list[Path]:
+    """Where a tower path from the training machine may sit here: its tails under the checkpoint and its parent.
+
+    ``./checkpoints/clip-vit-large-patch14-336`` was relative to the directory training ran in;
+    a copied checkpoint folder usually has the tower beside it, so each tail of the path
+    (longest first) is tried in the checkpoint's folder, then in its parent.
+    """
+    given = Path(name)
+    parts = [p for p in given.parts if p not in (given.anchor, ".", "..")]
+    root = path.resolve()
+    return [base.joinpath(*parts[i:]) for base in (root, root.parent) for i in range(len(parts))]
+
+
+def _tower_folder(path: Path, config: dict, options: LoadOptions, *, inside: bool) -> TowerRef:
+    """The CLIP tower: ``--vision-tower``, else ``mm_vision_tower`` (a local path or a hub id).
+
+    A name from the checkpoint is first a path from the working directory (as the original
+    code reads it), then a path beside the checkpoint (``_beside_checkpoint``), then, for a
+    tower inside the checkpoint whose name is a known release (``towers``), nothing more
+    (its config is in the table), else a hub id.
+    """
+    given_by = "--vision-tower" if options.vision_tower else "mm_vision_tower"
     name = options.vision_tower or config.get("mm_vision_tower") or config.get("vision_tower")
     if name is None:
         if inside:
-            return None
+            return TowerRef(None, given_by, None)
         raise ConfigError(f"{path}/config.json names no vision tower (mm_vision_tower)",
                           hint="pass --vision-tower PATH (a CLIP folder)")
+    local = Path(name).expanduser()
+    if local.exists():
+        return TowerRef(name, given_by, local)
+    if not options.vision_tower:
+        for candidate in _beside_checkpoint(name, path):
+            if (candidate / "config.json").is_file():
+                return TowerRef(name, given_by, candidate, f"mm_vision_tower '{name}' is not a path from here; "
+                                                           f"used {candidate} beside the checkpoint")
+    if inside and known_tower(name) is not None:
+        return TowerRef(name, given_by, None)  # the config is in the table; the weights are in the checkpoint
     try:
-        return resolve(name, allow_patterns=["*.json", "*.safetensors", "*.bin"] if not inside else ["*.json"])
-    except Exception as e:  # noqa: BLE001 - a tower inside the checkpoint needs only its config: use defaults
+        folder = resolve(name, allow_patterns=["*.json", "*.safetensors", "*.bin"] if not inside else ["*.json"])
+    except Exception as e:  # noqa: BLE001 - a tower inside the checkpoint needs only its config: decided later
         if inside:
-            return None
-        raise ConfigError(f"the vision tower '{name}' (from {'--vision-tower' if options.vision_tower else 'mm_vision_tower'}) "
-                          f"is not a local folder and could not be fetched: {getattr(e, 'message', e)}",
+            return TowerRef(name, given_by, None)
+        raise ConfigError(f"the vision tower '{name}' (from {given_by}) is not a local folder (also looked beside "
+                          f"the checkpoint) and could not be fetched: {getattr(e, 'message', e)}",
                           hint="pass --vision-tower PATH (a local copy of the CLIP model)") from None
+    return TowerRef(name, given_by, folder)
 
 
 def _tower_source(folder: Path) -> TensorSource:
@@ -267,44 +312,121 @@ def _tower_source(folder: Path) -> TensorSource:
     return RenamedSource(source, mapping)
 
 
-def _vision_config(source: TensorSource, folder: Path | None, options: LoadOptions) -> tuple[dict, dict]:
-    """CLIPVisionConfig fields and the preprocessor, from the tower folder or, failing that, from shapes."""
-    override = (options.config or {}).get("vision_config") or {}
+# What a CLIP config holds that no tensor shape does, and OpenAI CLIP's value of each: used only
+# with --assume-clip-defaults, and then listed as assumptions wherever the result goes.
+CLIP_DEFAULTS = {
+    "num_attention_heads": ("OpenAI CLIP's 64-wide heads", lambda facts: max(1, facts["hidden_size"] // 64)),
+    "hidden_act": ("OpenAI CLIP's activation", lambda facts: "quick_gelu"),
+    "layer_norm_eps": ("OpenAI CLIP's layer norm epsilon", lambda facts: 1e-5),
+}
+PREPROCESSOR_DEFAULTS = "image_mean, image_std, resample (preprocessor_config.json)"
+CONFIG_FIELDS_DROPPED = ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
+
+
+def _vision_config(source: TensorSource, tower: TowerRef | Path | None,
+                   options: LoadOptions) -> tuple[dict, dict, list[str]]:
+    """The ORIGINAL tower's CLIPVisionConfig fields and preprocessor, and the assumptions they rest on.
+
+    They come from the tower folder's own files, else from the table of released towers
+    (``towers``), else from tensor shapes (what they hold: widths, depth, patch and image
+    size). What shapes do not hold (head count, activation, epsilon, normalisation) is taken
+    from ``--config`` or, with ``--assume-clip-defaults``, from OpenAI CLIP, and each such
+    value is listed as an assumption; without either the checkpoint is refused.
+
+    ``--config`` only fills what the original's files do not state: it describes the
+    target, so the converter applies it on top (``hf_output``) but the original (``verify``'s
+    reference) stays what its own files say.
+    """
+    if not isinstance(tower, TowerRef):
+        tower = TowerRef(None, "--vision-tower", tower)
+    facts = _shape_facts(source)
     preprocessor: dict = {}
     config: dict = {}
-    if folder is not None and (folder / "config.json").exists():
-        data = _read_json(folder / "config.json")
+    origin = ""
+    if tower.folder is not None and (tower.folder / "config.json").exists():
+        origin = str(tower.folder / "config.json")
+        data = _read_json(tower.folder / "config.json")
         config = dict(data.get("vision_config") or data)
-        if (folder / "preprocessor_config.json").exists():
-            preprocessor = _read_json(folder / "preprocessor_config.json")
+        if (tower.folder / "preprocessor_config.json").exists():
+            preprocessor = _read_json(tower.folder / "preprocessor_config.json")
+    elif (entry := known_tower(tower.name)) is not None:
+        origin = f"vlmkit's table of released towers ({tower.name})"
+        config, preprocessor = entry["vision_config"], entry["preprocessor"]
+    if config and facts:
+        _check_shapes(config, facts, origin, tower)
+    assumptions: list[str] = []
     if not config:
-        config = _vision_config_from_shapes(source)
-    config = {**config, **override, "model_type": "clip_vision_model"}
-    for key in ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        if facts is None:
+            raise ConfigError("the checkpoint has no complete vision tower and no CLIP config was found",
+                              hint="pass --vision-tower PATH (a CLIP folder) or --config with a vision_config")
+        config = dict(facts)
+        override = (options.config or {}).get("vision_config") or {}
+        for key in CLIP_DEFAULTS:
+            if key in override:
+                config[key] = override[key]
+                assumptions.append(f"vision_config.{key} = {override[key]!r} (from --config; no file of the "
+                                   "original states it)")
+        missing = [k for k in CLIP_DEFAULTS if k not in config] + ([] if preprocessor else [PREPROCESSOR_DEFAULTS])
+        if missing and not options.assume_clip_defaults:
+            where = (f"'{tower.name}' (from {tower.given_by}) is neither a folder here nor a known released tower"
+                     if tower.name else "the checkpoint names no vision tower")
+            fields = [k for k in CLIP_DEFAULTS if k not in config]
+            ways = ["--vision-tower PATH (the CLIP folder it was trained from: config.json + preprocessor_config.json)"]
+            if fields:
+                ways.append(f"--config with a vision_config giving {', '.join(fields)}")
+            raise ConfigError(f"the vision tower's config is missing: {where}, and no tensor shape holds "
+                              f"{', '.join(missing)}",
+                              hint=f"pass {' or '.join(ways)}; or --assume-clip-defaults to take OpenAI CLIP's "
+                                   "values for what is missing (then listed as assumptions in the plan, the manifest "
+                                   "and the parity report)")
+        for key in CLIP_DEFAULTS:
+            if key not in config:
+                why, value = CLIP_DEFAULTS[key][0], CLIP_DEFAULTS[key][1](facts)
+                config[key] = value
+                assumptions.append(f"vision_config.{key} = {value!r} ({why}; --assume-clip-defaults)")
+    elif not preprocessor and not options.assume_clip_defaults:
+        raise ConfigError(f"{tower.folder}: config.json but no preprocessor_config.json (the original reads its "
+                          "image normalisation there)",
+                          hint="copy preprocessor_config.json from the CLIP model, or pass --assume-clip-defaults")
+    config = {**config, "model_type": "clip_vision_model"}
+    for key in CONFIG_FIELDS_DROPPED:
         config.pop(key, None)
     if not preprocessor:
-        size = config.get("image_size", 336)
+        size = config["image_size"]
         preprocessor = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
                         "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_center_crop": True, "resample": 3,
                         "rescale_factor": 1 / 255}
-    return config, preprocessor
+        assumptions.append(f"{PREPROCESSOR_DEFAULTS} = OpenAI CLIP's (--assume-clip-defaults)")
+    return config, preprocessor, assumptions
 
 
-def _vision_config_from_shapes(source: TensorSource) -> dict:
-    """What the tensors tell; the head count is not in any shape: OpenAI's CLIPs use 64-wide heads."""
+def _shape_facts(source: TensorSource) -> dict | None:
+    """What the tower's tensor shapes tell (None when the source holds no complete tower)."""
     try:
         patch = source.info(TOWER + "embeddings.patch_embedding.weight").shape
         positions = source.info(TOWER + "embeddings.position_embedding.weight").shape[0]
         fc1 = source.info(TOWER + "encoder.layers.0.mlp.fc1.weight").shape
     except KeyError:
-        raise ConfigError("the checkpoint has no complete vision tower and no CLIP config was found",
-                          hint="pass --vision-tower PATH (a CLIP folder) or --config with a vision_config") from None
+        return None
     layers = 1 + max(int(m.group(1)) for n in source.keys() if (m := re.match(re.escape(TOWER) + r"encoder\.layers\.(\d+)\.", n)))
-    hidden, _, p, _ = patch
+    hidden, channels, p, _ = patch
     side = round((positions - 1) ** 0.5)
-    return {"hidden_size": hidden, "intermediate_size": fc1[0], "num_hidden_layers": layers,
-            "num_attention_heads": max(1, hidden // 64), "patch_size": p, "image_size": side * p,
-            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768}
+    return {"hidden_size": hidden, "intermediate_size": fc1[0], "num_hidden_layers": layers, "patch_size": p,
+            "image_size": side * p, "num_channels": channels}
+
+
+def _check_shapes(config: dict, facts: dict, origin: str, tower: TowerRef) -> None:
+    """A tower config that does not describe the checkpoint's tower is refused, naming each field."""
+    from transformers import CLIPVisionConfig
+
+    defaults = CLIPVisionConfig()  # what transformers (and so the original) reads for a field a file omits
+    wrong = [f"{k} {config.get(k, getattr(defaults, k))} vs {v}" for k, v in facts.items()
+             if config.get(k, getattr(defaults, k)) != v]
+    if wrong:
+        raise ConfigError(f"the vision tower config from {origin} does not describe the checkpoint's tower "
+                          f"(config vs tensor shapes: {'; '.join(wrong)})",
+                          hint=f"{tower.given_by} names another model than the one these weights come from; pass "
+                               "--vision-tower PATH with the CLIP folder it was trained from")
 
 
 def _check_tower(path: Path, config: dict, vision: dict) -> None:

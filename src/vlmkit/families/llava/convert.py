@@ -164,7 +164,8 @@ def conversion(path: Path, options: LoadOptions) -> Conversion:
                + "".join(f"; {n}" for n in ckpt.notes))
     dtype = options.dtype or (ckpt.lora.base_dtype if ckpt.lora else None)
     return Conversion(ckpt.source, rules, expected=expected_tensors(target.hf_config), dtype=dtype,
-                      write_extras=lambda folder: hf_output.write(folder, ckpt, target, dtype), summary=summary)
+                      write_extras=lambda folder: hf_output.write(folder, ckpt, target, dtype), summary=summary,
+                      assumptions=list(ckpt.assumptions))
 
 
 def _check_vocabulary(ckpt: OriginalCheckpoint, target: Target) -> None:

@@ -100,6 +100,7 @@ class Llava:
     template: str = ""
     what: str = ""
     notes: list[str] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)  # the original checkpoint's (see checkpoint.py)
 
     @property
     def is_next(self) -> bool:
@@ -151,7 +152,7 @@ def from_original(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -
         pinpoints=[list(p) for p in images.ImageConfig.from_original(ckpt.config, ckpt.preprocessor).grid_pinpoints]
         if ckpt.is_next else None,
         merge_type=ckpt.config.get("mm_patch_merge_type") if ckpt.is_next else None,
-        template=target.template, notes=list(ckpt.notes),
+        template=target.template, notes=list(ckpt.notes), assumptions=list(ckpt.assumptions),
         what=f"original {ckpt.form} checkpoint, {ckpt.backbone} backbone")
 
 
@@ -472,5 +473,5 @@ def conversion(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -> G
     summary = (f"LLaVA-{version} ({llava.what}) -> {parts}"
                f"; vision feature layer {llava.feature_layer} = {llava.run_layers} of {llava.vision.num_hidden_layers} "
                f"CLIP blocks" + (f"; template {llava.template}" if llava.template else "")
-               + "".join(f"; {n}" for n in llava.notes))
-    return GGUFConversion(llava.source, files, summary=summary)
+               + "".join(f"; {n}" for n in llava.notes) + "".join(f"; assumed {a}" for a in llava.assumptions))
+    return GGUFConversion(llava.source, files, summary=summary, assumptions=list(llava.assumptions))

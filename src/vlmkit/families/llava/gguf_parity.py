@@ -178,7 +178,8 @@ def verify(original: Path, folder: Path, options: LoadOptions, probes, *, max_ne
     report = Report("LLaVA GGUF parity: llama.cpp vs the original model", str(original), str(folder), inputs={
         "files": f"{model_file.name} + {mmproj_file.name} ({kind})",
         "llama.cpp": f"llama-cpp-python {llama_cpp.__version__}", "template": template,
-        "probes": [f"{Path(i).name}: {q!r}" for i, q in probes], "max_new_tokens": max_new_tokens})
+        "probes": [f"{Path(i).name}: {q!r}" for i, q in probes], "max_new_tokens": max_new_tokens},
+        assumptions=list(ckpt.assumptions))
     try:
         report.checks.append(Check("files", True, output.verify_files(folder), "sha256 of every file = the manifest's"))
     except ManifestError as e:
