@@ -29,3 +29,25 @@ def test_api_conforms_to_its_schema(server):
             case.call_and_validate(checks=CHECKS, timeout=60)
 
         check()
+
+
+def test_every_integer_a_request_may_send_is_bounded_in_the_schema():
+    """Bounds in /openapi.json are what schemathesis explores (a seed past 2**64 was a 500)."""
+    from vlmkit.serve.app import ServeSettings, create_app
+
+    schemas = create_app(lambda: None, ServeSettings(model_name="x")).openapi()["components"]["schemas"]
+
+    def integers(node, where):
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                yield where, node
+            for key, value in node.items():
+                yield from integers(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from integers(value, f"{where}.{i}")
+
+    found = list(integers(schemas["ChatCompletionRequest"], "ChatCompletionRequest"))
+    assert len(found) >= 4  # max_tokens, max_completion_tokens, seed, n (temperature / top_p are numbers)
+    for where, node in found:
+        assert "minimum" in node and "maximum" in node, where
