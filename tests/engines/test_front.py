@@ -268,6 +268,10 @@ def test_a_client_that_leaves_a_non_streamed_answer_closes_the_engine_stream():
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
         post_and_hang_up(port, chat(), until=lambda: len(backend.calls) == 1)
         deadline = time.monotonic() + 10
         while not backend.closed:
