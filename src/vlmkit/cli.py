@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .errors import VlmkitError
 from .console import progress_bar
+from .argtypes import PORT, integer, number
 from .options import LoadOptions, add_load_arguments
 
 COMMANDS = []
@@ -305,19 +306,23 @@ def cmd_chat(args) -> int:
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an original LLaVA checkpoint, a transformers Llava/LlavaNext folder, or a hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--port", type=PORT, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+                                      "$VLMKIT_API_KEY, which keeps the key out of the process list)")
     p.add_argument("--served-model-name", help="the model id clients see (default: the folder name)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests generated together (default: 8)")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
+    p.add_argument("--max-batch-size", type=integer(1), default=8, help="requests generated together (default: 8)")
+    p.add_argument("--max-queue", type=integer(1), default=64, help="waiting requests before 429 (default: 64)")
     p.add_argument("--prefix-cache-size", type=parse_size, default="2GB",
                    help="memory for the KV caches of recent prompts, shared by requests that begin alike, e.g. "
                         "questions about the same image (default: 2GB; 0 turns it off)")
-    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default: 300)")
+    p.add_argument("--request-timeout", type=number(above=0), default=300.0,
+                   help="seconds per request, image downloads included (default: 300)")
     p.add_argument("--max-body-size", type=parse_size, default="32MB", help="request body limit (default: 32MB)")
-    p.add_argument("--max-images", type=int, default=4, help="images per request (default: 4)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default: 2048)")
-    p.add_argument("--max-image-pixels", type=int, default=None, help="pixel limit per image (decompression bombs)")
+    p.add_argument("--max-images", type=integer(0), default=4, help="images per request (default: 4)")
+    p.add_argument("--max-tokens", type=integer(1), default=2048,
+                   help="largest max_tokens a request may ask (default: 2048)")
+    p.add_argument("--max-image-pixels", type=integer(1), default=None,
+                   help="pixel limit per image (decompression bombs)")
     p.add_argument("--allowed-local-media-path", metavar="DIR", help="allow file:// image URLs under DIR")
     p.add_argument("--allowed-media-domains", default="", help="comma-separated hosts for http(s) image URLs")
     engines = p.add_argument_group("engines and scale-out (vlmkit's front, limits and error bodies stay the same)")
@@ -328,13 +333,13 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                                                           "(not needed for a folder written by convert --to gguf)")
     engines.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp: spread the model over these "
                                                                 "ggml-rpc-server hosts (llama.cpp RPC; README)")
-    engines.add_argument("--data-parallel-size", type=int, default=1, help="vllm: engine copies (vLLM's own "
+    engines.add_argument("--data-parallel-size", type=integer(1), default=1, help="vllm: engine copies (vLLM's own "
                                                                            "data parallelism; default: 1)")
-    engines.add_argument("--replicas", type=int, help="run N vlmkit workers on Ray Serve behind one front")
+    engines.add_argument("--replicas", type=integer(1), help="run N vlmkit workers on Ray Serve behind one front")
     engines.add_argument("--ray-address", metavar="HOST:PORT", help="join this Ray cluster (default: start a "
                                                                     "local Ray, stopped at exit)")
-    engines.add_argument("--num-cpus-per-replica", type=float, default=1, help="Ray CPUs per worker (default: 1)")
-    engines.add_argument("--num-gpus-per-replica", type=float, default=0, help="Ray GPUs per worker (default: 0)")
+    engines.add_argument("--num-cpus-per-replica", type=number(0), default=1, help="Ray CPUs per worker (default: 1)")
+    engines.add_argument("--num-gpus-per-replica", type=number(0), default=0, help="Ray GPUs per worker (default: 0)")
     add_load_arguments(p)
 
 
@@ -346,19 +351,24 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
           "vlmkit serve llava-gguf/ --engine llama.cpp",
           "vlmkit serve llava-1.5-7b-hf/ --replicas 2 --ray-address head-node:6379"])
 def cmd_serve(args) -> int:
-    import uvicorn
-
     from .runtime.images import DEFAULT_MAX_PIXELS
     from .runtime.model import load
-    from .serve.app import ServeSettings, create_app
+    from .serve.app import ServeSettings, create_app, exposure_warning, serve
     from .serve.media import MediaPolicy
 
     options = LoadOptions.from_args(args)
-    name = args.served_model_name or Path(str(args.model).rstrip("/")).name
+    folder = Path(str(args.model).rstrip("/")).name
+    name = args.served_model_name or folder
+    api_key = args.api_key or os.environ.get("VLMKIT_API_KEY") or None
+    warning = exposure_warning(args.host, api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     policy = MediaPolicy(
         allowed_local_path=Path(args.allowed_local_media_path) if args.allowed_local_media_path else None,
         allowed_domains=frozenset(d.strip().lower() for d in args.allowed_media_domains.split(",") if d.strip()))
-    settings = ServeSettings(model_name=name, api_key=args.api_key, max_batch_size=args.max_batch_size,
+    aliases = tuple(dict.fromkeys((folder, str(args.model).rstrip("/"))))  # what a client may send as "model"
+    settings = ServeSettings(model_name=name, model_aliases=aliases, api_key=api_key,
+                             max_batch_size=args.max_batch_size,
                              max_queue=args.max_queue, request_timeout=args.request_timeout,
                              prefix_cache_size=args.prefix_cache_size,
                              max_body_size=args.max_body_size, max_images=args.max_images, max_tokens=args.max_tokens,
@@ -376,7 +386,7 @@ def cmd_serve(args) -> int:
         return model
 
     print(f"vlmkit serve: {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
-    uvicorn.run(create_app(load_model, settings), host=args.host, port=args.port, log_level="warning")
+    serve(create_app(load_model, settings), host=args.host, port=args.port)  # raises what loading raised
     return 0
 
 

@@ -184,7 +184,6 @@ def test_gguf_pair_errors(gguf_folder, tmp_path):
     (["--data-parallel-size", "2"], "passed to vLLM"),
     (["--mmproj", "m.gguf"], "llama.cpp"),
     (["--num-gpus-per-replica", "1"], "--replicas N"),
-    (["--replicas", "0"], "1 or more"),
     (["--rpc", "h:50052"], "rpc-server"),
 ])
 def test_flags_that_do_not_apply_are_refused(flags, words):

@@ -227,3 +227,56 @@ def test_health_reports_an_engine_that_exited():
                 break
             time.sleep(0.02)
     assert response.status_code == 503 and "exited with code 1" in response.json()["error"]
+
+
+def test_the_front_refuses_an_unknown_model_and_an_out_of_range_seed_before_the_engine():
+    backend = Script()
+    with client_for(backend) as http:
+        ready(http)
+        model = http.post("/v1/chat/completions", json=chat(model="gpt-4o"))
+        seed = http.post("/v1/chat/completions", json=chat(seed=2**64))
+    assert model.status_code == 404 and model.json()["error"]["code"] == "model_not_found", model.text
+    assert seed.status_code == 400 and seed.json()["error"]["param"] == "seed", seed.text
+    assert backend.calls == []
+
+
+def test_a_client_that_leaves_a_non_streamed_answer_closes_the_engine_stream():
+    import threading
+
+    import uvicorn
+
+    from ..serve.conftest import free_port, post_and_hang_up
+
+    class Endless(Script):
+        async def stream(self, messages, params, timeout):  # a token every 10 ms for 30 s: never a pause
+            self.calls.append((messages, params))
+            try:
+                yield "start", None
+                for _ in range(3000):
+                    await asyncio.sleep(0.01)
+                    yield "delta", "x"
+                yield "done", reply("x" * 3000)
+            finally:
+                self.closed += 1
+
+    backend = Endless()
+    settings = ServeSettings(model_name="fake")
+    app = create_app(lambda: "engine", settings,
+                     scheduler_factory=lambda _m, s, metrics: RemoteScheduler(backend, max_pending=2, metrics=metrics))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        post_and_hang_up(port, chat(), until=lambda: len(backend.calls) == 1)
+        deadline = time.monotonic() + 10
+        while not backend.closed:
+            assert time.monotonic() < deadline, "the engine still generates for a client that left"
+            time.sleep(0.05)
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -20,14 +21,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *flags: str):
+    def __init__(self, model: Path, *flags: str, env: dict | None = None):
         import httpx2 as httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([sys.executable, "-m", "vlmkit.cli", "serve", str(model), "--port",
                                          str(self.port), "--served-model-name", "tiny-llava", *flags],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -62,3 +64,20 @@ def server(models, media_dir):
                "--max-image-pixels", "1000000", "--allowed-local-media-path", str(media_dir))
     yield s
     s.stop()
+
+
+def post_and_hang_up(port: int, body: dict, *, until, headers: dict | None = None, wait: float = 30) -> None:
+    """POST a chat request on a raw loopback socket, wait until ``until()`` says it is being answered, then
+    close the socket without reading anything: a client that went away."""
+    import json
+
+    raw = json.dumps(body).encode()
+    head = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "Content-Length": str(len(raw)),
+            **(headers or {})}
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n"
+                  + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode() + b"\r\n" + raw)
+        deadline = time.monotonic() + wait
+        while not until():
+            assert time.monotonic() < deadline, "the request was never being answered"
+            time.sleep(0.05)

@@ -7,7 +7,9 @@ import io
 import json
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx2 as httpx
 import pytest
@@ -16,7 +18,7 @@ from PIL import Image
 
 import vlmkit
 
-from .conftest import PHOTOS, Server
+from .conftest import PHOTOS, Server, post_and_hang_up
 
 CAT, ROCKET, COFFEE, ASTRONAUT = (PHOTOS / n for n in ("chelsea.png", "rocket.png", "coffee.png", "astronaut.png"))
 
@@ -174,6 +176,14 @@ BAD = [
      "unsupported"),
     ("body above --max-body-size", {"messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}, 413, None,
      "larger than"),
+    ("seed above int64", {"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, 400, "seed",
+     "less than or equal to 9223372036854775807 (got 18446744073709551616)"),
+    ("seed below int64", {"messages": [{"role": "user", "content": "hi"}], "seed": -(2**63) - 1}, 400, "seed",
+     "greater than or equal to -9223372036854775808"),
+    ("not an image", {"messages": image_message(data_url(b"hello, not an image"))}, 400,
+     "messages.0.content.0.image_url", "begins with b'hello, n'"),
+    ("a model this server does not serve", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"},
+     404, "model", "'gpt-4o' does not exist"),
 ]
 
 
@@ -184,6 +194,7 @@ def test_bad_input_gets_a_clear_4xx(server, name, body, status, param, words):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert words.lower() in error["message"].lower(), error
+    assert not re.search(r"0x[0-9a-fA-F]{6,}", error["message"]), error  # the field and the value, no address
     if param:
         assert error["param"] == param, error
 
@@ -245,3 +256,126 @@ def test_health_is_503_until_the_model_is_loaded():
         gate.set()
         time.sleep(0.2)
         assert http.get("/health").json()["status"] == "failed"
+
+
+def test_unknown_model_is_404_and_the_served_and_folder_names_are_answered(server, models):
+    refused = _post(server, {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"})
+    assert refused.status_code == 404, refused.text
+    assert refused.json()["error"]["code"] == "model_not_found"
+    for name in ("tiny-llava", models["v15-hf"].name):  # --served-model-name, and the model's folder
+        answer = _post(server, {"messages": [{"role": "user", "content": "hi"}], "model": name, "max_tokens": 1})
+        assert answer.status_code == 200, (name, answer.text)
+        assert answer.json()["model"] == "tiny-llava"
+
+
+def test_chunked_body_above_the_limit_is_413(server):
+    def chunks():  # no Content-Length: sent chunked, 5 MB against --max-body-size 4MB
+        for _ in range(5):
+            yield b" " * (1024 * 1024)
+
+    response = httpx.post(server.url + "/v1/chat/completions", content=chunks(),
+                          headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_no_pages_that_load_scripts_from_a_cdn(server):
+    for path in ("/docs", "/redoc"):
+        assert httpx.get(server.url + path).status_code == 404, path
+    assert httpx.get(server.url + "/openapi.json").status_code == 200
+
+
+ROUTES = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "unknown"}
+
+
+def routes_in_metrics(url: str, headers: dict | None = None) -> set[str]:
+    text = httpx.get(url + "/metrics", headers=headers).text
+    return set(re.findall(r'^vlmkit_requests_total\{route="([^"]*)"', text, re.M))
+
+
+def test_metrics_label_requests_by_route_not_by_raw_path(server):
+    with httpx.Client(base_url=server.url) as http:
+        for i in range(200):
+            assert http.get(f"/v1/random-{i}/x{i}").status_code == 404
+        assert http.post("/v1/models").status_code == 405
+    routes = routes_in_metrics(server.url)
+    assert "unknown" in routes and routes <= ROUTES, routes  # 200 paths, one label: no client grows /metrics
+
+
+@pytest.fixture(scope="module")
+def keyed(models):
+    """The key from the environment (not the command line, which ps shows), a short request timeout and
+    image URLs allowed from this machine (for a server that trickles)."""
+    s = Server(models["v15-hf"], "--request-timeout", "3", "--allowed-media-domains", "127.0.0.1",
+               env={"VLMKIT_API_KEY": "from-the-env"})
+    yield s
+    s.stop()
+
+
+AUTH = {"Authorization": "Bearer from-the-env"}
+
+
+def test_api_key_from_the_environment_and_401s_counted_by_route(keyed):
+    assert httpx.get(keyed.url + "/v1/models").status_code == 401
+    assert httpx.get(keyed.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(keyed.url + "/v1/models", headers=AUTH).status_code == 200
+    with httpx.Client(base_url=keyed.url) as http:
+        for i in range(100):
+            assert http.get(f"/v1/guess-{i}").status_code == 401
+    routes = routes_in_metrics(keyed.url, AUTH)
+    assert "unknown" in routes and routes <= ROUTES, routes
+
+
+class Trickle(BaseHTTPRequestHandler):
+    """An image server that sends a PNG one byte every 0.2 s (a read never waits long; the whole never ends)."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        try:
+            for byte in CAT.read_bytes()[:150]:  # bounded: 30 s at most
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:  # the server under test hung up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_image_url_that_trickles_ends_with_the_request_deadline(keyed):
+    images = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    images.daemon_threads = True
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{images.server_address[1]}/cat.png"
+        start = time.monotonic()
+        response = _post(keyed, {"messages": image_message(url), "max_tokens": 4}, headers=AUTH)
+        took = time.monotonic() - start
+    finally:
+        images.shutdown()
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["code"] == "timeout" and error["param"] == "messages.0.content.0.image_url", error
+    assert took < 3 + 3, took  # --request-timeout 3, not the 30 s the download would take
+
+
+def test_a_client_that_leaves_a_non_streamed_answer_stops_its_generation(models):
+    s = Server(models["v15-hf"], "--max-tokens", "4000", "--max-batch-size", "1")
+    try:
+        tokens, cancelled = metric(s, "vlmkit_completion_tokens_total"), metric(s, "vlmkit_cancelled_requests_total")
+        body = {"messages": ask("Tell a long story."), "temperature": 0, "max_tokens": 4000,
+                "stop": ["never-appears"]}
+        post_and_hang_up(s.port, body, until=lambda: metric(s, "vlmkit_running_requests") == 1)
+        left = time.monotonic()
+        while metric(s, "vlmkit_running_requests") != 0:
+            assert time.monotonic() - left < 10, "the answer is still being generated for nobody"
+            time.sleep(0.05)
+        assert metric(s, "vlmkit_cancelled_requests_total") == cancelled + 1
+        assert metric(s, "vlmkit_completion_tokens_total") == tokens  # it never finished its 4,000 tokens
+        text = httpx.get(s.url + "/metrics").text
+        assert 'vlmkit_requests_total{route="/v1/chat/completions",status="499"} 1.0' in text, text
+    finally:
+        s.stop()

@@ -29,3 +29,27 @@ def test_api_conforms_to_its_schema(server):
             case.call_and_validate(checks=CHECKS, timeout=60)
 
         check()
+
+
+def test_every_number_a_request_may_send_is_bounded_in_the_schema():
+    """Bounds in /openapi.json are what schemathesis explores (a seed past 2**64 was a 500)."""
+    from vlmkit.serve.app import ServeSettings, create_app
+
+    app = create_app(lambda: None, ServeSettings(model_name="x"), scheduler_factory=lambda *_: None)
+    schemas = app.openapi()["components"]["schemas"]
+
+    def numbers(node, where):
+        if isinstance(node, dict):
+            assert not {"ge", "le", "gt", "lt"} & set(node), where  # pydantic's names: no JSON Schema bound
+            if node.get("type") in ("integer", "number"):
+                yield where, node
+            for key, value in node.items():
+                yield from numbers(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from numbers(value, f"{where}.{i}")
+
+    found = dict(numbers(schemas["ChatCompletionRequest"], "request"))
+    assert len(found) == 6, list(found)  # max_tokens, max_completion_tokens, temperature, top_p, seed, n
+    for where, node in found.items():
+        assert {"minimum", "exclusiveMinimum"} & set(node) and {"maximum", "exclusiveMaximum"} & set(node), where

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, VlmkitError
+from ..tensors.safetensors_io import read_header
 from . import images, templates
 from .messages import Turn
 from .tokens import IMAGE_TOKEN_INDEX
@@ -86,6 +87,8 @@ class TransformersBackend:
 
         hf_logging.disable_progress_bar()
         dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(options.dtype, torch.float32)
+        for weights in sorted(Path(path).glob("*.safetensors")):  # a truncated file: one clear error, no traceback
+            read_header(weights)
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(options.device).eval()
         self.device = options.device

@@ -75,7 +75,11 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, *,
             except Image.DecompressionBombError as e:
                 raise ImageError(f"{name}: the header claims a huge image ({e})",
                                  hint=f"downscale it below {max_pixels:,} pixels") from e
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            except UnidentifiedImageError:  # its message shows the file object's repr, an address
+                fp.seek(0)
+                raise ImageError(f"{name}: not an image that PIL can read (it begins with {fp.read(8)!r}), or its "
+                                 "header is cut", hint="pass a PNG, JPEG, WebP, GIF or BMP file") from None
+            except (OSError, SyntaxError, ValueError) as e:
                 raise ImageError(f"{name}: not an image that PIL can read, or its header is cut ({e})",
                                  hint="pass a PNG, JPEG, WebP, GIF or BMP file") from e
             _check_pixels(name, im.size, max_pixels)

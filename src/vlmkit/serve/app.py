@@ -3,13 +3,16 @@
 Routes: ``POST /v1/chat/completions`` (streamed as server-sent events when asked),
 ``GET /v1/models``, ``GET /health`` (503 until the model is loaded), ``GET /metrics``
 (Prometheus), ``GET /openapi.json`` (generated from the very models that validate), and
-the web page at ``/``. Every error is a 4xx/5xx with the OpenAI error body
-``{"error": {"message", "type", "param", "code"}}``; bad input never gives a 500.
+the web page at ``/`` (no ``/docs``: FastAPI's pages load scripts from a CDN). Every error is a
+4xx/5xx with the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``; bad input
+never gives a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -24,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..errors import VlmkitError
 from ..runtime.generation import DEFAULT_PREFIX_CACHE_BYTES, ContextError, SamplingParams
@@ -37,6 +41,8 @@ from .scheduler import DeadlineError, Job, Scheduler
 STATIC = Path(__file__).parent / "static"
 # pydantic puts union members in error locations ("temperature.float"); the field is what users need
 UNION_TAG = re.compile(r"^(float|int|str|bool|none|function-.*|.*\[.*\])$")
+ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f...>" in a library's message
+DISCONNECT_POLL = 0.25  # seconds between checks that a client is still there
 log = logging.getLogger("vlmkit.serve")
 
 
@@ -45,6 +51,7 @@ class ServeSettings:
     """Limits and policies of one server (each has a ``vlmkit serve`` flag)."""
 
     model_name: str
+    model_aliases: tuple[str, ...] = ()  # other names a request's "model" may use (the model's folder name)
     api_key: str | None = None
     max_batch_size: int = 8
     max_queue: int = 64
@@ -68,12 +75,17 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, *, param=None, type="invalid_request_error", code=None,
                    headers=None) -> JSONResponse:
+    message = ADDRESS.sub("", message)  # a memory address tells a client nothing and an attacker something
     body = p.ErrorBody(error=p.ErrorDetail(message=message, type=type, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies above ``limit`` bytes with 413, by header or while reading."""
+    """ASGI middleware: refuse bodies above ``limit`` bytes with 413, by header or while reading.
+
+    A body without Content-Length (chunked) is read here, up to the limit, before the app sees it:
+    an error raised from inside ``receive`` would reach FastAPI's body parser, which answers 400.
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -81,22 +93,76 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        too_large = error_response(413, f"the request body is larger than {self.limit} bytes (--max-body-size)",
+                                   code="body_too_large")
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await error_response(413, f"the request body is larger than {self.limit} bytes "
-                                             "(--max-body-size)", code="body_too_large")(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)  # the server reads no more than Content-Length
+        body, more = bytearray(), True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(413, f"the request body is larger than {self.limit} bytes (--max-body-size)",
-                               code="body_too_large")
-            return message
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                return await self.app(scope, _replay([message], receive), send)
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_large(scope, receive, send)
+        return await self.app(scope, _replay([{"type": "http.request", "body": bytes(body)}], receive), send)
 
-        return await self.app(scope, limited, send)
+
+class Guard:
+    """ASGI middleware: the API key on ``/v1/*`` and ``/metrics``, and requests counted by route.
+
+    Plain ASGI, not Starlette's ``BaseHTTPMiddleware``: that one hides a client's disconnect from
+    the endpoint, so a non-streamed answer went on being generated for nobody.
+    """
+
+    def __init__(self, app, *, router, metrics: Metrics, api_key: str | None):
+        self.app, self.router, self.metrics = app, router, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = self.route(scope)
+        if self.expected and (path.startswith("/v1/") or path == "/metrics"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time: the key cannot be guessed bytewise
+                self.metrics.requests.labels(route, "401").inc()
+                return await error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                            type="authentication_error", code="invalid_api_key")(scope, receive, send)
+        status = ["500"]  # what the client gets when the app raises
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if path.startswith("/v1/") or path in ("/health", "/metrics"):
+                self.metrics.requests.labels(route, status[0]).inc()
+
+    def route(self, scope) -> str:
+        """The route a request is for, as its template; every unknown path is "unknown" (raw paths as
+        labels would let any client grow /metrics without bound)."""
+        for candidate in self.router.routes:
+            if candidate.matches(scope)[0] != Match.NONE:  # PARTIAL: the route, with another method (405)
+                return candidate.path
+        return "unknown"
+
+
+def _replay(messages: list[dict], receive):
+    """A ``receive`` giving ``messages`` first, then the server's own (disconnects)."""
+
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+
+    return replay
 
 
 def local_scheduler(model, settings: ServeSettings, metrics: Metrics) -> Scheduler:
@@ -115,38 +181,27 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
             engine's front elsewhere: ``serve.engines``), optionally ``problem() -> str | None`` for ``/health``.
     """
     metrics = Metrics()
-    state: dict = {"model": None, "scheduler": None, "error": None}
+    state: dict = {"model": None, "scheduler": None, "error": None, "settled": threading.Event()}
 
     def loader():
         try:
             model = load_model()
             state["scheduler"] = scheduler_factory(model, settings, metrics)
             state["model"] = model
-        except Exception as e:  # noqa: BLE001 - reported by /health and every request
-            log.exception("loading the model failed")
+        except Exception as e:  # noqa: BLE001 - reported by /health; ``serve`` ends the process with it
+            if not isinstance(e, VlmkitError):
+                log.exception("loading the model failed")
             state["error"] = e
+        finally:
+            state["settled"].set()
 
-    app = FastAPI(title="vlmkit", version=_version(), description="OpenAI-compatible chat completions with images")
+    # no /docs or /redoc: FastAPI's pages load their scripts from a CDN (the chat page works offline)
+    app = FastAPI(title="vlmkit", version=_version(), description="OpenAI-compatible chat completions with images",
+                  docs_url=None, redoc_url=None)
     threading.Thread(target=loader, name="vlmkit-load", daemon=True).start()
     app.state.vlmkit = state
     app.add_middleware(BodyLimit, limit=settings.max_body_size)
-
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if settings.api_key and (path.startswith("/v1/") or path == "/metrics"):
-            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
-                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                          type="authentication_error", code="invalid_api_key")
-                metrics.requests.labels(path, "401").inc()
-                return response
-        try:
-            response = await call_next(request)
-        except ApiError as e:
-            response = error_response(e.status, e.message, param=e.param, type=e.type, code=e.code, headers=e.headers)
-        if path.startswith("/v1/") or path in ("/health", "/metrics"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, router=app.router, metrics=metrics, api_key=settings.api_key)  # runs before BodyLimit
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -199,43 +254,53 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
     @app.post("/v1/chat/completions", response_model=p.ChatCompletion,
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "a chat.completion, or chat.completion.chunk events when stream=true"},
-                         400: {"model": p.ErrorBody}, 401: {"model": p.ErrorBody}, 413: {"model": p.ErrorBody},
+                         400: {"model": p.ErrorBody}, 401: {"model": p.ErrorBody}, 404: {"model": p.ErrorBody},
+                         413: {"model": p.ErrorBody},
                          429: {"model": p.ErrorBody}, 503: {"model": p.ErrorBody}, 504: {"model": p.ErrorBody}})
     async def chat_completions(body: p.ChatCompletionRequest, request: Request):
+        deadline = time.monotonic() + settings.request_timeout  # image downloads included
+        if body.model is not None and body.model not in (settings.model_name, *settings.model_aliases):
+            raise ApiError(404, f"the model {_shown(body.model)} does not exist: this server serves "
+                                f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
         scheduler: Scheduler | None = state["scheduler"]
         if scheduler is None:
             raise ApiError(503, "the model is still loading; retry when /health says ok", type="server_error",
                            code="model_loading", headers={"Retry-After": "5"})
-        messages = await _messages(body, settings)
+        messages = await _messages(body, settings, deadline)
         params = _params(body, settings)
         loop = asyncio.get_running_loop()
-        job = Job(messages, params, loop, deadline=time.monotonic() + settings.request_timeout)
+        job = Job(messages, params, loop, deadline=deadline)
         if not scheduler.submit(job):
             raise ApiError(429, "the server is busy: its queue is full (--max-queue); retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        kind, payload = await _next_event(job, request)
-        if kind != "start":
-            raise _terminal_error(kind, payload, metrics)
-        rid, created = p.new_id(), p.now()
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(job, request, rid, created, settings.model_name, include_usage, metrics),
-                                     media_type="text/event-stream")
-        text = []
-        while True:
-            kind, payload = await _next_event(job, request)
-            if kind == "delta":
-                text.append(payload)
-                continue
-            if kind != "done":
+        watch = loop.create_task(_watch_client(job, request))
+        try:
+            kind, payload = await _next_event(job)
+            if kind != "start":
                 raise _terminal_error(kind, payload, metrics)
-            reply = payload
-            _observe(metrics, job, reply)
-            usage = p.Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
-                            total_tokens=reply.prompt_tokens + reply.completion_tokens)
-            return p.ChatCompletion(id=rid, created=created, model=settings.model_name, usage=usage,
-                                    choices=[p.Choice(message=p.AssistantMessage(content=reply.text),
-                                                      finish_reason=reply.finish_reason)])
+            rid, created = p.new_id(), p.now()
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(_sse(job, watch, rid, created, settings.model_name, include_usage, metrics),
+                                         media_type="text/event-stream")
+            text = []
+            while True:
+                kind, payload = await _next_event(job)
+                if kind == "delta":
+                    text.append(payload)
+                    continue
+                if kind != "done":
+                    raise _terminal_error(kind, payload, metrics)
+                reply = payload
+                _observe(metrics, job, reply)
+                usage = p.Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+                                total_tokens=reply.prompt_tokens + reply.completion_tokens)
+                return p.ChatCompletion(id=rid, created=created, model=settings.model_name, usage=usage,
+                                        choices=[p.Choice(message=p.AssistantMessage(content=reply.text),
+                                                          finish_reason=reply.finish_reason)])
+        finally:
+            if not body.stream or job.finished:  # a stream's watch ends with the stream
+                watch.cancel()
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -251,8 +316,52 @@ def _version() -> str:
     return __version__
 
 
-async def _messages(body: p.ChatCompletionRequest, settings: ServeSettings) -> list[dict]:
-    """Request messages -> runtime messages, with every image fetched under the policy and checked."""
+def serve(app: FastAPI, *, host: str, port: int) -> None:
+    """Run ``app`` (from ``create_app``) with uvicorn until interrupted.
+
+    Raises:
+        the error that loading the model raised: the server stops at once (a server that can never
+        answer must not sit there saying "still loading"), and the CLI reports it as ``chat`` does.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    state = app.state.vlmkit
+
+    def watch():
+        state["settled"].wait()
+        if state["error"] is not None:
+            server.should_exit = True
+
+    threading.Thread(target=watch, name="vlmkit-load-watch", daemon=True).start()
+    server.run()
+    if state["error"] is not None:
+        raise state["error"]
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to tell someone who binds beyond this machine without an API key (None when loopback or keyed)."""
+    if api_key:
+        return None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return None
+    return (f"warning: --host {host} accepts requests from other machines and no API key is set: anyone who "
+            "reaches this port can use the model; set VLMKIT_API_KEY (or --api-key)")
+
+
+def _shown(value) -> str:
+    """A client's value in a message: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+async def _messages(body: p.ChatCompletionRequest, settings: ServeSettings, deadline: float) -> list[dict]:
+    """Request messages -> runtime messages, with every image fetched under the policy (by ``deadline``) and
+    checked."""
     out = []
     count = 0
     for i, message in enumerate(body.messages):
@@ -270,10 +379,11 @@ async def _messages(body: p.ChatCompletionRequest, settings: ServeSettings) -> l
                 raise ApiError(400, f"too many images: at most {settings.max_images} per request (--max-images)",
                                param=param, code="too_many_images")
             try:
-                data = await fetch_image(part.image_url.url, settings.media, param)
+                data = await fetch_image(part.image_url.url, settings.media, param, deadline)
                 await asyncio.to_thread(load_image, data, max_pixels=settings.max_image_pixels)
             except MediaError as e:
-                raise ApiError(e.status, e.message, param=e.param, code="invalid_image") from None
+                raise ApiError(e.status, e.message, param=e.param, code=e.code,
+                               type="timeout_error" if e.status == 504 else "invalid_request_error") from None
             except VlmkitError as e:
                 raise ApiError(400, e.message.replace("image bytes", "the image"), param=param,
                                code="invalid_image") from None
@@ -298,17 +408,25 @@ def _params(body: p.ChatCompletionRequest, settings: ServeSettings) -> SamplingP
                           top_p=1.0 if body.top_p is None else float(body.top_p), seed=body.seed, stop=stop)
 
 
-async def _next_event(job: Job, request: Request):
-    """The job's next event; cancels the job if the client disconnects while waiting."""
+async def _next_event(job: Job):
+    """The job's next event (a client that went away is ``_watch_client``'s business)."""
     while True:
         try:
             return await asyncio.wait_for(job.events.get(), timeout=0.25)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled.set()
             if time.monotonic() > job.deadline + 5:  # the worker should have answered; never hang
                 job.cancelled.set()
                 return "error", DeadlineError("the request ran past the server's --request-timeout")
+
+
+async def _watch_client(job: Job, request: Request) -> None:
+    """Cancel ``job`` when its client hangs up, streamed or not, however fast its tokens come (checking
+    only in pauses between events missed every hang-up of a non-streamed answer)."""
+    while not job.finished:
+        if await request.is_disconnected():
+            job.cancelled.set()
+            return
+        await asyncio.sleep(DISCONNECT_POLL)
 
 
 def _terminal_error(kind: str, payload, metrics: Metrics) -> ApiError:
@@ -332,7 +450,7 @@ def _observe(metrics: Metrics, job: Job, reply) -> None:
     metrics.completion_tokens.inc(reply.completion_tokens)
 
 
-async def _sse(job: Job, request: Request, rid: str, created: int, model: str, include_usage: bool,
+async def _sse(job: Job, watch: asyncio.Task, rid: str, created: int, model: str, include_usage: bool,
                metrics: Metrics):
     def event(choices, usage=None) -> str:
         chunk = p.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage)
@@ -341,7 +459,7 @@ async def _sse(job: Job, request: Request, rid: str, created: int, model: str, i
     try:
         yield event([p.ChunkChoice(delta=p.Delta(role="assistant", content=""))])
         while True:
-            kind, payload = await _next_event(job, request)
+            kind, payload = await _next_event(job)
             if kind == "delta":
                 yield event([p.ChunkChoice(delta=p.Delta(content=payload))])
                 continue
@@ -359,6 +477,7 @@ async def _sse(job: Job, request: Request, rid: str, created: int, model: str, i
             yield "data: [DONE]\n\n"
             return
     finally:
+        watch.cancel()
         if not job.finished:  # the client went away mid-stream: free its slot
             job.cancelled.set()
             metrics.cancelled.inc()

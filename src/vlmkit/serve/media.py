@@ -3,13 +3,17 @@
 * ``data:`` URLs (base64) are always accepted (within the size limit);
 * ``file://`` only under the folder named with ``--allowed-local-media-path``;
 * ``http(s)://`` only for hosts named with ``--allowed-media-domains`` (and their
-  subdomains), fetched with a size limit and a timeout, redirects not followed.
+  subdomains), fetched with a size limit, a timeout per read and a total deadline (the
+  request's remaining time: a server that trickles one byte a second never times out a read),
+  redirects not followed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -20,10 +24,11 @@ from ..errors import VlmkitError
 class MediaError(VlmkitError):
     """An image URL is refused or cannot be read; ``param`` names the request field."""
 
-    def __init__(self, message: str, param: str, *, status: int = 400):
+    def __init__(self, message: str, param: str, *, status: int = 400, code: str = "invalid_image"):
         super().__init__(message)
         self.param = param
         self.status = status
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -38,15 +43,19 @@ class MediaPolicy:
         return any(host == d or host.endswith("." + d) for d in self.allowed_domains)
 
 
-async def fetch_image(url: str, policy: MediaPolicy, param: str) -> bytes:
-    """The bytes an image URL stands for, or ``MediaError`` saying why not."""
+async def fetch_image(url: str, policy: MediaPolicy, param: str, deadline: float | None = None) -> bytes:
+    """The bytes an image URL stands for, or ``MediaError`` saying why not.
+
+    Args:
+        deadline: ``time.monotonic()`` by which a download must be complete (None: no total limit).
+    """
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return _data_url(url, policy, param)
     if scheme == "file":
         return _local_file(url, policy, param)
     if scheme in ("http", "https"):
-        return await _remote(url, policy, param)
+        return await _remote(url, policy, param, deadline)
     raise MediaError(f"unsupported image URL scheme {scheme!r}: use a data: URL (base64)", param)
 
 
@@ -77,11 +86,20 @@ def _local_file(url: str, policy: MediaPolicy, param: str) -> bytes:
     return path.read_bytes()
 
 
-async def _remote(url: str, policy: MediaPolicy, param: str) -> bytes:
+async def _remote(url: str, policy: MediaPolicy, param: str, deadline: float | None) -> bytes:
     host = urlparse(url).hostname or ""
     if not policy.domain_allowed(host):
         raise MediaError(f"image URLs from {host!r} are refused; the server allows "
                          f"{', '.join(sorted(policy.allowed_domains)) or 'no domain'} (--allowed-media-domains)", param)
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        return await asyncio.wait_for(_download(url, policy, param), timeout=left)
+    except asyncio.TimeoutError:
+        raise MediaError(f"fetching the image from {host!r} did not finish within the request's time "
+                         "(--request-timeout)", param, status=504, code="timeout") from None
+
+
+async def _download(url: str, policy: MediaPolicy, param: str) -> bytes:
     import httpx2 as httpx
 
     data = bytearray()

@@ -90,12 +90,16 @@ class Scheduler:
                 self._admit(batch, running)
                 if batch.rows:
                     self._step(batch, running)
+                if self.metrics:
+                    self.metrics.running.set(len(batch.rows))
             except Exception as e:  # noqa: BLE001 - an internal failure answers 500; the server stays up
                 log.exception("generation failed")
                 for job, _ in running.values():
                     job.emit("error", e)
                 running.clear()
                 batch = new_batch(self.model.backend, self.model.prefix_cache)
+                if self.metrics:
+                    self.metrics.running.set(0)
 
     def _waiting(self, room: int, block: bool) -> list[Job]:
         """Up to ``room`` queued jobs; with ``block``, wait for one and what follows within the window."""

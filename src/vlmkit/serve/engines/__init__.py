@@ -56,8 +56,6 @@ def check_flags(args) -> None:
     for flag, fine, why in FLAG_RULES:
         if not fine(args):
             raise ConfigError(f"{flag} does not apply to --engine {args.engine}: {why}")
-    if args.replicas is not None and args.replicas < 1:
-        raise ConfigError(f"--replicas is {args.replicas}; use 1 or more")
 
 
 def uses_front(args) -> bool:
