@@ -12,6 +12,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from .. import limits
+
 Strict = ConfigDict(extra="forbid", strict=True)
 Lenient = ConfigDict(extra="ignore", strict=True)  # unknown OpenAI fields (user, metadata, ...) are tolerated
 
@@ -55,10 +57,10 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: Union[StrictFloat, StrictInt] | None = Field(default=None, ge=0, le=2)
-    top_p: Union[StrictFloat, StrictInt] | None = Field(default=None, gt=0, le=1)
+    max_tokens: StrictInt | None = Field(default=None, **limits.MAX_NEW_TOKENS.schema())
+    max_completion_tokens: StrictInt | None = Field(default=None, **limits.MAX_NEW_TOKENS.schema())
+    temperature: Union[StrictFloat, StrictInt] | None = Field(default=None, **limits.TEMPERATURE.schema())
+    top_p: Union[StrictFloat, StrictInt] | None = Field(default=None, **limits.TOP_P.schema())
     seed: StrictInt | None = None
     stop: Union[StrictStr, list[StrictStr], None] = None
     n: StrictInt = Field(default=1, ge=1, le=1, description="only 1 is supported")

@@ -151,4 +151,4 @@ def _stored_dtype(folder: Path) -> str:
     import json
 
     config = json.loads((Path(folder) / "config.json").read_text())
-    return {"float16": "F16", "bfloat16": "BF16"}.get(config.get("torch_dtype"), "F32")
+    return dtypes.optional_code(config.get("torch_dtype")) or "F32"

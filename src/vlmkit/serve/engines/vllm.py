@@ -29,12 +29,14 @@ vlmkit's templates leave BOS to the tokenizer          template has no ``bos_tok
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
+from ... import dtypes
 from ...errors import ConfigError
 from ...options import LoadOptions
 from .front import EngineError
@@ -53,8 +55,6 @@ ARCHITECTURES = {"LlavaForConditionalGeneration", "LlavaNextForConditionalGenera
 # the published llava-hf names (what `vlmkit convert` writes); vLLM's loader knows no others
 PUBLISHED_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
                       "multi_modal_projector.", "image_newline")
-DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "float32": "float32", "float16": "float16",
-          "bfloat16": "bfloat16"}
 TEMPLATE_FILES = ("chat_template.json", "processor_config.json", "tokenizer_config.json")
 SITE = Path(__file__).parent / "vllm_site"  # its sitecustomize lets torchvision import beside CPU torch
 ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
@@ -140,7 +140,11 @@ def check_folder(folder: Path, device: str = "cpu") -> dict:
 def dtype(options: LoadOptions, config: dict) -> str:
     """The dtype vLLM computes in: ``--dtype``, else as stored (vLLM's CPU default would be bfloat16)."""
     stored = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
-    return DTYPES.get(options.dtype or stored or "", "auto")
+    code = options.dtype
+    if code is None and isinstance(stored, str):
+        with contextlib.suppress(ConfigError):
+            code = dtypes.code(stored)
+    return dtypes.name(code) if code in ("F32", "F16", "BF16") else "auto"
 
 
 def command(python_path: str, folder: Path, port: int, name: str, settings, options: LoadOptions, config: dict,
