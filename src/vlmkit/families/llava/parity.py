@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ... import dtypes
 from ...options import LoadOptions
 from ...runtime import images, templates
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
