@@ -187,7 +187,7 @@ def test_api_and_server_share_the_cli_ranges(tmp_path):
 
 # ------------------------------------------------------------------ one dtype vocabulary
 
-SPELLINGS = ["float16", "fp16", "f16", "half", "F16", "torch.float16", torch.float16]
+SPELLINGS = ["float16", "fp16", "f16", "half", "torch.float16", torch.float16]
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS, ids=str)
@@ -278,6 +278,11 @@ def _heavy_modules_after(*argv_lists):
 def test_help_and_version_import_no_heavy_library():
     assert _heavy_modules_after(["--help"], ["--version"], ["chat", "--help"], ["train", "--help"],
                                 ["data", "--help"], ["convert", "--help"]) == ""
+
+
+def test_inspect_of_a_safetensors_file_imports_no_heavy_library(tmp_path):
+    save_file({"w": torch.zeros(3, 4, dtype=torch.bfloat16)}, tmp_path / "m.safetensors")
+    assert _heavy_modules_after(["inspect", tmp_path / "m.safetensors"]) == ""
 
 
 def test_chat_and_verify_print_no_deprecation_warnings(models):

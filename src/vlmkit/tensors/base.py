@@ -29,6 +29,9 @@ class _TorchDtypes(Mapping):
             raise KeyError(code)
         return dtypes.torch_dtype(code)
 
+    def __contains__(self, code) -> bool:
+        return code in dtypes.CODES
+
     def __iter__(self):
         return iter(dtypes.CODES)
 
