@@ -47,8 +47,8 @@ class LoadOptions:
     def __post_init__(self):  # one vocabulary and one device check for the CLI and the Python API alike
         object.__setattr__(self, "dtype", dtypes.optional_code(self.dtype))
         if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
-            raise ConfigError(f"--device {self.device!r} is not a device vlmkit knows",
-                              hint="use cpu, cuda, cuda:N, mps or xpu")
+            raise ConfigError(f"device {self.device!r} is not a device vlmkit knows",
+                              hint="use cpu, cuda, cuda:N, mps or xpu (--device)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LoadOptions":
