@@ -1,5 +1,8 @@
 """Heavy libraries imported on first use, so that ``vlmkit --help`` and ``vlmkit inspect`` start fast.
 
+A module that needs a library only inside its functions takes it from here instead of importing it
+at the top; nothing at module level may read its attributes (that would import it at once).
+
 ``from ..lazy import torch`` gives a stand-in that imports torch the first time one of its
 attributes is read (``torch.cat``, ``torch.Tensor``), and is then torch itself in every way that
 matters to the module that holds it. Annotations need nothing (``from __future__ import annotations``).
@@ -21,3 +24,6 @@ class LazyModule(types.ModuleType):
 
 
 torch = LazyModule("torch")
+numpy = LazyModule("numpy")
+sentencepiece = LazyModule("sentencepiece")
+sentencepiece_model_pb2 = LazyModule("sentencepiece.sentencepiece_model_pb2")

@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from vlmkit.errors import ConfigError, ImageError
+from vlmkit.lazy import numpy as np
 
 if TYPE_CHECKING:  # torch is imported by preprocess, not with this module (`vlmkit data check` needs no torch)
     import torch
