@@ -1,9 +1,19 @@
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
+
+import vlmkit
+from vlmkit.errors import ConfigError
 
 from .conftest import run_cli, run_cli_process
 
@@ -80,3 +90,208 @@ def test_hub_id_offline_names_the_id_and_files(tmp_path, monkeypatch):
     assert proc.returncode == 1
     assert "'someone/not-downloaded-model'" in proc.stderr and "*.safetensors" in proc.stderr
     assert "hint: download it where you have network" in proc.stderr
+
+
+# ------------------------------------------------------------------ one error path for every command
+
+PHOTO = Path(__file__).parent / "fixtures" / "images" / "chelsea.png"
+
+
+def _one_line_error(r, *names):
+    """A VlmkitError as the README promises: exit 1, 'error: ...' naming the thing, a hint, no traceback."""
+    assert r.code == 1, (r.code, r.err)
+    assert r.err.startswith("error: ") and "\nhint: " in r.err and "Traceback" not in r.err, r.err
+    for name in names:
+        assert name in r.err, (name, r.err)
+
+
+def _truncated_copy(folder, tmp_path):
+    copy = tmp_path / "truncated"
+    shutil.copytree(folder, copy)
+    weights = next(copy.glob("*.safetensors"))
+    with open(weights, "r+b") as f:  # an interrupted download: the file stops part-way through the data
+        f.truncate(weights.stat().st_size // 3)
+    return copy, weights
+
+
+def test_chat_bad_images_are_one_line_errors(models, tmp_path):
+    _one_line_error(run_cli("chat", models["v15-hf"], "--image", tmp_path / "missing.png", "--prompt", "hi"),
+                    "missing.png", "no such file")
+    _one_line_error(run_cli("chat", models["v15-hf"], "--image", tmp_path, "--prompt", "hi"), str(tmp_path))
+
+
+def test_truncated_model_folder_is_one_line_error_in_every_command(models, tmp_path):
+    folder, weights = _truncated_copy(models["v15-hf"], tmp_path)
+    for args in (("inspect", folder), ("chat", folder, "--prompt", "hi"), ("verify", models["v15"], folder)):
+        _one_line_error(run_cli(*args), weights.name, "truncated")
+    (folder / "config.json").write_text('{"architectures": ["LlavaForConditio')  # cut JSON
+    _one_line_error(run_cli("chat", folder, "--prompt", "hi"), "config.json")
+
+
+def test_devices_this_machine_lacks_and_nonsense_devices(models):
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    _one_line_error(run_cli("chat", models["v15-hf"], "--device", missing, "--prompt", "hi"), f"--device {missing}")
+    _one_line_error(run_cli("chat", models["v15-hf"], "--device", "nonsense", "--prompt", "hi"), "'nonsense'")
+    with pytest.raises(ConfigError, match="nonsense"):
+        vlmkit.load(models["v15-hf"], device="nonsense")
+
+
+def test_verify_gguf_without_llama_cpp_names_the_extra(models, tmp_path, monkeypatch):
+    gguf_folder = tmp_path / "gguf"
+    assert run_cli("convert", models["v15"], gguf_folder, "--to", "gguf", "--quiet").code == 0
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what `import llama_cpp` meets where it is not installed
+    _one_line_error(run_cli("verify", models["v15"], gguf_folder), "llama", "vlmkit[gguf]")
+
+
+def test_train_refuses_loading_flags_it_has_no_use_for(tmp_path):
+    base = ("train", tmp_path / "model", "--data", tmp_path / "d.json", "--output", tmp_path / "run")
+    for flag, value in (("--dtype", "float16"), ("--device", "cpu"), ("--config", tmp_path / "c.json")):
+        _one_line_error(run_cli(*base, flag, value), flag, "does not apply to vlmkit train")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ one set of range checks
+
+@pytest.mark.parametrize("args, flag", [
+    (("chat", "m", "--max-new-tokens", "-1"), "--max-new-tokens"),
+    (("chat", "m", "--temperature", "-5"), "--temperature"),
+    (("chat", "m", "--top-p", "7"), "--top-p"),
+    (("chat", "m", "--top-p", "0"), "--top-p"),
+    (("convert", "a", "b", "--max-shard-size", "0"), "--max-shard-size"),
+    (("verify", "a", "b", "--max-new-tokens", "0"), "--max-new-tokens"),
+])
+def test_cli_refuses_out_of_range_numbers(args, flag):
+    proc = run_cli_process(*args)
+    assert proc.returncode == 2 and f"argument {flag}: " in proc.stderr and "out of range" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_api_and_server_share_the_cli_ranges(tmp_path):
+    from pydantic import ValidationError
+
+    from vlmkit.runtime.generation import SamplingParams
+    from vlmkit.serve.protocol import ChatCompletionRequest
+
+    for bad in ({"max_new_tokens": -1}, {"temperature": -5}, {"top_p": 7}, {"top_p": 0}, {"temperature": 2.5}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            SamplingParams(**bad)
+        wire = {("max_tokens" if k == "max_new_tokens" else k): v for k, v in bad.items()}
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **wire)
+    assert SamplingParams(max_new_tokens=1, temperature=2, top_p=1).temperature == 2
+    save_file({"w": torch.zeros(3, 4)}, tmp_path / "m.safetensors")
+    with pytest.raises(ConfigError, match="max_shard_size"):
+        vlmkit.convert(tmp_path / "m.safetensors", tmp_path / "out", max_shard_size=0)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ one dtype vocabulary
+
+SPELLINGS = ["float16", "fp16", "f16", "half", "torch.float16", torch.float16]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS, ids=str)
+def test_convert_accepts_every_spelling_of_a_dtype(tmp_path, spelling):
+    save_file({"w": torch.ones(3, 4)}, tmp_path / "m.safetensors")
+    vlmkit.convert(tmp_path / "m.safetensors", tmp_path / "out", dtype=spelling)
+    report = vlmkit.inspect(tmp_path / "out")
+    assert [t["dtype"] for t in report["tensors"]] == ["F16"]
+    if isinstance(spelling, str):
+        assert run_cli("convert", tmp_path / "m.safetensors", tmp_path / "cli", "--dtype", spelling, "--quiet").code == 0
+        assert [t["dtype"] for t in vlmkit.inspect(tmp_path / "cli")["tensors"]] == ["F16"]
+
+
+def test_load_accepts_the_same_spellings_as_convert(models):
+    for spelling in ("float16", "half", "torch.float16", torch.float16):
+        model = vlmkit.load(models["v15-hf"], dtype=spelling)
+        assert model.backend.model.dtype == torch.float16, spelling
+    with pytest.raises(ConfigError, match="'float17'"):
+        vlmkit.load(models["v15-hf"], dtype="float17")
+    with pytest.raises(ConfigError, match="'float17'"):
+        vlmkit.convert(models["v15-hf"], "unused", dtype="float17")
+
+
+# ------------------------------------------------------------------ killed conversions leave nothing behind
+
+def _slow_conversion(tmp_path):
+    """A conversion that takes a while (many shards, a cast) as a separate process, and its destination."""
+    src = tmp_path / "big.safetensors"
+    save_file({f"layers.{i}.weight": torch.randn(1024, 1024) for i in range(64)}, src)  # 256 MB of float32
+    dst = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "vlmkit.cli", "convert", src, dst, "--dtype", "float16",
+                             "--max-shard-size", "2MB", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    return proc, dst
+
+
+def _temporaries(dst):
+    return sorted(dst.parent.glob(f".{dst.name}.vlmkit-tmp-*"))
+
+
+def _wait_until_writing(proc, dst):
+    """Wait until the conversion has written its first shard into its temporary folder."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(any(t.glob("*.safetensors")) for t in _temporaries(dst)):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the conversion never wrote a shard (exit {proc.poll()})")
+
+
+def test_sigterm_removes_the_temporary_folder(tmp_path):
+    proc, dst = _slow_conversion(tmp_path)
+    _wait_until_writing(proc, dst)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "interrupted: nothing was written" in err, err
+    assert _temporaries(dst) == [] and not dst.exists()
+
+
+def test_next_run_removes_the_temporary_a_killed_run_left(tmp_path):
+    proc, dst = _slow_conversion(tmp_path)
+    _wait_until_writing(proc, dst)
+    proc.kill()  # SIGKILL: no cleanup can run
+    proc.communicate(timeout=60)
+    stale = _temporaries(dst)
+    assert len(stale) == 1
+    r = run_cli("convert", tmp_path / "big.safetensors", dst, "--dtype", "float16", "--quiet")
+    assert r.code == 0, r.err
+    assert _temporaries(dst) == [] and stale[0].name in r.err
+    assert run_cli("verify-files", dst).code == 0
+
+
+# ------------------------------------------------------------------ start-up imports only what the command runs
+
+HEAVY = ("torch", "transformers", "peft")
+
+
+def _heavy_modules_after(*argv_lists):
+    script = ("import sys\nfrom vlmkit.cli import main\n"
+              f"for argv in {[list(map(str, a)) for a in argv_lists]!r}:\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+
+
+def test_help_and_version_import_no_heavy_library():
+    assert _heavy_modules_after(["--help"], ["--version"], ["chat", "--help"], ["train", "--help"],
+                                ["data", "--help"], ["convert", "--help"]) == ""
+
+
+def test_inspect_of_a_safetensors_file_imports_no_heavy_library(tmp_path):
+    save_file({"w": torch.zeros(3, 4, dtype=torch.bfloat16)}, tmp_path / "m.safetensors")
+    assert _heavy_modules_after(["inspect", tmp_path / "m.safetensors"]) == ""
+
+
+def test_chat_and_verify_print_no_deprecation_warnings(models):
+    chat = run_cli_process("chat", models["v15-hf"], "--image", PHOTO, "--prompt", "hi", "--max-new-tokens", "3")
+    assert chat.returncode == 0, chat.stderr
+    original = run_cli_process("chat", models["v15"], "--vision-tower", models["clip"], "--image", PHOTO,
+                               "--prompt", "hi", "--max-new-tokens", "3")
+    assert original.returncode == 0, original.stderr
+    verify = run_cli_process("verify", models["v15"], models["v15-hf"], "--max-new-tokens", "3")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    for proc in (chat, original, verify):
+        assert "deprecated" not in proc.stderr.lower() and "Warning" not in proc.stderr, proc.stderr

@@ -14,12 +14,14 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .conversion import engine
+from . import limits
 from .errors import VlmkitError
-from .options import LoadOptions
-from .tensors import open_source, resolve
+from .options import LoadOptions, read_json
+
+if TYPE_CHECKING:  # torch and the readers load with the first call, not with `import vlmkit`
+    from .conversion import engine
 
 ASSET_IMAGES = Path(__file__).parent / "assets" / "images"
 DEFAULT_PROBES = [(ASSET_IMAGES / "chelsea.png", "What is shown in this image?"),
@@ -43,6 +45,8 @@ def inspect(path: str | Path) -> dict:
 def prepare(source: str | Path, options: LoadOptions | None = None) -> engine.Conversion:
     """The conversion of ``source``: its family's, or the identity (re-shard, re-type) when none claims it."""
     from . import families
+    from .conversion import engine
+    from .tensors import open_source, resolve
 
     options = options or LoadOptions()
     path = resolve(source)
@@ -53,21 +57,22 @@ def prepare(source: str | Path, options: LoadOptions | None = None) -> engine.Co
 
 
 def convert(source: str | Path, destination: str | Path, *, options: LoadOptions | None = None,
-            max_shard_size: int = engine.DEFAULT_MAX_SHARD, force: bool = False, dry_run: bool = False,
+            max_shard_size: int | None = None, force: bool = False, dry_run: bool = False,
             progress: Callable | None = None, **load_options) -> engine.Result:
     """Convert ``source`` into the folder ``destination`` (plan checked first, written atomically).
 
     Args:
         source: checkpoint file, folder or hub id.
         destination: output folder; refused if it exists unless ``force``.
-        options: loading options; or pass them as keywords (``dtype="F16"``, ``vision_tower=...``).
-        max_shard_size: bytes per safetensors shard.
+        options: loading options; or pass them as keywords (``dtype="float16"``, ``vision_tower=...``).
+        max_shard_size: bytes per safetensors shard (at least 1; default: 5 GB, as transformers).
         force: replace an existing destination.
         dry_run: return the checked plan, write nothing.
         progress: see ``vlmkit.conversion.run``.
     """
-    from .conversion import output
+    from .conversion import engine, output
 
+    max_shard_size = engine.DEFAULT_MAX_SHARD if max_shard_size is None else limits.MAX_SHARD_SIZE.check(max_shard_size)
     options = options or LoadOptions(**load_options)
     conversion = prepare(source, options)
     return engine.run(conversion, destination, dtype=options.dtype, max_shard_size=max_shard_size, force=force,
@@ -82,11 +87,16 @@ def verify(original: str | Path, converted: str | Path, *, options: LoadOptions 
         probes: (image path, question) pairs; default: two bundled photos.
     """
     from . import families
+    from .tensors import open_source, resolve
 
     options = options or LoadOptions(**load_options)
     path = resolve(original)
+    open_source(converted).close()  # a truncated or missing weight file: one error, as inspect gives
+    if (Path(converted) / "config.json").is_file():
+        read_json(Path(converted) / "config.json")
     family = families.detect(path)
     if family is None or not hasattr(family, "verify"):
         raise VlmkitError(f"{original}: no family that vlmkit can verify recognises it",
                           hint="`vlmkit inspect` shows what it is")
     return family.verify(path, Path(converted), options, probes or DEFAULT_PROBES, max_new_tokens=max_new_tokens)
+

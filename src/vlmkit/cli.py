@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from . import __version__
+from . import __version__, limits
 from .errors import VlmkitError
 from .console import progress_bar
 from .argtypes import PORT, integer, number
@@ -43,6 +43,11 @@ def parse_size(text: str) -> int:
     base = 1024 if unit.endswith("I") else 1000
     power = "KMGT".find(unit[:1]) + 1 if unit else 0
     return int(float(m.group(1)) * base**power)
+
+
+def shard_size(text: str) -> int:
+    """``--max-shard-size``: a size (``parse_size``) within ``limits.MAX_SHARD_SIZE``."""
+    return limits.MAX_SHARD_SIZE.arg(str(parse_size(text)))
 
 
 # ------------------------------------------------------------------------ inspect
@@ -75,7 +80,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
                    help="output format: hf (transformers layout, the default) or gguf (llama.cpp: for LLaVA the "
                         "language model + the mmproj file; --dtype f32|f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0, default f16)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
-    p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="bytes per shard (default: 5GB)")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB", help="bytes per shard (default: 5GB)")
     p.add_argument("--force", action="store_true", help="replace an existing destination (atomically)")
     p.add_argument("--json", action="store_true", help="print the plan / result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -201,7 +206,8 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
 def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", help="probe image (repeat for more; default: two bundled photos)")
     p.add_argument("--prompt", action="append", help="probe question, one per --image")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens to compare (default: 8)")
+    p.add_argument("--max-new-tokens", type=limits.MAX_NEW_TOKENS.arg, default=8,
+                   help="greedy tokens to compare (default: 8)")
 
 
 def _probes(args) -> list[tuple[Path, str]]:
@@ -255,9 +261,10 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], help="image for the first question (repeatable)")
     p.add_argument("--prompt", help="ask one question and exit (default: interactive chat)")
     p.add_argument("--system", help="system prompt replacing the template's")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default: 0.2, as LLaVA's cli)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=limits.TEMPERATURE.arg, default=0.2,
+                   help="0 = greedy, at most 2 (default: 0.2, as LLaVA's cli)")
+    p.add_argument("--top-p", type=limits.TOP_P.arg, default=1.0, help="nucleus sampling, in (0, 1] (default: 1)")
+    p.add_argument("--max-new-tokens", type=limits.MAX_NEW_TOKENS.arg, default=512, help="default: 512")
     add_load_arguments(p)
 
 
@@ -486,9 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while writing (conversion.output.Terminated)
         print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
         return 0

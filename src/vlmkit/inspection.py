@@ -69,11 +69,11 @@ def inspect_checkpoint(path: str | Path) -> dict:
 
 def _chat_template_name(folder: Path) -> str | None:
     """The conversation template of a converted folder: vlmkit's marker, or 'the folder's own chat template'."""
-    from .runtime.backends import template_name
-
     file = folder / "chat_template.jinja" if folder.is_dir() else None
     if file is None or not file.exists():
         return None
+    from .runtime.backends import template_name
+
     return template_name(file.read_text()) or "the folder's own chat template"
 
 

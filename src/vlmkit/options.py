@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import dtypes
 from .errors import ConfigError
-from .tensors import dtype_code
+
+# the devices vlmkit places a model on; whether this machine has one is checked when a model is placed
+DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,8 @@ class LoadOptions:
     """How to load a model.
 
     Attributes:
-        dtype: safetensors dtype code to load or write weights in (None: as stored).
+        dtype: dtype to load or write weights in, any spelling ``vlmkit.dtypes`` knows ("float16", "fp16",
+            ``torch.float16`` ...), kept as its safetensors code ("F16"); None: as stored.
         device: torch device for running ("cpu", "cuda", "cuda:1", "mps").
         vision_tower: the vision encoder's weights (``--vision-tower`` / ``--vision``): LLaVA's CLIP
             folder replacing ``mm_vision_tower``, BLIP-2's EVA ViT-g checkpoint.
@@ -42,24 +47,67 @@ class LoadOptions:
     seed: int = 0
     assume_clip_defaults: bool = False
 
+    def __post_init__(self):  # one vocabulary and one device check for the CLI and the Python API alike
+        object.__setattr__(self, "dtype", dtypes.optional_code(self.dtype))
+        if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device {self.device!r} is not a device vlmkit knows",
+                              hint="use cpu, cuda, cuda:N, mps or xpu (--device)")
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LoadOptions":
-        config = None
-        if getattr(args, "config", None):
-            path = Path(args.config)
-            try:
-                config = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise ConfigError(f"--config {path}: cannot read a JSON config ({e})") from None
-        dtype = None
-        if getattr(args, "dtype", None):
-            try:
-                dtype = dtype_code(args.dtype)
-            except ValueError as e:
-                raise ConfigError(f"--dtype: {e}") from None
-        return cls(dtype=dtype, device=args.device, vision_tower=args.vision_tower, model_base=args.model_base,
+        config = read_json(Path(args.config), what="--config ") if getattr(args, "config", None) else None
+        dtype = dtypes.optional_code(getattr(args, "dtype", None), field="--dtype")
+        return cls(dtype=dtype, device=args.device or "cpu", vision_tower=args.vision_tower, model_base=args.model_base,
                    template=args.template, config=config, seed=args.seed,
                    assume_clip_defaults=getattr(args, "assume_clip_defaults", False))
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before a model is loaded onto it (imports torch).
+
+    Raises:
+        ConfigError: naming the device and what this machine has.
+    """
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return
+    if kind == "mps":
+        available = torch.backends.mps.is_available()
+        count = int(available)
+    else:
+        backend = getattr(torch, kind)
+        available = backend.is_available()
+        count = backend.device_count() if available else 0
+    if not available:
+        built = "" if kind != "cuda" or torch.version.cuda else f" (this torch, {torch.__version__}, is built without CUDA)"
+        raise ConfigError(f"--device {device}: this machine has no {kind} device{built}",
+                          hint="use --device cpu, or install the torch build for your accelerator")
+    if index and int(index) >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} {kind} device(s), numbered from 0",
+                          hint=f"use --device {kind}:0 ... {kind}:{count - 1}")
+
+
+def refuse_unused(args: argparse.Namespace, command: str, unused: dict[str, str]) -> None:
+    """Refuse loading options a command has no use for: a flag the user typed is never ignored.
+
+    Args:
+        unused: option name (``dtype``) -> why it does not apply and what to use instead.
+    """
+    for name, why in unused.items():
+        if getattr(args, name, None) is not None:
+            raise ConfigError(f"--{name} does not apply to vlmkit {command}: {why}",
+                              hint=f"remove --{name}")
+
+
+def read_json(file: Path, *, what: str = "") -> dict:
+    """A JSON file (a config), or a ``ConfigError`` naming it (``what`` prefixes the name, e.g. "--config ")."""
+    try:
+        return json.loads(Path(file).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what}{file}: cannot read JSON ({e})",
+                          hint="is it the right file? a truncated copy: download or copy it again") from None
 
 
 def deep_merge(derived: dict, override: dict) -> dict:
@@ -72,8 +120,8 @@ def deep_merge(derived: dict, override: dict) -> dict:
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model loading (same meaning in every command)")
-    group.add_argument("--dtype", help="float32, float16 or bfloat16 (default: as stored)")
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    group.add_argument("--dtype", help="float32, float16 or bfloat16 (also fp16, half, bf16 ...; default: as stored)")
+    group.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cpu)")
     group.add_argument("--vision-tower", "--vision", dest="vision_tower", metavar="PATH",
                        help="the vision encoder's weights/config (LLaVA: a CLIP folder replacing mm_vision_tower; "
                             "BLIP-2: the EVA ViT-g checkpoint)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-import torch
+from ..lazy import torch
 
 from ..tensors import DTYPES, TensorSource
 from . import output

@@ -19,6 +19,7 @@ from typing import Callable
 
 import gguf
 
+from .. import dtypes
 from ..errors import ConfigError, PlanError
 from ..tensors import TensorSource
 from ..tensors.gguf_io import GGUFStreamWriter, GGUFTensorSpec
@@ -56,8 +57,6 @@ GGUF_TYPES: dict[str, GGUFType] = {t.name: t for t in (
     GGUFType("q4_0", T.Q4_0, F.MOSTLY_Q4_0),
 )}
 DEFAULT_TYPE = "f16"  # llama.cpp's converters default to f16 too
-# --dtype spellings shared with the safetensors path
-_ALIASES = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "half": "f16", "bfloat16": "bf16"}
 
 
 def gguf_type(name: str | None) -> GGUFType:
@@ -67,7 +66,9 @@ def gguf_type(name: str | None) -> GGUFType:
         ConfigError: an unknown name, listing the known ones.
     """
     key = (name or DEFAULT_TYPE).strip().lower()
-    key = _ALIASES.get(key, key)
+    if key not in GGUF_TYPES:  # float16, fp16, half, torch.bfloat16 ...: the spellings of vlmkit.dtypes
+        with contextlib.suppress(ConfigError):
+            key = dtypes.code(key).lower()  # "F16" -> "f16", the ggml name
     if key not in GGUF_TYPES:
         raise ConfigError(f"--dtype {name!r} is not a GGUF type vlmkit writes",
                           hint=f"use one of {', '.join(GGUF_TYPES)} (gguf-py has no K-quant encoder; "

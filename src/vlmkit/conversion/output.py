@@ -1,9 +1,12 @@
 """Atomic output folders and their manifests.
 
 Everything is written into a hidden temporary folder beside the destination and
-renamed into place only when the writing finished without an exception. An error or
-Ctrl-C removes the temporary folder: nothing appears under the destination name, and
-an existing destination (replaced only with ``force``) is untouched until the end.
+renamed into place only when the writing finished without an exception. An error,
+Ctrl-C or SIGTERM removes the temporary folder: nothing appears under the destination
+name, and an existing destination (replaced only with ``force``) is untouched until the
+end. A temporary left by a run that could not clean up (SIGKILL, power loss) carries its
+process id in its name; the next run into the same destination removes it once that
+process is gone.
 """
 
 from __future__ import annotations
@@ -11,10 +14,15 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -51,6 +59,61 @@ def source_fingerprint(infos: list[TensorInfo]) -> str:
     return digest.hexdigest()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while writing: unwinds like Ctrl-C, so the temporary folder is removed."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` in the main thread instead of killing the process
+    outright (which would skip every cleanup); the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _temporary_name(dst: Path) -> str:
+    return f".{dst.name}.vlmkit-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(dst: Path) -> list[Path]:
+    """Remove the temporaries that killed runs left beside ``dst`` (their process is gone); returns them.
+
+    A temporary whose process still runs is another conversion in progress and is left alone;
+    one without a process id in its name (older vlmkit) is stale too.
+    """
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.vlmkit-tmp-(?:(\d+)-)?[0-9a-f]{{8}}")
+    removed = []
+    for path in dst.parent.glob(f".{glob.escape(dst.name)}.vlmkit-tmp-*"):
+        m = pattern.fullmatch(path.name)
+        if not m or (m.group(1) and _alive(int(m.group(1)))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_folder(dst: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``dst`` when the block exits cleanly.
@@ -65,16 +128,19 @@ def atomic_folder(dst: Path, *, force: bool = False) -> Iterator[Path]:
     parent = dst.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{dst.name}.vlmkit-tmp-{uuid.uuid4().hex[:8]}"
+        for stale in remove_stale_temporaries(dst):
+            print(f"removed {stale}, left by an earlier run that was killed", file=sys.stderr)
+        tmp = parent / _temporary_name(dst)
         tmp.mkdir()
     except OSError as e:
         raise _os_error(e, parent) from None
     try:
-        yield tmp
+        with _terminate_as_interrupt():
+            yield tmp
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _os_error(e, dst) from None
-    except BaseException:  # including KeyboardInterrupt: never leave a partial output
+    except BaseException:  # including KeyboardInterrupt and SIGTERM: never leave a partial output
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
+from ..lazy import torch
 
 _PLACEHOLDER = re.compile(r"\{(\w+)(?::(path))?\}")
 
@@ -190,7 +190,7 @@ class Reshape(Op):
         return Reshape(self.original, self.shape)
 
 
-RowInit = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
+RowInit = Callable[["torch.Tensor", int, "torch.Generator"], "torch.Tensor"]
 
 
 def zero_rows(existing: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
+from .. import dtypes
 from ..errors import ConfigError, VlmkitError
-from ..tensors.safetensors_io import read_header
+from ..options import check_device, read_json
+from ..tensors import open_source
 from . import images, templates
+from .generation import with_cache
 from .messages import Turn
 from .tokens import IMAGE_TOKEN_INDEX
 
@@ -41,7 +44,7 @@ class OriginalBackend:
         from ..families.llava.reference import OriginalLlava
 
         ckpt = open_original(path, options)
-        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(options.dtype, torch.float32)
+        dtype = dtypes.torch_dtype(options.dtype)
         self.model = OriginalLlava.load(ckpt, dtype=dtype, device=options.device)
         self.device = options.device
         self.template = template_for(ckpt, options)
@@ -67,10 +70,9 @@ class OriginalBackend:
         return self.model.language_model.get_input_embeddings()(ids.to(self.device))
 
     def forward(self, embeds, attention_mask, position_ids, past):
-        out = self.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                        position_ids=position_ids, past_key_values=past, use_cache=True,
-                                        logits_to_keep=1)
-        return out.logits, out.past_key_values
+        out, cache = with_cache(self.model.language_model, past, inputs_embeds=embeds, attention_mask=attention_mask,
+                                position_ids=position_ids, logits_to_keep=1)
+        return out.logits, cache
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -86,9 +88,7 @@ class TransformersBackend:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(options.dtype, torch.float32)
-        for weights in sorted(Path(path).glob("*.safetensors")):  # a truncated file: one clear error, no traceback
-            read_header(weights)
+        dtype = dtypes.torch_dtype(options.dtype)
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(options.device).eval()
         self.device = options.device
@@ -131,9 +131,9 @@ class TransformersBackend:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     def forward(self, embeds, attention_mask, position_ids, past):
-        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past, use_cache=True, logits_to_keep=1)
-        return out.logits, out.past_key_values
+        out, cache = with_cache(self.model, past, inputs_embeds=embeds, attention_mask=attention_mask,
+                                position_ids=position_ids, logits_to_keep=1)
+        return out.logits, cache
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -178,7 +178,7 @@ class Blip2Backend:
     def _load_transformers(self, path: Path, options) -> None:
         from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(options.dtype, torch.float32)
+        dtype = dtypes.torch_dtype(options.dtype)
         self.processor = AutoProcessor.from_pretrained(path)
         model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(options.device).eval()
         self.lm_kind = "opt" if model.config.use_decoder_only_language_model else "t5"
@@ -242,9 +242,9 @@ class Blip2Backend:
         return self.language_model.get_input_embeddings()(ids.to(self.device))
 
     def forward(self, embeds, attention_mask, position_ids, past):
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past, use_cache=True, logits_to_keep=1)
-        return out.logits, out.past_key_values
+        out, cache = with_cache(self.language_model, past, inputs_embeds=embeds, attention_mask=attention_mask,
+                                position_ids=position_ids, logits_to_keep=1)
+        return out.logits, cache
 
     def encode(self, embeds: torch.Tensor) -> torch.Tensor:
         """Flan-T5's encoder over the queries and the prompt: ``[1, L, H]``."""
@@ -252,10 +252,10 @@ class Blip2Backend:
 
     def decoder_forward(self, ids, attention_mask, encoder_states, encoder_mask, past):
         """One decoder step of Flan-T5 (``ids [B, 1]``): logits and the ``EncoderDecoderCache``."""
-        out = self.language_model(encoder_outputs=(encoder_states,), attention_mask=encoder_mask,
-                                  decoder_input_ids=ids, decoder_attention_mask=attention_mask, cache=past,
-                                  use_cache=True)
-        return out.logits, out.cache
+        out, cache = with_cache(self.language_model, past, encoder_outputs=(encoder_states,),
+                                attention_mask=encoder_mask, decoder_input_ids=ids,
+                                decoder_attention_mask=attention_mask)
+        return out.logits, cache
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -271,17 +271,18 @@ def template_name(chat_template: str | None) -> str | None:
 
 def backend_for(path: Path, options):
     """The backend that runs ``path``: an original LLaVA or BLIP-2 checkpoint, or a transformers folder."""
-    import json
-
     from ..families.blip2.checkpoint import form_of as blip2_form
     from ..families.llava.checkpoint import form_of
 
+    check_device(options.device)
     if form_of(path) is not None:
         return OriginalBackend(path, options)
     if blip2_form(path) is not None:  # a LAVIS checkpoint
         return Blip2Backend(path, options, original=True)
     config = path / "config.json"
-    architectures = json.loads(config.read_text()).get("architectures", []) if config.exists() else []
+    architectures = read_json(config).get("architectures", []) if config.exists() else []
+    if architectures:  # vlmkit's readers check the weights (headers, sizes) as inspect and convert do
+        open_source(path).close()
     if any(a in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration") for a in architectures):
         return TransformersBackend(path, options)
     if "Blip2ForConditionalGeneration" in architectures:

@@ -11,13 +11,34 @@ gives.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Protocol
 
 import torch
 
+from .. import limits
 from ..errors import VlmkitError
+
+
+@functools.cache
+def cache_argument() -> str:
+    """The name transformers gives a model's KV cache, as a forward argument and an output field.
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` (the old name still works, with a
+    deprecation warning on every run); vlmkit uses whichever name the installed version declares.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def with_cache(model, past, **inputs):
+    """``model(**inputs, use_cache=True)`` continuing from the KV cache ``past``; returns (output, its cache)."""
+    name = cache_argument()
+    out = model(**inputs, **({name: past} if past is not None else {}), use_cache=True)
+    return out, getattr(out, name)
 
 
 class ContextError(VlmkitError):
@@ -33,6 +54,12 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self):  # the ranges the command line and the server check too (vlmkit.limits)
+        for limit in (limits.MAX_NEW_TOKENS, limits.TEMPERATURE, limits.TOP_P):
+            object.__setattr__(self, limit.name, limit.check(getattr(self, limit.name)))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", limits.SEED.check(self.seed))
 
 
 @dataclass

@@ -20,13 +20,15 @@ import os
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from vlmkit.errors import ConfigError, ImageError
+from vlmkit.lazy import numpy as np
+
+if TYPE_CHECKING:  # torch is imported by preprocess, not with this module (`vlmkit data check` needs no torch)
+    import torch
 
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageConfig", "load_image", "expand2square", "clip_preprocess",
            "select_best_resolution", "resize_and_pad_image", "divide_to_patches", "process_anyres", "preprocess",
@@ -89,10 +91,15 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, *,
                     _guard(name, lambda: check(fp2))
             _guard(name, im.load)
             return im.convert("RGB")
-    except FileNotFoundError as e:
-        raise ImageError(f"{name}: no such file", hint="check the path") from e
-    except (IsADirectoryError, PermissionError) as e:
-        raise ImageError(f"{name}: cannot read the file ({e.strerror})", hint="pass a readable image file") from e
+    except OSError as e:
+        raise file_error(name, e) from e
+
+
+def file_error(name: str, e: OSError) -> ImageError:
+    """The ``ImageError`` for an image file that cannot be opened (missing, a folder, no permission)."""
+    if isinstance(e, FileNotFoundError):
+        return ImageError(f"{name}: no such file", hint="check the path")
+    return ImageError(f"{name}: cannot read the file ({e.strerror or e})", hint="pass a readable image file")
 
 
 def _describe(source: Any) -> tuple[str, Callable[[], IO[bytes]]]:
@@ -328,6 +335,8 @@ def preprocess(images: Sequence[Image.Image | str | os.PathLike | bytes],
         ``(pixel_values, image_sizes)``: float32 [B, 3, H, W] for pad/square; [B, 1 + n, 3, H, W] for anyres,
         or a list of [1 + n_i, 3, H, W] when the crop counts differ (as the original); sizes are (W, H).
     """
+    import torch
+
     if not images:
         raise ImageError("preprocess: no images given", hint="pass at least one image")
     loaded = [load_image(im) for im in images]

@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import VlmkitError
+from .images import file_error
 
 ImageInput = "str | os.PathLike | bytes | Image.Image"
 ROLES = ("system", "user", "assistant")
@@ -46,9 +47,12 @@ def image_digest(image) -> str:
     elif isinstance(image, (bytes, bytearray)):
         h.update(image)
     else:
-        with open(image, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        try:
+            with open(image, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError as e:
+            raise file_error(str(image), e) from None
     return h.hexdigest()
 
 

@@ -191,12 +191,7 @@ def load(path: str | Path, *, options: LoadOptions | None = None, **load_options
     Args:
         path: a local folder or a hub id.
         options: loading options, or pass them as keywords (``vision_tower=``, ``model_base=``,
-            ``template=``, ``dtype="F16"``, ``device="cuda"``).
+            ``template=``, ``dtype="float16"`` (any spelling of ``vlmkit.dtypes``), ``device="cuda"``).
     """
-    if options is None:
-        if "dtype" in load_options and load_options["dtype"]:
-            from ..tensors import dtype_code
-
-            load_options["dtype"] = dtype_code(load_options["dtype"])
-        options = LoadOptions(**load_options)
+    options = options or LoadOptions(**load_options)  # checks the dtype's spelling and the device
     return ChatModel(backend_for(resolve(path), options))

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
-
 from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.lazy import sentencepiece as spm
+from vlmkit.lazy import sentencepiece_model_pb2
 
 SPIECE_UNDERLINE = "▁"
 IMAGE_TOKEN_INDEX = -200  # llava/constants.py

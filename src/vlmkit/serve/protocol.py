@@ -12,9 +12,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-# Every number has both bounds (in /openapi.json too, so schemathesis tries them); integers are int64 as
-# OpenAI's and vLLM's, whatever the server may ask a library for (torch's seed overflows past 2**64).
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+from .. import limits
+
 Strict = ConfigDict(extra="forbid", strict=True)
 Lenient = ConfigDict(extra="ignore", strict=True)  # unknown OpenAI fields (user, metadata, ...) are tolerated
 
@@ -58,12 +57,12 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: StrictInt | None = Field(default=None, ge=1, le=INT64_MAX)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=INT64_MAX)
+    max_tokens: StrictInt | None = Field(default=None, **limits.MAX_NEW_TOKENS.schema())
+    max_completion_tokens: StrictInt | None = Field(default=None, **limits.MAX_NEW_TOKENS.schema())
     # a strict float takes 1 as well as 1.0 (not true): one type, so the bounds reach the schema
-    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
-    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
-    seed: StrictInt | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    temperature: StrictFloat | None = Field(default=None, **limits.TEMPERATURE.schema())
+    top_p: StrictFloat | None = Field(default=None, **limits.TOP_P.schema())
+    seed: StrictInt | None = Field(default=None, **limits.SEED.schema())
     stop: Union[StrictStr, list[StrictStr], None] = None
     n: StrictInt = Field(default=1, ge=1, le=1, description="only 1 is supported")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from ..errors import CheckpointError, HubError
 from .base import DTYPES, FLOAT_CODES, TensorInfo, TensorSource, dtype_code, element_size
-from .gguf_io import GGUFSource
 from .safetensors_io import INDEX_NAME as SAFETENSORS_INDEX
 from .safetensors_io import SafetensorsSource
 from .torch_io import INDEX_NAME as TORCH_INDEX
@@ -21,6 +20,15 @@ __all__ = [
     "DTYPES", "FLOAT_CODES", "TensorInfo", "TensorSource", "dtype_code", "element_size",
     "open_source", "resolve", "GGUFSource", "SafetensorsSource", "TorchSource",
 ]
+
+
+def __getattr__(name: str):
+    if name == "GGUFSource":  # gguf-py is imported when a GGUF file is read, not with every command
+        from .gguf_io import GGUFSource
+
+        return GGUFSource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Pickles that sit beside weights in training outputs but hold no model weights.
@@ -86,6 +94,8 @@ def open_source(path: str | Path) -> TensorSource:
         return TorchSource(path, pickles)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
+        from .gguf_io import GGUFSource
+
         return GGUFSource(ggufs[0])
     if ggufs:
         raise CheckpointError(f"{path}: holds {len(ggufs)} GGUF files; name the one to read",
@@ -104,6 +114,8 @@ def _open_file(path: Path) -> TensorSource:
     if path.suffix in PICKLE_SUFFIXES:
         return TorchSource(path, [path])
     if path.suffix == ".gguf":
+        from .gguf_io import GGUFSource
+
         return GGUFSource(path)
     raise CheckpointError(f"{path}: unknown checkpoint format '{path.suffix}'",
                           hint="vlmkit reads .safetensors, .bin, .pt, .pth, .ckpt and .gguf")

@@ -1,9 +1,9 @@
-"""The one protocol every checkpoint reader follows, and the dtype vocabulary.
+"""The one protocol every checkpoint reader follows.
 
 A reader lists tensors (name, shape, dtype, file) from headers alone and reads the
 bytes of one tensor when asked. Dtypes are spelled as safetensors spells them
-("F32", "BF16", ...) because that is the on-disk vocabulary shared by the formats;
-GGUF's quantised types keep their ggml names ("Q8_0").
+("F32", "BF16", ...; ``vlmkit.dtypes``) because that is the on-disk vocabulary shared by
+the formats; GGUF's quantised types keep their ggml names ("Q8_0").
 """
 
 from __future__ import annotations
@@ -11,50 +11,53 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Mapping, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_CODE: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+from .. import dtypes
+from ..dtypes import FLOAT_CODES, element_size  # noqa: F401 - re-exported: the vocabulary lives in vlmkit.dtypes
+from ..dtypes import code as dtype_code  # noqa: F401
 
 
-def element_size(code: str) -> int:
-    """Bytes per element of a safetensors dtype code."""
-    return torch.empty((), dtype=DTYPES[code]).element_size()
+class _TorchDtypes(Mapping):
+    """safetensors code -> ``torch.dtype``; membership and listing need no torch, lookups import it."""
+
+    def __getitem__(self, code: str):
+        if code not in dtypes.CODES:
+            raise KeyError(code)
+        return dtypes.torch_dtype(code)
+
+    def __contains__(self, code) -> bool:
+        return code in dtypes.CODES
+
+    def __iter__(self):
+        return iter(dtypes.CODES)
+
+    def __len__(self) -> int:
+        return len(dtypes.CODES)
 
 
-def dtype_code(dtype: torch.dtype | str) -> str:
-    """Normalise ``torch.float16`` / ``"float16"`` / ``"fp16"`` / ``"F16"`` to ``"F16"``."""
-    if isinstance(dtype, torch.dtype):
-        return TORCH_TO_CODE[dtype]
-    aliases = {
-        "float32": "F32", "fp32": "F32", "f32": "F32",
-        "float16": "F16", "fp16": "F16", "f16": "F16", "half": "F16",
-        "bfloat16": "BF16", "bf16": "BF16",
-        "float64": "F64", "f64": "F64",
-    }
-    key = dtype.strip()
-    if key.upper() in DTYPES:
-        return key.upper()
-    if key.lower() in aliases:
-        return aliases[key.lower()]
-    raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+class _TorchToCode(Mapping):
+    """``torch.dtype`` -> safetensors code (the inverse of ``DTYPES``)."""
+
+    def __getitem__(self, dtype) -> str:
+        key = str(dtype).removeprefix("torch.")
+        for code, (name, _) in dtypes.CODES.items():
+            if name == key:
+                return code
+        raise KeyError(dtype)
+
+    def __iter__(self):
+        return iter(DTYPES.values())
+
+    def __len__(self) -> int:
+        return len(dtypes.CODES)
+
+
+DTYPES: Mapping = _TorchDtypes()
+TORCH_TO_CODE: Mapping = _TorchToCode()
 
 
 @dataclass(frozen=True)

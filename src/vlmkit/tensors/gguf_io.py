@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
+from ..lazy import torch
 
 from ..errors import CheckpointError, OutputError
 from . import _pages

@@ -29,19 +29,19 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from ..lazy import torch
 
+from .. import dtypes
 from ..errors import CheckpointError, UnsafeCheckpointError
 from .base import TORCH_TO_CODE, TensorInfo
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
-STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-    "UntypedStorage": torch.uint8,
+STORAGE_DTYPES = {  # storage class -> dtype code (vlmkit.dtypes)
+    "FloatStorage": "F32", "DoubleStorage": "F64", "HalfStorage": "F16", "BFloat16Storage": "BF16",
+    "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8", "ByteStorage": "U8",
+    "BoolStorage": "BOOL", "UntypedStorage": "U8",
 }
 # Module classes of torch whose pickled form is plain data (no parameters of their own beyond
 # ``_parameters`` / ``_buffers``): containers and stateless layers.
@@ -131,7 +131,7 @@ class _Unpickler(pickle.Unpickler):
         if (module, name) in self.SAFE:
             return self.SAFE[(module, name)]
         if module == "torch" and name in STORAGE_DTYPES:
-            return STORAGE_DTYPES[name]
+            return dtypes.torch_dtype(STORAGE_DTYPES[name])
         if (module, name) in self.modules:
             return _record_class(module, name)
         raise UnsafeCheckpointError(

@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from ..lazy import torch
 
 from ..errors import CheckpointError, OutputError
 from .base import DTYPES, TensorInfo, element_size

@@ -13,7 +13,7 @@ import pickle
 import re
 from pathlib import Path
 
-import torch
+from ..lazy import torch
 
 from ..errors import CheckpointError, UnsafeCheckpointError
 from . import _pages

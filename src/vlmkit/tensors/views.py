@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+from ..lazy import torch
 
 from ..errors import CheckpointError
 from .base import TensorInfo, TensorSource

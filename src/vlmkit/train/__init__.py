@@ -22,8 +22,14 @@ Example:
 
 from __future__ import annotations
 
-from .config import STAGES, TrainConfig
-from .merge import merge_lora
-from .run import TrainResult, train
+import importlib
 
-__all__ = ["STAGES", "TrainConfig", "TrainResult", "train", "merge_lora"]
+# name -> submodule; imported on first use, so that `vlmkit --help` does not load the Trainer and peft
+_EXPORTS = {"STAGES": "config", "TrainConfig": "config", "merge_lora": "merge", "TrainResult": "run", "train": "run"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

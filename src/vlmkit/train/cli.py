@@ -12,7 +12,7 @@ import os
 import sys
 import textwrap
 
-from ..options import LoadOptions, add_load_arguments
+from ..options import LoadOptions, add_load_arguments, refuse_unused
 from .config import PRECISIONS, STAGES, TrainConfig
 
 TRAIN_EXAMPLES = [
@@ -87,7 +87,16 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_load_arguments(p)
 
 
+# loading options train has no use for: refused with the flag to use instead, never ignored
+UNUSED_OPTIONS = {
+    "dtype": "training computes in --precision (auto, fp32, bf16, fp16) and writes what the model is stored in",
+    "device": "training runs on every GPU the launcher gives it (CUDA_VISIBLE_DEVICES, torchrun), else the CPU",
+    "config": "training builds the model from its checkpoint's own config; convert it with --config first",
+}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    refuse_unused(args, "train", UNUSED_OPTIONS)
     options = LoadOptions.from_args(args)
     return TrainConfig(
         model=args.model, data=args.data, output=args.output, stage=args.stage, image_folder=args.image_folder,

@@ -22,13 +22,12 @@ form, the result is LAVIS's own namespace (``visual_encoder.*``, ``ln_vision.*``
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import CheckpointError, ConfigError
-from ...options import LoadOptions
+from ...options import LoadOptions, read_json
 from ...tensors import TensorSource, open_source, resolve
 from ...tensors.safe_pickle import peek_state_dict
 from ...tensors.views import CombinedSource, RenamedSource
@@ -141,10 +140,7 @@ def open_original(path: Path, options: LoadOptions) -> OriginalBlip2:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read JSON ({e})") from None
+    return read_json(path)  # one message (and hint) for every JSON file vlmkit reads
 
 
 def _vit_source(path: Path) -> TensorSource:

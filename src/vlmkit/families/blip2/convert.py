@@ -12,7 +12,7 @@ repositories, which transformers 5 saves unchanged). Two things are not renames:
 
 from __future__ import annotations
 
-import torch
+from ...lazy import torch
 
 from ...conversion import Conversion, Custom, Rule, drop, rename, transform
 from ...options import LoadOptions

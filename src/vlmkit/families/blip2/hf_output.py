@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import dtypes
 from ...errors import ConfigError
 from ...options import LoadOptions, deep_merge
 from .checkpoint import QFORMER_LAYER, VIT_BLOCK, OriginalBlip2
@@ -32,7 +33,6 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 EVA_HEAD_DIM = 88  # eva_vit.py: num_heads=1408//88
 BERT_HEAD_DIM = 64  # bert-base-uncased: 768 / 12
 IMAGE_TOKEN = "<image>"
-DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 @dataclass
@@ -156,7 +156,7 @@ def write(folder: Path, target: Target, stored_dtype: str) -> None:
     """config.json (with the language model's real tie flag), generation_config.json, the processor files."""
     config = target.hf_config.to_dict()
     config["architectures"] = ["Blip2ForConditionalGeneration"]
-    config["torch_dtype"] = DTYPE_NAMES.get(stored_dtype, "float32")  # the key 4.x and vLLM read
+    config["torch_dtype"] = dtypes.config_name(stored_dtype)  # the key 4.x and vLLM read
     config.pop("dtype", None)
     # transformers 5's T5Config always says tie_word_embeddings=True (and keeps the real flag as
     # scale_decoder_outputs); 4.x and vLLM read the flag itself, so write what the model is.

@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
+from ...runtime.generation import with_cache
 from .checkpoint import OriginalBlip2
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -302,12 +303,12 @@ class OriginalBlip2Model(nn.Module):
         embeds, mask = self._embed(pixels, prompt)
         lm, new = self.language_model, []
         if self.lm == "opt":
-            out = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+            out, cache = with_cache(lm, None, inputs_embeds=embeds, attention_mask=mask)
         else:
             encoder = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
             start = lm.config.decoder_start_token_id
-            out = lm(encoder_outputs=encoder, attention_mask=mask, decoder_input_ids=torch.tensor([[start]]),
-                     use_cache=True)
+            out, cache = with_cache(lm, None, encoder_outputs=encoder, attention_mask=mask,
+                                    decoder_input_ids=torch.tensor([[start]]))
         for step in range(max_new_tokens):
             scores = out.logits[0, -1].clone()
             if self.lm == "opt" and step == 0:
@@ -319,10 +320,9 @@ class OriginalBlip2Model(nn.Module):
             ids = torch.tensor([[token]])
             if self.lm == "opt":
                 mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
-                out = lm(input_ids=ids, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+                out, cache = with_cache(lm, cache, input_ids=ids, attention_mask=mask)
             else:
-                out = lm(encoder_outputs=encoder, attention_mask=mask, decoder_input_ids=ids,
-                         past_key_values=out.past_key_values, use_cache=True)
+                out, cache = with_cache(lm, cache, encoder_outputs=encoder, attention_mask=mask, decoder_input_ids=ids)
         return new
 
 

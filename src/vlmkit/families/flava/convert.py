@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from ...lazy import torch
 
 from ...conversion import Conversion, Rule, drop, rename
 from ...options import LoadOptions

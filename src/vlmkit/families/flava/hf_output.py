@@ -16,12 +16,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import dtypes
 from ...errors import ConfigError
 from ...options import LoadOptions, deep_merge
 from .checkpoint import CODEBOOK, OriginalFlava
 
 HEAD_DIM = 64  # FLAVA: 768 wide, 12 heads
-DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 @dataclass
@@ -123,7 +123,7 @@ def target_for(ckpt: OriginalFlava, options: LoadOptions) -> Target:
 def write(folder: Path, target: Target, stored_dtype: str) -> None:
     config = target.hf_config.to_dict()
     config["architectures"] = ["FlavaForPreTraining"]
-    config["torch_dtype"] = DTYPE_NAMES.get(stored_dtype, "float32")
+    config["torch_dtype"] = dtypes.config_name(stored_dtype)
     config.pop("dtype", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     target.processor.save_pretrained(folder)

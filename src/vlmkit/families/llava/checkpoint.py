@@ -16,14 +16,13 @@ set converts them all and one reference model runs them all.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import CheckpointError, ConfigError
-from ...options import LoadOptions
+from ...options import LoadOptions, read_json
 from ...tensors import FLOAT_CODES, TensorSource, open_source, resolve
 from ...tensors.views import CombinedSource, RenamedSource
 from .towers import CLIP_MEAN, CLIP_STD, known_tower
@@ -91,10 +90,7 @@ class OriginalCheckpoint:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read JSON ({e})") from None
+    return read_json(path)  # one message (and hint) for every JSON file vlmkit reads
 
 
 def form_of(path: Path) -> str | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+from ...lazy import torch
 
 from ...conversion import Conversion, Custom, ResizeRows, Rule, create, drop, rename, transform
 from ...errors import ConfigError

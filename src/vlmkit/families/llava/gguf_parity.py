@@ -34,7 +34,7 @@ from ...conversion.gguf_sink import GGUF_TYPES
 from ...errors import ConfigError, ManifestError
 from ...options import LoadOptions
 from ...parity import Check, Report, compare_ids, compare_tensors
-from ...parity.llamacpp import LlamaCpp, Run
+from ...parity.llamacpp import LlamaCpp, Run, load_bindings
 from ...runtime import images, templates
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
 from .checkpoint import form_of, open_original
@@ -165,7 +165,7 @@ def verify(original: Path, folder: Path, options: LoadOptions, probes, *, max_ne
         folder: written by ``vlmkit convert ORIGINAL folder --to gguf``.
         probes: (image, question) pairs; the first is also the language-model and square-image probe.
     """
-    import llama_cpp
+    llama_cpp, _ = load_bindings()  # first: without llama-cpp-python, one error naming the extra to install
 
     if form_of(original) is None:
         raise ConfigError(f"{original}: `vlmkit verify` compares a GGUF folder with the ORIGINAL LLaVA checkpoint",

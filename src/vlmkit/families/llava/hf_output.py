@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ... import dtypes
 from ...errors import ConfigError
 from ...options import LoadOptions, deep_merge
 from ...runtime import images, templates, tokens
@@ -21,7 +22,6 @@ from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 PAD_VOCAB_TO = 64  # the transformers conversion scripts' pad_to_multiple_of
-DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 @dataclass
@@ -134,7 +134,7 @@ def write(folder: Path, ckpt: OriginalCheckpoint, target: Target, dtype: str | N
     arch = "LlavaNextForConditionalGeneration" if ckpt.is_next else "LlavaForConditionalGeneration"
     config["architectures"] = [arch]
     stored = dtype or ckpt.source.info("model.embed_tokens.weight").dtype
-    config["torch_dtype"] = DTYPE_NAMES.get(stored, "float32")  # the key 4.x and vLLM read
+    config["torch_dtype"] = dtypes.config_name(stored)  # the key 4.x and vLLM read
     config.pop("dtype", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(target.generation_config, indent=2) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ... import dtypes
 from ...options import LoadOptions
 from ...runtime import images, templates
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
@@ -157,5 +158,5 @@ def _stored_dtype(folder: Path) -> str:
     import json
 
     config = json.loads((Path(folder) / "config.json").read_text())
-    stored = config.get("torch_dtype") or config.get("dtype")  # transformers 5's save_pretrained writes "dtype"
-    return {"float16": "F16", "bfloat16": "BF16"}.get(stored, "F32")
+    # transformers 5's save_pretrained writes "dtype"
+    return dtypes.optional_code(config.get("torch_dtype") or config.get("dtype")) or "F32"

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ...runtime import images
+from ...runtime.generation import with_cache
 from ...runtime.tokens import IMAGE_TOKEN_INDEX, OriginalTokenizer
 from .checkpoint import MULTIMODAL_FIELDS, TOWER, OriginalCheckpoint
 
@@ -185,7 +186,7 @@ class OriginalLlava(nn.Module):
     def greedy(self, ids: list[int], features: list[torch.Tensor], max_new_tokens: int) -> list[int]:
         """Greedy decoding from the spliced embeddings with a KV cache; stops at EOS."""
         embeds = self.embed(ids, features)[None]
-        out = self.language_model(inputs_embeds=embeds, use_cache=True)
+        out, cache = with_cache(self.language_model, None, inputs_embeds=embeds)
         eos = self.tokenizer.eos_token_id
         new: list[int] = []
         for _ in range(max_new_tokens):
@@ -193,8 +194,7 @@ class OriginalLlava(nn.Module):
             new.append(token)
             if token == eos:
                 break
-            out = self.language_model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
-                                      use_cache=True)
+            out, cache = with_cache(self.language_model, cache, input_ids=torch.tensor([[token]]))
         return new
 
 

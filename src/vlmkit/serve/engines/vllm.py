@@ -31,6 +31,7 @@ vlmkit's templates leave BOS to the tokenizer          template has no ``bos_tok
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -40,6 +41,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ... import dtypes
 from ...errors import ConfigError
 from ...families.llava import layout
 from ...options import LoadOptions
@@ -58,8 +60,6 @@ MIN_CPU_HEAD_DIM = 32
 ARCHITECTURES = {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"}
 # what a published view rewrites (the weights, their index and manifest) and leaves out (other weights)
 VIEW_SKIPS = ("*.safetensors", "*.safetensors.index.json", "vlmkit-manifest.json", "pytorch_model*.bin")
-DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "float32": "float32", "float16": "float16",
-          "bfloat16": "bfloat16"}
 TEMPLATE_FILES = ("chat_template.json", "processor_config.json", "tokenizer_config.json")
 SITE = Path(__file__).parent / "vllm_site"  # its sitecustomize lets torchvision import beside CPU torch
 ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
@@ -186,7 +186,11 @@ def published_view(folder: Path) -> Path | None:
 def dtype(options: LoadOptions, config: dict) -> str:
     """The dtype vLLM computes in: ``--dtype``, else as stored (vLLM's CPU default would be bfloat16)."""
     stored = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
-    return DTYPES.get(options.dtype or stored or "", "auto")
+    code = options.dtype
+    if code is None and isinstance(stored, str):
+        with contextlib.suppress(ConfigError):
+            code = dtypes.code(stored)
+    return dtypes.name(code) if code in ("F32", "F16", "BF16") else "auto"
 
 
 def command(python_path: str, folder: Path, port: int, name: str, settings, options: LoadOptions, config: dict,
