@@ -18,7 +18,6 @@ from pathlib import Path
 from . import __version__, limits
 from .errors import VlmkitError
 from .console import progress_bar
-from .argtypes import PORT, integer, number
 from .options import LoadOptions, add_load_arguments
 
 COMMANDS = []
@@ -48,6 +47,11 @@ def parse_size(text: str) -> int:
 def shard_size(text: str) -> int:
     """``--max-shard-size``: a size (``parse_size``) within ``limits.MAX_SHARD_SIZE``."""
     return limits.MAX_SHARD_SIZE.arg(str(parse_size(text)))
+
+
+def body_size(text: str) -> int:
+    """``--max-body-size``: a size of at least one byte (0 would refuse every request)."""
+    return limits.integer(1)(str(parse_size(text)))
 
 
 # ------------------------------------------------------------------------ inspect
@@ -313,22 +317,23 @@ def cmd_chat(args) -> int:
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an original LLaVA checkpoint, a transformers Llava/LlavaNext folder, or a hub id")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=PORT, default=8000)
+    p.add_argument("--port", type=limits.PORT.arg, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (default: "
                                       "$VLMKIT_API_KEY, which keeps the key out of the process list)")
     p.add_argument("--served-model-name", help="the model id clients see (default: the folder name)")
-    p.add_argument("--max-batch-size", type=integer(1), default=8, help="requests generated together (default: 8)")
-    p.add_argument("--max-queue", type=integer(1), default=64, help="waiting requests before 429 (default: 64)")
+    p.add_argument("--max-batch-size", type=limits.integer(1), default=8,
+                   help="requests generated together (default: 8)")
+    p.add_argument("--max-queue", type=limits.integer(1), default=64, help="waiting requests before 429 (default: 64)")
     p.add_argument("--prefix-cache-size", type=parse_size, default="2GB",
                    help="memory for the KV caches of recent prompts, shared by requests that begin alike, e.g. "
                         "questions about the same image (default: 2GB; 0 turns it off)")
-    p.add_argument("--request-timeout", type=number(above=0), default=300.0,
+    p.add_argument("--request-timeout", type=limits.number(0, low_open=True), default=300.0,
                    help="seconds per request, image downloads included (default: 300)")
-    p.add_argument("--max-body-size", type=parse_size, default="32MB", help="request body limit (default: 32MB)")
-    p.add_argument("--max-images", type=integer(0), default=4, help="images per request (default: 4)")
-    p.add_argument("--max-tokens", type=integer(1), default=2048,
+    p.add_argument("--max-body-size", type=body_size, default="32MB", help="request body limit (default: 32MB)")
+    p.add_argument("--max-images", type=limits.integer(0), default=4, help="images per request (default: 4)")
+    p.add_argument("--max-tokens", type=limits.integer(1), default=2048,
                    help="largest max_tokens a request may ask (default: 2048)")
-    p.add_argument("--max-image-pixels", type=integer(1), default=None,
+    p.add_argument("--max-image-pixels", type=limits.integer(1), default=None,
                    help="pixel limit per image (decompression bombs)")
     p.add_argument("--allowed-local-media-path", metavar="DIR", help="allow file:// image URLs under DIR")
     p.add_argument("--allowed-media-domains", default="", help="comma-separated hosts for http(s) image URLs")
@@ -340,13 +345,16 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                                                           "(not needed for a folder written by convert --to gguf)")
     engines.add_argument("--rpc", metavar="HOST:PORT,...", help="llama.cpp: spread the model over these "
                                                                 "ggml-rpc-server hosts (llama.cpp RPC; README)")
-    engines.add_argument("--data-parallel-size", type=integer(1), default=1, help="vllm: engine copies (vLLM's own "
-                                                                           "data parallelism; default: 1)")
-    engines.add_argument("--replicas", type=integer(1), help="run N vlmkit workers on Ray Serve behind one front")
+    engines.add_argument("--data-parallel-size", type=limits.integer(1), default=1,
+                         help="vllm: engine copies (vLLM's own data parallelism; default: 1)")
+    engines.add_argument("--replicas", type=limits.integer(1),
+                         help="run N vlmkit workers on Ray Serve behind one front")
     engines.add_argument("--ray-address", metavar="HOST:PORT", help="join this Ray cluster (default: start a "
                                                                     "local Ray, stopped at exit)")
-    engines.add_argument("--num-cpus-per-replica", type=number(0), default=1, help="Ray CPUs per worker (default: 1)")
-    engines.add_argument("--num-gpus-per-replica", type=number(0), default=0, help="Ray GPUs per worker (default: 0)")
+    engines.add_argument("--num-cpus-per-replica", type=limits.number(0), default=1,
+                         help="Ray CPUs per worker (default: 1)")
+    engines.add_argument("--num-gpus-per-replica", type=limits.number(0), default=0,
+                         help="Ray GPUs per worker (default: 0)")
     add_load_arguments(p)
 
 

@@ -1,6 +1,7 @@
 """The ranges a user-given number must lie in: one table, read by the CLI, the Python API and the server.
 
-The command line uses ``Limit.arg`` as an argparse ``type=`` (a usage error naming the flag), the
+The command line uses ``Limit.arg`` as an argparse ``type=`` (a usage error naming the flag, before
+anything is loaded or bound: ``--port 99999`` was once passed on to the socket layer), the
 Python API calls ``Limit.check`` (a ``ConfigError`` naming the argument), and the server's request
 schema takes its bounds from ``Limit.schema`` (pydantic ``ge`` / ``gt`` / ``le``). Temperature stops at
 2, as in the OpenAI API the server speaks, so that a value works in every entry point or in none.
@@ -78,3 +79,14 @@ TEMPERATURE = Limit("temperature", float, 0, 2)  # 0 = greedy
 TOP_P = Limit("top_p", float, 0, 1, low_open=True)
 MAX_SHARD_SIZE = Limit("max_shard_size", int, 1, unit=" byte(s)")
 
+PORT = Limit("port", int, 1, 65535)  # 0 would let the system pick one nobody was told
+
+
+def integer(low: int, high: int | None = None):
+    """argparse ``type=`` for a whole-number flag in ``[low, high]``."""
+    return Limit("value", int, low, high).arg
+
+
+def number(low: float, high: float | None = None, *, low_open: bool = False):
+    """argparse ``type=`` for a finite number flag ``>= low`` (``> low`` when ``low_open``)."""
+    return Limit("value", float, low, high, low_open=low_open).arg

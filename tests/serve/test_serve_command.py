@@ -13,20 +13,21 @@ from .conftest import free_port
 
 
 @pytest.mark.parametrize("flag, value, words", [
-    ("--port", "99999", "1 to 65535"),
-    ("--port", "0", "1 to 65535"),
-    ("--port", "-1", "1 to 65535"),
-    ("--max-batch-size", "0", "1 or more"),
-    ("--max-queue", "0", "1 or more"),
-    ("--max-tokens", "-5", "1 or more"),
-    ("--max-images", "-1", "0 or more"),
-    ("--max-image-pixels", "0", "1 or more"),
-    ("--request-timeout", "0", "above 0"),
-    ("--request-timeout", "nan", "above 0"),
-    ("--request-timeout", "inf", "above 0"),
-    ("--replicas", "0", "1 or more"),
-    ("--data-parallel-size", "0", "1 or more"),
-    ("--num-cpus-per-replica", "-1", "0 or more"),
+    ("--port", "99999", "at least 1 and at most 65535"),
+    ("--port", "0", "at least 1 and at most 65535"),
+    ("--port", "-1", "at least 1 and at most 65535"),
+    ("--max-batch-size", "0", "at least 1"),
+    ("--max-queue", "0", "at least 1"),
+    ("--max-tokens", "-5", "at least 1"),
+    ("--max-images", "-1", "at least 0"),
+    ("--max-image-pixels", "0", "at least 1"),
+    ("--request-timeout", "0", "greater than 0"),
+    ("--request-timeout", "nan", "greater than 0"),
+    ("--request-timeout", "inf", "greater than 0"),
+    ("--replicas", "0", "at least 1"),
+    ("--data-parallel-size", "0", "at least 1"),
+    ("--num-cpus-per-replica", "-1", "at least 0"),
+    ("--max-body-size", "0", "at least 1"),
 ])
 def test_numeric_flags_out_of_range_are_refused_while_parsing(capsys, flag, value, words):
     with pytest.raises(SystemExit) as exit:
