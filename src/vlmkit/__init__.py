@@ -6,7 +6,15 @@ The Python API (``vlmkit.inspect``, ``vlmkit.convert``, ``vlmkit.verify``, ``vlm
 
 __version__ = "0.1.0"
 
-from .api import convert, inspect, load, verify  # noqa: E402
 from .errors import VlmkitError  # noqa: E402
 
 __all__ = ["__version__", "convert", "inspect", "load", "verify", "VlmkitError"]
+
+
+def __getattr__(name: str):
+    # The API functions are imported on first use: `import vlmkit` (and `vlmkit --help`) stays free of torch.
+    if name in ("convert", "inspect", "load", "verify"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")

@@ -25,13 +25,24 @@ from .check import Report, check
 from .convert import ConvertResult, RecordStream, convert, open_records
 from .download import DownloadResult, download
 from .encoders import Encoder, OriginalEncoder, TransformersEncoder
-from .examples import TokenizeResult, iter_examples, tokenize_file
 from .files import RecordWriter, read_rows
 from .formats import FORMATS
-from .model import DataModel, load_data_model
 from .records import DataError, Record, Turn
 from .tables import TableMapping
 from .tokenize import IGNORE_INDEX, Example, RecordError, tokenize
+
+# Imported on first use (PEP 562): they import PIL and torch, which `vlmkit data convert` does not need.
+_LAZY = {"TokenizeResult": "examples", "iter_examples": "examples", "tokenize_file": "examples",
+         "DataModel": "model", "load_data_model": "model"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
 
 __all__ = [
     "Record", "Turn", "DataError", "read_rows", "RecordWriter", "FORMATS", "TableMapping", "open_records",

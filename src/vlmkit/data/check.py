@@ -21,15 +21,17 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ImageError
-from ..runtime.images import DEFAULT_MAX_PIXELS, load_image
 from .convert import open_records
 from .files import RecordWriter
 from .formats import get_format
-from .model import DataModel
 from .records import ASSISTANT, IMAGE_TOKEN, USER, Record
 from .tokenize import QUIRKS, RecordError, structure, tokenize
+
+if TYPE_CHECKING:  # the model and the image reader import torch: `vlmkit.data` imports this module eagerly
+    from .model import DataModel
 
 EXAMPLES = 20  # records named per problem in the report (all of them in JSON for all_masked)
 IMAGE_CACHE = 100_000
@@ -167,7 +169,7 @@ class Report:
 class _Context:
     """State that spans records: seen ids and pairs, the image cache, the model."""
 
-    def __init__(self, image_folder: Path | None, max_pixels: int, model: DataModel | None):
+    def __init__(self, image_folder: Path | None, max_pixels: int | None, model: DataModel | None):
         self.image_folder, self.max_pixels, self.model = image_folder, max_pixels, model
         self.ids: dict[str, str] = {}
         self.pairs: dict[bytes, str] = {}
@@ -190,8 +192,10 @@ class _Context:
         path = Path(name) if Path(name).is_absolute() or self.image_folder is None else self.image_folder / name
         if not path.is_file():
             return "missing_image", f"{path}: no such file", None
+        from ..runtime.images import DEFAULT_MAX_PIXELS, load_image
+
         try:
-            size = load_image(path, max_pixels=self.max_pixels).size
+            size = load_image(path, max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS).size
         except ImageError as e:
             code = next((c for text, c in IMAGE_CODES if text in e.message), "unreadable_image")
             return code, e.message, None
@@ -255,7 +259,7 @@ def _tokens(record: Record, sizes: list, ctx: _Context, stats: TokenStats) -> li
 
 
 def check(path: str | os.PathLike, *, image_folder: str | os.PathLike | None = None, model: DataModel | None = None,
-          max_pixels: int = DEFAULT_MAX_PIXELS, source_format: str = "auto", fix: str | os.PathLike | None = None,
+          max_pixels: int | None = None, source_format: str = "auto", fix: str | os.PathLike | None = None,
           fix_format: str = "llava", force: bool = False, strict: bool = False) -> Report:
     """Validate every record of ``path``.
 
@@ -263,7 +267,7 @@ def check(path: str | os.PathLike, *, image_folder: str | os.PathLike | None = N
         path: records (LLaVA / ShareGPT / messages; JSON, JSONL or Parquet).
         image_folder: where relative image paths start (LLaVA's ``--image_folder``).
         model: with a model, token statistics and untrainable records (see ``model.load_data_model``).
-        max_pixels: images above this are reported (decompression-bomb limit of the runtime).
+        max_pixels: images above this are reported (default: the runtime's decompression-bomb limit).
         source_format: "auto" or a format of ``formats.FORMATS``.
         fix: write the records without errors and without duplicates here (never over the input).
         fix_format: the format of the cleaned copy.

@@ -12,8 +12,6 @@ import json
 import sys
 import textwrap
 
-from ..options import LoadOptions, add_load_arguments
-
 FAILED = 3
 
 
@@ -113,22 +111,28 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail on warnings too, and count the records the original trains on in its own way "
                         "(leading gpt turn, <image> in an answer or missing ...) as errors (--fix drops them)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _load_arguments(p)
+
+
+def _load_arguments(p: argparse.ArgumentParser) -> None:
+    from ..options import add_load_arguments  # here, not at the top: `data convert` imports no model code
+
     add_load_arguments(p)
 
 
 def _data_model(args):
+    from ..options import LoadOptions
     from .model import load_data_model
 
     return load_data_model(args.model, LoadOptions.from_args(args), max_length=args.max_length)
 
 
 def cmd_check(args) -> int:
-    from ..runtime.images import DEFAULT_MAX_PIXELS
     from .check import check, render
 
     model = _data_model(args) if args.model else None
     report = check(args.data, image_folder=args.image_folder, model=model,
-                   max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, source_format=args.source_format,
+                   max_pixels=args.max_pixels, source_format=args.source_format,
                    fix=args.fix, fix_format=args.fix_format, force=args.force, strict=args.strict)
     print(json.dumps(report.to_dict(), ensure_ascii=False, indent=1) if args.json else render(report))
     return FAILED if report.failed(args.strict) else 0
@@ -151,7 +155,7 @@ def _tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true",
                    help="refuse the records the original trains on in its own way (leading gpt turn, <image> in an "
                         "answer or missing ...; `data check` lists them) instead of tokenising them as it does")
-    add_load_arguments(p)
+    _load_arguments(p)
 
 
 def cmd_tokenize(args) -> int:
