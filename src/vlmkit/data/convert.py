@@ -64,10 +64,12 @@ def open_records(path: str | os.PathLike, *, source_format: str = "auto",
     else:
         decode = get_format(fmt).decode
     all_rows = itertools.chain([first], rows)
+    if key is None:  # a table: every row fits (bind checked the columns)
+        return RecordStream(path, fmt, (decode(where, row, index) for index, (where, row) in enumerate(all_rows)))
 
     def records() -> Iterator[Record]:
         for index, (where, row) in enumerate(all_rows):
-            if key is not None and key not in row:
+            if key not in row:
                 raise DataError(f"{where}: no '{key}' field, unlike the first entry ({fmt} format)",
                                 hint="one file holds one format; pass --from to say which")
             yield decode(where, row, index)
@@ -109,7 +111,6 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, to: st
     stream = open_records(source, source_format=source_format, mapping=mapping)
     records = itertools.islice(stream, limit) if limit is not None else stream
     with RecordWriter(destination, force=force, sources=(source,)) as out:
-        for record in records:
-            out.write(encode(record))
+        out.write_many(map(encode, records))
     return ConvertResult(Path(source), stream.format, Path(destination), to, out.count,
                          time.perf_counter() - started)
