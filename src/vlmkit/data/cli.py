@@ -39,6 +39,21 @@ def _prompt_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the per-row prompt / placement choice")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _workers_argument(p: argparse.ArgumentParser) -> None:
+    from .pool import default_workers
+
+    p.add_argument("--workers", type=_positive, default=default_workers(), metavar="N",
+                   help="processes tokenising (default: every core, here %(default)s); the output is the same for "
+                        "any N")
+
+
 # ------------------------------------------------------------------------------ convert
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="CSV / TSV / JSONL / JSON / Parquet: a table of image + caption, or chat records")
@@ -111,6 +126,7 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail on warnings too, and count the records the original trains on in its own way "
                         "(leading gpt turn, <image> in an answer or missing ...) as errors (--fix drops them)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _workers_argument(p)
     _load_arguments(p)
 
 
@@ -133,7 +149,8 @@ def cmd_check(args) -> int:
     model = _data_model(args) if args.model else None
     report = check(args.data, image_folder=args.image_folder, model=model,
                    max_pixels=args.max_pixels, source_format=args.source_format,
-                   fix=args.fix, fix_format=args.fix_format, force=args.force, strict=args.strict)
+                   fix=args.fix, fix_format=args.fix_format, force=args.force, strict=args.strict,
+                   workers=args.workers)
     print(json.dumps(report.to_dict(), ensure_ascii=False, indent=1) if args.json else render(report))
     return FAILED if report.failed(args.strict) else 0
 
@@ -155,31 +172,41 @@ def _tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true",
                    help="refuse the records the original trains on in its own way (leading gpt turn, <image> in an "
                         "answer or missing ...; `data check` lists them) instead of tokenising them as it does")
+    _workers_argument(p)
+    p.add_argument("--ray", action="store_true",
+                   help="tokenise on Ray Data (DATA: a Parquet file or a folder of Parquet shards), --workers "
+                        "actors; the output is the same file, byte for byte")
+    p.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster (default: a local one)")
     _load_arguments(p)
 
 
 def cmd_tokenize(args) -> int:
-    from .examples import tokenize_file
+    import itertools
+
+    from .convert import open_records
+    from .examples import iter_examples, tokenize_file
     from .show import highlight
     from .tokenize import RecordError
 
     model = _data_model(args)
-    shown = [0]
-    color = sys.stdout.isatty()
-
-    def show(item) -> None:
-        if shown[0] >= args.show:
-            return
-        shown[0] += 1
-        if isinstance(item, RecordError):
-            print(f"── {item.record_id}: refused ──\n{item.message}")
-        else:
-            print(highlight(item, model.encoder, color=color))
-
     print(f"template {model.template}, --max-length {model.max_length} ({model.max_length_from})", file=sys.stderr)
-    result = tokenize_file(args.data, args.out, model, image_folder=args.image_folder,
-                           source_format=args.source_format, force=args.force, strict=args.strict,
-                           on_example=show if args.show else None)
+    if args.show:  # the first records again, here: the workers write lines, not examples
+        color = sys.stdout.isatty()
+        first = itertools.islice(open_records(args.data, source_format=args.source_format), args.show)
+        for item in iter_examples(first, model, image_folder=args.image_folder, strict=args.strict):
+            if isinstance(item, RecordError):
+                print(f"── {item.record_id}: refused ──\n{item.message}")
+            else:
+                print(highlight(item, model.encoder, color=color))
+    if args.ray:
+        from .distributed import tokenize_on_ray
+
+        result = tokenize_on_ray(args.data, args.out, model, image_folder=args.image_folder, force=args.force,
+                                 strict=args.strict, workers=args.workers, address=args.ray_address)
+    else:
+        result = tokenize_file(args.data, args.out, model, image_folder=args.image_folder,
+                               source_format=args.source_format, force=args.force, strict=args.strict,
+                               workers=args.workers)
     print(f"wrote {result.destination}: {result.examples} example(s), {result.refused} refused, "
           f"{result.trained_tokens} trained token(s), {result.records_per_second:,.0f} records/s", file=sys.stderr)
     if result.refused:
