@@ -235,6 +235,10 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", metavar="FILE", help="records file (default: OUT/records.jsonl)")
     p.add_argument("--to", default="llava", choices=["llava", "sharegpt", "messages", "openai"])
     p.add_argument("--quiet", action="store_true", help="no img2dataset progress output")
+    p.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "pyspark", "ray"],
+                   help="img2dataset's: --processes on this machine (default), the shards as tasks of the active "
+                        "Spark session, or of a Ray cluster (--ray-address; default: a local one)")
+    p.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster of --distributor ray")
 
 
 def cmd_download(args) -> int:
@@ -245,7 +249,7 @@ def cmd_download(args) -> int:
                       seed=args.seed, image_size=args.image_size, resize_mode=args.resize_mode,
                       encode_format=args.image_format, processes=args.processes, threads=args.threads,
                       timeout=args.timeout, retries=args.retries, records=args.records, to=args.to,
-                      quiet=args.quiet)
+                      quiet=args.quiet, distributor=args.distributor, ray_address=args.ray_address)
     print(f"{result.folder}: {result.downloaded} image(s) downloaded, {result.failed} failed (listed in "
           f"{result.failed_path}); {result.records} record(s) in {result.records_path}")
     return 0
