@@ -35,3 +35,58 @@ def test_data_convert_imports_no_torch_transformers_or_pil(tmp_path):
     heavy = sorted({m.split(".")[0] for m in result["modules"]} & {"torch", "transformers", "PIL", "tokenizers",
                                                                   "numpy", "pandas"})
     assert heavy == []
+
+
+def _mix665k_like(count: int) -> list[dict]:
+    """Entries shaped as llava_v1_5_mix665k.json's: captioning and multi-turn VQA with an image, text-only
+    ShareGPT conversations, and two the original cannot train (roles that do not alternate, <image> twice)."""
+    kinds = [
+        lambda i: {"id": f"coco-{i}", "image": f"coco/train2017/{i:012d}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is the cat doing?"},
+            {"from": "gpt", "value": f"The cat {i} is lying on the floor."},
+            {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "Orange with stripes."}]},
+        lambda i: {"id": f"gqa-{i}", "image": f"gqa/images/{i}.jpg", "conversations": [
+            {"from": "human", "value": "为该图片生成标注。\n<image>"}, {"from": "gpt", "value": "一杯咖啡，放在木桌上。" * (i % 5 + 1)}]},
+        lambda i: {"id": f"sharegpt-{i}", "conversations": [
+            {"from": "human", "value": f"Write a haiku about the number {i}."},
+            {"from": "gpt", "value": "Silent numbers fall\nlike snow on a quiet field\ncounting every flake"}]},
+        lambda i: {"id": f"bad-roles-{i}", "image": "x.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nHi"}, {"from": "human", "value": "Again?"}]},
+        lambda i: {"id": f"two-images-{i}", "image": "y.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nA"}, {"from": "gpt", "value": "B"},
+            {"from": "human", "value": "<image>\nC"}, {"from": "gpt", "value": "D"}]},
+    ]
+    return [kinds[(i * 7) % len(kinds)](i) for i in range(count)]
+
+
+def _write_jsonl(path: Path, entries: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
+    return path
+
+
+def test_tokenize_and_check_on_a_process_pool_match_one_process(tmp_path, tiny_models, vlmkit_data):
+    from vlmkit.data.pool import CHUNK
+
+    entries = _mix665k_like(3 * CHUNK + 17)  # four chunks: the pool runs
+    records = _write_jsonl(tmp_path / "mix.jsonl", entries)
+    refused = sum(e["id"].startswith(("bad-roles", "two-images")) for e in entries)
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"tokens-{workers}.jsonl"
+        result = vlmkit_data("tokenize", records, "--model", tiny_models["v15"], "--out", out, "--workers", workers)
+        assert result.code == 3 and f"{len(entries) - refused} example(s), {refused} refused" in result.err, result.err
+        outputs[workers] = out.read_bytes()
+    assert outputs[1] == outputs[2]  # same lines, same order
+    lines = [json.loads(line) for line in outputs[2].decode().splitlines()]
+    assert [line["id"] for line in lines] == [e["id"] for e in entries]
+    bad = next(k for k, e in enumerate(entries) if e["id"].startswith("bad-roles") and k > 2 * CHUNK)
+    assert "roles must alternate" in lines[bad]["error"] and f"mix.jsonl:{bad + 1}" in lines[bad]["error"]
+
+    reports = []
+    for workers in (1, 2):
+        report = vlmkit_data("check", records, "--model", tiny_models["v15"], "--json", "--workers", workers)
+        assert report.code == 3, report.err
+        reports.append({k: v for k, v in json.loads(report.out).items() if k != "seconds"})
+    assert reports[0] == reports[1]
+    # no --image-folder: the records with an image have a missing image, only the text-only ones are tokenised
+    assert reports[0]["tokens"]["records"] == sum("image" not in e for e in entries)
