@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import DATA
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -90,3 +92,36 @@ def test_tokenize_and_check_on_a_process_pool_match_one_process(tmp_path, tiny_m
     assert reports[0] == reports[1]
     # no --image-folder: the records with an image have a missing image, only the text-only ones are tokenised
     assert reports[0]["tokens"]["records"] == sum("image" not in e for e in entries)
+
+
+# Ray's start and its actors' (each imports vlmkit and loads the tokenizer) take about a minute on two cores.
+@pytest.mark.slow
+def test_tokenize_on_ray_is_byte_identical_to_one_process(tmp_path, tiny_models, vlmkit_data, local_ray):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    entries = _mix665k_like(300)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    # two shards of several row groups, as a Parquet export of a Hugging Face dataset has them
+    pq.write_table(pa.Table.from_pylist(entries[:180]), shards / "train-00000-of-00002.parquet", row_group_size=64)
+    pq.write_table(pa.Table.from_pylist(entries[180:]), shards / "train-00001-of-00002.parquet", row_group_size=64)
+    single = b""
+    for shard in sorted(shards.iterdir()):
+        out = tmp_path / f"{shard.stem}.jsonl"
+        assert vlmkit_data("tokenize", shard, "--model", tiny_models["v15"], "--out", out, "--workers", 1).code == 3
+        single += out.read_bytes()
+    on_ray = tmp_path / "ray.jsonl"
+    result = vlmkit_data("tokenize", shards, "--model", tiny_models["v15"], "--out", on_ray, "--ray", "--workers", 2)
+    assert result.code == 3, result.err
+    assert on_ray.read_bytes() == single
+    # the second shard's rows are named by their own row numbers, as in a single run over that shard
+    lines = [json.loads(line) for line in single.decode().splitlines()]
+    assert any("train-00001-of-00002.parquet:#" in line.get("error", "") for line in lines)
+
+
+def test_tokenize_on_ray_refuses_what_is_not_parquet(tmp_path, tiny_models, vlmkit_data):
+    records = _write_jsonl(tmp_path / "mix.jsonl", _mix665k_like(3))
+    result = vlmkit_data("tokenize", records, "--model", tiny_models["v15"], "--out", tmp_path / "t.jsonl", "--ray")
+    assert result.code == 1 and "--ray reads a Parquet file or a folder of Parquet shards" in result.err
+    assert not (tmp_path / "t.jsonl").exists()
