@@ -239,6 +239,8 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
                    help="img2dataset's: --processes on this machine (default), the shards as tasks of the active "
                         "Spark session, or of a Ray cluster (--ray-address; default: a local one)")
     p.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster of --distributor ray")
+    p.add_argument("--shard-size", type=_positive, default=10_000, metavar="N",
+                   help="URLs per shard, the unit of work of the distributor (default: 10000)")
 
 
 def cmd_download(args) -> int:
@@ -249,7 +251,8 @@ def cmd_download(args) -> int:
                       seed=args.seed, image_size=args.image_size, resize_mode=args.resize_mode,
                       encode_format=args.image_format, processes=args.processes, threads=args.threads,
                       timeout=args.timeout, retries=args.retries, records=args.records, to=args.to,
-                      quiet=args.quiet, distributor=args.distributor, ray_address=args.ray_address)
+                      quiet=args.quiet, distributor=args.distributor, ray_address=args.ray_address,
+                      shard_size=args.shard_size)
     print(f"{result.folder}: {result.downloaded} image(s) downloaded, {result.failed} failed (listed in "
           f"{result.failed_path}); {result.records} record(s) in {result.records_path}")
     return 0

@@ -72,8 +72,8 @@ def download(url_list: str | os.PathLike, folder: str | os.PathLike, *, prompts:
              placement: str = "before", seed: int = 0, image_size: int = 336, resize_mode: str = "border",
              encode_format: str = "jpg", processes: int = 1, threads: int = 16, timeout: int = 10,
              retries: int = 0, records: str | os.PathLike | None = None, to: str = "llava",
-             quiet: bool = False, distributor: str = "multiprocessing",
-             ray_address: str | None = None) -> DownloadResult:
+             quiet: bool = False, distributor: str = "multiprocessing", ray_address: str | None = None,
+             shard_size: int = 10_000) -> DownloadResult:
     """Download the images of a URL list with img2dataset and write records for the ones that arrived.
 
     Args:
@@ -90,9 +90,10 @@ def download(url_list: str | os.PathLike, folder: str | os.PathLike, *, prompts:
         quiet: keep img2dataset's progress output off the terminal.
         distributor: "multiprocessing" (``processes`` on this machine), "pyspark" (the active Spark session, else a
             local one) or "ray" (the cluster at ``ray_address``, else a local one of ``processes`` CPUs); each
-            shard of ``number_sample_per_shard`` URLs is one task. The output folder must be one that every
+            shard (``shard_size`` URLs) is one task. The output folder must be one that every
             worker writes to (a shared file system) for a cluster of several machines.
         ray_address: the Ray cluster for ``distributor="ray"``.
+        shard_size: URLs per shard (img2dataset's ``number_sample_per_shard``): the unit of work of a distributor.
 
     Returns:
         Counts and the paths of the records and of ``failed.jsonl`` (url, error, key per failed URL).
@@ -132,7 +133,8 @@ def download(url_list: str | os.PathLike, folder: str | os.PathLike, *, prompts:
             save_additional_columns=[id_column] if id_column else None, output_format="files",
             image_size=image_size, resize_mode=resize_mode, encode_format=encode_format,
             processes_count=processes, thread_count=threads, timeout=timeout, retries=retries,
-            incremental_mode="incremental", enable_wandb=False, extract_exif=False, compute_hash=None,
+            number_sample_per_shard=shard_size, incremental_mode="incremental", enable_wandb=False, extract_exif=False,
+            compute_hash=None,
             distributor=distributor)
     if quiet:
         sink.close()
