@@ -242,11 +242,13 @@ if not www.exists():
     for p in Path({str(IMAGES)!r}).glob("*.png"):
         shutil.copyfile(p, www / p.name)
 names = sorted(p.name for p in www.glob("*.png"))
-httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(type("H", (http.server.SimpleHTTPRequestHandler,), {{"log_message": lambda *a: None}}), directory=str(www)))
+quiet = type("H", (http.server.SimpleHTTPRequestHandler,), {{"log_message": lambda *a: None}})
+httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(www)))
 threading.Thread(target=httpd.serve_forever, daemon=True).start()
 base = f"http://127.0.0.1:{{httpd.server_address[1]}}"
 urls = root / "urls-{distributor}.csv"
-urls.write_text("url,caption\\n" + "".join(f"{{base}}/{{names[i % len(names)]}}?{{i}},caption {{i}}\\n" for i in range({urls})))
+lines = (f"{{base}}/{{names[i % len(names)]}}?{{i}},caption {{i}}\\n" for i in range({urls}))
+urls.write_text("url,caption\\n" + "".join(lines))
 from vlmkit.data.download import download
 started = time.perf_counter()
 result = download(urls, root / "dl-{distributor}", prompts=("Describe.",), image_size=64, processes={CORES},
@@ -322,8 +324,8 @@ def main() -> None:
               f"{r['rss_after_imports']:,.0f} MiB | {r['peak_rss']:,.0f} MiB |")
     by = {(k, n): r for k, n, r in table}
     big = sizes[1]
-    vs = {peer: (by[peer, big]["seconds"] / by["vlmkit", big]["seconds"], by[peer, big]["cpu"] / by["vlmkit", big]["cpu"])
-          for peer in ("pandas", "plain")}
+    vs = {peer: (by[peer, big]["seconds"] / by["vlmkit", big]["seconds"],
+                 by[peer, big]["cpu"] / by["vlmkit", big]["cpu"]) for peer in ("pandas", "plain")}
     print(f"\nat {big:,} rows, vlmkit data convert is {vs['pandas'][0]:.1f}x the pandas loop by the clock, "
           f"{vs['pandas'][1]:.1f}x in CPU time (target >= 10x), and {vs['plain'][0]:.2f}x the plain loop by the "
           f"clock, {vs['plain'][1]:.2f}x in CPU time (target >= 1x); peak RSS {by['vlmkit', big]['peak_rss']:,.0f} "

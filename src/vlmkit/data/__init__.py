@@ -8,7 +8,9 @@
 * ``tokenize``  — THE implementation of LLaVA's tokenisation and label masking (training uses it);
 * ``examples``  — records -> examples for a model, and ``tokenize_file``;
 * ``check``     — validation and token statistics;
-* ``download``  — URL lists -> images (img2dataset) -> records;
+* ``pool``      — tokenising on every core, in order (``--workers``);
+* ``distributed`` — ``data tokenize --ray``: the same record function on Ray Data over Parquet shards;
+* ``download``  — URL lists -> images (img2dataset, on this machine, Spark or Ray) -> records;
 * ``cli``       — ``add_data_command`` for the ``vlmkit`` command.
 
 Example:
