@@ -125,3 +125,11 @@ def test_tokenize_on_ray_refuses_what_is_not_parquet(tmp_path, tiny_models, vlmk
     result = vlmkit_data("tokenize", records, "--model", tiny_models["v15"], "--out", tmp_path / "t.jsonl", "--ray")
     assert result.code == 1 and "--ray reads a Parquet file or a folder of Parquet shards" in result.err
     assert not (tmp_path / "t.jsonl").exists()
+
+
+@pytest.mark.parametrize("args", [["tokenize", "--model", "m", "--out", "t.jsonl", "--ray-address", "auto"],
+                                  ["download", "--out", "o", "--prompt", "p", "--ray-address", "auto"]])
+def test_ray_address_without_ray_is_refused(tmp_path, vlmkit_data, args):
+    data = _write_jsonl(tmp_path / "mix.jsonl", _mix665k_like(1))
+    result = vlmkit_data(args[0], data, *args[1:])
+    assert result.code == 1 and "--ray-address is for" in result.err

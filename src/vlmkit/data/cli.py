@@ -12,6 +12,8 @@ import json
 import sys
 import textwrap
 
+from ..errors import ConfigError
+
 FAILED = 3
 
 
@@ -188,6 +190,8 @@ def cmd_tokenize(args) -> int:
     from .show import highlight
     from .tokenize import RecordError
 
+    if args.ray_address and not args.ray:
+        raise ConfigError("--ray-address is for --ray", hint="add --ray, or remove --ray-address")
     model = _data_model(args)
     print(f"template {model.template}, --max-length {model.max_length} ({model.max_length_from})", file=sys.stderr)
     if args.show:  # the first records again, here: the workers write lines, not examples
@@ -201,8 +205,9 @@ def cmd_tokenize(args) -> int:
     if args.ray:
         from .distributed import tokenize_on_ray
 
-        result = tokenize_on_ray(args.data, args.out, model, image_folder=args.image_folder, force=args.force,
-                                 strict=args.strict, workers=args.workers, address=args.ray_address)
+        result = tokenize_on_ray(args.data, args.out, model, image_folder=args.image_folder,
+                                 source_format=args.source_format, force=args.force, strict=args.strict,
+                                 workers=args.workers, address=args.ray_address)
     else:
         result = tokenize_file(args.data, args.out, model, image_folder=args.image_folder,
                                source_format=args.source_format, force=args.force, strict=args.strict,
@@ -245,6 +250,9 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_download(args) -> int:
     from .download import download
+
+    if args.ray_address and args.distributor != "ray":
+        raise ConfigError("--ray-address is for --distributor ray", hint="add --distributor ray, or remove --ray-address")
 
     result = download(args.urls, args.out, prompts=_prompts(args), url_column=args.url_column,
                       caption_column=args.caption_column, id_column=args.id_column, placement=args.image_placement,
