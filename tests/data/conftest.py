@@ -83,6 +83,15 @@ def data_cli(*args):
     return run_cli("data", *args)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster of 2 CPUs (`data tokenize --ray` and `data download --distributor ray` join it)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def vlmkit_data():
     return data_cli

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import importlib.util
 import json
 import shutil
 import threading
@@ -86,3 +87,31 @@ def test_download_refuses_a_list_without_the_columns(tmp_path, vlmkit_data):
     result = vlmkit_data("download", urls, "--out", tmp_path / "o", "--prompt", "Describe.")
     assert result.code == 1 and "no column url, caption; the columns are URL, TEXT" in result.err
     assert not (tmp_path / "o").exists()
+
+
+# img2dataset's shards as Ray tasks on a local cluster; Ray's start and img2dataset's imports: about a minute
+@pytest.mark.slow
+def test_download_on_ray(tmp_path, server, vlmkit_data, local_ray):
+    base, handler = server
+    urls = tmp_path / "urls.csv"
+    urls.write_text(f"url,caption\n{base}/chelsea.png,一只猫。\n{base}/coffee.png,一杯咖啡。\n", encoding="utf-8")
+    out = tmp_path / "images"
+    result = vlmkit_data("download", urls, "--out", out, "--prompt", "为该图片生成标注。", "--image-size", 32,
+                         "--threads", 2, "--timeout", 5, "--quiet", "--distributor", "ray")
+    assert result.code == 0, result.err
+    assert "2 image(s) downloaded, 0 failed" in result.out
+    assert sorted(handler.hits) == ["/chelsea.png", "/coffee.png"]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["conversations"][1]["value"] for r in records) == ["一只猫。", "一杯咖啡。"]
+    for r in records:
+        with Image.open(out / r["image"]) as im:
+            assert im.size == (32, 32)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyspark") is not None, reason="pyspark is installed here")
+def test_download_names_the_missing_distributor(tmp_path, vlmkit_data):
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttp://127.0.0.1:9/a.png,a\n")
+    result = vlmkit_data("download", urls, "--out", tmp_path / "o", "--prompt", "Describe.", "--distributor", "pyspark")
+    assert result.code == 1 and "--distributor pyspark needs pyspark, which is not installed" in result.err
+    assert "pip install pyspark" in result.err and not (tmp_path / "o").exists()

@@ -8,7 +8,9 @@
 * ``tokenize``  — THE implementation of LLaVA's tokenisation and label masking (training uses it);
 * ``examples``  — records -> examples for a model, and ``tokenize_file``;
 * ``check``     — validation and token statistics;
-* ``download``  — URL lists -> images (img2dataset) -> records;
+* ``pool``      — tokenising on every core, in order (``--workers``);
+* ``distributed`` — ``data tokenize --ray``: the same record function on Ray Data over Parquet shards;
+* ``download``  — URL lists -> images (img2dataset, on this machine, Spark or Ray) -> records;
 * ``cli``       — ``add_data_command`` for the ``vlmkit`` command.
 
 Example:
@@ -25,13 +27,24 @@ from .check import Report, check
 from .convert import ConvertResult, RecordStream, convert, open_records
 from .download import DownloadResult, download
 from .encoders import Encoder, OriginalEncoder, TransformersEncoder
-from .examples import TokenizeResult, iter_examples, tokenize_file
 from .files import RecordWriter, read_rows
 from .formats import FORMATS
-from .model import DataModel, load_data_model
 from .records import DataError, Record, Turn
 from .tables import TableMapping
 from .tokenize import IGNORE_INDEX, Example, RecordError, tokenize
+
+# Imported on first use (PEP 562): they import PIL and torch, which `vlmkit data convert` does not need.
+_LAZY = {"TokenizeResult": "examples", "iter_examples": "examples", "tokenize_file": "examples",
+         "DataModel": "model", "load_data_model": "model"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
 
 __all__ = [
     "Record", "Turn", "DataError", "read_rows", "RecordWriter", "FORMATS", "TableMapping", "open_records",

@@ -19,17 +19,21 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ImageError
-from ..runtime.images import DEFAULT_MAX_PIXELS, load_image
 from .convert import open_records
 from .files import RecordWriter
 from .formats import get_format
-from .model import DataModel
+from .pool import chunked, ordered_map
 from .records import ASSISTANT, IMAGE_TOKEN, USER, Record
 from .tokenize import QUIRKS, RecordError, structure, tokenize
+
+if TYPE_CHECKING:  # the model and the image reader import torch: `vlmkit.data` imports this module eagerly
+    from .model import DataModel
 
 EXAMPLES = 20  # records named per problem in the report (all of them in JSON for all_masked)
 IMAGE_CACHE = 100_000
@@ -167,7 +171,7 @@ class Report:
 class _Context:
     """State that spans records: seen ids and pairs, the image cache, the model."""
 
-    def __init__(self, image_folder: Path | None, max_pixels: int, model: DataModel | None):
+    def __init__(self, image_folder: Path | None, max_pixels: int | None, model: DataModel | None):
         self.image_folder, self.max_pixels, self.model = image_folder, max_pixels, model
         self.ids: dict[str, str] = {}
         self.pairs: dict[bytes, str] = {}
@@ -190,8 +194,10 @@ class _Context:
         path = Path(name) if Path(name).is_absolute() or self.image_folder is None else self.image_folder / name
         if not path.is_file():
             return "missing_image", f"{path}: no such file", None
+        from ..runtime.images import DEFAULT_MAX_PIXELS, load_image
+
         try:
-            size = load_image(path, max_pixels=self.max_pixels).size
+            size = load_image(path, max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS).size
         except ImageError as e:
             code = next((c for text, c in IMAGE_CODES if text in e.message), "unreadable_image")
             return code, e.message, None
@@ -234,42 +240,57 @@ def _duplicates(record: Record, ctx: _Context) -> list[tuple[str, str]]:
     return found
 
 
-def _tokens(record: Record, sizes: list, ctx: _Context, stats: TokenStats) -> list[tuple[str, str]]:
-    model = ctx.model
-    per_image = model.image_tokens(sizes[0]) if record.images and sizes and sizes[0] else model.fixed_image_tokens
-    try:
-        example = tokenize(record, model.template, model.encoder, max_length=model.max_length,
-                           image_tokens=per_image)
-    except RecordError as e:
-        if e.code in ("mismatch", "masked", "unk", "unrenderable", "unsupported"):
+def _measure(model: DataModel, chunk: list[tuple[Record, list, list, bool]]) -> list[tuple | None]:
+    """What the tokenizer says of each record of ``chunk`` that it is asked about: ``("length", expanded length
+    or None)`` or ``("refused", code, reason)``; run here or in a worker of ``pool.ordered_map``."""
+    outcomes = []
+    for record, sizes, _, ask in chunk:
+        if not ask:
+            outcomes.append(None)
+            continue
+        per_image = model.image_tokens(sizes[0]) if record.images and sizes and sizes[0] else model.fixed_image_tokens
+        try:
+            example = tokenize(record, model.template, model.encoder, max_length=model.max_length,
+                               image_tokens=per_image)
+        except RecordError as e:
+            outcomes.append(("refused", e.code, e.reason))
+            continue
+        outcomes.append(("length", example.expanded_length))
+    return outcomes
+
+
+def _tokens(record: Record, outcome: tuple, model: DataModel, stats: TokenStats) -> list[tuple[str, str]]:
+    if outcome[0] == "refused":
+        if outcome[1] in ("mismatch", "masked", "unk", "unrenderable", "unsupported"):
             stats.all_masked.append(record.id)
-        return [("untrainable", e.reason)]
-    if example.expanded_length is None:
+        return [("untrainable", outcome[2])]
+    length = outcome[1]
+    if length is None:
         stats.unknown_length += 1
         return []
-    stats.add(example.expanded_length)
-    if example.expanded_length > model.max_length:
-        return [("truncated", f"{example.expanded_length} tokens with image features, --max-length "
-                              f"{model.max_length}")]
+    stats.add(length)
+    if length > model.max_length:
+        return [("truncated", f"{length} tokens with image features, --max-length {model.max_length}")]
     return []
 
 
 def check(path: str | os.PathLike, *, image_folder: str | os.PathLike | None = None, model: DataModel | None = None,
-          max_pixels: int = DEFAULT_MAX_PIXELS, source_format: str = "auto", fix: str | os.PathLike | None = None,
-          fix_format: str = "llava", force: bool = False, strict: bool = False) -> Report:
+          max_pixels: int | None = None, source_format: str = "auto", fix: str | os.PathLike | None = None,
+          fix_format: str = "llava", force: bool = False, strict: bool = False, workers: int = 1) -> Report:
     """Validate every record of ``path``.
 
     Args:
         path: records (LLaVA / ShareGPT / messages; JSON, JSONL or Parquet).
         image_folder: where relative image paths start (LLaVA's ``--image_folder``).
         model: with a model, token statistics and untrainable records (see ``model.load_data_model``).
-        max_pixels: images above this are reported (decompression-bomb limit of the runtime).
+        max_pixels: images above this are reported (default: the runtime's decompression-bomb limit).
         source_format: "auto" or a format of ``formats.FORMATS``.
         fix: write the records without errors and without duplicates here (never over the input).
         fix_format: the format of the cleaned copy.
         force: replace an existing ``fix`` file.
         strict: report the records the original trains on in its own way (``tokenize.QUIRKS``: a leading
             gpt turn, ``<image>`` in an answer ...) as errors, not warnings; ``fix`` then drops them too.
+        workers: processes tokenising (``pool.ordered_map``); the report is the same for any number.
 
     Returns:
         The :class:`Report`.
@@ -286,22 +307,30 @@ def check(path: str | os.PathLike, *, image_folder: str | os.PathLike | None = N
     writer = RecordWriter(fix, force=force, sources=(path,)) if fix is not None else None
     encode = get_format(fix_format).encode
     kept = 0
-    with writer if writer is not None else _Null():
+
+    def read() -> Iterator[tuple[Record, list, list, bool]]:
+        """Each record, the sizes of its images, its problems so far, and whether to tokenise it."""
         for record in stream:
-            found = _structure(record, model.template if model is not None else None) + _duplicates(record, ctx)
+            problems = _structure(record, model.template if model is not None else None) + _duplicates(record, ctx)
             sizes = []
             for name in record.images:
                 code, message, size = ctx.image(name)
                 sizes.append(size)
                 if code:
-                    found.append((code, message))
-            if model is not None and not any(report.severity(c) == "error" for c, _ in found):
-                found += _tokens(record, sizes, ctx, report.tokens)
-            _count(report, record, found)
-            if writer is not None and not any(report.severity(c) == "error" or c.startswith("duplicate")
-                                              for c, _ in found):
-                writer.write(encode(record))
-                kept += 1
+                    problems.append((code, message))
+            yield record, sizes, problems, model is not None and not any(report.severity(c) == "error"
+                                                                         for c, _ in problems)
+
+    with writer if writer is not None else _Null():
+        for chunk, outcomes in ordered_map(_measure, model, chunked(read()), workers=workers):
+            for (record, _, problems, _), outcome in zip(chunk, outcomes):
+                if outcome is not None:
+                    problems += _tokens(record, outcome, model, report.tokens)
+                _count(report, record, problems)
+                if writer is not None and not any(report.severity(c) == "error" or c.startswith("duplicate")
+                                                  for c, _ in problems):
+                    writer.write(encode(record))
+                    kept += 1
     if writer is not None:
         report.fixed = {"path": str(fix), "kept": kept, "dropped": report.records - kept}
     report.seconds = time.perf_counter() - started

@@ -12,7 +12,7 @@ import json
 import sys
 import textwrap
 
-from ..options import LoadOptions, add_load_arguments
+from ..errors import ConfigError
 
 FAILED = 3
 
@@ -39,6 +39,21 @@ def _prompt_arguments(p: argparse.ArgumentParser) -> None:
                        help="<image> before the instruction (<image>\\nTEXT), after it, either (seeded), or none "
                             "(default: before; a prompt that holds <image> is used as is)")
     group.add_argument("--seed", type=int, default=0, help="seed of the per-row prompt / placement choice")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _workers_argument(p: argparse.ArgumentParser) -> None:
+    from .pool import default_workers
+
+    p.add_argument("--workers", type=_positive, default=default_workers(), metavar="N",
+                   help="processes tokenising (default: every core, here %(default)s); the output is the same for "
+                        "any N")
 
 
 # ------------------------------------------------------------------------------ convert
@@ -113,23 +128,31 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail on warnings too, and count the records the original trains on in its own way "
                         "(leading gpt turn, <image> in an answer or missing ...) as errors (--fix drops them)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _workers_argument(p)
+    _load_arguments(p)
+
+
+def _load_arguments(p: argparse.ArgumentParser) -> None:
+    from ..options import add_load_arguments  # here, not at the top: `data convert` imports no model code
+
     add_load_arguments(p)
 
 
 def _data_model(args):
+    from ..options import LoadOptions
     from .model import load_data_model
 
     return load_data_model(args.model, LoadOptions.from_args(args), max_length=args.max_length)
 
 
 def cmd_check(args) -> int:
-    from ..runtime.images import DEFAULT_MAX_PIXELS
     from .check import check, render
 
     model = _data_model(args) if args.model else None
     report = check(args.data, image_folder=args.image_folder, model=model,
-                   max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, source_format=args.source_format,
-                   fix=args.fix, fix_format=args.fix_format, force=args.force, strict=args.strict)
+                   max_pixels=args.max_pixels, source_format=args.source_format,
+                   fix=args.fix, fix_format=args.fix_format, force=args.force, strict=args.strict,
+                   workers=args.workers)
     print(json.dumps(report.to_dict(), ensure_ascii=False, indent=1) if args.json else render(report))
     return FAILED if report.failed(args.strict) else 0
 
@@ -151,31 +174,44 @@ def _tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true",
                    help="refuse the records the original trains on in its own way (leading gpt turn, <image> in an "
                         "answer or missing ...; `data check` lists them) instead of tokenising them as it does")
-    add_load_arguments(p)
+    _workers_argument(p)
+    p.add_argument("--ray", action="store_true",
+                   help="tokenise on Ray Data (DATA: a Parquet file or a folder of Parquet shards), --workers "
+                        "actors; the output is the same file, byte for byte")
+    p.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster (default: a local one)")
+    _load_arguments(p)
 
 
 def cmd_tokenize(args) -> int:
-    from .examples import tokenize_file
+    import itertools
+
+    from .convert import open_records
+    from .examples import iter_examples, tokenize_file
     from .show import highlight
     from .tokenize import RecordError
 
+    if args.ray_address and not args.ray:
+        raise ConfigError("--ray-address is for --ray", hint="add --ray, or remove --ray-address")
     model = _data_model(args)
-    shown = [0]
-    color = sys.stdout.isatty()
-
-    def show(item) -> None:
-        if shown[0] >= args.show:
-            return
-        shown[0] += 1
-        if isinstance(item, RecordError):
-            print(f"── {item.record_id}: refused ──\n{item.message}")
-        else:
-            print(highlight(item, model.encoder, color=color))
-
     print(f"template {model.template}, --max-length {model.max_length} ({model.max_length_from})", file=sys.stderr)
-    result = tokenize_file(args.data, args.out, model, image_folder=args.image_folder,
-                           source_format=args.source_format, force=args.force, strict=args.strict,
-                           on_example=show if args.show else None)
+    if args.show:  # the first records again, here: the workers write lines, not examples
+        color = sys.stdout.isatty()
+        first = itertools.islice(open_records(args.data, source_format=args.source_format), args.show)
+        for item in iter_examples(first, model, image_folder=args.image_folder, strict=args.strict):
+            if isinstance(item, RecordError):
+                print(f"── {item.record_id}: refused ──\n{item.message}")
+            else:
+                print(highlight(item, model.encoder, color=color))
+    if args.ray:
+        from .distributed import tokenize_on_ray
+
+        result = tokenize_on_ray(args.data, args.out, model, image_folder=args.image_folder,
+                                 source_format=args.source_format, force=args.force, strict=args.strict,
+                                 workers=args.workers, address=args.ray_address)
+    else:
+        result = tokenize_file(args.data, args.out, model, image_folder=args.image_folder,
+                               source_format=args.source_format, force=args.force, strict=args.strict,
+                               workers=args.workers)
     print(f"wrote {result.destination}: {result.examples} example(s), {result.refused} refused, "
           f"{result.trained_tokens} trained token(s), {result.records_per_second:,.0f} records/s", file=sys.stderr)
     if result.refused:
@@ -204,17 +240,27 @@ def _download_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", metavar="FILE", help="records file (default: OUT/records.jsonl)")
     p.add_argument("--to", default="llava", choices=["llava", "sharegpt", "messages", "openai"])
     p.add_argument("--quiet", action="store_true", help="no img2dataset progress output")
+    p.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "pyspark", "ray"],
+                   help="img2dataset's: --processes on this machine (default), the shards as tasks of the active "
+                        "Spark session, or of a Ray cluster (--ray-address; default: a local one)")
+    p.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster of --distributor ray")
+    p.add_argument("--shard-size", type=_positive, default=10_000, metavar="N",
+                   help="URLs per shard, the unit of work of the distributor (default: 10000)")
 
 
 def cmd_download(args) -> int:
     from .download import download
+
+    if args.ray_address and args.distributor != "ray":
+        raise ConfigError("--ray-address is for --distributor ray", hint="add --distributor ray, or remove --ray-address")
 
     result = download(args.urls, args.out, prompts=_prompts(args), url_column=args.url_column,
                       caption_column=args.caption_column, id_column=args.id_column, placement=args.image_placement,
                       seed=args.seed, image_size=args.image_size, resize_mode=args.resize_mode,
                       encode_format=args.image_format, processes=args.processes, threads=args.threads,
                       timeout=args.timeout, retries=args.retries, records=args.records, to=args.to,
-                      quiet=args.quiet)
+                      quiet=args.quiet, distributor=args.distributor, ray_address=args.ray_address,
+                      shard_size=args.shard_size)
     print(f"{result.folder}: {result.downloaded} image(s) downloaded, {result.failed} failed (listed in "
           f"{result.failed_path}); {result.records} record(s) in {result.records_path}")
     return 0

@@ -50,7 +50,13 @@ def open_records(path: str | os.PathLike, *, source_format: str = "auto",
     path = Path(path)
     if source_format not in SOURCE_FORMATS:
         raise DataError(f"--from {source_format!r} is unknown", hint=f"use one of: {', '.join(SOURCE_FORMATS)}")
-    rows = read_rows(path)
+    return records_of(path, read_rows(path), source_format=source_format, mapping=mapping)
+
+
+def records_of(path: Path, rows: Iterator[tuple[str, dict]], *, source_format: str = "auto",
+               mapping: TableMapping | None = None, start: int = 0) -> RecordStream:
+    """The records of ``rows``: the ``(where, row)`` pairs of ``path``, or of a part of it that starts at row
+    ``start`` (``data tokenize --ray``; a record without an id is named by its row number)."""
     first = next(rows, None)
     if first is None:
         return RecordStream(path, source_format, iter(()))
@@ -64,10 +70,13 @@ def open_records(path: str | os.PathLike, *, source_format: str = "auto",
     else:
         decode = get_format(fmt).decode
     all_rows = itertools.chain([first], rows)
+    if key is None:  # a table: every row fits (bind checked the columns)
+        return RecordStream(path, fmt, (decode(where, row, index)
+                                        for index, (where, row) in enumerate(all_rows, start)))
 
     def records() -> Iterator[Record]:
-        for index, (where, row) in enumerate(all_rows):
-            if key is not None and key not in row:
+        for index, (where, row) in enumerate(all_rows, start):
+            if key not in row:
                 raise DataError(f"{where}: no '{key}' field, unlike the first entry ({fmt} format)",
                                 hint="one file holds one format; pass --from to say which")
             yield decode(where, row, index)
@@ -109,7 +118,6 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, to: st
     stream = open_records(source, source_format=source_format, mapping=mapping)
     records = itertools.islice(stream, limit) if limit is not None else stream
     with RecordWriter(destination, force=force, sources=(source,)) as out:
-        for record in records:
-            out.write(encode(record))
+        out.write_many(map(encode, records))
     return ConvertResult(Path(source), stream.format, Path(destination), to, out.count,
                          time.perf_counter() - started)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from .tables import TableMapping
 # img2dataset's input_format for each extension vlmkit reads.
 INPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
+# img2dataset's distributors: processes on this machine, or the shards as tasks of a Spark / Ray cluster
+DISTRIBUTORS = {"multiprocessing": None, "pyspark": "pyspark", "ray": "ray"}
 FAILED_NAME = "failed.jsonl"
 RECORDS_NAME = "records.jsonl"
 
@@ -69,7 +72,8 @@ def download(url_list: str | os.PathLike, folder: str | os.PathLike, *, prompts:
              placement: str = "before", seed: int = 0, image_size: int = 336, resize_mode: str = "border",
              encode_format: str = "jpg", processes: int = 1, threads: int = 16, timeout: int = 10,
              retries: int = 0, records: str | os.PathLike | None = None, to: str = "llava",
-             quiet: bool = False) -> DownloadResult:
+             quiet: bool = False, distributor: str = "multiprocessing", ray_address: str | None = None,
+             shard_size: int = 10_000) -> DownloadResult:
     """Download the images of a URL list with img2dataset and write records for the ones that arrived.
 
     Args:
@@ -84,12 +88,18 @@ def download(url_list: str | os.PathLike, folder: str | os.PathLike, *, prompts:
         records: the records file (default ``FOLDER/records.jsonl``); rewritten from all shards on each run.
         to: the records' format.
         quiet: keep img2dataset's progress output off the terminal.
+        distributor: "multiprocessing" (``processes`` on this machine), "pyspark" (the active Spark session, else a
+            local one) or "ray" (the cluster at ``ray_address``, else a local one of ``processes`` CPUs); each
+            shard (``shard_size`` URLs) is one task. The output folder must be one that every
+            worker writes to (a shared file system) for a cluster of several machines.
+        ray_address: the Ray cluster for ``distributor="ray"``.
+        shard_size: URLs per shard (img2dataset's ``number_sample_per_shard``): the unit of work of a distributor.
 
     Returns:
         Counts and the paths of the records and of ``failed.jsonl`` (url, error, key per failed URL).
 
     Raises:
-        DataError: unreadable list, missing columns, img2dataset not installed.
+        DataError: unreadable list, missing columns, img2dataset (or the distributor's package) not installed.
     """
     url_list, folder = Path(url_list), Path(folder)
     fmt = _input_format(url_list)
@@ -99,6 +109,11 @@ def download(url_list: str | os.PathLike, folder: str | os.PathLike, *, prompts:
     mapping = TableMapping(image_column="image", text_column="caption", id_column="id", prompts=prompts,
                            placement=placement, seed=seed)
     encode = get_format(to).encode  # fail on a bad --to before downloading anything
+    if distributor not in DISTRIBUTORS:
+        raise DataError(f"--distributor {distributor!r} is unknown", hint=f"use one of: {', '.join(DISTRIBUTORS)}")
+    if DISTRIBUTORS[distributor] and importlib.util.find_spec(DISTRIBUTORS[distributor]) is None:
+        raise DataError(f"--distributor {distributor} needs {DISTRIBUTORS[distributor]}, which is not installed",
+                        hint=f"pip install {DISTRIBUTORS[distributor]}")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks the network at import otherwise
     try:
         import img2dataset
@@ -106,6 +121,10 @@ def download(url_list: str | os.PathLike, folder: str | os.PathLike, *, prompts:
         raise DataError("vlmkit data download uses img2dataset, which is not installed",
                         hint="pip install img2dataset") from None
     folder.mkdir(parents=True, exist_ok=True)
+    if distributor == "ray":
+        from .distributed import start_ray
+
+        start_ray(ray_address, processes)
     sink = open(os.devnull, "w") if quiet else sys.stderr
     with contextlib.redirect_stdout(sink):
         img2dataset.download(
@@ -114,8 +133,9 @@ def download(url_list: str | os.PathLike, folder: str | os.PathLike, *, prompts:
             save_additional_columns=[id_column] if id_column else None, output_format="files",
             image_size=image_size, resize_mode=resize_mode, encode_format=encode_format,
             processes_count=processes, thread_count=threads, timeout=timeout, retries=retries,
-            incremental_mode="incremental", enable_wandb=False, extract_exif=False, compute_hash=None,
-            distributor="multiprocessing")
+            number_sample_per_shard=shard_size, incremental_mode="incremental", enable_wandb=False, extract_exif=False,
+            compute_hash=None,
+            distributor=distributor)
     if quiet:
         sink.close()
     return _collect(folder, Path(records) if records else folder / RECORDS_NAME, mapping, encode, id_column,

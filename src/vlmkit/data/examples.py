@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
 
 from .convert import open_records
-from .files import RecordWriter
+from .files import RecordWriter, encode
 from .model import DataModel
+from .pool import chunked, ordered_map
 from .records import Record
 from .tokenize import Example, RecordError, tokenize
 
@@ -69,10 +71,22 @@ class TokenizeResult:
         return (self.examples + self.refused) / self.seconds if self.seconds else 0.0
 
 
+def encode_examples(model: DataModel, records: list[Record], *, image_folder: str | os.PathLike | None = None,
+                    strict: bool = False) -> list[tuple[str, int | None]]:
+    """The lines ``tokenize_file`` writes for ``records``, as ``(JSON text, trained tokens or None if refused)``:
+    the record function, run in this process or in a worker of ``pool.ordered_map`` or of ``data tokenize --ray``."""
+    lines = []
+    for item in iter_examples(records, model, image_folder=image_folder, strict=strict):
+        if isinstance(item, RecordError):
+            lines.append((encode({"id": item.record_id, "error": item.message}), None))
+        else:
+            lines.append((encode(item.to_json()), item.trained))
+    return lines
+
+
 def tokenize_file(source: str | os.PathLike, destination: str | os.PathLike, model: DataModel, *,
                   image_folder: str | os.PathLike | None = None, source_format: str = "auto", force: bool = False,
-                  strict: bool = False,
-                  on_example: Callable[[Example | RecordError], None] | None = None) -> TokenizeResult:
+                  strict: bool = False, workers: int = 1) -> TokenizeResult:
     """Write one JSON line per record of ``source``: ``{"id", "input_ids", "labels"}`` or ``{"id", "error"}``.
 
     Args:
@@ -83,20 +97,26 @@ def tokenize_file(source: str | os.PathLike, destination: str | os.PathLike, mod
         source_format: "auto" or a format of ``formats.FORMATS``.
         force: replace an existing destination.
         strict: refuse the records the original trains on in its own way (``tokenize.QUIRKS``).
-        on_example: called with each example or error (``--show``).
+        workers: processes tokenising (``pool.ordered_map``); the output is the same for any number.
     """
     started = time.perf_counter()
-    examples = refused = trained = 0
     stream = open_records(source, source_format=source_format)
     with RecordWriter(destination, force=force, sources=(source,)) as out:
-        for item in iter_examples(stream, model, image_folder=image_folder, strict=strict):
-            if isinstance(item, RecordError):
-                out.write({"id": item.record_id, "error": item.message})
+        counts = write_lines(out, ordered_map(partial(encode_examples, image_folder=image_folder, strict=strict),
+                                              model, chunked(stream), workers=workers))
+    return TokenizeResult(Path(destination), *counts, time.perf_counter() - started)
+
+
+def write_lines(out: RecordWriter, results: Iterable[tuple[object, list[tuple[str, int | None]]]]) \
+        -> tuple[int, int, int]:
+    """Write the lines of ``encode_examples`` results in order; ``(examples, refused, trained tokens)``."""
+    examples = refused = trained = 0
+    for _, lines in results:
+        out.write_encoded(text for text, _ in lines)
+        for _, count in lines:
+            if count is None:
                 refused += 1
             else:
-                out.write(item.to_json())
                 examples += 1
-                trained += item.trained
-            if on_example is not None:
-                on_example(item)
-    return TokenizeResult(Path(destination), examples, refused, trained, time.perf_counter() - started)
+                trained += count
+    return examples, refused, trained

@@ -35,6 +35,8 @@ class DataModel:
         max_length: ``model_max_length`` of the training.
         max_length_from: where ``max_length`` came from (for the report).
         fixed_image_tokens: features per image when they do not depend on the image (LLaVA-1.5).
+        spec: ``(path, options, max_length)`` that ``load_data_model`` was called with: how worker processes
+            load the same model (``pool.ordered_map``); None for a model built by hand.
     """
 
     path: Path
@@ -45,6 +47,7 @@ class DataModel:
     max_length_from: str
     fixed_image_tokens: int | None
     sized_image_tokens: Callable[[tuple[int, int]], int] | None = None
+    spec: tuple | None = None
 
     def image_tokens(self, size_wh: tuple[int, int] | None = None) -> int | None:
         """Features one image becomes; anyres needs the image's (width, height), else None."""
@@ -72,7 +75,9 @@ def load_data_model(path: str | Path, options: LoadOptions | None = None, *,
     options = options or LoadOptions()
     folder = resolve(path)
     loader = _original if form_of(folder) is not None else _transformers
-    return loader(folder, options, max_length)
+    model = loader(folder, options, max_length)
+    model.spec = (str(folder), options, max_length)
+    return model
 
 
 def _length(explicit: int | None, config: dict, tokenizer_config: dict) -> tuple[int, str]:
