@@ -21,12 +21,12 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import dtypes
 from ..conversion import Conversion, drop, engine, rename, transform
 from ..errors import ConfigError
 from ..families.llava import checkpoint as llava_checkpoint
 from ..families.llava.checkpoint import TOWER, UNUSED_CLIP, OriginalCheckpoint
 from ..families.llava.convert import _lora_merge
-from ..families.llava.hf_output import DTYPE_NAMES
 from ..options import LoadOptions
 from ..tensors import open_source, resolve
 from .outputs import RECORD, TOKENIZER_FILES, base_fingerprint
@@ -85,7 +85,7 @@ def _tower_trained(adapter: Path, base: Path) -> bool:
 
 def _write_original_extras(folder: Path, adapter: Path, ckpt: OriginalCheckpoint, dtype: str) -> None:
     config = json.loads((adapter / "config.json").read_text())
-    config["torch_dtype"] = DTYPE_NAMES.get(dtype, "float32")  # what was written, not what the run trained in
+    config["torch_dtype"] = dtypes.config_name(dtype)  # what was written, not what the run trained in
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (ckpt.tokenizer_folder / name).exists():

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ... import dtypes
 from ...tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
 from ...tensors.base import TORCH_TO_CODE
 
@@ -221,9 +222,6 @@ def make_llava_next(folder: Path, clip: Path, sizes: TinySizes = TinySizes(), *,
     return folder
 
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
 def make_base_llm(folder: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama", seed: int = 0,
                   dtype: torch.dtype = torch.float32) -> Path:
     """A plain LLM folder (the Vicuna a LoRA or projector was trained on; ``lmsys/vicuna-7b-v1.5`` is float16)."""
@@ -232,7 +230,7 @@ def make_base_llm(folder: Path, sizes: TinySizes = TinySizes(), *, backbone: str
     _save_safetensors_shards(state, folder, 1 << 30)
     arch = "MistralForCausalLM" if backbone == "mistral" else "LlamaForCausalLM"
     _write_json(folder / "config.json", {"architectures": [arch], "model_type": backbone,
-                                         **_text_config(backbone, sizes), "torch_dtype": DTYPE_NAMES[dtype]})
+                                         **_text_config(backbone, sizes), "torch_dtype": dtypes.name(dtypes.code(dtype))})
     _generation_config(folder, backbone)
     copy_tokenizer(folder, backbone)
     return folder
