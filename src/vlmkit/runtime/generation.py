@@ -365,8 +365,8 @@ class BatchCache:
     Per layer, keys and values ``[slots, heads, capacity, dim]``: row i holds slot i, every
     row's positions end at column ``end`` (a shorter row is padded on the left, which ``mask``
     hides), and columns ``start:end`` are those some row uses. A decode step writes its keys
-    and values at column ``end`` (``step``); a joining row's are copied into the next slot; a
-    leaving row's slot takes the last row's. Only when the slots or the columns run out are the
+    and values at column ``end`` (``step``); a joining row's are copied into the next slot; the
+    rows after a leaving one move down a slot (a copy of those rows only). Only when the slots or the columns run out are the
     tensors allocated again, ``BLOCK`` columns wider than needed: one copy of the cache per
     ``BLOCK`` steps instead of one per step.
     """
@@ -420,23 +420,18 @@ class BatchCache:
         self.end += 1
         return cache, self.mask[:self.rows, self.start:self.end]
 
-    def remove(self, keep: list[int]) -> list[int]:
-        """Keep the rows ``keep`` (indices): a slot freed below the rows left takes a row from above them.
-
-        Returns the former index of each row left, in its new order.
-        """
-        n, kept = len(keep), set(keep)
-        order = list(range(n))
-        for hole, row in zip([i for i in order if i not in kept], [i for i in keep if i >= n]):
-            for k, v in zip(self.keys, self.values):
-                k[hole, :, self.start:self.end] = k[row, :, self.start:self.end]
-                v[hole, :, self.start:self.end] = v[row, :, self.start:self.end]
-            self.mask[hole, self.start:self.end] = self.mask[row, self.start:self.end]
-            order[hole] = row
+    def remove(self, keep: list[int]) -> None:
+        """Keep the rows ``keep`` (indices, ascending): the rows after a freed slot move down, in order."""
+        n = len(keep)
+        moved = next((i for i, row in enumerate(keep) if row != i), n)  # the first slot that changes hands
+        if moved < n:
+            source = torch.tensor(keep[moved:], device=self.mask.device)
+            for t in self.keys + self.values:
+                t[moved:n, :, self.start:self.end] = t[source, :, self.start:self.end]
+            self.mask[moved:n, self.start:self.end] = self.mask[source, self.start:self.end]
         self.rows = n
         if n:  # columns before the first one a row uses are padding in every row left
             self.start += int(self.mask[:n, self.start:self.end].any(0).nonzero()[0])
-        return order
 
     def _allocate(self, slots: int, left: int) -> None:
         """New tensors of ``slots`` slots: the columns in use moved to ``left:``, ``BLOCK`` free ones after them."""
@@ -532,20 +527,16 @@ class DecodeBatch:
         return [int(pick(_early_eos_ruled_out(self.lm, self.logits[i:i + 1], r.params.max_new_tokens - r.left),
                          r.params, r.generator)[0]) for i, r in enumerate(self.rows)]
 
-    def remove(self, rows: list[Row]) -> list[int] | None:
-        """Take ``rows`` out (finished, or their client went away), queued ones too.
-
-        Returns the former index of each row left, in its new order (None if no row left ``rows``).
-        """
+    def remove(self, rows: list[Row]) -> None:
+        """Take ``rows`` out (finished, or their client went away), queued ones too."""
         gone = set(rows)
         self.reading = [r for r in self.reading if r.row not in gone]
         keep = [i for i, r in enumerate(self.rows) if r not in gone]
         if len(keep) == len(self.rows):
-            return None
-        order = self.kv.remove(keep)
-        self.rows = [self.rows[i] for i in order]
-        self.logits = self.logits[order] if self.rows else None
-        return order
+            return
+        self.kv.remove(keep)
+        self.rows = [self.rows[i] for i in keep]
+        self.logits = self.logits[keep] if self.rows else None
 
     def advance(self, tokens: list[int]) -> None:
         """Feed each row the token it was given (``pick``) and compute the next logits."""
@@ -608,18 +599,18 @@ class Seq2SeqBatch(DecodeBatch):
             self.encoder_mask = torch.cat([_pad_right(self.encoder_mask, width, 1), _pad_right(encoder_mask, width, 1)])
         self._join(row, layers, logits[:, -1])
 
-    def remove(self, rows: list[Row]) -> list[int] | None:
-        order = super().remove(rows)  # the rows, their logits and decoder caches
-        if not order:
-            if order is not None:
-                self.cross, self.encoder_mask = [], None
-            return order
-        index = torch.tensor(order, device=self.encoder_mask.device)
+    def remove(self, rows: list[Row]) -> None:
+        gone = set(rows)
+        keep = [i for i, r in enumerate(self.rows) if r not in gone]
+        super().remove(rows)  # the rows, their logits and decoder caches
+        if not self.rows:
+            self.cross, self.encoder_mask = [], None
+            return
+        index = torch.tensor(keep, device=self.encoder_mask.device)
         encoder_mask = self.encoder_mask[index]
         end = int(encoder_mask.any(0).nonzero()[-1]) + 1  # columns from here on are padding in every row left
         self.encoder_mask = encoder_mask[:, :end]
         self.cross = [(k[index, :, :end], v[index, :, :end]) for k, v in self.cross]
-        return order
 
     def advance(self, tokens: list[int]) -> None:
         for row in self.rows:
@@ -677,13 +668,9 @@ def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[Sampling
 
 def _pad_right(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """``t`` made ``width`` long along ``dim`` by zeros behind (padding the encoder mask hides)."""
-    return _pad(t, width, dim, front=False)
-
-
-def _pad(t: torch.Tensor, width: int, dim: int, front: bool) -> torch.Tensor:
     pad = width - t.shape[dim]
     if pad <= 0:
         return t
     shape = list(t.shape)
     shape[dim] = pad
-    return torch.cat([t.new_zeros(shape), t] if front else [t, t.new_zeros(shape)], dim)
+    return torch.cat([t, t.new_zeros(shape)], dim)
