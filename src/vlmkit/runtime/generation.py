@@ -121,11 +121,12 @@ def assemble(ids: list[int], marker: int, features: list[torch.Tensor], digests:
     return Prompt(out_ids, keys, spans)
 
 
-def embed(lm: LanguageModel, prompt: Prompt, start: int = 0) -> torch.Tensor:
-    """Input embeddings ``[1, L - start, H]`` of positions ``start:``, image features spliced in."""
-    embeds = lm.embed_tokens(torch.tensor([prompt.ids[start:]]))[0].clone()
+def embed(lm: LanguageModel, prompt: Prompt, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Input embeddings ``[1, end - start, H]`` of positions ``start:end``, image features spliced in."""
+    end = len(prompt) if end is None else end
+    embeds = lm.embed_tokens(torch.tensor([prompt.ids[start:end]]))[0].clone()
     for begin, features in prompt.images:
-        lo, hi = max(begin, start), min(begin + features.shape[0], len(prompt))
+        lo, hi = max(begin, start), min(begin + features.shape[0], end)
         if lo < hi:
             embeds[lo - start:hi - start] = features[lo - begin:hi - begin].to(embeds.dtype)
     return embeds[None]
@@ -280,13 +281,37 @@ def _layers(cache) -> Layers:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+class Prefill:
+    """Reading one prompt (the positions ``cache`` does not already hold), ``chunk`` positions per ``step``.
+
+    A long prompt read in chunks lets a server decode its running requests between the
+    chunks; each chunk attends to the KV cache of those before it, so the positions computed
+    are the ones a whole read computes.
+    """
+
+    def __init__(self, lm: LanguageModel, prompt: Prompt, cache: PrefixCache | None, chunk: int | None = None):
+        reuse, layers = cache.longest(prompt.keys) if cache is not None else (0, None)
+        reuse = min(reuse, len(prompt) - 1)  # the last position is always read: its logits give the first token
+        self.lm, self.prompt, self.chunk, self.read = lm, prompt, chunk, reuse
+        self.past = _kv_cache([(k[:, :, :reuse], v[:, :, :reuse]) for k, v in layers] if reuse > 0 else [])
+        self.logits: torch.Tensor | None = None  # [1, V], once the last position is read
+
+    @property
+    def done(self) -> bool:
+        return self.read == len(self.prompt)
+
+    def step(self) -> None:
+        end = len(self.prompt) if self.chunk is None else min(self.read + self.chunk, len(self.prompt))
+        with torch.no_grad():
+            logits, self.past = self.lm.forward(embed(self.lm, self.prompt, self.read, end), None, None, self.past)
+        self.read, self.logits = end, logits[:, -1]
+
+
 def prefill(lm: LanguageModel, prompt: Prompt, cache: PrefixCache | None) -> tuple[torch.Tensor, object]:
-    """Read ``prompt`` (the positions ``cache`` does not already hold): last logits ``[1, V]`` and the KV cache."""
-    reuse, layers = cache.longest(prompt.keys) if cache is not None else (0, None)
-    reuse = min(reuse, len(prompt) - 1)  # the last position is always read: its logits give the first token
-    past = _kv_cache([(k[:, :, :reuse], v[:, :, :reuse]) for k, v in layers] if reuse > 0 else [])
-    logits, past = lm.forward(embed(lm, prompt, reuse), None, None, past)
-    return logits[:, -1], past
+    """Read ``prompt`` whole (what ``cache`` does not already hold): last logits ``[1, V]`` and the KV cache."""
+    reading = Prefill(lm, prompt, cache)
+    reading.step()
+    return reading.logits, reading.past
 
 
 def stream_tokens(lm: LanguageModel, prompt: Prompt, params: SamplingParams, cache: PrefixCache | None = None
@@ -330,49 +355,198 @@ class Row:
     length: int  # positions in the KV cache
 
 
+BLOCK = 128  # free positions a batch's KV cache is allocated with, each time it runs out
+
+
+@functools.cache
+def _window_layer() -> type:
+    """A transformers cache layer over a window of a ``BatchCache``'s tensors (transformers imported when needed).
+
+    Where a ``DynamicLayer`` concatenates a step's keys and values to its own (a new tensor
+    each step), this one writes them in place into the columns after its window, and widens it.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class WindowLayer(DynamicLayer):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, start: int, end: int):
+            super().__init__()
+            self.buffers, self.rows, self.start = (keys, values), rows, start
+            self.keys, self.values = keys[:rows, :, start:end], values[:rows, :, start:end]
+            self.device, self.is_initialized = keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            (keys, values), n = self.buffers, self.rows
+            end = self.start + self.keys.shape[2] + key_states.shape[2]
+            keys[:n, :, end - key_states.shape[2]:end] = key_states
+            values[:n, :, end - value_states.shape[2]:end] = value_states
+            self.keys, self.values = keys[:n, :, self.start:end], values[:n, :, self.start:end]
+            return self.keys, self.values
+
+    return WindowLayer
+
+
+class BatchCache:
+    """The KV cache of a batch's rows, in tensors allocated ahead and written in place.
+
+    Per layer, keys and values ``[slots, heads, capacity, dim]``: row i holds slot i, every
+    row's positions end at column ``end`` (a shorter row is padded on the left, which ``mask``
+    hides), and columns ``start:end`` are those some row uses. A decode step writes its keys
+    and values at column ``end`` (``step``); a joining row's are copied into the next slot; the
+    rows after a leaving one move down a slot (a copy of those rows only). Only when the slots or the columns run out are the
+    tensors allocated again, ``BLOCK`` columns wider than needed: one copy of the cache per
+    ``BLOCK`` steps instead of one per step.
+    """
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None  # [slots, capacity]: 1 where a row has a position
+        self.rows = self.start = self.end = 0
+
+    def layers(self) -> Layers:
+        """The rows' keys and values ``[rows, heads, end - start, dim]`` per layer (views)."""
+        return [(k[:self.rows, :, self.start:self.end], v[:self.rows, :, self.start:self.end])
+                for k, v in zip(self.keys, self.values)]
+
+    def join(self, layers: Layers) -> None:
+        """Copy a new row's keys and values ``[1, heads, L, dim]`` into the next slot, ending at ``end``."""
+        length = layers[0][0].shape[2]
+        if not self.rows:
+            self.start = self.end = length
+        if not self.keys:
+            self.keys = [k.new_zeros(1, k.shape[1], 0, k.shape[3]) for k, _ in layers]
+            self.values = [v.new_zeros(1, v.shape[1], 0, v.shape[3]) for _, v in layers]
+            self.mask = torch.zeros(1, 0, dtype=torch.long, device=layers[0][0].device)
+            self.start = self.end = 0
+        slots = self.mask.shape[0]
+        if self.rows == slots or length > self.end or self.end >= self.mask.shape[1]:
+            self._allocate(slots if self.rows < slots else 2 * slots, max(0, length - (self.end - self.start)))
+        first, n = self.end - length, self.rows
+        if first < self.start:  # columns no row used: whatever a row that left wrote there is masked
+            self.mask[:n, first:self.start] = 0
+            self.start = first
+        for (k, v), (new_k, new_v) in zip(zip(self.keys, self.values), layers):
+            k[n, :, first:self.end], v[n, :, first:self.end] = new_k[0], new_v[0]
+        self.mask[n, self.start:first] = 0
+        self.mask[n, first:self.end] = 1
+        self.rows += 1
+
+    def step(self):
+        """(a transformers cache over the rows' columns, the attention mask) for a decode step.
+
+        The model writes the step's keys and values at column ``end``, which this step adds.
+        """
+        from transformers import DynamicCache
+
+        if self.end == self.mask.shape[1]:
+            self._allocate(self.mask.shape[0], 0)
+        cache = DynamicCache()
+        cache.layers = [_window_layer()(k, v, self.rows, self.start, self.end) for k, v in zip(self.keys, self.values)]
+        self.mask[:self.rows, self.end] = 1
+        self.end += 1
+        return cache, self.mask[:self.rows, self.start:self.end]
+
+    def remove(self, keep: list[int]) -> None:
+        """Keep the rows ``keep`` (indices, ascending): the rows after a freed slot move down, in order."""
+        n = len(keep)
+        moved = next((i for i, row in enumerate(keep) if row != i), n)  # the first slot that changes hands
+        if moved < n:
+            source = torch.tensor(keep[moved:], device=self.mask.device)
+            for t in self.keys + self.values:
+                t[moved:n, :, self.start:self.end] = t[source, :, self.start:self.end]
+            self.mask[moved:n, self.start:self.end] = self.mask[source, self.start:self.end]
+        self.rows = n
+        if n:  # columns before the first one a row uses are padding in every row left
+            self.start += int(self.mask[:n, self.start:self.end].any(0).nonzero()[0])
+
+    def _allocate(self, slots: int, left: int) -> None:
+        """New tensors of ``slots`` slots: the columns in use moved to ``left:``, ``BLOCK`` free ones after them."""
+        width, n = self.end - self.start, self.rows
+        capacity = left + width + BLOCK
+
+        def moved(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[0], shape[dim] = slots, capacity
+            new = t.new_zeros(shape)
+            new[:n].narrow(dim, left, width).copy_(t[:n].narrow(dim, self.start, width))
+            return new
+
+        self.keys = [moved(k, 2) for k in self.keys]
+        self.values = [moved(v, 2) for v in self.values]
+        self.mask = moved(self.mask, 1)
+        self.start, self.end = left, left + width
+
+
+@dataclass
+class _Reading:
+    """A prompt queued to join a batch, and how far it is read."""
+
+    row: Row
+    prompt: Prompt
+    chunk: int | None
+    prefill: Prefill | None = None  # made at the first read: the prefix cache is looked up then
+
+
 class DecodeBatch:
     """Sequences decoded together, one token each per step (continuous batching).
 
-    A row joins at any step, once its prompt is read on its own (``prefill``, through the
-    prefix cache); the rows' KV caches are kept as one, each row padded on the left, with an
-    attention mask and per-row positions. A row leaves at any step; padding no row needs any
-    more is cut. A server admits waiting requests between steps instead of waiting for the
-    whole batch to finish.
+    A row joins at any step, once its prompt is read on its own (``Prefill``, through the
+    prefix cache; ``begin`` and ``read`` read a long prompt in chunks between steps); the
+    rows' KV caches are kept as one (``BatchCache``), each row padded on the left, with an
+    attention mask and per-row positions. A row leaves at any step. A server admits waiting
+    requests between steps instead of waiting for the whole batch to finish.
     """
 
     def __init__(self, lm: LanguageModel, cache: PrefixCache | None = None):
         self.lm, self.cache = lm, cache
         self.rows: list[Row] = []
+        self.reading: list[_Reading] = []  # prompts queued to join, first read first
         self.logits: torch.Tensor | None = None  # [rows, vocab]: each row's next-token logits
-        self.layers: Layers = []  # [rows, heads, width, dim] per layer
-        self.mask: torch.Tensor | None = None  # [rows, width]: 0 over each row's left padding
+        self.kv = BatchCache()
 
-    def add(self, prompt: Prompt, params: SamplingParams) -> Row:
-        """Read ``prompt`` and add its row.
+    def begin(self, prompt: Prompt, params: SamplingParams, chunk: int | None = None) -> Row:
+        """Queue ``prompt``'s row; ``read`` reads it, ``chunk`` positions a call (all at once without one).
 
         Raises:
             ContextError: the prompt and ``params.max_new_tokens`` do not fit the context.
         """
         check_context(self.lm, prompt, params)
-        with torch.no_grad():
-            logits, past = prefill(self.lm, prompt, self.cache)
-        layers = _layers(past)
-        if self.cache is not None:
-            self.cache.add(prompt.keys, layers)
         row = Row(params, torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
                   params.max_new_tokens, len(prompt))
-        if not self.rows:
-            self.rows, self.logits, self.layers = [row], logits, layers
-            self.mask = torch.ones(1, len(prompt), dtype=torch.long, device=logits.device)
-            return row
-        width = max(self.mask.shape[1], len(prompt))
-        self.layers = [tuple(torch.cat([_pad_left(mine, width, 2), _pad_left(new, width, 2)]) for mine, new in zip(a, b))
-                       for a, b in zip(self.layers, layers)]
-        new_mask = self.mask.new_ones(1, len(prompt))
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(new_mask, width, 1)])
-        self.rows.append(row)
-        self.logits = torch.cat([self.logits, logits])
+        self.reading.append(_Reading(row, prompt, chunk))
         return row
+
+    def read(self) -> None:
+        """Read the next chunk of the first prompt queued; once it is read whole, its row joins ``rows``.
+
+        If reading fails, that prompt leaves the queue (the batch is otherwise unchanged).
+        """
+        reading = self.reading[0]
+        try:
+            if reading.prefill is None:
+                reading.prefill = Prefill(self.lm, reading.prompt, self.cache, reading.chunk)
+            reading.prefill.step()
+        except BaseException:
+            self.reading.remove(reading)
+            raise
+        if reading.prefill.done:
+            self.reading.remove(reading)
+            layers = _layers(reading.prefill.past)
+            if self.cache is not None:
+                self.cache.add(reading.prompt.keys, layers)
+            self._join(reading.row, layers, reading.prefill.logits)
+
+    def add(self, prompt: Prompt, params: SamplingParams) -> Row:
+        """Read ``prompt`` whole and add its row (``begin``, then ``read``)."""
+        row = self.begin(prompt, params)
+        while row not in self.rows:
+            self.read()
+        return row
+
+    def _join(self, row: Row, layers: Layers, logits: torch.Tensor) -> None:
+        self.kv.join(layers)
+        self.rows.append(row)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
     def pick(self) -> list[int]:
         """Each row's next token, by its own sampling parameters."""
@@ -380,46 +554,39 @@ class DecodeBatch:
                          r.params, r.generator)[0]) for i, r in enumerate(self.rows)]
 
     def remove(self, rows: list[Row]) -> None:
-        """Take ``rows`` out (finished, or their client went away)."""
+        """Take ``rows`` out (finished, or their client went away), queued ones too."""
         gone = set(rows)
+        self.reading = [r for r in self.reading if r.row not in gone]
         keep = [i for i, r in enumerate(self.rows) if r not in gone]
         if len(keep) == len(self.rows):
             return
+        self.kv.remove(keep)
         self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.logits, self.layers, self.mask = None, [], None
-            return
-        index = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask[index]
-        start = int(mask.any(0).nonzero()[0])  # columns before it are padding in every row left
-        self.mask = mask[:, start:]
-        self.layers = [(k[index, :, start:], v[index, :, start:]) for k, v in self.layers]
-        self.logits = self.logits[index]
+        self.logits = self.logits[keep] if self.rows else None
 
     def advance(self, tokens: list[int]) -> None:
         """Feed each row the token it was given (``pick``) and compute the next logits."""
         for row in self.rows:
             row.left -= 1
             row.length += 1
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
-        positions = torch.tensor([[r.length - 1] for r in self.rows], device=self.mask.device)
+        past, mask = self.kv.step()
+        positions = torch.tensor([[r.length - 1] for r in self.rows], device=mask.device)
         with torch.no_grad():
-            out, past = self.lm.forward(self.lm.embed_tokens(torch.tensor(tokens)[:, None]), self.mask, positions,
-                                        _kv_cache(self.layers))
-        self.logits, self.layers = out[:, -1], _layers(past)
+            out, _ = self.lm.forward(self.lm.embed_tokens(torch.tensor(tokens)[:, None]), mask, positions, past)
+        self.logits = out[:, -1]
 
 
 class Seq2SeqBatch(DecodeBatch):
     """Encoder-decoder sequences (BLIP-2 Flan-T5) decoded together: ``DecodeBatch``'s interface.
 
-    A row joins with its prompt (queries and text) read by the encoder once and its decoder's
-    first step (the start token) computed on its own. The encoder reads the whole prompt both
-    ways, so no prefix of it can be reused: the prefix cache keeps each prompt's
+    A row joins with its prompt (queries and text) read by the encoder once, whole, and its
+    decoder's first step (the start token) computed on its own. The encoder reads the whole
+    prompt both ways, so no prefix of it can be reused: the prefix cache keeps each prompt's
     cross-attention keys and values whole, and a prompt uses an entry only when the keys are
     the same (the same question about the same image: no encoder run at all). In the batch,
-    the decoders' self-attention caches are padded on the left, as ``DecodeBatch`` pads, which
-    T5's relative position bias allows (it depends on distances only); the cross-attention
-    keys and values are padded on the right, and each padding is hidden by its mask.
+    the decoders' self-attention caches are ``DecodeBatch``'s (padded on the left, which T5's
+    relative position bias allows: it depends on distances only); the cross-attention keys
+    and values are padded on the right, and each padding is hidden by its mask.
     """
 
     def __init__(self, lm: LanguageModel, cache: PrefixCache | None = None):
@@ -435,36 +602,28 @@ class Seq2SeqBatch(DecodeBatch):
         whole = shared == len(prompt) and layers and layers[0][0].shape[2] == len(prompt)  # not a longer prompt
         return layers if whole else None
 
-    def add(self, prompt: Prompt, params: SamplingParams) -> Row:
-        check_context(self.lm, prompt, params)
+    def read(self) -> None:
+        reading = self.reading.pop(0)
+        prompt, row = reading.prompt, reading.row
         cross = self._cross(prompt)
         with torch.no_grad():
             states = self.lm.encode(embed(self.lm, prompt)) if cross is None else None
             start = torch.tensor([[self.lm.decoder_start_token_id]])
-            logits, past = self._decode(start, torch.ones(1, 1, dtype=torch.long), [], cross or [],
+            logits, past = self._decode(start, torch.ones(1, 1, dtype=torch.long), _kv_cache([]), cross or [],
                                         torch.ones(1, len(prompt), dtype=torch.long), states)
         layers, cross = _layers(past.self_attention_cache), _layers(past.cross_attention_cache)
         if self.cache is not None:
             self.cache.add(prompt.keys, cross)
-        row = Row(params, torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
-                  params.max_new_tokens, 1)
-        device = logits.device
+        row.length = 1  # the decoder's positions
+        encoder_mask = torch.ones(1, len(prompt), dtype=torch.long, device=logits.device)
         if not self.rows:
-            self.rows, self.logits, self.layers, self.cross = [row], logits[:, -1], layers, cross
-            self.mask = torch.ones(1, 1, dtype=torch.long, device=device)
-            self.encoder_mask = torch.ones(1, len(prompt), dtype=torch.long, device=device)
-            return row
-        width, encoder_width = self.mask.shape[1], max(self.encoder_mask.shape[1], len(prompt))
-        self.layers = [tuple(torch.cat([mine, _pad_left(new, width, 2)]) for mine, new in zip(a, b))
-                       for a, b in zip(self.layers, layers)]
-        self.cross = [tuple(torch.cat([_pad_right(mine, encoder_width, 2), _pad_right(new, encoder_width, 2)])
-                            for mine, new in zip(a, b)) for a, b in zip(self.cross, cross)]
-        self.mask = torch.cat([self.mask, _pad_left(self.mask.new_ones(1, 1), width, 1)])
-        self.encoder_mask = torch.cat([_pad_right(self.encoder_mask, encoder_width, 1),
-                                       _pad_right(self.encoder_mask.new_ones(1, len(prompt)), encoder_width, 1)])
-        self.rows.append(row)
-        self.logits = torch.cat([self.logits, logits[:, -1]])
-        return row
+            self.cross, self.encoder_mask = cross, encoder_mask
+        else:
+            width = max(self.encoder_mask.shape[1], len(prompt))
+            self.cross = [tuple(torch.cat([_pad_right(mine, width, 2), _pad_right(new, width, 2)])
+                                for mine, new in zip(a, b)) for a, b in zip(self.cross, cross)]
+            self.encoder_mask = torch.cat([_pad_right(self.encoder_mask, width, 1), _pad_right(encoder_mask, width, 1)])
+        self._join(row, layers, logits[:, -1])
 
     def remove(self, rows: list[Row]) -> None:
         gone = set(rows)
@@ -483,21 +642,21 @@ class Seq2SeqBatch(DecodeBatch):
         for row in self.rows:
             row.left -= 1
             row.length += 1
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
+        past, mask = self.kv.step()
         with torch.no_grad():
-            out, past = self._decode(torch.tensor(tokens)[:, None], self.mask, self.layers, self.cross,
-                                     self.encoder_mask, None)
-        self.logits, self.layers = out[:, -1], _layers(past.self_attention_cache)
+            out, _ = self._decode(torch.tensor(tokens)[:, None], mask, past, self.cross, self.encoder_mask, None)
+        self.logits = out[:, -1]
 
-    def _decode(self, ids, mask, layers: Layers, cross: Layers, encoder_mask, states):
-        """One decoder step. Without ``states`` (the encoder's output), the cached ``cross`` keys and
-        values are all the decoder reads of it: a zero-width stand-in gives their batch and length."""
+    def _decode(self, ids, mask, past, cross: Layers, encoder_mask, states):
+        """One decoder step over the self-attention cache ``past``. Without ``states`` (the encoder's output),
+        the cached ``cross`` keys and values are all the decoder reads of it: a zero-width stand-in gives
+        their batch and length."""
         from transformers import EncoderDecoderCache
 
         if states is None:
             states = cross[0][0].new_zeros(encoder_mask.shape[0], encoder_mask.shape[1], 0)
         device = states.device
-        past = EncoderDecoderCache(_kv_cache(layers), _kv_cache(cross))
+        past = EncoderDecoderCache(past, _kv_cache(cross))
         return self.lm.decoder_forward(ids.to(device), mask.to(device), states, encoder_mask.to(device), past)
 
 
@@ -533,20 +692,11 @@ def batch_stream(lm: LanguageModel, prompts: list[Prompt], params: list[Sampling
             batch.advance([picked[r] for r in batch.rows])
 
 
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """``t`` made ``width`` long along ``dim`` by zeros in front (padding the attention mask hides)."""
-    return _pad(t, width, dim, front=True)
-
-
 def _pad_right(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """``t`` made ``width`` long along ``dim`` by zeros behind (padding the encoder mask hides)."""
-    return _pad(t, width, dim, front=False)
-
-
-def _pad(t: torch.Tensor, width: int, dim: int, front: bool) -> torch.Tensor:
     pad = width - t.shape[dim]
     if pad <= 0:
         return t
     shape = list(t.shape)
     shape[dim] = pad
-    return torch.cat([t.new_zeros(shape), t] if front else [t, t.new_zeros(shape)], dim)
+    return torch.cat([t, t.new_zeros(shape)], dim)

@@ -3,11 +3,12 @@
 The worker decodes the running requests together, one token each per step
 (``runtime.generation.new_batch``). Between steps it admits what is waiting, up to
 ``max_batch_size`` rows: each new prompt is read on its own (through the model's prefix
-cache, so requests about an image an earlier request brought read only their own words)
-and joins the batch; a finished request leaves it at once. When nothing runs, the worker
-waits for a request, and gathers what else arrives within a few milliseconds. A request
-whose client went away, or whose deadline passed, leaves at the next step; every accepted
-request gets exactly one terminal event.
+cache, so requests about an image an earlier request brought read only their own words),
+``prefill_chunk`` positions between two steps so that a long prompt does not stall the
+running requests, and joins the batch; a finished request leaves it at once. When nothing
+runs, the worker waits for a request, and gathers what else arrives within a few
+milliseconds. A request whose client went away, or whose deadline passed, leaves at the
+next step; every accepted request gets exactly one terminal event.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ class DeadlineError(VlmkitError):
 
 class Scheduler:
     def __init__(self, model: ChatModel, *, max_batch_size: int = 8, max_queue: int = 64,
-                 batch_window: float = 0.005, metrics=None):
+                 batch_window: float = 0.005, prefill_chunk: int | None = 128, metrics=None):
         self.model = model
         self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
         self.batch_window = batch_window
         self.metrics = metrics
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -88,6 +90,8 @@ class Scheduler:
         while True:
             try:
                 self._admit(batch, running)
+                if batch.reading:
+                    self._read(batch, running)
                 if batch.rows:
                     self._step(batch, running)
                 if self.metrics:
@@ -121,15 +125,15 @@ class Scheduler:
         return jobs
 
     def _admit(self, batch: DecodeBatch, running: dict) -> None:
-        admitted = 0
-        for job in self._waiting(self.max_batch_size - len(batch.rows), block=not batch.rows):
+        busy = len(batch.rows) + len(batch.reading)
+        for job in self._waiting(self.max_batch_size - busy, block=not busy):
             if not job.active:
                 job.emit("cancelled" if job.cancelled.is_set() else "error",
                          None if job.cancelled.is_set() else DeadlineError("the request timed out while queued"))
                 continue
             try:
                 prompt = self.model.prompt(job.messages)
-                row = batch.add(prompt, job.params)  # reads the prompt; the batch is unchanged if that fails
+                row = batch.begin(prompt, job.params, self.prefill_chunk)  # read by ``_read``, chunk by chunk
             except VlmkitError as e:  # a bad image, a prompt longer than the context: the request's fault
                 job.emit("error", e)
                 continue
@@ -139,8 +143,25 @@ class Scheduler:
                 continue
             job.emit("start", prompt)
             running[row] = (job, ReplyBuilder(self.model.backend, prompt, job.params))
-            admitted += 1
-        if admitted and self.metrics:
+
+    def _read(self, batch: DecodeBatch, running: dict) -> None:
+        """Read the next chunk of the first prompt waiting to join; it joins once read whole."""
+        row = batch.reading[0].row
+        job, _ = running[row]
+        if not job.active:
+            job.emit("cancelled" if job.cancelled.is_set() else "error",
+                     None if job.cancelled.is_set() else DeadlineError("the request timed out while its prompt was read"))
+            batch.remove([row])
+            running.pop(row)
+            return
+        try:
+            batch.read()  # a failure drops this prompt only
+        except Exception as e:  # noqa: BLE001 - an internal failure answers 500; the others keep going
+            log.exception("reading a prompt failed")
+            job.emit("error", e)
+            running.pop(row)
+            return
+        if row in batch.rows and self.metrics:
             self.metrics.batch_size.observe(len(batch.rows))
 
     def _step(self, batch: DecodeBatch, running: dict) -> None:
