@@ -100,6 +100,7 @@ def test_vllm_gets_every_transformers_layout_in_published_names(models, tmp_path
         assert all(torch.equal(ours[k], reference[k]) for k in reference)
         for file in ("config.json", "chat_template.jinja", "tokenizer.json", "processor_config.json"):
             assert (view / file).read_bytes() == (saved / file).read_bytes()
+        assert not (view / "vlmkit-manifest.json").exists()  # an internal copy: no manifest, no source hashing
         vllm.check_folder(view)
         assert vllm.published_view(view) is None
         assert _files(saved) == before  # the user's folder is untouched
@@ -117,6 +118,32 @@ def test_vllm_is_started_on_the_view_which_goes_with_it(models, tmp_path, monkey
     assert f"vLLM gets a renamed copy in {served}" in capsys.readouterr().err
     process.stop()
     assert not served.parent.exists()
+
+
+@pytest.mark.parametrize("failing", ["free_port", "EngineProcess"])
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
+def test_a_failure_after_the_view_is_made_leaves_no_copy(models, tmp_path, monkeypatch, failing, error):
+    """The renamed copy is model-sized, often in RAM ($TMPDIR on tmpfs): an error or Ctrl-C before vLLM starts
+    removes it."""
+    import tempfile
+
+    saved = save_with_transformers(models["v15-hf"], tmp_path / "built", "built")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setattr(vllm, "python", lambda: shutil.which("true"))
+    made = []
+    view = vllm.published_view
+    monkeypatch.setattr(vllm, "published_view", lambda folder: made.append(view(folder)) or made[-1])
+
+    def fail(*args, **kwargs):
+        raise error("injected")
+
+    monkeypatch.setattr(vllm, failing, fail)
+    with pytest.raises(error, match="injected"):
+        vllm.start(str(saved), ServeSettings(model_name="tiny"), LoadOptions())
+    assert made and made[0] is not None and made[0].is_relative_to(temporary)  # the view was made, then removed
+    assert list(temporary.iterdir()) == []
 
 
 def test_vllm_command_line(models):

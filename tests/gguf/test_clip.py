@@ -139,3 +139,14 @@ def test_bad_input_is_refused_before_anything_is_written(clip, tmp_path):
     err = _fails("convert", other, dst, "--to", "gguf", "--vision-only")
     assert "hidden_act 'gelu_new'; clip.cpp runs gelu or quick_gelu" in err
     assert not dst.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag,name", [("f16", "float16"), ("bf16", "bfloat16")])
+def test_clip_to_hf_config_states_the_dtype_the_weights_have(clip, tmp_path, flag, name):
+    from safetensors import safe_open
+
+    out = tmp_path / "hf"
+    assert run_cli("convert", clip, out, "--to", "hf", "--dtype", flag, "--quiet").code == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        stored = {str(f.get_slice(k).get_dtype()) for k in f.keys()}  # floats cast; position_ids stay I64
+    assert stored - {"I64"} == {flag.upper()} and json.loads((out / "config.json").read_text())["torch_dtype"] == name

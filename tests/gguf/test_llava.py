@@ -172,6 +172,21 @@ def test_vocabulary_that_does_not_fit_the_embedding(parts, hf, tmp_path):
     assert "added_tokens.json: Expected new token IDs [32000, 32001] to be sequential; got [32000, 40000]" in err
 
 
+@pytest.mark.parametrize("text,why", [
+    ('{"version": "1.0", "model": {"type": "BPE", ', "Expecting"),  # cut short
+    ('{"version": "1.0", "added_tokens": []}', "it has no 'model' field"),
+])
+def test_a_broken_tokenizer_json_is_one_error_line(hf, tmp_path, text, why):
+    """A transformers folder with only tokenizer.json (as transformers 5 saves it), that file broken: one error
+    line naming it and what to do, not gguf-py's traceback."""
+    src = _edited(hf["v15"], tmp_path / "broken-tokenizer-hf", lambda c: None)
+    (src / "tokenizer.model").unlink()
+    (src / "tokenizer.json").write_text(text)
+    err = _fails(src, tmp_path / "out")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{src / 'tokenizer.json'}: " in errors[0] and why in errors[0], err
+
+
 def test_added_tokens_beyond_the_embedding_rows():
     from vlmkit.conversion.gguf_vocab import sentencepiece
     from vlmkit.errors import ConfigError

@@ -106,6 +106,28 @@ def test_the_same_question_reuses_the_encoder_output(converted, monkeypatch):
     assert len(encoded) == 2
 
 
+def test_a_longer_prompt_keeps_the_shorter_ones_encoder_output(converted, monkeypatch):
+    """P, then P extended, then P again: the third reads no encoder, and every answer is the uncached one."""
+    from vlmkit.runtime.generation import Prompt, SamplingParams, batch_stream
+
+    short = converted.prompt(ask(*QUESTIONS[0]))
+    extra = converted.prompt(ask(*QUESTIONS[1])).ids[-3:]  # a few more words after the same prompt
+    long = Prompt(short.ids + extra, short.keys + extra, short.images)
+    params = [SamplingParams(temperature=0, max_new_tokens=12)]
+
+    def answer(prompt, cache):
+        return [step[0] for step in batch_stream(converted.backend, [prompt], params, cache=cache)]
+
+    uncached = [answer(p, None) for p in (short, long, short)]
+    encoded = []
+    encode = converted.backend.encode
+    monkeypatch.setattr(converted.backend, "encode", lambda embeds: encoded.append(1) or encode(embeds))
+    converted.prefix_cache.clear()
+    cached = [answer(p, converted.prefix_cache) for p in (short, long, short)]
+    assert len(encoded) == 2  # the short prompt and the long one; the short one again reads its own entry
+    assert cached == uncached and cached[0] != cached[1]
+
+
 def test_cli_chat_on_the_converted_folder_and_the_lavis_checkpoint(blip2_t5):
     question, image = QUESTIONS[0]
     _, text = transformers_generate(blip2_t5["hf"], question, image, 12)

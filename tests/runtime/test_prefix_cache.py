@@ -41,3 +41,18 @@ def test_least_recently_used_entries_go_when_the_bytes_run_out():
     assert cache.longest(list(range(100, 110)))[0] == 0 and cache.longest(list(range(10)))[0] == 10
     cache.add(list(range(300, 400)), layers(100))  # larger than the whole budget: not kept
     assert len(cache) == 2
+
+
+def test_exact_entries_are_found_only_whole_and_kept_beside_longer_ones():
+    """An encoder's output (``exact=True``) serves only the same keys: a longer prompt neither drops it nor is
+    served by it, and prefix lookups never return it."""
+    cache = PrefixCache()
+    cache.add([1, 2, 3], layers(3, 1.0), exact=True)
+    cache.add([1, 2, 3, 4], layers(4, 2.0), exact=True)
+    assert len(cache) == 2
+    assert cache.exact([1, 2, 3])[0][0][0, 0, 0, 0] == 1.0
+    assert cache.exact([1, 2, 3, 4])[0][0][0, 0, 0, 0] == 2.0
+    assert cache.exact([1, 2]) is None and cache.exact([1, 2, 3, 4, 5]) is None
+    assert cache.longest([1, 2, 3]) == (0, None)
+    cache.add([1, 2, 3], layers(3, 3.0), exact=True)  # the same keys again: replaced, not doubled
+    assert len(cache) == 2 and cache.exact([1, 2, 3])[0][0][0, 0, 0, 0] == 3.0

@@ -81,3 +81,39 @@ def post_and_hang_up(port: int, body: dict, *, until, headers: dict | None = Non
         while not until():
             assert time.monotonic() < deadline, "the request was never being answered"
             time.sleep(0.05)
+
+
+def join_running_batch(model, long: tuple, short: tuple) -> tuple[list[str], object, object]:
+    """Continuous batching's scenario: ``long`` (messages, SamplingParams) submitted to a ``Scheduler`` over
+    ``model``, ``short`` submitted once the long answer is being generated.
+
+    Returns the order the two finished in (``["short", "long"]`` when the short one joined the running
+    batch) and their replies (long, short).
+    """
+    import asyncio
+
+    from vlmkit.serve.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(model, max_batch_size=4)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        finished: list[str] = []
+
+        async def answer(name, job):
+            while True:
+                kind, payload = await job.events.get()
+                if kind in ("done", "error", "cancelled"):
+                    finished.append(name)
+                    return payload
+
+        first = Job(*long, loop, deadline=time.monotonic() + 120)
+        scheduler.submit(first)
+        while (await first.events.get())[0] != "delta":  # the long answer is being generated
+            pass
+        second = Job(*short, loop, deadline=time.monotonic() + 120)
+        scheduler.submit(second)
+        return finished, await asyncio.gather(answer("long", first), answer("short", second))
+
+    finished, (long_reply, short_reply) = asyncio.run(scenario())
+    return finished, long_reply, short_reply

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,10 +11,9 @@ from openai import OpenAI
 
 import vlmkit
 from vlmkit.runtime.generation import SamplingParams
-from vlmkit.serve.scheduler import Job, Scheduler
 
 from ..runtime.test_blip2_t5_chat import QUESTIONS, transformers_generate
-from .conftest import Server
+from .conftest import Server, join_running_batch
 
 
 def ask(question, image):
@@ -69,27 +66,6 @@ def test_a_request_joins_the_running_batch_and_answers_as_alone(blip2_t5):
     short = ([{"role": "user", "content": short_q, "images": [short_image]}], SamplingParams(max_new_tokens=12))
     alone = [model.chat(messages, max_new_tokens=p.max_new_tokens, temperature=0) for messages, p in (long, short)]
     assert alone[0].finish_reason == "length" and alone[1].finish_reason == "stop"
-    scheduler = Scheduler(model, max_batch_size=4)
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        finished: list[str] = []
-
-        async def answer(name, job):
-            while True:
-                kind, payload = await job.events.get()
-                if kind in ("done", "error", "cancelled"):
-                    finished.append(name)
-                    return payload
-
-        first = Job(*long, loop, deadline=time.monotonic() + 120)
-        scheduler.submit(first)
-        while (await first.events.get())[0] != "delta":  # the long answer is being generated
-            pass
-        second = Job(*short, loop, deadline=time.monotonic() + 120)
-        scheduler.submit(second)
-        return finished, await asyncio.gather(answer("long", first), answer("short", second))
-
-    finished, (long_reply, short_reply) = asyncio.run(scenario())
+    finished, long_reply, short_reply = join_running_batch(model, long, short)
     assert finished == ["short", "long"]  # it joined the running batch instead of waiting for it
     assert short_reply.tokens == alone[1].tokens and long_reply.tokens == alone[0].tokens

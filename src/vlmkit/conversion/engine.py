@@ -91,6 +91,7 @@ def run(
     dry_run: bool = False,
     progress: Callable[[int], "Progress"] | None = None,
     provenance: dict | None = None,
+    manifest: bool = True,
 ) -> Result:
     """Convert into ``destination`` (a folder), atomically.
 
@@ -104,6 +105,8 @@ def run(
         progress: called with the total source bytes once the plan checks out; returns
             an object with ``update(n)`` and ``close()`` (a ``tqdm`` fits).
         provenance: how the conversion was asked for (``output.provenance``), for the manifest and the card.
+        manifest: write ``vlmkit-manifest.json`` and the model card. False for an internal copy nobody
+            publishes (``serve --engine vllm``'s renamed view): no source file is hashed for it.
 
     Raises:
         PlanError: the plan does not check out (before anything is read).
@@ -132,11 +135,13 @@ def run(
         hashes = writer.hashes
         if conversion.write_extras:
             conversion.write_extras(tmp)
-        from ..publish import card
+        if manifest:
+            from ..publish import card
 
-        output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(source), plan=plan.to_dict(),
-                              provenance={**(provenance or {}), "output": "hf", "summary": conversion.summary},
-                              assumptions=list(plan.assumptions), card=card.render)
+            output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(source),
+                                  plan=plan.to_dict(),
+                                  provenance={**(provenance or {}), "output": "hf", "summary": conversion.summary},
+                                  assumptions=list(plan.assumptions), card=card.render)
     return Result(plan, destination, hashes)
 
 

@@ -110,11 +110,17 @@ def sentencepiece_json(folder: Path, added: dict[str, int], rows: int) -> Vocab:
     file = folder / "tokenizer.json"
     try:
         hf = gguf.LlamaHfVocab(folder)  # gguf-py: the tokens and types, through transformers' tokenizer
+        merges = json.loads(file.read_text(encoding="utf-8"))["model"]["merges"]
     except (FileNotFoundError, TypeError) as e:
         raise ConfigError(f"{file}: not a SentencePiece-BPE (LLaMA / Mistral) tokenizer: {e}",
                           hint="pass --model-base FOLDER with the base LLM's tokenizer.model") from None
+    except (ValueError, KeyError, AssertionError) as e:  # invalid JSON, a missing field, not a fast tokenizer
+        why = {KeyError: f"it has no {e} field", AssertionError: "transformers does not read it as a fast tokenizer"}
+        raise ConfigError(f"{file}: unreadable: {why.get(type(e), e)}",
+                          hint="restore tokenizer.json from the model's release, or pass --model-base FOLDER "
+                               "with the base LLM's tokenizer.model") from None
     rank: dict[str, int] = {}
-    for r, merge in enumerate(json.loads(file.read_text())["model"]["merges"]):
+    for r, merge in enumerate(merges):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         rank.setdefault(left + right, r)
     tok = hf.tokenizer

@@ -207,11 +207,15 @@ class PrefixCache:
     Entries are dropped least recently used once their tensors exceed ``max_bytes``, and an
     entry that a newer one extends is dropped at once. The cached tensors are never written
     to: a reuse slices them, and the model's cache appends by concatenation (new tensors).
+
+    An entry added with ``exact=True`` (an encoder's output, which only the very same prompt can
+    reuse) is found only by ``exact`` with the same keys: ``longest`` skips it, and no newer
+    entry drops it for extending it.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[int, tuple[list[Hashable], Layers, int]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[list[Hashable], Layers, int, bool]] = OrderedDict()  # last: exact
         self._bytes = 0
         self._ids = 0
 
@@ -229,27 +233,37 @@ class PrefixCache:
     def longest(self, keys: list[Hashable]) -> tuple[int, Layers | None]:
         """(positions shared, that entry's layers) for the entry sharing the longest prefix with ``keys``."""
         best, found, at = 0, None, None
-        for entry_id, (entry_keys, layers, _) in self._entries.items():
-            n = _common_prefix(entry_keys, keys)
+        for entry_id, (entry_keys, layers, _, exact) in self._entries.items():
+            n = 0 if exact else _common_prefix(entry_keys, keys)
             if n > best:
                 best, found, at = n, layers, entry_id
         if at is not None:
             self._entries.move_to_end(at)
         return best, found
 
-    def add(self, keys: list[Hashable], layers: Layers) -> None:
+    def exact(self, keys: list[Hashable]) -> Layers | None:
+        """The layers of the ``exact=True`` entry whose keys are ``keys``, or None."""
+        for entry_id, (entry_keys, layers, _, exact) in self._entries.items():
+            if exact and entry_keys == keys:
+                self._entries.move_to_end(entry_id)
+                return layers
+        return None
+
+    def add(self, keys: list[Hashable], layers: Layers, *, exact: bool = False) -> None:
         size = sum(k.nbytes + v.nbytes for k, v in layers)
         if size > self.max_bytes or not keys:
             return
-        for entry_id, (entry_keys, _, entry_size) in list(self._entries.items()):
-            if _common_prefix(entry_keys, keys) == len(entry_keys):  # the new entry holds all of this one
+        for entry_id, (entry_keys, _, entry_size, entry_exact) in list(self._entries.items()):
+            # a prefix entry the new one holds all of goes; an exact entry is replaced only by the same keys
+            if entry_exact == exact and (entry_keys == keys if exact
+                                         else _common_prefix(entry_keys, keys) == len(entry_keys)):
                 del self._entries[entry_id]
                 self._bytes -= entry_size
-        self._entries[self._ids] = (list(keys), layers, size)
+        self._entries[self._ids] = (list(keys), layers, size, exact)
         self._ids += 1
         self._bytes += size
         while self._bytes > self.max_bytes:
-            _, (_, _, old) = self._entries.popitem(last=False)
+            _, (_, _, old, _) = self._entries.popitem(last=False)
             self._bytes -= old
 
 
@@ -392,9 +406,9 @@ class BatchCache:
     row's positions end at column ``end`` (a shorter row is padded on the left, which ``mask``
     hides), and columns ``start:end`` are those some row uses. A decode step writes its keys
     and values at column ``end`` (``step``); a joining row's are copied into the next slot; the
-    rows after a leaving one move down a slot (a copy of those rows only). Only when the slots or the columns run out are the
-    tensors allocated again, ``BLOCK`` columns wider than needed: one copy of the cache per
-    ``BLOCK`` steps instead of one per step.
+    rows after a leaving one move down a slot (a copy of those rows only). Only when the slots or
+    the columns run out are the tensors allocated again, ``BLOCK`` columns wider than needed: one
+    copy of the cache per ``BLOCK`` steps instead of one per step.
     """
 
     def __init__(self):
@@ -596,11 +610,7 @@ class Seq2SeqBatch(DecodeBatch):
 
     def _cross(self, prompt: Prompt) -> Layers | None:
         """The cross-attention keys and values the cache holds for exactly this prompt, or None."""
-        if self.cache is None:
-            return None
-        shared, layers = self.cache.longest(prompt.keys)
-        whole = shared == len(prompt) and layers and layers[0][0].shape[2] == len(prompt)  # not a longer prompt
-        return layers if whole else None
+        return None if self.cache is None else self.cache.exact(prompt.keys)
 
     def read(self) -> None:
         reading = self.reading.pop(0)
@@ -613,7 +623,7 @@ class Seq2SeqBatch(DecodeBatch):
                                         torch.ones(1, len(prompt), dtype=torch.long), states)
         layers, cross = _layers(past.self_attention_cache), _layers(past.cross_attention_cache)
         if self.cache is not None:
-            self.cache.add(prompt.keys, cross)
+            self.cache.add(prompt.keys, cross, exact=True)  # encoder outputs: only this very prompt reuses them
         row.length = 1  # the decoder's positions
         encoder_mask = torch.ones(1, len(prompt), dtype=torch.long, device=logits.device)
         if not self.rows:

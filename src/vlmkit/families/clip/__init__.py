@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ... import dtypes
 from ...conversion import engine
 from ...options import LoadOptions
 from ...tensors import open_source
@@ -37,7 +38,6 @@ def describe(path: Path, config: dict | None) -> dict:
 # the non-tensor files of a transformers CLIP folder (openai/clip-vit-*): without them the output is no model
 SIDE_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
               "merges.txt", "special_tokens_map.json")
-DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def conversion(path: Path, options: LoadOptions) -> engine.Conversion:
@@ -51,7 +51,7 @@ def conversion(path: Path, options: LoadOptions) -> engine.Conversion:
                 shutil.copyfile(folder / name, out / name)
         if options.dtype and (out / "config.json").is_file():  # the dtype the weights now have
             config = json.loads((out / "config.json").read_text())
-            config["torch_dtype"] = DTYPE_NAMES.get(options.dtype, config.get("torch_dtype"))
+            config["torch_dtype"] = dtypes.config_name(options.dtype)
             (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     identity = engine.identity(open_source(path))

@@ -34,7 +34,7 @@ from ...conversion import gguf_vocab
 from ...conversion.rules import Rule
 from ...conversion.staged import PlannedSource
 from ...errors import ConfigError
-from ...options import LoadOptions
+from ...options import LoadOptions, read_json
 from ...runtime import images
 from ...tensors import TensorSource, open_source
 from ...tensors.torch_io import TorchSource
@@ -159,7 +159,7 @@ def from_original(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -
 def _added_tokens(folder: Path) -> dict[str, int]:
     added: dict[str, int] = {}
     if (folder / "tokenizer.json").is_file():
-        data = json.loads((folder / "tokenizer.json").read_text())
+        data = read_json(folder / "tokenizer.json")
         added.update({t["content"]: int(t["id"]) for t in data.get("added_tokens", [])})
     if (folder / "added_tokens.json").is_file():
         added.update(json.loads((folder / "added_tokens.json").read_text()))

@@ -148,8 +148,9 @@ def published_view(folder: Path) -> Path | None:
 
     transformers 5's ``save_pretrained`` writes other names (``families/llava/layout.py``), which
     vLLM refuses. The copy is a new temporary folder (under ``$TMPDIR``): the weights renamed, not
-    changed, by vlmkit's conversion engine (written atomically, with a manifest), and the folder's
-    other files beside them. The user's folder is never modified; the caller removes the copy.
+    changed, by vlmkit's conversion engine (written atomically; no manifest or card, nobody publishes
+    it), and the folder's other files beside them. The user's folder is never modified; the caller
+    removes the copy's parent (``view.parent``) as soon as it has it.
     """
     from ...conversion import engine
     from ...tensors import open_source
@@ -174,7 +175,7 @@ def published_view(folder: Path) -> Path | None:
 
     try:
         conversion = dataclasses.replace(engine.identity(layout.published(source)), write_extras=copy_files)
-        engine.run(conversion, view)
+        engine.run(conversion, view, manifest=False)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
@@ -214,14 +215,23 @@ def start(model: str, settings, options: LoadOptions, *, data_parallel_size: int
     folder = Path(model)
     config = check_folder(folder, options.device)
     python_path = python()
-    view = published_view(folder)
-    port = free_port()
-    env = {k: os.environ.get(k, v) for k, v in ENV_DEFAULTS.items()}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH")) if p)
-    process = EngineProcess(NAME, command(python_path, view or folder, port, settings.model_name, settings, options,
-                                          config, data_parallel_size=data_parallel_size), port, env=env)
-    if view is not None:
-        process.on_stop.append(lambda: shutil.rmtree(view.parent, ignore_errors=True))
+    view = None
+
+    def remove_view() -> None:  # a model-sized copy, often in RAM (tmpfs): never left behind
+        if view is not None:
+            shutil.rmtree(view.parent, ignore_errors=True)
+
+    try:
+        view = published_view(folder)
+        port = free_port()
+        env = {k: os.environ.get(k, v) for k, v in ENV_DEFAULTS.items()}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), os.environ.get("PYTHONPATH")) if p)
+        process = EngineProcess(NAME, command(python_path, view or folder, port, settings.model_name, settings,
+                                              options, config, data_parallel_size=data_parallel_size), port, env=env)
+    except BaseException:  # Ctrl-C included
+        remove_view()
+        raise
+    process.on_stop.append(remove_view)
     try:
         process.start()
     except BaseException:
