@@ -198,3 +198,18 @@ def test_questions_about_an_image_already_read_share_its_positions(models, loade
     # the cat's prompt reads only the words after the image; the rocket's shares the system prompt, not the image
     assert computed[0] < warm[0].prompt_tokens - warm[0].image_tokens
     assert warm[1].image_tokens < computed[1] < warm[1].prompt_tokens
+
+
+@pytest.mark.parametrize("temperature, top_p", [(5e-324, 1.0), (1.0, 5e-324), (1e-45, 1e-45)])
+def test_vanishing_temperature_or_top_p_picks_the_greedy_token(temperature, top_p):
+    # Values the server's schema accepts (temperature >= 0, top_p > 0) that vanish in float32: found by
+    # schemathesis as a 500 ("probability tensor contains either inf, nan or element < 0").
+    import torch
+
+    from vlmkit.runtime.generation import SamplingParams, pick
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [7.0, 1.0, 6.5, -2.0]])
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    for seed in range(5):
+        picked = pick(logits, params, torch.Generator().manual_seed(seed))
+        assert picked.tolist() == [1, 0]

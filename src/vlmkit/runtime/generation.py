@@ -149,10 +149,14 @@ def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
     logits = logits.to("cpu", torch.float32)
     if params.temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / params.temperature, -1)
+    # Shifted so the best logit is 0: a temperature too small for float32 (5e-324 becomes 0) gives
+    # 0/0 there, read as 0, and -inf elsewhere, i.e. the greedy token, never a NaN.
+    scaled = (logits - logits.max(-1, keepdim=True).values) / params.temperature
+    probs = torch.softmax(scaled.nan_to_num(nan=0.0), -1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < params.top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(-1) - sorted_p < params.top_p
+        keep[..., 0] = True  # the most likely token always stays (a top_p below float32's range keeps it alone)
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
