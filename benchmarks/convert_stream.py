@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -70,6 +71,31 @@ def synthesise(folder: Path, specs: list[TensorSpec], shard_size: int) -> None:
             # random finite bf16 values: random mantissas, exponents near 1.0
             bits = rng.integers(0x3C00, 0x3F80, size=spec.shape, dtype=np.int16)
             writer.write(spec.name, torch.from_numpy(bits).view(torch.bfloat16))
+
+
+def synthesise_bin(folder: Path, specs: list[TensorSpec], shard_size: int) -> None:
+    """The same tensors as fp16 ``pytorch_model-*.bin`` shards + index, as ``save_pretrained`` left the
+    original LLaVA-1.5 releases (``torch.save`` of each shard's state dict, one storage per tensor).
+
+    The release has two shards (9.98 + 3.54 GB); smaller ones keep this script's own memory low and
+    change nothing per byte for the reader.
+    """
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    shards = layout_shards([TensorSpec(s.name, s.shape, "F16") for s in specs], shard_size)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        state = {}
+        for spec in shard.tensors:  # random finite fp16 values near 1.0
+            bits = rng.integers(0x3000, 0x3C00, size=spec.shape, dtype=np.int16)
+            state[spec.name] = torch.from_numpy(bits).view(torch.float16)
+            weight_map[spec.name] = name
+        torch.save(state, folder / name)
+        del state
+    total = sum(s.nbytes for s in shards)
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def drop_caches() -> bool:

@@ -199,3 +199,27 @@ def test_verify_catches_a_wrong_conversion(llava_parts, tmp_path):
     assert v.code == 3
     assert "[FAIL] logits" in v.out and "verdict: FAIL" in v.out
     assert "[pass] input ids" in v.out and "[pass] pixel values" in v.out
+
+
+def test_new_rows_follow_the_scripts_distribution():
+    """The rows are N(mu, 1e-5 * Sigma) of the embeddings (Sigma biased, / n), as transformers' scripts draw them.
+
+    The reference statistics are torch's own mean and covariance of the embedding matrix.
+    """
+    from vlmkit.families.llava.convert import EmbeddingDistribution
+
+    g = torch.Generator().manual_seed(3)
+    e = (torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g) + 2.0).half()
+
+    class Source:
+        def read(self, name):
+            assert name == "embed"
+            return e.clone()
+
+    draws = EmbeddingDistribution(Source(), "embed")(e, 40000, torch.Generator().manual_seed(0))
+    mu = e.double().mean(0)
+    sigma = 1e-5 * torch.cov(e.double().T, correction=0)
+    assert draws.shape == (40000, 6)
+    assert torch.allclose(draws.double().mean(0), mu, atol=4 * sigma.diag().max().sqrt().item() / 200)
+    # the sample covariance of 40000 draws is within a few percent of the distribution's
+    assert torch.allclose(torch.cov(draws.double().T), sigma, atol=0.05 * sigma.diag().max().item())
