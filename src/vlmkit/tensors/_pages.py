@@ -1,4 +1,4 @@
-"""Give memory-mapped pages back to the OS once a tensor has been copied out.
+"""Give memory-mapped pages back to the OS once a tensor has been copied out; read byte ranges.
 
 A file mapping keeps every page it touched in the process's resident set until it
 is unmapped. Readers that must map a whole file (torch's zip checkpoints, gguf-py's
@@ -12,7 +12,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 import sys
+from pathlib import Path
+
+from ..errors import CheckpointError
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
@@ -27,3 +31,19 @@ def release(address: int, nbytes: int) -> None:
     end = address + nbytes
     length = (end - start + _PAGE - 1) & ~(_PAGE - 1)
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+
+def pread_exact(fd: int, nbytes: int, offset: int, file: Path, name: str) -> bytearray:
+    """``nbytes`` from ``offset`` of an open file into a fresh buffer (one copy, no mapping).
+
+    Raises:
+        CheckpointError: the file ends first (naming the file and the tensor).
+    """
+    buf = bytearray(nbytes)
+    view, done = memoryview(buf), 0
+    while done < nbytes:  # preadv may return short reads for huge tensors
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{file}: unexpected end of file reading '{name}'")
+        done += n
+    return buf
