@@ -164,8 +164,7 @@ class SafetensorsSource:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = pread_exact(fd, info.nbytes, offset, info.file, name)
-        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        return pread_exact(fd, info.nbytes, offset, info.file, name).view(DTYPES[info.dtype]).reshape(info.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -206,8 +206,7 @@ class TorchSource:
             fd = self._fds.get(info.file)
             if fd is None:
                 fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-            buf = _pages.pread_exact(fd, info.nbytes, offset, info.file, name)
-            return torch.frombuffer(buf, dtype=view.dtype).reshape(view.shape)
+            return _pages.pread_exact(fd, info.nbytes, offset, info.file, name).view(view.dtype).reshape(view.shape)
         tensor = view.clone()  # a private copy; the mapped pages can then be let go
         if self._infos[name].file in self._mapped:  # never on heap memory: that would zero it
             _pages.release(view.data_ptr(), view.numel() * view.element_size())
