@@ -289,3 +289,18 @@ def test_cast_never_rewrites_memory_another_output_shares():
     assert torch.equal(got[0], t[:4].half()) and torch.equal(got[1], t[4:].half())
     assert torch.equal(got[2], t.half()) and torch.equal(got[3], t.half())
     assert torch.equal(a, t[:4]) and same.dtype == torch.bfloat16 and torch.equal(same, t)
+
+
+def test_extras_failure_leaves_nothing(tmp_path):
+    """The non-tensor files are written beside the tensors; their error still leaves nothing behind."""
+    _many(tmp_path / "src")
+
+    def failing_extras(folder):
+        (folder / "config.json").write_text("{}")
+        raise Boom("no tokenizer")
+
+    conversion = identity(open_source(tmp_path / "src"))
+    conversion.write_extras = failing_extras
+    with pytest.raises(Boom, match="no tokenizer"):
+        run(conversion, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -10,6 +10,7 @@ memory is the tensors of ``READ_AHEAD + 2`` steps, never the model.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import queue
 import threading
@@ -121,6 +122,10 @@ def run(
         if bar is not None:
             cleanup.callback(bar.close)
         tmp = cleanup.enter_context(output.atomic_folder(destination, force=force))
+        # the other files (config, tokenizer, processor: seconds of imports) are written meanwhile;
+        # leaving the block waits for them before the temporary folder is kept or removed
+        extras = cleanup.enter_context(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        extras_done = extras.submit(conversion.write_extras, tmp) if conversion.write_extras else None
         with SafetensorsWriter(tmp, shards, conversion.metadata) as writer:
             for step, tensors in _stream(plan, source, cast=True):
                 for target, tensor in zip(step.targets, tensors):
@@ -128,8 +133,8 @@ def run(
                 if bar is not None:
                     bar.update(step.nbytes_in)
         hashes = writer.hashes
-        if conversion.write_extras:
-            conversion.write_extras(tmp)
+        if extras_done is not None:
+            extras_done.result()
         output.write_manifest(
             tmp,
             known_hashes=hashes,
