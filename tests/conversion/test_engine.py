@@ -183,3 +183,124 @@ def test_source_is_never_written(tmp_path):
     run(Conversion(open_source(tmp_path / "src"), RULES), tmp_path / "out", dtype="BF16")
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "src").iterdir()}
     assert before == after
+
+
+# ------------------------------------------------------------------------- the pipeline
+
+
+def _many(folder, n=12):
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"t{i:02d}": torch.full((4, 4), float(i)) for i in range(n)}, folder / "model.safetensors")
+
+
+def _wait_for(predicate, seconds=10.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_reader_runs_ahead_of_the_writer_by_a_bounded_number_of_steps(tmp_path):
+    """While the writer holds one step, the reader fills the queue, then waits: never more in flight."""
+    import time
+
+    from vlmkit.conversion.engine import READ_AHEAD, _stream, plan_for
+
+    _many(tmp_path / "src")
+    source = open_source(tmp_path / "src")
+    reads = []
+    read = source.read
+    source.read = lambda name: reads.append(name) or read(name)
+    steps = _stream(plan_for(identity(source)), source)
+    next(steps)  # the writer holds step 0 and writes nothing more
+    # one held + READ_AHEAD queued + one read and waiting for room
+    assert _wait_for(lambda: len(reads) == READ_AHEAD + 2), reads
+    time.sleep(0.3)
+    assert len(reads) == READ_AHEAD + 2, reads
+    assert len(list(steps)) == 11 and len(reads) == 12
+
+
+def test_writer_failure_stops_and_joins_the_reader(tmp_path, monkeypatch):
+    import threading
+
+    from vlmkit.tensors import safetensors_io
+
+    _many(tmp_path / "src")
+    written = {"n": 0}
+    write = safetensors_io.SafetensorsWriter.write
+
+    def failing_write(self, name, tensor):
+        written["n"] += 1
+        if written["n"] == 2:
+            raise Boom()
+        return write(self, name, tensor)
+
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", failing_write)
+    with pytest.raises(Boom):
+        run(identity(open_source(tmp_path / "src")), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert not [t for t in threading.enumerate() if t.name == "vlmkit-reader"]
+
+
+def test_reader_failure_is_raised_once_and_joins_the_reader(tmp_path):
+    import threading
+
+    _many(tmp_path / "src")
+    source = open_source(tmp_path / "src")
+    read = source.read
+
+    def failing_read(name):
+        if name == "t05":
+            raise Boom("t05 unreadable")
+        return read(name)
+
+    source.read = failing_read
+    with pytest.raises(Boom, match="t05 unreadable"):
+        run(identity(source), tmp_path / "out", max_shard_size=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert not [t for t in threading.enumerate() if t.name == "vlmkit-reader"]
+
+
+@pytest.mark.parametrize("pair", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+                                  (torch.float32, torch.float16), (torch.float16, torch.float32)])
+def test_cast_matches_torch_including_in_place(pair):
+    from vlmkit.conversion.engine import cast_tensors
+
+    before, after = pair
+    values = torch.cat([torch.randn(5_000_000) * 100, torch.tensor([0.0, -0.0, 1e-8, 7e4, -7e4, 1e6,
+                                                                     float("inf"), float("-inf"), float("nan")])])
+    t = values.to(before)
+    expected = t.to(after)
+    (got,) = cast_tensors([t.clone()], [after])
+    assert got.dtype == after and got.shape == t.shape
+    assert torch.equal(got.view(torch.uint8 if after != torch.float32 else torch.int32),
+                       expected.view(torch.uint8 if after != torch.float32 else torch.int32))
+
+
+def test_cast_never_rewrites_memory_another_output_shares():
+    from vlmkit.conversion.engine import cast_tensors
+
+    t = torch.randn(8, 4).to(torch.bfloat16)
+    a, b = t.chunk(2)  # views of one buffer
+    same = t.clone()
+    got = cast_tensors([a, b, same, same], [torch.float16] * 4)
+    assert torch.equal(got[0], t[:4].half()) and torch.equal(got[1], t[4:].half())
+    assert torch.equal(got[2], t.half()) and torch.equal(got[3], t.half())
+    assert torch.equal(a, t[:4]) and same.dtype == torch.bfloat16 and torch.equal(same, t)
+
+
+def test_extras_failure_leaves_nothing(tmp_path):
+    """The non-tensor files are written beside the tensors; their error still leaves nothing behind."""
+    _many(tmp_path / "src")
+
+    def failing_extras(folder):
+        (folder / "config.json").write_text("{}")
+        raise Boom("no tokenizer")
+
+    conversion = identity(open_source(tmp_path / "src"))
+    conversion.write_extras = failing_extras
+    with pytest.raises(Boom, match="no tokenizer"):
+        run(conversion, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

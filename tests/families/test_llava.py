@@ -214,3 +214,27 @@ def test_verify_reads_the_dtype_transformers_5_saves(llava_parts, tmp_path):
     report = vlmkit.verify(llava_parts["v15"], saved, max_new_tokens=2)
     logits = next(c for c in report.checks if c.name == "logits")
     assert logits.passed and logits.tolerance == "max abs diff <= 0.05, cosine >= 0.999", logits
+
+
+def test_new_rows_follow_the_scripts_distribution():
+    """The rows are N(mu, 1e-5 * Sigma) of the embeddings (Sigma biased, / n), as transformers' scripts draw them.
+
+    The reference statistics are torch's own mean and covariance of the embedding matrix.
+    """
+    from vlmkit.families.llava.convert import EmbeddingDistribution
+
+    g = torch.Generator().manual_seed(3)
+    e = (torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g) + 2.0).half()
+
+    class Source:
+        def read(self, name):
+            assert name == "embed"
+            return e.clone()
+
+    draws = EmbeddingDistribution(Source(), "embed")(e, 40000, torch.Generator().manual_seed(0))
+    mu = e.double().mean(0)
+    sigma = 1e-5 * torch.cov(e.double().T, correction=0)
+    assert draws.shape == (40000, 6)
+    assert torch.allclose(draws.double().mean(0), mu, atol=4 * sigma.diag().max().sqrt().item() / 200)
+    # the sample covariance of 40000 draws is within a few percent of the distribution's
+    assert torch.allclose(torch.cov(draws.double().T), sigma, atol=0.05 * sigma.diag().max().item())

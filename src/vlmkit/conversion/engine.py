@@ -2,8 +2,10 @@
 
 A family module describes a conversion as a ``Conversion`` (a source, rules, the
 target's expected tensors, and a function that writes the non-tensor files); ``run``
-compiles, checks and executes it. Peak memory is the tensors of two steps (the one
-being written and the one being read ahead), never the model.
+compiles, checks and executes it. Execution is one bounded pipeline: a reader thread
+reads, transforms and casts up to ``READ_AHEAD`` steps ahead of the writer (the
+calling thread), which writes and hashes them; so reading overlaps writing, and peak
+memory is the tensors of ``READ_AHEAD + 2`` steps, never the model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -23,6 +27,7 @@ from .plan import Plan, Step, compile_plan
 from .rules import Rule, rename
 
 DEFAULT_MAX_SHARD = 5 * 1024**3  # transformers' default shard size
+READ_AHEAD = 2  # steps queued between the reader thread and the writer
 
 ExtraWriter = Callable[[Path], None]
 
@@ -126,15 +131,19 @@ def run(
         if bar is not None:
             cleanup.callback(bar.close)
         tmp = cleanup.enter_context(output.atomic_folder(destination, force=force))
+        # the other files (config, tokenizer, processor: seconds of imports) are written meanwhile;
+        # leaving the block waits for them before the temporary folder is kept or removed
+        extras = cleanup.enter_context(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        extras_done = extras.submit(conversion.write_extras, tmp) if conversion.write_extras else None
         with SafetensorsWriter(tmp, shards, conversion.metadata) as writer:
-            for step, tensors in _stream(plan, source):
+            for step, tensors in _stream(plan, source, cast=True):
                 for target, tensor in zip(step.targets, tensors):
-                    writer.write(target.name, tensor.to(DTYPES[target.dtype]))
+                    writer.write(target.name, tensor)
                 if bar is not None:
                     bar.update(step.nbytes_in)
         hashes = writer.hashes
-        if conversion.write_extras:
-            conversion.write_extras(tmp)
+        if extras_done is not None:
+            extras_done.result()
         if manifest:
             from ..publish import card
 
@@ -151,20 +160,80 @@ def apply_step(step: Step, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
-def _stream(plan: Plan, source: TensorSource):
-    """Yield (step, output tensors), reading the next step's sources in the background."""
+def cast_tensors(tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """Cast each tensor to its dtype; in place when the sizes match and the memory is its own.
 
-    def load(step: Step) -> list[torch.Tensor]:
-        return apply_step(step, [source.read(i.name) for i in step.sources])
+    bf16 <-> fp16 rewrites the tensor's own buffer slice by slice instead of allocating a
+    second one. Tensors that share memory (views of one read, the same tensor twice) or
+    whose element sizes differ get a fresh one.
+    """
+    pointers = [t.untyped_storage().data_ptr() for t in tensors]
+    out = []
+    for t, dtype, ptr in zip(tensors, dtypes, pointers):
+        own = (t.is_contiguous() and t.storage_offset() == 0 and pointers.count(ptr) == 1
+               and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+        if t.dtype == dtype or not own or t.element_size() != torch.empty((), dtype=dtype).element_size():
+            out.append(t.to(dtype))
+            continue
+        flat, done = t.reshape(-1), t.reshape(-1).view(dtype)
+        for i in range(0, flat.numel(), 1 << 22):  # a 4M-element slice is converted, then written back
+            done[i:i + (1 << 22)] = flat[i:i + (1 << 22)].to(dtype)
+        out.append(done.reshape(t.shape))
+    return out
 
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _stream(plan: Plan, source: TensorSource, *, cast: bool = False, depth: int = READ_AHEAD):
+    """Yield (step, output tensors) while a reader thread prepares up to ``depth`` steps ahead.
+
+    The reader reads each step's sources, applies its ops and (``cast``) casts to the target
+    dtypes; a bounded queue holds what it finished. An error in the reader is raised here,
+    in the caller; when the caller stops early (an error while writing, Ctrl-C), the reader
+    is told to stop and joined before this returns, so no thread outlives the conversion.
+    """
     steps = list(plan.steps)
-    if not steps:
-        return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, steps[0])
-        for i, step in enumerate(steps):
-            tensors = pending.result()
-            if i + 1 < len(steps):
-                pending = pool.submit(load, steps[i + 1])
-            yield step, tensors
-            del tensors
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for step in steps:
+                if stop.is_set():
+                    return
+                tensors = apply_step(step, [source.read(i.name) for i in step.sources])
+                if cast:
+                    tensors = cast_tensors(tensors, [DTYPES[t.dtype] for t in step.targets])
+                if not put((step, tensors)):
+                    return
+                del tensors
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+            put(_Failed(e))
+
+    reader = threading.Thread(target=read, name="vlmkit-reader", daemon=True)
+    reader.start()
+    try:
+        for _ in steps:
+            item = ready.get()
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+            del item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:  # unblock a reader waiting to put, and drop what it prepared
+                ready.get_nowait()
+        reader.join()

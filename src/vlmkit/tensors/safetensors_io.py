@@ -26,6 +26,7 @@ from pathlib import Path
 from ..lazy import torch
 
 from ..errors import CheckpointError, OutputError
+from ._pages import pread_exact
 from .base import DTYPES, TensorInfo, element_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -163,14 +164,7 @@ class SafetensorsSource:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = bytearray(info.nbytes)
-        view, done = memoryview(buf), 0
-        while done < info.nbytes:  # preadv may return short reads for huge tensors
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise CheckpointError(f"{info.file}: unexpected end of file reading '{name}'")
-            done += n
-        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        return pread_exact(fd, info.nbytes, offset, info.file, name).view(DTYPES[info.dtype]).reshape(info.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -26,37 +26,31 @@ from .hf_output import PAD_TOKEN, Target
 class EmbeddingDistribution:
     """New vocabulary rows as the transformers conversion scripts draw them.
 
-    ``N(mu, 1e-5 * Sigma)`` with the mean and covariance of the existing input
-    embeddings; the scripts use that same distribution for the ``lm_head`` rows. Only
-    the embedding matrix is held, once.
+    ``N(mu, 1e-5 * Sigma)`` with the mean and (biased, ``/ n``) covariance of the existing
+    input embeddings; the scripts use that same distribution for the ``lm_head`` rows.
+
+    Sigma is never formed: with ``C`` the ``n`` centred embedding rows, ``Sigma = C^T C / n``,
+    and for ``w ~ N(0, I_n)`` the vector ``w^T C`` has covariance ``C^T C``; so
+    ``mu + sqrt(1e-5 / n) * w^T C`` is exactly a draw of the scripts' distribution. That is
+    one pass over the embeddings (n x d x rows multiply-adds) instead of the n x d x d of the
+    covariance and a d x d factorisation, which cost a 7B conversion as long as its copying.
     """
 
     def __init__(self, source: TensorSource, name: str):
         self.source, self.name = source, name
-        self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._factors is None:
-            e = self.source.read(self.name)
-            mu = sum(chunk.float().sum(0) for chunk in e.split(4096)) / e.shape[0]
-            sigma = torch.zeros(e.shape[1], e.shape[1], dtype=torch.float64)
-            for chunk in e.split(4096):  # in slices: never a float copy of the whole matrix
-                centred = chunk.float() - mu
-                sigma += (centred.T @ centred).double()
-            sigma *= 1e-5 / e.shape[0]
-            del e
-            # as MultivariateNormal: a Cholesky factor; an eigen-decomposition where Sigma is only semi-definite
-            factor, info = torch.linalg.cholesky_ex(sigma)
-            if info != 0:
-                w, v = torch.linalg.eigh(sigma)
-                factor = v * w.clamp(min=0).sqrt()
-            self._factors = mu, factor.float()
-        return self._factors
 
     def __call__(self, existing: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-        mu, factor = self._stats()
-        z = torch.randn((n, mu.shape[0]), generator=generator)
-        return mu + z @ factor.T
+        e = self.source.read(self.name)
+        rows = e.shape[0]
+        w = torch.randn((n, rows), generator=generator)
+        total, projected = torch.zeros(e.shape[1]), torch.zeros(n, e.shape[1])
+        for start in range(0, rows, 4096):  # in slices: never a float copy of the whole matrix
+            chunk = e[start:start + 4096].float()
+            total += chunk.sum(0)
+            projected += w[:, start:start + 4096] @ chunk
+        mu = total / rows
+        # w^T C = w^T E - (sum of w) mu
+        return mu + (projected - w.sum(1, keepdim=True) * mu) * (1e-5 / rows) ** 0.5
 
 
 def _lora_merge(scale: float) -> Custom:
