@@ -231,7 +231,9 @@ def _model_section(manifest: dict, folder: Path, key: str) -> str:
         if image:
             lines.append("- image preprocessing: " + ", ".join(f"{k}={_short(image[k])}" for k in IMAGE_FIELDS
                                                                if k in image))
-        template = _chat_template(folder)
+        from ..runtime.templates import read_chat_template
+
+        template = read_chat_template(folder)
     if template:
         from ..runtime.backends import template_name
 
@@ -398,17 +400,6 @@ def _run_section(kind: Kind, manifest: dict, name: str) -> str:
         lang, code = SNIPPETS[key]
         lines += ["", f"```{lang}", code.format(path=name, model=model, mmproj=mmproj), "```"]
     return "\n".join(lines)
-
-
-def _chat_template(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text()
-    for file in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        template = (_json(folder / file) or {}).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None
 
 
 def _json(path: Path) -> dict | None:
