@@ -117,6 +117,7 @@ def run(
     output.check_destination(destination, source.files(), force=force)
     if dry_run:
         return Result(plan, None, {})
+    source_hashes = output.hash_sources(source)  # in the background, overlapping the conversion's reads
     shards = layout_shards([TensorSpec(t.name, t.shape, t.dtype) for t in plan.targets], max_shard_size)
     bar = progress(plan.bytes_in) if progress else None
     with contextlib.ExitStack() as cleanup:
@@ -134,7 +135,8 @@ def run(
             conversion.write_extras(tmp)
         from ..publish import card
 
-        output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(source), plan=plan.to_dict(),
+        output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(source, source_hashes),
+                              plan=plan.to_dict(),
                               provenance={**(provenance or {}), "output": "hf", "summary": conversion.summary},
                               assumptions=list(plan.assumptions), card=card.render)
     return Result(plan, destination, hashes)
