@@ -136,8 +136,13 @@ def test_verify_write_card_checks_the_manifest_before_the_parity_run(originals, 
     convert(originals["v15"], dst)
     with open(dst / "generation_config.json", "a") as f:
         f.write("\n")
+    from vlmkit import api
+
+    parity_runs = []
+    monkeypatch.setattr(api, "verify", lambda *a, **k: parity_runs.append(a))
     r = run_cli("verify", originals["v15"], dst, "--write-card", "--max-new-tokens", "2")
-    assert r.code == 1 and "generation_config.json: " in r.err and "Verdict" not in r.out
+    assert r.code == 1 and "generation_config.json: " in r.err and parity_runs == []
+    monkeypatch.undo()
 
     checks = []
     monkeypatch.setattr(output, "verify_files", lambda folder: checks.append(folder))
