@@ -20,6 +20,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _vlmkit_cache(tmp_path_factory):
+    """Conversions cache their source hashes under VLMKIT_CACHE: the tests' own, never the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLMKIT_CACHE", str(tmp_path_factory.mktemp("vlmkit-cache")))
+    yield
+    mp.undo()
+
+
 @dataclass
 class CliResult:
     code: int

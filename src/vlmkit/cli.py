@@ -113,12 +113,19 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
           "vlmkit convert clip-vit-large-patch14/ clip-gguf/ --to gguf --vision-only --dtype f32",
           "vlmkit convert llava-v1.5-7b/ llava-hf/ --verify --push-to-hub me/llava-1.5-7b-hf"])
 def cmd_convert(args) -> int:
+    if args.push_to_hub:  # the token and the repository id before any byte is converted
+        from .publish.push import check_target
+
+        check_target(args.push_to_hub, token=not args.dry_run)
     code = _convert(args)
     if args.push_to_hub and not args.dry_run:
         if code != 0:  # a conversion that failed its proof is not published
             print(f"not pushed to {args.push_to_hub}: the verification failed", file=sys.stderr)
             return code
-        return _push(args.destination, args.push_to_hub)
+        from .conversion import output
+
+        # this run wrote the folder and its manifest (and the card, by an atomic rewrite): not hashed again
+        return _push(args.destination, args.push_to_hub, manifest=output.read_manifest(Path(args.destination)))
     return code
 
 
@@ -163,8 +170,9 @@ def _convert(args) -> int:
                 dst = Path(args.destination)
                 print(f"run it: llama-mtmd-cli -m {dst / model} --mmproj {dst / mmproj} --image IMAGE "
                       "-p 'Describe the image.' --temp 0 --jinja")
-        if args.verify and not args.dry_run:
-            return run_verify(args.source, args.destination, options, args, write_card=True)
+        if args.verify and not args.dry_run:  # the folder this run wrote: its manifest is not hashed again
+            return run_verify(args.source, args.destination, options, args, write_card=True,
+                              manifest=output.read_manifest(Path(args.destination)))
         return 0
     if gguf_flags:
         from .errors import ConfigError
@@ -189,8 +197,9 @@ def _convert(args) -> int:
     else:
         print(f"wrote {args.destination}: {len(result.plan.targets)} tensors, "
               f"{human_bytes(result.plan.bytes_out)} in {len(result.files)} file(s)")
-    if args.verify and not args.dry_run:
-        return run_verify(args.source, args.destination, options, args, write_card=True)
+    if args.verify and not args.dry_run:  # the folder this run wrote: its manifest is not hashed again
+        return run_verify(args.source, args.destination, options, args, write_card=True,
+                          manifest=output.read_manifest(Path(args.destination)))
     return 0
 
 
@@ -227,9 +236,15 @@ def _probes(args) -> list[tuple[Path, str]]:
 
 
 def run_verify(original: str, converted: str, options: LoadOptions, args, *, json_file: str | None = None,
-               markdown_file: str | None = None, write_card: bool = False) -> int:
+               markdown_file: str | None = None, write_card: bool = False, manifest: dict | None = None) -> int:
+    """``manifest``: the converted folder's, when this run just wrote it; else (with ``write_card``) the folder
+    is checked against its manifest before the parity run, once, and the card vouches for what was checked."""
     from . import api
     from .families import to_gguf
+    from .publish import card
+
+    if write_card and manifest is None:
+        manifest = card.checked_manifest(converted)
 
     if to_gguf.is_gguf_folder(converted):  # a folder written by `convert --to gguf`: checked in llama.cpp
         report = to_gguf.verify(original, converted, options, _probes(args), max_new_tokens=args.max_new_tokens)
@@ -242,9 +257,7 @@ def run_verify(original: str, converted: str, options: LoadOptions, args, *, jso
     if markdown_file:
         Path(markdown_file).write_text(report.to_markdown())
     if write_card:
-        from .publish import card
-
-        print(f"wrote the report into {card.write(converted, report)}", file=sys.stderr)
+        print(f"wrote the report into {card.write(converted, report, manifest=manifest)}", file=sys.stderr)
     return 0 if report.passed else 3
 
 
@@ -420,6 +433,9 @@ def cmd_verify_files(args) -> int:
 
     result = verify_files(Path(args.folder))
     print(json.dumps(result) if args.json else f"{args.folder}: all {result['checked']} file(s) match the manifest")
+    for rel in result.get("leftovers", []):
+        print(f"note: ignored {rel}, a temporary left by an interrupted vlmkit run (not in the manifest; "
+              "safe to delete)", file=sys.stderr)
     return 0
 
 
@@ -502,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hint: {e.hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while writing (conversion.output.Terminated)
-        print("interrupted: nothing was written", file=sys.stderr)
+        # one that knows better says what may exist (publish.push.Interrupted: a repository on the Hub)
+        print(getattr(e, "message", "interrupted: nothing was written"), file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()

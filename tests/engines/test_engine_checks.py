@@ -35,7 +35,7 @@ def copy(folder, tmp_path, name="copy"):
 def test_vlmkit_folders_are_what_vllm_takes(models):
     config = vllm.check_folder(models["v15-hf"])
     assert config["text_config"]["head_dim"] >= vllm.MIN_CPU_HEAD_DIM
-    assert "bos_token" not in vllm.chat_template(models["v15-hf"])  # so requests ask vLLM to add BOS
+    assert "bos_token" not in templates.read_chat_template(models["v15-hf"])  # so requests ask vLLM to add BOS
 
 
 def test_vllm_refusals_name_the_field_and_the_fix(models, tmp_path):

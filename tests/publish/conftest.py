@@ -40,6 +40,8 @@ def originals(tmp_path_factory):
         "blip2": blip2_tiny.make_release(root / "lavis" / "blip2_pretrained_opt2.7b.pth", "opt", sizes),
         "eva": blip2_tiny.make_eva_vit(root / "eva" / "eva_vit_g.pth", sizes),
         "opt": blip2_tiny.make_language_model(root / "opt-tiny", "opt", sizes),
+        "blip2-t5": blip2_tiny.make_release(root / "lavis" / "blip2_pretrained_flant5xl.pth", "t5", sizes),
+        "t5": blip2_tiny.make_language_model(root / "flan-t5-tiny", "t5", sizes),
         "blip2-heads": blip2_heads,
         "flava": flava_tiny.make_flava(root / "flava-tiny", flava_sizes),
         "flava-heads": flava_heads,

@@ -33,7 +33,7 @@ def check_hashes(folder: Path, card: str, sources: list[Path]) -> None:
     for p in outputs:
         assert rows[p.name] == (p.stat().st_size, sha256(p)), p.name
     for p in sources:
-        assert rows[str(p.absolute())] == (p.stat().st_size, sha256(p)), p
+        assert rows[p.name] == (p.stat().st_size, sha256(p)), p  # the card names no local path
     manifest = json.loads((folder / "vlmkit-manifest.json").read_text())
     assert manifest["files"]["README.md"]["sha256"] == sha256(folder / "README.md")
     assert run_cli("verify-files", folder).code == 0
@@ -83,7 +83,7 @@ def test_llava_next_card_carries_hub_id_license_and_known_difference(originals, 
     assert meta["base_model"] == NEXT_REPO and meta["license"] == "apache-2.0"
     assert "llava-next" in meta["tags"]
     assert "int(round(x, 7))" in card  # the unpad rounding verify notes
-    assert f"- vision tower: `{originals['clip'].absolute()}`" in card
+    assert f"- vision tower: `{originals['clip'].name}`" in card and str(originals["root"]) not in card
     check_hashes(dst, card, sorted(originals["next"].glob("*.safetensors")))
     printed = run_commands(dst, card, monkeypatch)
     assert len(printed) == 2 and all(p.strip() for p in printed)
@@ -101,6 +101,54 @@ def test_blip2_card(originals, tmp_path, monkeypatch):
     assert "dropped" in card and "LAVIS sets it to None in Blip2OPT/Blip2T5" in card
     printed = run_commands(dst, card, monkeypatch)
     assert len(printed) == 2
+
+
+def test_blip2_flan_t5_card_has_no_vllm_and_the_t5_prompt(originals, tmp_path, monkeypatch):
+    """vLLM runs BLIP-2 with OPT only; LAVIS's Blip2T5 asks "Question: ... Short answer:"."""
+    dst = tmp_path / "blip2-t5-hf"
+    card = convert(originals["blip2-t5"], dst, "--vision", originals["eva"], "--language-model", originals["t5"],
+                   "--config", originals["blip2-heads"])
+    assert "vllm serve" not in card and "Flan-T5" in card
+    (python,) = code_blocks(card, "python")
+    assert '"Question: What is shown in this image? Short answer:"' in python and "Answer:\"" not in python
+    printed = run_commands(dst, card, monkeypatch)
+    assert len(printed) == 2
+
+
+def test_the_card_names_no_local_path(originals, tmp_path):
+    """The card is published: source, source files, tower and command show names only; the manifest keeps paths."""
+    dst = tmp_path / "next-hf"
+    tower = originals["clip"].absolute()
+    card = convert(originals["next"], dst, f"--vision-tower={tower}")
+    assert str(originals["root"]) not in card and str(tmp_path) not in card
+    assert f"- source: `{originals['next'].name}`" in card
+    assert f"--vision-tower={tower.name}" in card and f"verify {originals['next'].name} next-hf" in card
+    manifest = json.loads((dst / "vlmkit-manifest.json").read_text())
+    assert manifest["source"]["path"] == str(originals["next"].absolute())
+    assert str(tower) in manifest["provenance"]["command"]
+
+
+def test_verify_write_card_checks_the_manifest_before_the_parity_run(originals, tmp_path, monkeypatch):
+    """A changed folder is refused before the (long) parity run; `convert --verify` does not re-hash what it wrote."""
+    from vlmkit.conversion import output
+
+    dst = tmp_path / "v15-hf"
+    convert(originals["v15"], dst)
+    with open(dst / "generation_config.json", "a") as f:
+        f.write("\n")
+    from vlmkit import api
+
+    parity_runs = []
+    monkeypatch.setattr(api, "verify", lambda *a, **k: parity_runs.append(a))
+    r = run_cli("verify", originals["v15"], dst, "--write-card", "--max-new-tokens", "2")
+    assert r.code == 1 and "generation_config.json: " in r.err and parity_runs == []
+    monkeypatch.undo()
+
+    checks = []
+    monkeypatch.setattr(output, "verify_files", lambda folder: checks.append(folder))
+    r = run_cli("convert", originals["v15"], tmp_path / "again", "--quiet", "--verify", "--max-new-tokens", "2")
+    assert r.code == 0, r.err
+    assert checks == []
 
 
 def test_flava_card(originals, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ class Hub(BaseHTTPRequestHandler):
     """The Hub endpoints create_repo, create_branch and upload_folder use; anything else answers 404."""
 
     requests: list[dict]
+    remote: list[str] = []  # the files the repository holds already (the tree listing)
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -45,7 +47,10 @@ class Hub(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": b""})
-        self._json({"error": "not implemented"}, 404)
+        if self.path.split("?")[0].startswith(f"/api/models/{REPO}/tree/"):
+            self._json([{"type": "file", "path": p, "size": 1, "oid": "0" * 40} for p in self.remote])
+        else:
+            self._json({"error": "not implemented"}, 404)
 
     def _json(self, data, status=200):
         payload = json.dumps(data).encode()
@@ -60,8 +65,14 @@ class Hub(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def hub():
-    handler = type("RecordingHub", (Hub,), {"requests": []})
+def remote():
+    """What the repository holds before the push (empty: a new one)."""
+    return []
+
+
+@pytest.fixture
+def hub(remote):
+    handler = type("RecordingHub", (Hub,), {"requests": [], "remote": remote})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -93,6 +104,12 @@ def commit_of(requests) -> tuple[dict, dict[str, bytes]]:
     files = {item["value"]["path"]: base64.b64decode(item["value"]["content"])
              for item in lines if item["key"] == "file"}
     return header, files
+
+
+def deletions_of(requests) -> set[str]:
+    (commit,) = [r for r in requests if "/commit/" in r["path"]]
+    lines = [json.loads(line) for line in commit["body"].splitlines() if line.strip()]
+    return {item["value"]["path"] for item in lines if item["key"] == "deletedFile"}
 
 
 def test_push_commits_exactly_the_manifests_files(folder, hub, tmp_path):
@@ -163,3 +180,101 @@ def test_convert_push_to_hub_converts_then_pushes(originals, hub, tmp_path):
     assert files["README.md"] == (dst / "README.md").read_bytes()
     assert "--push-to-hub" in files["README.md"].decode()  # the card names the exact command
 
+
+
+EARLIER_PUSH = [".gitattributes", "README.md", "model-00001-of-00009.safetensors", "model.safetensors.index.json",
+                "old/notes.txt"]
+
+
+@pytest.mark.parametrize("remote", [EARLIER_PUSH])
+def test_a_second_push_deletes_what_an_earlier_one_left(folder, hub, tmp_path):
+    """The repository holds an earlier push (other shards): the commit deletes every file not in the manifest,
+    but the Hub's own .gitattributes."""
+    endpoint, requests = hub
+    r = vlmkit("push", folder, REPO, endpoint=endpoint, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((folder / "vlmkit-manifest.json").read_text())
+    _, files = commit_of(requests)
+    assert set(files) == set(manifest["files"]) | {"vlmkit-manifest.json"}
+    assert "model-00001-of-00009.safetensors" not in manifest["files"]
+    stale = {p for p in EARLIER_PUSH if p != ".gitattributes" and p not in manifest["files"]}
+    assert "old/notes.txt" in stale and deletions_of(requests) == stale
+
+
+def test_a_file_name_with_glob_characters_is_uploaded(folder, hub, tmp_path):
+    """Names go to upload_folder as patterns: a "[" must match itself, not a character class."""
+    endpoint, requests = hub
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    manifest = json.loads((odd / "vlmkit-manifest.json").read_text())
+    data = b"extra file with an odd name\n"
+    (odd / "notes[1].txt").write_bytes(data)
+    manifest["files"]["notes[1].txt"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (odd / "vlmkit-manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    r = vlmkit("push", odd, REPO, endpoint=endpoint, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    _, files = commit_of(requests)
+    assert files["notes[1].txt"] == data
+
+
+@pytest.mark.parametrize("repo_id", ["not a repo", "a/b/c", "owner/name--x"])
+def test_a_bad_repo_id_is_one_error_before_the_folder_is_read(folder, hub, tmp_path, repo_id):
+    endpoint, requests = hub
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "config.json").write_text("{}")  # the folder would fail its check: the repo id is named first
+    r = vlmkit("push", broken, repo_id, endpoint=endpoint, home=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"error: {repo_id!r} is not a Hub repository id" in r.stderr and "OWNER/NAME" in r.stderr
+    assert "config.json" not in r.stderr and requests == []
+
+
+def test_no_token_is_named_before_the_folder_is_hashed(folder, hub, tmp_path):
+    endpoint, requests = hub
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "config.json").write_text("{}")
+    r = vlmkit("push", broken, REPO, endpoint=endpoint, token=None, home=tmp_path)
+    assert r.returncode == 1 and "needs a Hugging Face token" in r.stderr and "config.json" not in r.stderr
+
+
+@pytest.mark.parametrize("token", [None, "hf_test_token"])
+def test_convert_push_to_hub_checks_the_target_before_converting(originals, hub, tmp_path, token):
+    endpoint, requests = hub
+    dst = tmp_path / "out"
+    repo = REPO if token is None else "not a repo"
+    r = vlmkit("convert", originals["v15"], dst, "--quiet", "--push-to-hub", repo, endpoint=endpoint, token=token,
+               home=tmp_path)
+    assert r.returncode == 1 and ("needs a Hugging Face token" if token is None else "is not a Hub repository id") \
+        in r.stderr
+    assert not dst.exists() and requests == []
+
+
+def test_pushed_folder_downloaded_with_gitattributes_still_verifies(folder, tmp_path):
+    """create_repo's first commit adds .gitattributes; `hf download --local-dir` brings it (and its own cache)."""
+    downloaded = tmp_path / "downloaded"
+    shutil.copytree(folder, downloaded)
+    (downloaded / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    (downloaded / ".cache" / "huggingface").mkdir(parents=True)
+    (downloaded / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
+    r = run_cli("verify-files", downloaded)
+    assert r.code == 0, r.err
+    (downloaded / "sub").mkdir()
+    (downloaded / "sub" / ".gitattributes").write_text("x\n")  # only the Hub's own, at the top, is bookkeeping
+    r = run_cli("verify-files", downloaded)
+    assert r.code == 1 and "sub/.gitattributes: not in the manifest" in r.err
+
+
+def test_ctrl_c_during_a_push_says_what_may_exist(folder, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", interrupted)
+    r = run_cli("push", folder, REPO)
+    assert r.code == 130
+    assert "nothing was written" not in r.err
+    assert f"interrupted while pushing to {REPO}: the repository" in r.err and "may exist on the Hub" in r.err

@@ -125,6 +125,7 @@ def run(
     output.check_destination(destination, source.files(), force=force)
     if dry_run:
         return Result(plan, None, {})
+    source_hashes = output.hash_sources(source) if manifest else None  # in the background, beside the reads
     shards = layout_shards([TensorSpec(t.name, t.shape, t.dtype) for t in plan.targets], max_shard_size)
     bar = progress(plan.bytes_in) if progress else None
     with contextlib.ExitStack() as cleanup:
@@ -147,7 +148,7 @@ def run(
         if manifest:
             from ..publish import card
 
-            output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(source),
+            output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(source, source_hashes),
                                   plan=plan.to_dict(),
                                   provenance={**(provenance or {}), "output": "hf", "summary": conversion.summary},
                                   assumptions=list(plan.assumptions), card=card.render)

@@ -322,6 +322,7 @@ def run(conversion: GGUFConversion, destination: str | Path, *, type_name: str |
     output.check_destination(destination, [p for s in sources.values() for p in s.files()], force=force)
     if dry_run:
         return Result(checked, None, {})
+    source_hashes = output.hash_sources(conversion.source)  # in the background, overlapping the conversion's reads
     bar = progress(checked.bytes_in) if progress else None
     hashes: dict[str, str] = {}
     with contextlib.ExitStack() as cleanup:
@@ -342,7 +343,7 @@ def run(conversion: GGUFConversion, destination: str | Path, *, type_name: str |
         from ..publish import card
 
         first = getattr(conversion.source, "plan", None)  # a staged source: its first plan (vocabulary, drops)
-        output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(conversion.source),
+        output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(conversion.source, source_hashes),
                               plan={**checked.to_dict(), **({"first_stage": first.to_dict()} if first else {})},
                               provenance={**(provenance or {}), "output": "gguf", "summary": conversion.summary},
                               assumptions=list(conversion.assumptions), card=card.render)

@@ -25,16 +25,23 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .. import __version__
 from ..errors import ManifestError, OutputError
 from ..tensors import TensorInfo
 
+if TYPE_CHECKING:
+    from .source_hashes import SourceHashes
+
 MANIFEST = "vlmkit-manifest.json"
 CARD = "README.md"  # the model card: the name the Hub shows
-# huggingface_hub's own bookkeeping inside a folder (``hf download --local-dir``, uploads): never model files
+# huggingface_hub's own bookkeeping inside a folder (``hf download --local-dir``, uploads): never model files;
+# the Hub's first commit of a new repository adds .gitattributes (which files go to LFS), and downloads bring it
 HUB_BOOKKEEPING = ".cache/huggingface/"
+HUB_FILES = (".gitattributes",)
+# the temporaries of ``rewrite_file`` (a crash before its renames leaves them): ``.NAME.vlmkit-tmp-TAG``
+REWRITE_TEMPORARY = re.compile(r"\.(.+)\.vlmkit-tmp-[0-9a-f]{8}")
 
 
 def check_destination(dst: Path, source_files: list[Path], *, force: bool) -> None:
@@ -182,19 +189,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def source_record(source) -> dict:
+def hash_sources(source) -> "SourceHashes":
+    """Start hashing ``source``'s files in the background (see ``source_hashes``); pass it to ``source_record``."""
+    from .source_hashes import SourceHashes
+
+    return SourceHashes(list(source.files()))
+
+
+def source_record(source, hashes: "SourceHashes | None" = None) -> dict:
     """What the manifest and the card say about a source: path, format, listing fingerprint, and each file.
 
-    Every source file is hashed here, one more read after the conversion read it (usually from
-    the page cache): a card names the exact bytes it came from, which a listing fingerprint
-    cannot. The hub id is known when the source is a ``huggingface_hub`` snapshot, the license
-    when the source's own README states one.
+    Each file's sha256 comes from ``hashes`` (``hash_sources``, started with the conversion so its reads
+    overlap the conversion's; a Hub snapshot's blob names and a cache make it cheap): a card names the
+    exact bytes it came from, which a listing fingerprint cannot. The hub id is known when the source is
+    a ``huggingface_hub`` snapshot, the license when the source's own README states one.
     """
     infos = [source.info(n) for n in source.keys()]
     files = sorted({f.absolute() for f in source.files()})
+    digests = (hashes or hash_sources(source)).result()
     return {"path": str(Path(source.path).absolute()), "format": source.format,
             "fingerprint": source_fingerprint(infos),
-            "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files],
+            "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": digests[f]} for f in files],
             "hub_id": hub_id_of(Path(source.path)), "license": license_of(Path(source.path))}
 
 
@@ -289,16 +304,21 @@ def rewrite_file(folder: Path, manifest: dict, name: str, data: bytes) -> None:
         os.replace(tmp_file, folder / name)
         os.replace(tmp_manifest, folder / MANIFEST)
     except OSError as e:
+        raise _os_error(e, folder / name) from None
+    finally:  # also on Ctrl-C: no temporary is left in the folder (a renamed one is gone already)
         for p in (tmp_file, tmp_manifest):
             p.unlink(missing_ok=True)
-        raise _os_error(e, folder / name) from None
 
 
 def verify_files(folder: Path) -> dict:
     """Re-hash every file named in the folder's manifest.
 
+    Hub bookkeeping (``.cache/huggingface/``, ``.gitattributes``) is not a model file and is ignored;
+    so are the temporaries an interrupted ``rewrite_file`` left, which the result names.
+
     Returns:
-        ``{"checked": n, "bytes": total}`` when everything matches.
+        ``{"checked": n, "bytes": total}`` when everything matches, with ``"leftovers"``: the
+        temporaries ignored, if any.
 
     Raises:
         ManifestError: listing every missing, changed or unlisted file.
@@ -318,15 +338,20 @@ def verify_files(folder: Path) -> dict:
         elif sha256_file(p) != entry["sha256"]:
             problems.append(f"{rel}: content changed (sha256 differs)")
         total += size
+    leftovers = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
-        if p.is_file() and p.name != MANIFEST and rel not in files and not rel.startswith(HUB_BOOKKEEPING):
+        if not p.is_file() or p.name == MANIFEST or rel in files or rel in HUB_FILES or rel.startswith(HUB_BOOKKEEPING):
+            continue
+        if REWRITE_TEMPORARY.fullmatch(p.name):
+            leftovers.append(rel)
+        else:
             problems.append(f"{rel}: not in the manifest")
     if problems:
         raise ManifestError(f"{folder}: {len(problems)} file(s) do not match {MANIFEST}:\n"
                             + "\n".join(f"  - {p}" for p in problems),
                             hint="copy or download the folder again, or re-run the conversion")
-    return {"checked": len(files), "bytes": total}
+    return {"checked": len(files), "bytes": total, **({"leftovers": leftovers} if leftovers else {})}
 
 
 def provenance(options, command: str | None = None) -> dict:

@@ -30,6 +30,7 @@ class Kind:
         tags: Hub tags besides ``vlmkit``.
         run: keys of ``SNIPPETS`` that run this folder, in the order shown.
         differences: known differences from the original model (kept in step with ``vlmkit verify``'s notes).
+        prompt: BLIP-2: the ``runtime.backends.BLIP2_PROMPTS`` key whose question form the snippets use.
     """
 
     title: str
@@ -38,6 +39,7 @@ class Kind:
     tags: tuple[str, ...]
     run: tuple[str, ...]
     differences: tuple[str, ...] = ()
+    prompt: str | None = None
 
 
 UNPAD = ("transformers' LLaVA-NeXT unpads the image features with `int(round(x, 7))` where the original code "
@@ -62,8 +64,12 @@ KINDS: dict[str, Kind] = {
         ("llava", "llava-next", "image-text-to-text"), ("transformers-chat", "vlmkit-chat", "vllm", "to-gguf"),
         (UNPAD,)),
     "Blip2ForConditionalGeneration": Kind(
-        "BLIP-2 (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text", "transformers",
-        ("blip-2", "image-text-to-text"), ("transformers-blip2", "vlmkit-chat", "vllm")),
+        "BLIP-2 with OPT (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text", "transformers",
+        ("blip-2", "image-text-to-text"), ("transformers-blip2", "vlmkit-chat", "vllm"), prompt="opt"),
+    # vLLM has no encoder-decoder language model for BLIP-2 (its Blip2 runs OPT only): no `vllm serve`
+    "Blip2ForConditionalGeneration:t5": Kind(
+        "BLIP-2 with Flan-T5 (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text", "transformers",
+        ("blip-2", "t5", "image-text-to-text"), ("transformers-blip2", "vlmkit-chat"), prompt="t5"),
     "FlavaForPreTraining": Kind(
         "FLAVA (transformers `FlavaForPreTraining`)", "feature-extraction", "transformers", ("flava",),
         ("transformers-flava",)),
@@ -80,7 +86,8 @@ KINDS: dict[str, Kind] = {
     "tensors": Kind("tensors in safetensors (no transformers config)", None, "safetensors", (), ()),
 }
 
-# {path}: the folder's name (the commands run from the folder that holds it); {model}/{mmproj}: GGUF files
+# {path}: the folder's name (the commands run from the folder that holds it); {model}/{mmproj}: GGUF files;
+# {prompt}: BLIP-2's question form (Kind.prompt)
 SNIPPETS: dict[str, tuple[str, str]] = {
     "transformers-chat": ("python", '''from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -100,8 +107,7 @@ from transformers import AutoProcessor, Blip2ForConditionalGeneration
 path = "{path}"
 processor = AutoProcessor.from_pretrained(path)
 model = Blip2ForConditionalGeneration.from_pretrained(path)
-inputs = processor(images=Image.open("image.jpg"), text="Question: What is shown in this image? Answer:",
-                   return_tensors="pt")
+inputs = processor(images=Image.open("image.jpg"), text="{prompt}", return_tensors="pt")
 output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
 print(processor.decode(output[0], skip_special_tokens=True))'''),
     "transformers-flava": ("python", '''from PIL import Image
@@ -140,16 +146,26 @@ GGUF_MODEL_KEYS = ("general.architecture", "general.name", "block_count", "embed
                    "image_std")
 
 
-def write(folder: str | Path, report=None) -> Path:
+def checked_manifest(folder: str | Path) -> dict:
+    """The manifest of ``folder`` once every file was re-hashed against it (``ManifestError`` if one differs)."""
+    output.verify_files(Path(folder))
+    return output.read_manifest(Path(folder))
+
+
+def write(folder: str | Path, report=None, *, manifest: dict | None = None) -> Path:
     """Render the card of a finished folder again (with ``report``, a ``parity.Report``) and update its manifest.
+
+    Args:
+        manifest: the folder's manifest as ``checked_manifest`` returned it (or as the conversion that just
+            wrote the folder left it); None: the folder is checked here.
 
     Raises:
         ManifestError: the folder no longer matches its manifest (nothing is written: the card
             would vouch for bytes that are not the ones converted).
     """
     folder = Path(folder)
-    output.verify_files(folder)
-    manifest = output.read_manifest(folder)
+    if manifest is None:
+        manifest = checked_manifest(folder)
     if report is not None:
         manifest["parity"] = report.to_dict()
     output.rewrite_file(folder, manifest, output.CARD, render(manifest, folder).encode("utf-8"))
@@ -165,7 +181,12 @@ def kind_of(manifest: dict, folder: Path) -> str:
             return "gguf:pair" if any(f["file"].startswith("mmproj-") for f in files) else "gguf:model"
         return "gguf:mmproj" if all(f["file"].startswith("mmproj-") for f in files) else "gguf:clip"
     config = _json(folder / "config.json") or {}
-    return next((a for a in config.get("architectures") or [] if a in KINDS), "tensors")
+    key = next((a for a in config.get("architectures") or [] if a in KINDS), "tensors")
+    # the flag transformers' Blip2Config writes (True for OPT, False for Flan-T5), else the text model's type
+    if key == "Blip2ForConditionalGeneration" and not config.get(
+            "use_decoder_only_language_model", (config.get("text_config") or {}).get("model_type") != "t5"):
+        return key + ":t5"
+    return key
 
 
 def render(manifest: dict, folder: Path) -> str:
@@ -231,7 +252,9 @@ def _model_section(manifest: dict, folder: Path, key: str) -> str:
         if image:
             lines.append("- image preprocessing: " + ", ".join(f"{k}={_short(image[k])}" for k in IMAGE_FIELDS
                                                                if k in image))
-        template = _chat_template(folder)
+        from ..runtime.templates import read_chat_template
+
+        template = read_chat_template(folder)
     if template:
         from ..runtime.backends import template_name
 
@@ -242,21 +265,22 @@ def _model_section(manifest: dict, folder: Path, key: str) -> str:
 def _provenance_section(manifest: dict) -> str:
     source, prov = manifest.get("source") or {}, manifest.get("provenance") or {}
     lines = ["## Provenance", "",
-             f"- source: `{source.get('path')}` ({source.get('format')})"
+             f"- source: `{_local_name(source.get('path'))}` ({source.get('format')})"
              + (f", from the Hub repository [{source['hub_id']}](https://huggingface.co/{source['hub_id']})"
                 if source.get("hub_id") else ""),
              f"- source listing fingerprint (names, shapes, dtypes, file sizes): `{source.get('fingerprint')}`"]
     for label, key in (("vision tower", "vision_tower"), ("base language model", "model_base")):
         if prov.get(key):
-            lines.append(f"- {label}: `{prov[key]}`")
+            lines.append(f"- {label}: `{_local_name(prov[key])}`")
     lines.append(f"- vlmkit {manifest.get('vlmkit_version')}; command: "
-                 + (f"`{prov['command']}`" if prov.get("command") else "the Python API"))
+                 + (f"`{_public_command(prov['command'])}`" if prov.get("command") else "the Python API"))
     if prov.get("config_override"):
         lines.append(f"- `--config` overrode: `{json.dumps(prov['config_override'], sort_keys=True)}`")
     files = source.get("files") or []
     if files:
         lines += ["", "| source file | bytes | sha256 |", "|---|---:|---|"]
-        lines += [f"| `{f['path']}` | {f['bytes']} | `{f['sha256']}` |" for f in files]
+        lines += [f"| `{_source_file(f['path'], source.get('path'))}` | {f['bytes']} | `{f['sha256']}` |"
+                  for f in files]
     return "\n".join(lines)
 
 
@@ -349,9 +373,9 @@ def _parity_section(manifest: dict, name: str) -> str:
     lines = ["## Parity with the original", ""]
     if report is None:
         prov = manifest.get("provenance") or {}
-        command = ["vlmkit", "verify", (manifest.get("source") or {}).get("path", "ORIGINAL"), name]
+        command = ["vlmkit", "verify", _local_name((manifest.get("source") or {}).get("path") or "ORIGINAL"), name]
         for flag, key in (("--vision-tower", "vision_tower"), ("--model-base", "model_base")):
-            command += [flag, prov[key]] if prov.get(key) else []
+            command += [flag, _local_name(prov[key])] if prov.get(key) else []
         lines.append(f"Not verified yet. `{shlex.join(command + ['--write-card'])}` runs the original and this "
                      "folder on the same probes and writes the report here.")
     else:
@@ -394,21 +418,48 @@ def _run_section(kind: Kind, manifest: dict, name: str) -> str:
     lines = ["## How to run", "",
              f"Download the folder (`hf download OWNER/REPO --local-dir {name}`), then, from the folder that holds "
              f"`{name}` and with any photo as `image.jpg`:"]
+    prompt = ""
+    if kind.prompt:
+        from ..runtime.backends import BLIP2_PROMPTS
+
+        prompt = BLIP2_PROMPTS[kind.prompt][1].format("What is shown in this image?")
     for key in kind.run:
         lang, code = SNIPPETS[key]
-        lines += ["", f"```{lang}", code.format(path=name, model=model, mmproj=mmproj), "```"]
+        lines += ["", f"```{lang}", code.format(path=name, model=model, mmproj=mmproj, prompt=prompt), "```"]
     return "\n".join(lines)
 
 
-def _chat_template(folder: Path) -> str | None:
-    jinja = folder / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text()
-    for file in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        template = (_json(folder / file) or {}).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None
+# The card is published: a local path shows as its name only (the manifest keeps the full path).
+
+
+def _is_local_path(value: str) -> bool:
+    """An absolute or explicitly relative path, or one that exists here (a hub id ``owner/name`` stays)."""
+    return value.startswith(("/", "~", "./", "../")) or ("/" in value and Path(value).exists())
+
+
+def _local_name(value: str | None) -> str | None:
+    return Path(value.rstrip("/")).name or value if value and _is_local_path(value) else value
+
+
+def _source_file(path: str, source: str | None) -> str:
+    """A source file relative to the source folder, else its name."""
+    if source and Path(source).is_absolute() and Path(path) != Path(source) and Path(path).is_relative_to(source):
+        return Path(path).relative_to(source).as_posix()
+    return Path(path).name
+
+
+def _public_command(command: str) -> str:
+    """The command line with each local path (also in ``--flag=PATH``) reduced to its name."""
+    def public(arg: str) -> str:
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("--"):
+            return f"{flag}={_local_name(value)}"
+        return _local_name(arg)
+
+    try:
+        return shlex.join(public(a) for a in shlex.split(command))
+    except ValueError:  # not shell syntax: nothing to reduce reliably
+        return command
 
 
 def _json(path: Path) -> dict | None:

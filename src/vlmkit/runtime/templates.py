@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from enum import Enum
 from typing import Sequence
 
@@ -337,3 +338,24 @@ def chat_template(template_name: str, *, legacy_tokenizer: bool) -> str:
         "{%- endfor -%}\n",
         "{%- if add_generation_prompt -%}", _jinja_expr(fmt.assistant_open, tpl, ""), "{%- endif -%}\n",
     ])
+
+
+# where a transformers folder keeps its chat template, in the order transformers reads them
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The chat template a transformers folder carries (``chat_template.jinja``, else a ``chat_template``
+    field of the JSON files), or None; an unreadable file counts as no template."""
+    for name in TEMPLATE_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+            template = text if name.endswith(".jinja") else json.loads(text).get("chat_template")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(template, str):
+            return template
+    return None

@@ -45,6 +45,7 @@ from ... import dtypes
 from ...errors import ConfigError
 from ...families.llava import layout
 from ...options import LoadOptions
+from ...runtime.templates import TEMPLATE_FILES, read_chat_template
 from .front import EngineError
 from .openai_backend import OpenAIChatBackend
 from .process import EngineProcess, free_port
@@ -60,7 +61,6 @@ MIN_CPU_HEAD_DIM = 32
 ARCHITECTURES = {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"}
 # what a published view rewrites (the weights, their index and manifest) and leaves out (other weights)
 VIEW_SKIPS = ("*.safetensors", "*.safetensors.index.json", "vlmkit-manifest.json", "pytorch_model*.bin")
-TEMPLATE_FILES = ("chat_template.json", "processor_config.json", "tokenizer_config.json")
 SITE = Path(__file__).parent / "vllm_site"  # its sitecustomize lets torchvision import beside CPU torch
 ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 
@@ -78,18 +78,6 @@ def python() -> str:
         return sys.executable
     raise EngineError("vLLM is not installed: no .venv-vllm beside this environment or here, and "
                       f"{PYTHON_ENV} is not set", hint=INSTALL_HINT)
-
-
-def chat_template(folder: Path) -> str | None:
-    """The chat template a transformers folder carries (``chat_template.jinja`` or a JSON field)."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    for name in TEMPLATE_FILES:
-        if (folder / name).is_file():
-            template = json.loads((folder / name).read_text()).get("chat_template")
-            if isinstance(template, str):
-                return template
-    return None
 
 
 def weight_names(folder: Path) -> list[str]:
@@ -130,9 +118,9 @@ def check_folder(folder: Path, device: str = "cpu") -> dict:
                           f"writes for Llava (published llava-hf: {', '.join(layout.PUBLISHED)}), and vLLM's loader "
                           "reads only those names", hint=convert)
     layout.published_names(names, folder)  # two layouts mixed: refused here, not by vLLM
-    if chat_template(folder) is None:
-        raise ConfigError(f"{folder}: no chat template (chat_template.jinja or a chat_template field in "
-                          f"{', '.join(TEMPLATE_FILES)}); vLLM refuses chat requests without one",
+    if read_chat_template(folder) is None:
+        raise ConfigError(f"{folder}: no chat template (none of {', '.join(TEMPLATE_FILES)} holds one); "
+                          "vLLM refuses chat requests without one",
                           hint=f"{convert}; it writes the original conversation template")
     text = config.get("text_config") or {}
     head_dim = text.get("head_dim") or text.get("hidden_size", 4096) // text.get("num_attention_heads", 32)
@@ -237,7 +225,7 @@ def start(model: str, settings, options: LoadOptions, *, data_parallel_size: int
     except BaseException:
         process.stop()
         raise
-    extra = {} if "bos_token" in (chat_template(folder) or "") else {"add_special_tokens": True}
+    extra = {} if "bos_token" in (read_chat_template(folder) or "") else {"add_special_tokens": True}
     return process, OpenAIChatBackend(NAME, process.url, settings.model_name, extra=extra, process=process)
 
 
