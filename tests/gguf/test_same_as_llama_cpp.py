@@ -25,6 +25,11 @@ LM_KEYS = {
     "tokenizer.ggml.add_sep_token": ("theirs only", "llama.cpp derives it from tokenizer.json's post-processor (a "
                                      "BERT notion); a SentencePiece LLaMA tokenizer has no separator"),
 }
+# where llama.cpp's converter reads a folder vlmkit converted, it also copies its model card's tags
+CARD_KEYS = {
+    "general.tags": ("theirs only", "llama.cpp copies the tags of the model card (README.md) of the folder it reads: "
+                     "here the card vlmkit wrote into its transformers output; the original checkpoint has none"),
+}
 MMPROJ_KEYS = {
     "clip.vision.feature_layer": ("ours only", "always written: without it llama.cpp runs one vision block too few "
                                   "(ggml-org/llama.cpp#25817); the legacy converter writes it only when the CLIP "
@@ -71,7 +76,8 @@ def test_llava15_language_model(parts, hf, llama_cpp_tree, tmp_path, outtype):
     folder = llama_tools.with_tokenizer(hf["v15"], parts["v15"], tmp_path / "llava-hf", ADDED)
     theirs = llama_tools.language_model(llama_cpp_tree, folder, tmp_path / "theirs.gguf", outtype)
     d = llama_tools.compare(ours / f"llava-v1.5-tiny-{outtype}.gguf", theirs)
-    _assert_only_intended(d, LM_KEYS, {})  # every tensor bit-identical: q/k permutation, new rows, Q8_0 blocks
+    # every tensor bit-identical: q/k permutation, new rows, Q8_0 blocks
+    _assert_only_intended(d, {**LM_KEYS, **CARD_KEYS}, {})
 
 
 def test_llava15_mmproj(parts, llama_cpp_tree, tmp_path):
@@ -100,7 +106,8 @@ def test_lora_checkpoint_merged_as_llama_cpp_reads_the_merged_model(parts, hf, l
     ours = _ours(parts, "lora", tmp_path, "--model-base", parts["base"])
     folder = llama_tools.with_tokenizer(hf["lora"], parts["base"], tmp_path / "merged-hf", ADDED)
     theirs = llama_tools.language_model(llama_cpp_tree, folder, tmp_path / "theirs.gguf", "f16")
-    _assert_only_intended(llama_tools.compare(ours / "llava-v1.5-tiny-lora-f16.gguf", theirs), LM_KEYS, {})
+    d = llama_tools.compare(ours / "llava-v1.5-tiny-lora-f16.gguf", theirs)
+    _assert_only_intended(d, {**LM_KEYS, **CARD_KEYS}, {})
 
 
 def test_llava_projector_file_from_the_old_path(parts, llama_cpp_tree, tmp_path):

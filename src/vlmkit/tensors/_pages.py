@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+from ..lazy import torch
 
 from ..errors import CheckpointError
 
