@@ -19,14 +19,14 @@ def cache(tmp_path, monkeypatch):
 
 
 def counting(monkeypatch) -> list[Path]:
-    """Record every file ``output.sha256_file`` reads."""
-    read, real = [], output.sha256_file
+    """Record every file ``source_hashes.sha256_file`` reads."""
+    read, real = [], source_hashes.sha256_file
 
     def sha256_file(path):
         read.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(output, "sha256_file", sha256_file)
+    monkeypatch.setattr(source_hashes, "sha256_file", sha256_file)
     return read
 
 

@@ -25,14 +25,12 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 from .. import __version__
 from ..errors import ManifestError, OutputError
 from ..tensors import TensorInfo
-
-if TYPE_CHECKING:
-    from .source_hashes import SourceHashes
+from .source_hashes import SourceHashes, sha256_file
 
 MANIFEST = "vlmkit-manifest.json"
 CARD = "README.md"  # the model card: the name the Hub shows
@@ -181,22 +179,12 @@ def _os_error(e: OSError, where: Path) -> OutputError:
                        hint="free space or choose a writable destination, then run again")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def hash_sources(source) -> "SourceHashes":
+def hash_sources(source) -> SourceHashes:
     """Start hashing ``source``'s files in the background (see ``source_hashes``); pass it to ``source_record``."""
-    from .source_hashes import SourceHashes
-
     return SourceHashes(list(source.files()))
 
 
-def source_record(source, hashes: "SourceHashes | None" = None) -> dict:
+def source_record(source, hashes: SourceHashes | None = None) -> dict:
     """What the manifest and the card say about a source: path, format, listing fingerprint, and each file.
 
     Each file's sha256 comes from ``hashes`` (``hash_sources``, started with the conversion so its reads

@@ -12,6 +12,7 @@ Three ways, cheapest first:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,14 @@ from pathlib import Path
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 CACHE_FILE = "source-hashes.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -74,8 +83,6 @@ class SourceHashes:
         self._thread.start()
 
     def _run(self) -> None:
-        from .output import sha256_file
-
         try:
             cache, new = _load_cache(), {}
             for f in self.files:

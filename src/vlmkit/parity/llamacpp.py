@@ -21,6 +21,11 @@ import numpy as np
 
 from ..errors import VlmkitError
 
+# The llama.cpp defect a LLaVA GGUF pair meets (named by verify and by the model card of every GGUF pair)
+DEFECT = ("ggml-org/llama.cpp#25814 (fix: PR #25844): the LLaVA graph concatenates the CLS embedding after the "
+          "patches, so each patch gets its neighbour's position embedding, the first patch is dropped and the "
+          "projected CLS reaches the language model")
+
 INSTALL_HINT = "install it with: pip install 'vlmkit[gguf]'   (llama-cpp-python; pip builds llama.cpp from source)"
 
 

@@ -49,7 +49,7 @@ NEXT_TILES = ("llama.cpp arranges LLaVA-NeXT images its own way (overview + tile
 
 
 def _cls_defect() -> str:
-    from ..families.llava.gguf_parity import DEFECT
+    from ..parity.llamacpp import DEFECT
 
     return (f"llama.cpp builds with {DEFECT}: until it is fixed upstream, its image embeddings differ from the "
             "original's")

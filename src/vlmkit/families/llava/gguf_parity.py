@@ -34,16 +34,12 @@ from ...conversion.gguf_sink import GGUF_TYPES
 from ...errors import ConfigError, ManifestError
 from ...options import LoadOptions
 from ...parity import Check, Report, compare_ids, compare_tensors
-from ...parity.llamacpp import LlamaCpp, Run, load_bindings
+from ...parity.llamacpp import DEFECT, LlamaCpp, Run, load_bindings
 from ...runtime import images, templates
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
 from .checkpoint import form_of, open_original
 from .hf_output import template_for
 from .reference import OriginalLlava
-
-DEFECT = ("ggml-org/llama.cpp#25814 (fix: PR #25844): the LLaVA graph concatenates the CLS embedding after the "
-          "patches, so each patch gets its neighbour's position embedding, the first patch is dropped and the "
-          "projected CLS reaches the language model")
 
 
 @dataclass(frozen=True)
