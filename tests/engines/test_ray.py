@@ -26,7 +26,7 @@ pytestmark = pytest.mark.xdist_group("ray")  # one Ray at a time on a 2-core mac
 
 QUESTIONS = [("What is this?", CAT), ("Which colours?", ROCKET), ("Describe.", COFFEE), ("Who?", ASTRONAUT),
              ("Is it alive?", CAT), ("Where?", ROCKET), ("Why?", COFFEE), ("How many?", ASTRONAUT)]
-FLAGS = ("--max-batch-size", "4", "--max-tokens", "64", "--max-image-pixels", "1000000")
+FLAGS = ("--max-batch-size", "4", "--max-tokens", "256", "--max-image-pixels", "1000000")
 
 
 @pytest.fixture(scope="module")
@@ -115,22 +115,26 @@ def retried(server) -> float:
     return sum(float(v) for v in re.findall(r"^vlmkit_retried_requests_total\{[^}]*\} ([0-9.e+]+)$", metrics, re.M))
 
 
+KILL_TOKENS = 192
+
+
 def test_a_replica_killed_mid_load_loses_no_request(ray_server, reference):
     # twice as many requests as both replicas batch at once. Ray's router may still leave the victim idle at the
     # moment it dies (its requests done, the rest queued for the other): that kill proves nothing, so it is tried
     # again on a fresh victim, up to 3 times; every kill must lose and change nothing
+    # long answers (KILL_TOKENS), so both replicas are still generating when the 8th stream has begun
     questions = QUESTIONS * 2
     for attempt in range(3):
         answer_all(ray_server, QUESTIONS[:4], max_tokens=2)
         victim = next(r for r in replicas(ray_server).values() if psutil.pid_exists(r["pid"]))  # not a killed one
         seen, started = threading.Event(), set()
         with ThreadPoolExecutor(len(questions)) as pool:
-            futures = [pool.submit(_stream, ray_server, q, i, 48, seen, started) for q, i in questions]
+            futures = [pool.submit(_stream, ray_server, q, i, KILL_TOKENS, seen, started) for q, i in questions]
             assert seen.wait(60), "no tokens arrived"
             os.kill(victim["pid"], signal.SIGKILL)  # a replica dies while answering
             results = [f.result() for f in futures]
         assert [status for status, _ in results] == [200] * len(questions), results
-        assert [text for _, text in results] == [expected(reference, q, i, 48).text for q, i in questions]
+        assert [text for _, text in results] == [expected(reference, q, i, KILL_TOKENS).text for q, i in questions]
         # Ray Serve starts a new replica; the service keeps answering meanwhile and after
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
