@@ -100,7 +100,7 @@ def _find_state_dict(path: Path, obj) -> dict[str, torch.Tensor]:
 def file_offsets(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     """Where the bytes of each mapped, contiguous tensor of ``path`` start in the file.
 
-    ``torch.load(mmap=True)`` maps the file once and slices every storage out of that
+    ``torch.load(weights_only=True, mmap=True)`` maps the file once and slices every storage out of that
     mapping, so a tensor's address minus the mapping's start is its file offset. The start
     is not exposed: exactly one start must put every storage where a stored (uncompressed)
     ``data/<key>`` record's bytes begin, with the record's size. Otherwise, or when the file
