@@ -134,13 +134,9 @@ def open_original(path: Path, options: LoadOptions) -> OriginalBlip2:
     else:
         parts.append(("", _lm_source(lm_folder, lm)))
     source = CombinedSource([("", main), *parts], path=file) if parts else main
-    lm_config = _read_json(lm_folder / "config.json")
+    lm_config = read_json(lm_folder / "config.json")
     form = "full" if not parts else "parts"
     return OriginalBlip2(file, form, lm, source, lm_folder, lm_config, notes)
-
-
-def _read_json(path: Path) -> dict:
-    return read_json(path)  # one message (and hint) for every JSON file vlmkit reads
 
 
 def _vit_source(path: Path) -> TensorSource:
@@ -164,7 +160,7 @@ def _lm_folder(file: Path, lm: str, main: TensorSource, options: LoadOptions) ->
     folder = resolve(options.model_base)
     if not (folder / "config.json").exists():
         raise ConfigError(f"--language-model {folder}: no config.json", hint=f"pass the transformers folder of {known}")
-    model_type = _read_json(folder / "config.json").get("model_type")
+    model_type = read_json(folder / "config.json").get("model_type")
     wanted = {"opt": ("opt",), "t5": ("t5", "mt5")}[lm]
     if model_type not in wanted:
         raise ConfigError(f"--language-model {folder}: model_type {model_type!r}, but {file.name} was trained with "

@@ -89,10 +89,6 @@ class OriginalCheckpoint:
         return int(PROJECTOR.match(kind).group(1))
 
 
-def _read_json(path: Path) -> dict:
-    return read_json(path)  # one message (and hint) for every JSON file vlmkit reads
-
-
 def form_of(path: Path) -> str | None:
     """Which original form a folder holds, from its files alone."""
     if not path.is_dir():
@@ -103,7 +99,7 @@ def form_of(path: Path) -> str | None:
         return "projector"
     config = path / "config.json"
     if config.exists():
-        data = _read_json(config)
+        data = read_json(config)
         if "mm_vision_tower" in data or any(a in BACKBONES for a in data.get("architectures") or []):
             return "full"
     return None
@@ -119,7 +115,7 @@ def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
     if form is None:
         raise CheckpointError(f"{path}: not an original LLaVA checkpoint (no config.json with mm_* fields, "
                               "mm_projector.bin or adapter_config.json + non_lora_trainables.bin)")
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     _check_multimodal_fields(path, config)
     backbone = _backbone(path, config)
     notes: list[str] = []
@@ -182,7 +178,7 @@ def _model_base(path: Path, form: str, config: dict, options: LoadOptions) -> Pa
     if not options.model_base:
         trained_on = config.get("_name_or_path") or "?"
         if form == "lora":
-            trained_on = _read_json(path / "adapter_config.json").get("base_model_name_or_path", trained_on)
+            trained_on = read_json(path / "adapter_config.json").get("base_model_name_or_path", trained_on)
         raise ConfigError(f"{path} is a {what}: it needs the base language model it was trained on ({trained_on})",
                           hint="pass --model-base PATH (the base LLM folder, e.g. vicuna-7b-v1.5)")
     return resolve(options.model_base)
@@ -197,7 +193,7 @@ def _strip_training_prefixes(names: list[str]) -> dict[str, str]:
 
 
 def _with_lora(path: Path, base: TensorSource, notes: list[str]) -> tuple[TensorSource, LoraInfo]:
-    adapter_config = _read_json(path / "adapter_config.json")
+    adapter_config = read_json(path / "adapter_config.json")
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{path}/adapter_config.json: peft_type {adapter_config.get('peft_type')!r} is not LORA")
     files = [path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (path / f).exists()]
@@ -341,10 +337,10 @@ def _vision_config(source: TensorSource, tower: TowerRef | Path | None,
     origin = ""
     if tower.folder is not None and (tower.folder / "config.json").exists():
         origin = str(tower.folder / "config.json")
-        data = _read_json(tower.folder / "config.json")
+        data = read_json(tower.folder / "config.json")
         config = dict(data.get("vision_config") or data)
         if (tower.folder / "preprocessor_config.json").exists():
-            preprocessor = _read_json(tower.folder / "preprocessor_config.json")
+            preprocessor = read_json(tower.folder / "preprocessor_config.json")
     elif (entry := known_tower(tower.name)) is not None:
         origin = f"vlmkit's table of released towers ({tower.name})"
         config, preprocessor = entry["vision_config"], entry["preprocessor"]
