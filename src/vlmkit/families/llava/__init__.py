@@ -37,15 +37,13 @@ def recognise(path: Path, config: dict | None) -> bool:
 
 
 def describe(path: Path, config: dict | None) -> dict:
-    from ...runtime.templates import choose_template, get_model_name_from_path
+    from .backbones import backbone_of
+    from .templates import template_of
 
     form = form_of(path)
     info = {"llava form": form}
     if config:
         info["llava version"] = "NeXT (anyres)" if config.get("image_aspect_ratio") == "anyres" else "1.5"
         info["vision tower"] = config.get("mm_vision_tower")
-        chosen = choose_template(get_model_name_from_path(str(path)))
-        if chosen == "llava_v0":  # the original's fallback fits no released 1.5/1.6 model (see hf_output)
-            chosen = "mistral_instruct" if "mistral" in str(config.get("model_type")) else "llava_v1"
-        info["template"] = chosen
+        info["template"] = template_of(path, backbone_of(config, path)) or "none known (pass --template)"
     return info
