@@ -1,11 +1,9 @@
-"""How models run: LLaVA and BLIP-2 (OPT, Flan-T5), as the original checkpoint or a transformers folder.
+"""How models run: BLIP-2 (OPT, Flan-T5), as the original checkpoint or a transformers folder
+(LLaVA's backends are ``families/llava/backend.py``).
 
-Both give generation the same small surface (``runtime.generation.LanguageModel``) plus
+A backend gives generation the same small surface (``runtime.generation.LanguageModel``) plus
 ``prompt_ids`` (the conversation as ids with one placeholder per image) and
-``image_features`` (one image -> its projected features, in the model's own layout). The
-original backend uses the original templates, tokenisation and preprocessing
-(``runtime.templates`` / ``tokens`` / ``images``), exactly what ``vlmkit verify`` measures;
-the transformers backend uses the folder's processor and chat template.
+``image_features`` (one image -> its projected features, in the model's own layout).
 """
 
 from __future__ import annotations
@@ -18,125 +16,10 @@ from .. import dtypes
 from ..errors import ConfigError, VlmkitError
 from ..options import check_device, read_json
 from ..tensors import open_source
-from . import images, templates
+from . import images
 from .generation import with_cache
 from .messages import Turn
 from .tokens import IMAGE_TOKEN_INDEX
-
-
-def _template_messages(turns: list[Turn]) -> list[tuple[str, str | None]]:
-    """(role, text) pairs with ``<image>\\n`` before a user text per image, as the original cli does."""
-    out = []
-    for t in turns:
-        text = templates.with_image(t.text, len(t.images)) if t.images else t.text
-        out.append((t.role, text))
-    return out + [("assistant", None)]
-
-
-class OriginalBackend:
-    """An original LLaVA checkpoint run directly (``families.llava.reference.OriginalLlava``)."""
-
-    kind = "original"
-
-    def __init__(self, path: Path, options):
-        from ..families.llava.checkpoint import open_original
-        from ..families.llava.hf_output import template_for
-        from ..families.llava.reference import OriginalLlava
-
-        ckpt = open_original(path, options)
-        dtype = dtypes.torch_dtype(options.dtype)
-        self.model = OriginalLlava.load(ckpt, dtype=dtype, device=options.device)
-        self.device = options.device
-        self.template = template_for(ckpt, options)
-        self.tokenizer = self.model.tokenizer
-        self.eos_token_ids = {self.tokenizer.eos_token_id}
-        self.max_context = ckpt.config.get("tokenizer_model_max_length") or ckpt.config.get("max_position_embeddings")
-        self.image_max_pixels = images.DEFAULT_MAX_PIXELS
-        self.marker = IMAGE_TOKEN_INDEX
-        self.filler = self.tokenizer.unk_token_id
-        self.preprocessing = repr(self.model.image_config)
-
-    def prompt_ids(self, turns: list[Turn]) -> list[int]:
-        prompt = templates.render(self.template, _template_messages(turns))
-        return self.model.prompt_ids(prompt)
-
-    def image_features(self, image) -> torch.Tensor:
-        pixels, sizes = images.preprocess([images.load_image(image, max_pixels=self.image_max_pixels)],
-                                          self.model.image_config)
-        return self.model.image_features(pixels.to(self.device) if isinstance(pixels, torch.Tensor) else pixels,
-                                         sizes)[0]
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.language_model.get_input_embeddings()(ids.to(self.device))
-
-    def forward(self, embeds, attention_mask, position_ids, past):
-        out, cache = with_cache(self.model.language_model, past, inputs_embeds=embeds, attention_mask=attention_mask,
-                                position_ids=position_ids, logits_to_keep=1)
-        return out.logits, cache
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-class TransformersBackend:
-    """A transformers ``Llava`` / ``LlavaNext`` folder (vlmkit's output, or a published llava-hf one)."""
-
-    kind = "transformers"
-
-    def __init__(self, path: Path, options):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        dtype = dtypes.torch_dtype(options.dtype)
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(options.device).eval()
-        self.device = options.device
-        self.tokenizer = self.processor.tokenizer
-        if options.template:  # an original template, tokenised the way the converted tokenizer needs
-            legacy = bool(getattr(self.tokenizer, "legacy", True))
-            self.processor.chat_template = templates.chat_template(
-                templates.get_template(options.template).name, legacy_tokenizer=legacy)
-        self.template = template_name(self.processor.chat_template)
-        config = self.model.config
-        eos = self.model.generation_config.eos_token_id
-        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
-        self.max_context = getattr(config.text_config, "max_position_embeddings", None)
-        self.marker = config.image_token_index
-        self.filler = config.image_token_index
-        self.image_max_pixels = images.DEFAULT_MAX_PIXELS
-        self.preprocessing = repr(self.processor.image_processor.to_dict())
-
-    def prompt_ids(self, turns: list[Turn]) -> list[int]:
-        messages = []
-        for t in turns:
-            content = [{"type": "image"} for _ in t.images] + ([{"type": "text", "text": t.text}] if t.text else [])
-            messages.append({"role": t.role, "content": content})
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer(text).input_ids
-
-    def image_features(self, image) -> torch.Tensor:
-        pil = images.load_image(image, max_pixels=self.image_max_pixels)
-        inputs = self.processor.image_processor(images=[pil], return_tensors="pt")
-        kwargs = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
-        with torch.no_grad():
-            out = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device, self.model.dtype),
-                                                **kwargs)
-        features = out.pooler_output if hasattr(out, "pooler_output") else out
-        if isinstance(features, (list, tuple)):
-            features = torch.cat(list(features), 0)
-        return features.reshape(-1, features.shape[-1])
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device))
-
-    def forward(self, embeds, attention_mask, position_ids, past):
-        out, cache = with_cache(self.model, past, inputs_embeds=embeds, attention_mask=attention_mask,
-                                position_ids=position_ids, logits_to_keep=1)
-        return out.logits, cache
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 # LAVIS's question-answering prompts: OPT as the BLIP-2 model cards ask, Flan-T5 as LAVIS's
@@ -272,6 +155,7 @@ def template_name(chat_template: str | None) -> str | None:
 def backend_for(path: Path, options):
     """The backend that runs ``path``: an original LLaVA or BLIP-2 checkpoint, or a transformers folder."""
     from ..families.blip2.checkpoint import form_of as blip2_form
+    from ..families.llava.backend import OriginalBackend, TransformersBackend
     from ..families.llava.checkpoint import form_of
 
     check_device(options.device)
