@@ -1,10 +1,10 @@
 """What the data commands need from a model, read without loading any weights.
 
 ``--model`` gives the tokenizer, the conversation template, the training length and the
-number of features each image becomes (for token statistics), from an original LLaVA
-checkpoint (``families.llava.checkpoint``: its slow tokenizer, ``mm_*`` fields and CLIP
-config) or a transformers Llava / LlavaNext folder (its tokenizer, chat template and
-processor). The loading options (``--template``, ``--vision-tower``, ``--model-base``) mean
+number of features each image becomes (for token statistics), from an original checkpoint
+(its family's ``data_model``, e.g. ``families/llava/data.py``: the slow tokenizer, ``mm_*``
+fields and CLIP config) or a transformers Llava / LlavaNext folder (its tokenizer, chat
+template and processor). The loading options (``--template``, ``--vision-tower``, ``--model-base``) mean
 what they mean for every other command.
 """
 
@@ -69,14 +69,16 @@ def load_data_model(path: str | Path, options: LoadOptions | None = None, *,
     Raises:
         ConfigError / CheckpointError: naming the file or field and the flag that fixes it.
     """
-    from ..families.llava.checkpoint import form_of
-    from ..families.llava.data import _original
+    from .. import families
     from ..tensors import resolve
 
     options = options or LoadOptions()
     folder = resolve(path)
-    loader = _original if form_of(folder) is not None else _transformers
-    model = loader(folder, options, max_length)
+    found = families.find(folder)
+    if families.can(found, "data_model"):  # an original checkpoint: its family reads it
+        model = found.family.data_model(found, options, max_length=max_length)
+    else:
+        model = _transformers(folder, options, max_length)
     model.spec = (str(folder), options, max_length)
     return model
 

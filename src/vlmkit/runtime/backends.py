@@ -14,8 +14,6 @@ import torch
 
 from .. import dtypes
 from ..errors import ConfigError, VlmkitError
-from ..options import check_device, read_json
-from ..tensors import open_source
 from . import images
 from .generation import with_cache
 from .messages import Turn
@@ -150,27 +148,3 @@ def template_name(chat_template: str | None) -> str | None:
     if chat_template and chat_template.startswith(marker):
         return chat_template[len(marker):].split(" #}", 1)[0]
     return None
-
-
-def backend_for(path: Path, options):
-    """The backend that runs ``path``: an original LLaVA or BLIP-2 checkpoint, or a transformers folder."""
-    from ..families.blip2.checkpoint import form_of as blip2_form
-    from ..families.llava.backend import OriginalBackend, TransformersBackend
-    from ..families.llava.checkpoint import form_of
-
-    check_device(options.device)
-    if form_of(path) is not None:
-        return OriginalBackend(path, options)
-    if blip2_form(path) is not None:  # a LAVIS checkpoint
-        return Blip2Backend(path, options, original=True)
-    config = path / "config.json"
-    architectures = read_json(config).get("architectures", []) if config.exists() else []
-    if architectures:  # vlmkit's readers check the weights (headers, sizes) as inspect and convert do
-        open_source(path).close()
-    if any(a in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration") for a in architectures):
-        return TransformersBackend(path, options)
-    if "Blip2ForConditionalGeneration" in architectures:
-        return Blip2Backend(path, options)
-    raise VlmkitError(f"{path}: vlmkit can run original LLaVA and BLIP-2 (LAVIS) checkpoints and transformers "
-                      f"Llava / LlavaNext / Blip2 folders; this is {architectures or 'not a model folder'}",
-                      hint="`vlmkit inspect` shows what it is")

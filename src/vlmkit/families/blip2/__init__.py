@@ -29,13 +29,24 @@ _LAVIS = ("describe", "conversion", "verify", "chat_backend")
 FORMS: dict[str, tuple[str, ...]] = {
     "full": _LAVIS,    # one LAVIS .pth with the vision encoder and the language model inside
     "parts": _LAVIS,   # a release .pth + --vision EVA ViT-g + --language-model folder
+    "transformers": ("chat_backend",),  # a Blip2ForConditionalGeneration folder
 }
 
 __all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
-    return form_of(path)
+    transformers = "Blip2ForConditionalGeneration" in ((config or {}).get("architectures") or [])
+    return form_of(path) or ("transformers" if transformers else None)
+
+
+def chat_backend(found, options: LoadOptions):  # until the BLIP-2 backend moves into this family
+    from ...runtime.backends import Blip2Backend
+    from ...tensors import open_source
+
+    if found.form == "transformers":
+        open_source(found.path).close()  # vlmkit's readers check the weights (headers, sizes) as inspect does
+    return Blip2Backend(found.path, options, original=found.form != "transformers")
 
 
 def conversion(found, options: LoadOptions):

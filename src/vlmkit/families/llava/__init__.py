@@ -32,7 +32,8 @@ FORMS: dict[str, tuple[str, ...]] = {
     "projector_file": ("gguf",),          # llava_surgery.py's llava.projector (+ --vision-tower): the mmproj
 }
 
-__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
+__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "open_original", "verify",
+           "chat_backend", "data_model"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
@@ -58,6 +59,26 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
     from .parity import Probe, verify as run
 
     return run(found.path, converted, options, [Probe(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
+
+
+def chat_backend(found, options: LoadOptions):
+    """Chat and serve: an original checkpoint through vlmkit's reference of the original forward, a
+    transformers folder through transformers (``backend.py``)."""
+    from .backend import OriginalBackend, TransformersBackend
+
+    if found.form == "transformers":
+        from ...tensors import open_source
+
+        open_source(found.path).close()  # vlmkit's readers check the weights (headers, sizes) as inspect does
+        return TransformersBackend(found.path, options)
+    return OriginalBackend(found.path, options)
+
+
+def data_model(found, options: LoadOptions, *, max_length: int | None):
+    """``vlmkit data tokenize/check --model``: tokenizer, template, length, image features (``data.py``)."""
+    from .data import data_model as original
+
+    return original(found, options, max_length=max_length)
 
 
 def describe(found) -> dict:

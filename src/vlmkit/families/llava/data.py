@@ -5,17 +5,18 @@ its slow tokenizer, conversation template, training length and the features each
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from ...data.encoders import OriginalEncoder
 from ...data.model import DataModel, _length, _read
 from ...options import LoadOptions
 
 
-def _original(folder: Path, options: LoadOptions, max_length: int | None) -> DataModel:
+def data_model(found, options: LoadOptions, *, max_length: int | None) -> DataModel:
+    """The data commands' view of an original checkpoint of any form (``found.path``)."""
     from .checkpoint import open_original
     from .hf_output import template_for
 
+    folder = found.path
     ckpt = open_original(folder, options)
     encoder = OriginalEncoder.from_folder(ckpt.tokenizer_folder)
     length, source = _length(max_length, ckpt.config, _read(ckpt.tokenizer_folder / "tokenizer_config.json"))
