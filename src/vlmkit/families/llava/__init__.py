@@ -4,10 +4,14 @@ Recognised by ``config.json`` (``LlavaLlamaForCausalLM`` / ``LlavaMistralForCaus
 ``mm_*`` fields) or by the files of its training stages (``mm_projector.bin``;
 ``adapter_config.json`` + ``non_lora_trainables.bin``). The pieces:
 
+* ``backbones``   — one row per language model (LLaMA/Vicuna, Mistral, ...): everything that differs by backbone;
 * ``checkpoint``  — the input forms, presented as one namespace;
 * ``convert``     — the conversion rules to transformers' Llava / LlavaNext;
 * ``hf_output``   — config, tokenizer, image processor and chat template of the output;
 * ``reference``   — the original forward pass, for ``vlmkit verify`` and for running originals;
+* ``backend``     — chat and serve: the original through ``reference``, a transformers folder through transformers;
+* ``data``        — what ``vlmkit data`` needs of an original checkpoint (tokenizer, template, image features);
+* ``templates``   — the original cli's template choice by model name, else the backbone's default;
 * ``tiny``        — tiny random checkpoints in the real layouts (tests, demo, benchmarks).
 """
 
