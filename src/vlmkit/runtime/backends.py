@@ -140,11 +140,3 @@ class Blip2Backend:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def template_name(chat_template: str | None) -> str | None:
-    """The original template named in a vlmkit chat template (``{# vlmkit template: NAME #}``)."""
-    marker = "{# vlmkit template: "
-    if chat_template and chat_template.startswith(marker):
-        return chat_template[len(marker):].split(" #}", 1)[0]
-    return None

@@ -17,7 +17,6 @@ import torch
 
 from ... import dtypes
 from ...runtime import images, templates
-from ...runtime.backends import template_name
 from ...runtime.generation import with_cache
 from ...runtime.messages import Turn, template_messages
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
@@ -87,7 +86,7 @@ class TransformersBackend:
             legacy = bool(getattr(self.tokenizer, "legacy", True))
             self.processor.chat_template = templates.chat_template(
                 templates.get_template(options.template).name, legacy_tokenizer=legacy)
-        self.template = template_name(self.processor.chat_template)
+        self.template = templates.marked_name(self.processor.chat_template)
         config = self.model.config
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
