@@ -139,17 +139,12 @@ class TransformersBackend:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-# LAVIS's question-answering prompts: OPT as the BLIP-2 model cards ask, Flan-T5 as LAVIS's
-# zero-shot VQA configs do (lavis/projects/blip2/eval/vqav2_zeroshot_flant5xl_eval.yaml).
-BLIP2_PROMPTS = {"opt": ("blip2_qa", "Question: {} Answer:"), "t5": ("blip2_t5_qa", "Question: {} Short answer:")}
-
-
 class Blip2Backend:
     """BLIP-2 with OPT or Flan-T5: a transformers ``Blip2ForConditionalGeneration`` folder, or the
     original LAVIS checkpoint run through vlmkit's reference of LAVIS's forward (``families.blip2``).
 
     The projected query outputs come before the prompt, as BLIP-2 does; the prompt is LAVIS's
-    question-answering form (``BLIP2_PROMPTS``), turns joined with a space (LAVIS itself is
+    question-answering form (the language model's row, ``families.blip2.language_models``), turns joined with a space (LAVIS itself is
     single-turn). OPT decodes them; Flan-T5's encoder reads them and its decoder generates from
     the start token (``generation.Seq2SeqBatch``). Greedy tokens are LAVIS's ``generate(num_beams=1)``'s.
     """
@@ -165,12 +160,12 @@ class Blip2Backend:
             self._load_original(path, options)
         else:
             self._load_transformers(path, options)
-        self.encoder_decoder = self.lm_kind == "t5"
+        self.encoder_decoder = not self.lm_kind.causal
         # LAVIS's generate passes min_length=1. transformers counts it over the ids it was given:
         # none for OPT (inputs_embeds only), so EOS cannot come first; the decoder start token for
         # T5, so it asks nothing more there.
-        self.min_new_tokens = 1 if self.lm_kind == "opt" else 0
-        self.template, self.question = BLIP2_PROMPTS[self.lm_kind]
+        self.min_new_tokens = self.lm_kind.min_new_tokens
+        self.template, self.question = self.lm_kind.prompt
         self.max_context = getattr(self.language_model.config, "max_position_embeddings", None)
         self.decoder_start_token_id = getattr(self.language_model.config, "decoder_start_token_id", None)
         self.image_max_pixels = images.DEFAULT_MAX_PIXELS
@@ -178,10 +173,12 @@ class Blip2Backend:
     def _load_transformers(self, path: Path, options) -> None:
         from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
+        from ..families.blip2.language_models import of_transformers
+
         dtype = dtypes.torch_dtype(options.dtype)
         self.processor = AutoProcessor.from_pretrained(path)
         model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(options.device).eval()
-        self.lm_kind = "opt" if model.config.use_decoder_only_language_model else "t5"
+        self.lm_kind = of_transformers(model.config.use_decoder_only_language_model)
         self.tokenizer = self.processor.tokenizer
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])

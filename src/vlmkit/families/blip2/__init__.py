@@ -40,10 +40,10 @@ def describe(path: Path, config: dict | None) -> dict:
     tensors = peek_state_dict(_lavis_file(path))
     kind = lm_kind(tensors)
     layers = {n.split(".")[4] for n in tensors if n.startswith("Qformer.bert.encoder.layer.")}
-    return {"blip2 form": form_of(path), "language model": {"opt": "OPT", "t5": "Flan-T5"}[kind],
+    return {"blip2 form": form_of(path), "language model": kind.title,
             "query tokens": tensors["query_tokens"].shape[1], "q-former layers": len(layers),
             "visual encoder inside": any(n.startswith("visual_encoder.") for n in tensors),
-            "language model inside": any(n.startswith(f"{kind}_model.") for n in tensors)}
+            "language model inside": any(n.startswith(kind.original_prefix) for n in tensors)}
 
 
 def verify(original: Path, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
