@@ -119,5 +119,6 @@ def of_projection(names) -> LanguageModel | None:
 
 
 def of_transformers(decoder_only: bool) -> LanguageModel:
-    """The row of a transformers Blip2 folder, from ``use_decoder_only_language_model`` (as vlmkit read it so far)."""
+    """The row of a transformers Blip2 folder, from its config's ``use_decoder_only_language_model`` (the first row
+    of that kind: one per kind until InstructBLIP's Vicuna, which will need ``text_config.model_type`` too)."""
     return next(r for r in ROWS.values() if r.causal == decoder_only)
