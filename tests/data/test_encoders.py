@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vlmkit.data.encoders import OriginalEncoder, TransformersEncoder
-from vlmkit.runtime.tokens import OriginalTokenizer, build_converted_tokenizer
+from vlmkit.runtime.tokens import build_converted_tokenizer
 
 from .conftest import TOKENIZERS
 
@@ -23,7 +23,7 @@ def fast():
 
 @pytest.mark.parametrize("name,legacy", [("llama-spm", False), ("llama-spm", True), ("mistral-spm", True)])
 def test_random_texts_agree(fast, name, legacy):
-    original = OriginalEncoder(OriginalTokenizer.from_folder(TOKENIZERS / name, legacy=legacy))
+    original = OriginalEncoder.from_folder(TOKENIZERS / name, legacy=legacy)
     converted = TransformersEncoder(fast[name, legacy], legacy)
     rng = random.Random(0)
     for _ in range(300):
@@ -45,7 +45,7 @@ def test_a_literal_image_placeholder_is_text_as_in_the_original(fast, legacy):
     # text-only record's literal "<image>" reaches the original training as text ("▁<" "image" ">").
     tokenizer = fast["llama-spm", legacy]
     assert tokenizer.convert_tokens_to_ids("<image>") == 32000
-    original = OriginalEncoder(OriginalTokenizer.from_folder(TOKENIZERS / "llama-spm", legacy=legacy))
+    original = OriginalEncoder.from_folder(TOKENIZERS / "llama-spm", legacy=legacy)
     converted = TransformersEncoder(tokenizer, legacy)
     for text in ("USER: <image>\nWhat is it? ASSISTANT:", "<image>", "a</s><image> b"):
         assert converted.encode(text) == original.encode(text), repr(text)
