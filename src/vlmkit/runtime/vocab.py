@@ -31,6 +31,7 @@ class Vocab(Protocol):
         bos_id / eos_id / pad_id / unk_id: the tokenizer's own special tokens (None when it names none).
         eos_ids: the ids that end a generation: ``eos_id`` and ``generation_config.json``'s ``eos_token_id``.
         legacy: the slow LLaMA tokenizer's ``legacy`` flag; None for tokenizers without one.
+        add_bos / add_eos: whether ``encode`` puts BOS / EOS around the text (GGUF ``add_bos_token``).
     """
 
     kind: str
@@ -41,6 +42,8 @@ class Vocab(Protocol):
     pad_id: int | None
     unk_id: int | None
     legacy: bool | None
+    add_bos: bool
+    add_eos: bool
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         """``tokenizer(text).input_ids``: with the special tokens the tokenizer adds unless ``special`` is False."""
@@ -72,6 +75,7 @@ class SentencePieceVocab:
         self.pad_id = tokenizer.pad_token_id
         self.unk_id = tokenizer.unk_token_id
         self.legacy = tokenizer.legacy
+        self.add_bos, self.add_eos = bool(tokenizer.add_bos_token), bool(tokenizer.add_eos_token)
         self._by_id = {t.id: t.content for t in tokenizer.added_tokens.values()}
 
     @classmethod
@@ -125,6 +129,10 @@ class BpeVocab:
         self.bos_id, self.eos_id = special_id("bos_token"), special_id("eos_token")
         self.pad_id, self.unk_id = special_id("pad_token"), special_id("unk_token")
         self.eos_ids = _stop_ids(folder, self.eos_id)
+        # what the post-processor wraps a text with (Llama 3: "<|begin_of_text|> $A"; Qwen2: nothing)
+        wrapped = self.encode("a")
+        self.add_bos = self.bos_id is not None and wrapped[0] == self.bos_id
+        self.add_eos = self.eos_id is not None and wrapped[-1] == self.eos_id
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=special).ids
