@@ -50,3 +50,13 @@ def test_a_literal_image_placeholder_is_text_as_in_the_original(fast, legacy):
     for text in ("USER: <image>\nWhat is it? ASSISTANT:", "<image>", "a</s><image> b"):
         assert converted.encode(text) == original.encode(text), repr(text)
     assert original.pieces(original.encode("USER: <image>"))[-3:] == ["▁<", "image", ">"]
+
+
+def test_original_encoder_over_a_byte_level_bpe_vocabulary(tmp_path):
+    """Qwen2's tokenizer (no BOS, no unk): nothing to keep at the start, padding with its own pad token."""
+    from ..bpe_tokenizers import bpe_folder
+
+    encoder = OriginalEncoder.from_folder(bpe_folder("qwen2", tmp_path / "qwen2"))
+    assert (encoder.bos_id, encoder.pad_token_id, encoder.legacy) == (None, 151643, None)
+    assert encoder.encode("Hello world") == [9707, 1879]  # llama.cpp's vector for "Hello world"
+    assert encoder.pieces([-200, 9707, 1879, 151645]) == ["<image>", "Hello", "Ġworld", "<|im_end|>"]
