@@ -8,17 +8,18 @@ The tokenizers are Qwen2's and Llama 3's, rebuilt from llama.cpp's own vocab-onl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gguf
 import pytest
 
 from vlmkit.conversion import gguf_vocab
+from vlmkit.errors import ConfigError
 from vlmkit.runtime.vocab import open_vocab
 
 from ..bpe_tokenizers import bpe_folder, gguf_vocabulary, vocab_vectors
 from .llama_tools import run_script
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gguf")]
 
 # config.json of the release each vocabulary comes from (ids and sizes; the layers are made tiny):
 # Qwen/Qwen1.5-7B and meta-llama/Meta-Llama-3-8B.
@@ -33,6 +34,7 @@ RELEASES = {
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
         "num_key_value_heads": 4, "torch_dtype": "float32"}
 ARCH = {"qwen2": "qwen2", "llama-bpe": "llama"}
+LLAMA_SPM = Path(__file__).parent.parent / "fixtures" / "tokenizers" / "llama-spm"
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,8 @@ def vlmkit_gguf(folder, name, out):
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama-bpe"])
+@pytest.mark.slow
+@pytest.mark.xdist_group("gguf")
 def test_same_keys_and_values_as_llama_cpp_converter(folders, llama_cpp_tree, tmp_path, name):
     theirs = tmp_path / "theirs.gguf"
     run_script(llama_cpp_tree, "convert_hf_to_gguf.py", folders[name], "--vocab-only", "--outfile", theirs)
@@ -82,6 +86,8 @@ def test_same_keys_and_values_as_llama_cpp_converter(folders, llama_cpp_tree, tm
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama-bpe"])
+@pytest.mark.slow
+@pytest.mark.xdist_group("gguf")
 def test_llama_cpp_tokenizes_vlmkit_gguf_like_the_release(folders, tmp_path, name):
     import llama_cpp
 
@@ -92,9 +98,27 @@ def test_llama_cpp_tokenizes_vlmkit_gguf_like_the_release(folders, tmp_path, nam
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, repr(text)
         # add_bos_token: Llama 3 starts every text with <|begin_of_text|> (128000); Qwen2 has no BOS
         bos = {"qwen2": [], "llama-bpe": [128000]}[name]
-        assert llm.tokenize(b"Hello world", add_bos=True, special=False) == bos + dict(vocab_vectors(name))["Hello world"]
+        hello = dict(vocab_vectors(name))["Hello world"]
+        assert llm.tokenize(b"Hello world", add_bos=True, special=False) == bos + hello
         # the special tokens are CONTROL: parsed as one token when asked to, as the release's tokenizer does
         special = {"qwen2": ("<|im_start|>", 151644), "llama-bpe": ("<|eot_id|>", 128009)}[name]
         assert llm.tokenize(special[0].encode(), add_bos=False, special=True) == [special[1]]
     finally:
         llm.close()
+
+
+def test_the_kind_picks_the_vocabulary_and_bad_input_is_one_error(folders):
+    qwen = folders["qwen2"]
+    table = gguf_vocab.vocabulary("bpe", qwen, {"<image>": 151646}, 151936, pre="qwen2")
+    assert (table.tokens[151646], table.types[151646]) == (b"<image>", gguf.TokenType.CONTROL)  # a special addition
+    assert (table.tokens[151647], table.types[151647]) == (b"[PAD151647]", gguf.TokenType.UNUSED)
+    # Qwen1.5 names no BOS token: config.json's bos_token_id is written, as llama.cpp's converter does
+    assert (table.bos, table.eos, table.pad, table.add_sep) == (151643, 151643, 151643, None)
+    with pytest.raises(ConfigError, match="no GGUF vocabulary writer for tokenizer kind 'wordpiece'"):
+        gguf_vocab.vocabulary("wordpiece", qwen, {}, 151936)
+    with pytest.raises(ConfigError, match="needs llama.cpp's pre-tokenizer name"):
+        gguf_vocab.vocabulary("bpe", qwen, {}, 151936)
+    with pytest.raises(ConfigError, match="token id 151645 but the model's embedding has only 1000 rows"):
+        gguf_vocab.vocabulary("bpe", qwen, {}, 1000, pre="qwen2")
+    with pytest.raises(ConfigError, match="a byte-level BPE tokenizer.json"):
+        gguf_vocab.vocabulary("bpe", LLAMA_SPM, {}, 32000, pre="llama-bpe")

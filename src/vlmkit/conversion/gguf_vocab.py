@@ -183,8 +183,9 @@ def write_llama_vocab(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None,
 def _looks_special(text: str) -> bool:
     """llama.cpp's converter marks these added tokens CONTROL even when the tokenizer does not call them
     special (``does_token_look_special``: ``<|...|>`` and a few spellings some releases use)."""
-    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
-            or (text.startswith("<｜") and text.endswith("｜>")) or (text.startswith("<unused") and text.endswith(">")))
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or any(text.startswith(head) and text.endswith(tail) for head, tail in (("<|", "|>"), ("<｜", "｜>"),
+                                                                                    ("<unused", ">"))))
 
 
 def gpt2(folder: Path, added: dict[str, int], rows: int, *, pre: str) -> Vocab:

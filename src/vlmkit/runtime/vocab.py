@@ -154,14 +154,17 @@ def _is_byte_level_bpe(folder: Path) -> bool:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{file}: cannot read JSON ({e})",
                           hint="restore tokenizer.json from the model's release") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        return False
     pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre])
-    return (spec.get("model") or {}).get("type") == "BPE" and any(p.get("type") == "ByteLevel" for p in parts)
+    parts = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
+    return spec["model"].get("type") == "BPE" and any(isinstance(p, dict) and p.get("type") == "ByteLevel"
+                                                      for p in parts)
 
 
 def open_vocab(folder: str | Path, kind: str | None = None, *, legacy: bool | None = None) -> Vocab:
-    """The vocabulary in ``folder``, of ``kind`` or of the kind its files show (``tokenizer.model`` first: original LLaVA
-    folders may hold both files).
+    """The vocabulary in ``folder``, of ``kind`` or of the kind its files show (``tokenizer.model`` first:
+    original LLaVA folders may hold both files).
 
     Args:
         folder: a model or tokenizer folder.
@@ -176,15 +179,22 @@ def open_vocab(folder: str | Path, kind: str | None = None, *, legacy: bool | No
         [1, 15043, 3186]
     """
     folder = Path(folder)
-    needs = {"sentencepiece": "a SentencePiece tokenizer.model", "bpe": "a byte-level BPE tokenizer.json"}
-    if kind is not None and kind not in needs:
-        raise ConfigError(f"unknown tokenizer kind {kind!r}", hint=f"use one of: {', '.join(needs)}")
-    has = {"sentencepiece": (folder / "tokenizer.model").is_file(), "bpe": _is_byte_level_bpe(folder)}
-    kind = kind or next((k for k in needs if has[k]), None)
-    if kind is None or not has[kind]:
-        what = needs[kind] if kind else " or ".join(needs.values())
+    if kind is not None and kind not in _NEEDS:
+        raise ConfigError(f"unknown tokenizer kind {kind!r}", hint=f"use one of: {', '.join(_NEEDS)}")
+    if kind is None:  # in order: a tokenizer.json beside a tokenizer.model is not even read
+        kind = next((k for k, (_, found) in _NEEDS.items() if found(folder)), None)
+        missing = kind is None
+    else:
+        missing = not _NEEDS[kind][1](folder)
+    if missing:
+        what = _NEEDS[kind][0] if kind else " or ".join(need for need, _ in _NEEDS.values())
         raise ConfigError(f"{folder}: no tokenizer vlmkit can read: it needs {what}",
                           hint="point at the model's folder, or copy its language model's tokenizer files into it")
     if kind == "sentencepiece":
         return SentencePieceVocab.from_folder(folder, legacy=legacy)
     return BpeVocab(folder)
+
+
+# kind -> (what the folder needs, whether it has it)
+_NEEDS = {"sentencepiece": ("a SentencePiece tokenizer.model", lambda folder: (folder / "tokenizer.model").is_file()),
+          "bpe": ("a byte-level BPE tokenizer.json", _is_byte_level_bpe)}
