@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..options import read_json
 from .tokens import OriginalTokenizer, token_content
 
+
 class Vocab(Protocol):
     """What vlmkit needs from a tokenizer: ids in and out, and its special ids.
 
