@@ -66,8 +66,9 @@ def gguf_file(name: str, dst: Path) -> Path:
 
 def vocab_vectors(name: str) -> list[tuple[str, list[int]]]:
     """llama.cpp's (text, ids) vectors: inputs split at ``\\n__ggml_vocab_test__\\n``, one line of ids each."""
-    inputs = (FIXTURES / name / f"{name}-test-vectors.inp").read_text(encoding="utf-8")
-    outputs = (FIXTURES / name / f"{name}-test-vectors.out").read_text(encoding="utf-8")
+    folder, stem = ("gpt2-bpe", "gpt2") if name == "gpt2" else (name, name)
+    inputs = (FIXTURES / folder / f"{stem}-test-vectors.inp").read_text(encoding="utf-8")
+    outputs = (FIXTURES / folder / f"{stem}-test-vectors.out").read_text(encoding="utf-8")
     texts = inputs.split("\n__ggml_vocab_test__\n")
     ids = outputs.split("\n")
     assert texts[-1] == "" and ids[-1] == "" and len(texts) == len(ids)  # both end with their separator
@@ -113,6 +114,17 @@ def gguf_vocabulary(path: Path) -> dict:
         key = string()
         fields[key] = value(take("I"))
     return {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+
+
+def gpt2_folder(dst: Path) -> Path:
+    """GPT-2's tokenizer folder (``fixtures/tokenizers/gpt2-bpe``, ``tokenizer.json`` gzipped) in ``dst``."""
+    source = FIXTURES / "gpt2-bpe"
+    if not (dst / "tokenizer.json").exists():
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / "tokenizer_config.json", dst / "tokenizer_config.json")
+        with gzip.open(source / "tokenizer.json.gz") as src, open(dst / "tokenizer.json", "wb") as f:
+            shutil.copyfileobj(src, f)
+    return dst
 
 
 def bpe_folder(name: str, dst: Path) -> Path:

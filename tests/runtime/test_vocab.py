@@ -15,7 +15,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.runtime.tokens import tokenizer_image_token
 from vlmkit.runtime.vocab import open_vocab
 
-from ..bpe_tokenizers import bpe_folder, gguf_file, gguf_vocabulary, vocab_vectors
+from ..bpe_tokenizers import bpe_folder, gguf_file, gguf_vocabulary, gpt2_folder, vocab_vectors
 
 LLAMA_SPM = Path(__file__).parent.parent / "fixtures" / "tokenizers" / "llama-spm"
 
@@ -23,21 +23,23 @@ LLAMA_SPM = Path(__file__).parent.parent / "fixtures" / "tokenizers" / "llama-sp
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpe")
-    return {name: bpe_folder(name, root / name) for name in ("qwen2", "llama-bpe")}
+    return {"gpt2": gpt2_folder(root / "gpt2"), **{name: bpe_folder(name, root / name) for name in ("qwen2", "llama-bpe")}}
 
 
 @pytest.fixture(scope="module")
 def token_ids(folders):
-    """name -> {token text: id}, read from the GGUF token list (the fixture's source, not the code under test)."""
+    """name -> {token text: id}, read from the GGUF token list / GPT-2's tokenizer.json (not the code under test)."""
     out = {}
-    for name, folder in folders.items():
-        tokens = gguf_vocabulary(gguf_file(name, folder / "source"))["tokenizer.ggml.tokens"]
+    for name in ("qwen2", "llama-bpe"):
+        tokens = gguf_vocabulary(gguf_file(name, folders[name] / "source"))["tokenizer.ggml.tokens"]
         out[name] = {t: i for i, t in enumerate(tokens)}
+    gpt2 = json.loads((folders["gpt2"] / "tokenizer.json").read_text(encoding="utf-8"))  # the release's file
+    out["gpt2"] = {**gpt2["model"]["vocab"], **{t["content"]: t["id"] for t in gpt2["added_tokens"]}}
     return out
 
 
 # ------------------------------------------------------------------------------------------ encoding
-@pytest.mark.parametrize("name", ["qwen2", "llama-bpe"])
+@pytest.mark.parametrize("name", ["qwen2", "llama-bpe", "gpt2"])
 def test_bpe_vocab_gives_llama_cpp_test_vector_ids(folders, name):
     vocab = open_vocab(folders[name])
     assert vocab.kind == "bpe"
@@ -62,6 +64,9 @@ def test_special_ids_come_from_the_folder_files(folders, tmp_path):
     assert (qwen.bos_id, qwen.eos_id, qwen.pad_id, qwen.unk_id) == (None, 151643, 151643, None)
     assert (llama.bos_id, llama.eos_id, llama.pad_id, llama.unk_id) == (128000, 128001, None, None)
     assert qwen.eos_ids == {151643} and llama.eos_ids == {128001}
+    gpt2 = open_vocab(folders["gpt2"])  # GPT-2: bos = eos = <|endoftext|>, never added
+    assert (gpt2.bos_id, gpt2.eos_id, gpt2.pad_id, gpt2.add_bos, gpt2.encode("Hello world")) == (
+        50256, 50256, None, False, [15496, 995])
     # an instruct release: tokenizer EOS <|im_end|>, generation_config stops on both
     instruct = shutil.copytree(folders["qwen2"], tmp_path / "qwen2-instruct", ignore=shutil.ignore_patterns("source"))
     config = json.loads((instruct / "tokenizer_config.json").read_text())
@@ -77,7 +82,8 @@ def test_special_ids_come_from_the_folder_files(folders, tmp_path):
 # -------------------------------------------------------------------------------------- the kind
 def test_kind_read_from_the_files(folders, tmp_path):
     assert open_vocab(LLAMA_SPM).kind == "sentencepiece"
-    assert open_vocab(folders["qwen2"]).kind == "bpe"
+    assert open_vocab(folders["qwen2"]).kind == "bpe"  # Split + ByteLevel in a Sequence
+    assert open_vocab(folders["gpt2"]).kind == "bpe"  # ByteLevel alone
     with pytest.raises(ConfigError, match="a byte-level BPE tokenizer.json"):
         open_vocab(LLAMA_SPM, "bpe")
     with pytest.raises(ConfigError, match="a SentencePiece tokenizer.model"):
@@ -135,18 +141,16 @@ def test_image_token_llama3_keeps_two_bos(folders, token_ids):
     assert ids[:2] == [128000, 128000]
 
 
-def test_image_token_bos_text_without_added_bos_drops_a_real_token_as_the_original(folders, token_ids, tmp_path):
-    """A tokenizer that names a BOS but does not add it (GPT-2's config: bos = eos = <|endoftext|>) and a prompt
-    that starts with that text: chunk 0 starts with the BOS id, so the original's offset drops the first
-    token of every later chunk, a real one here ("Ċ"). vlmkit does what the original does."""
-    t = token_ids["qwen2"]
-    folder = shutil.copytree(folders["qwen2"], tmp_path / "gpt2-like", ignore=shutil.ignore_patterns("source"))
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<|endoftext|>"}))
-    vocab = open_vocab(folder)
-    assert vocab.bos_id == 151643 and not vocab.add_bos
-    ids = tokenizer_image_token("<|endoftext|>Hi<image>\nWhat", vocab)
+def test_image_token_bos_text_without_added_bos_drops_a_real_token_as_the_original(folders, token_ids):
+    """GPT-2 names a BOS (<|endoftext|>) but does not add it. A prompt that starts with that text: chunk 0
+    starts with the BOS id, so the original's offset drops the first token of every later chunk, a real
+    one here ("Ċ"). vlmkit does what the original does."""
+    t = token_ids["gpt2"]
+    ids = tokenizer_image_token("<|endoftext|>Hi<image>\nWhat", open_vocab(folders["gpt2"]))
     assert ids == pieces(t, "<|endoftext|>", "Hi") + [-200] + pieces(t, "What")  # "Ċ" dropped
+    # without the BOS text nothing is dropped: a plain join
+    assert tokenizer_image_token("Hi<image>\nWhat", open_vocab(folders["gpt2"])) == pieces(
+        t, "Hi") + [-200] + pieces(t, "Ċ", "What")
 
 
 def test_image_token_sentencepiece_vocab():
