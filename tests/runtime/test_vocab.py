@@ -23,7 +23,8 @@ LLAMA_SPM = Path(__file__).parent.parent / "fixtures" / "tokenizers" / "llama-sp
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpe")
-    return {"gpt2": gpt2_folder(root / "gpt2"), **{name: bpe_folder(name, root / name) for name in ("qwen2", "llama-bpe")}}
+    rebuilt = {name: bpe_folder(name, root / name) for name in ("qwen2", "llama-bpe")}
+    return {"gpt2": gpt2_folder(root / "gpt2"), **rebuilt}
 
 
 @pytest.fixture(scope="module")
