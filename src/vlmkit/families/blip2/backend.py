@@ -1,9 +1,8 @@
-"""How models run: BLIP-2 (OPT, Flan-T5), as the original checkpoint or a transformers folder
-(LLaVA's backends are ``families/llava/backend.py``).
+"""BLIP-2's chat backend: a transformers ``Blip2ForConditionalGeneration`` folder or the LAVIS checkpoint itself.
 
-A backend gives generation the same small surface (``runtime.generation.LanguageModel``) plus
-``prompt_ids`` (the conversation as ids with one placeholder per image) and
-``image_features`` (one image -> its projected features, in the model's own layout).
+It gives generation the runtime's small surface (``runtime.generation.LanguageModel``) plus
+``prompt_ids`` and ``image_features``; what differs between OPT and Flan-T5 is read from the
+language model's row (``language_models.py``).
 """
 
 from __future__ import annotations
@@ -12,25 +11,24 @@ from pathlib import Path
 
 import torch
 
-from .. import dtypes
-from ..errors import ConfigError, VlmkitError
-from . import images
-from .generation import with_cache
-from .messages import Turn
-from .tokens import IMAGE_TOKEN_INDEX
-
-
-# LAVIS's question-answering prompts: OPT as the BLIP-2 model cards ask, Flan-T5 as LAVIS's
-# zero-shot VQA configs do (lavis/projects/blip2/eval/vqav2_zeroshot_flant5xl_eval.yaml).
-BLIP2_PROMPTS = {"opt": ("blip2_qa", "Question: {} Answer:"), "t5": ("blip2_t5_qa", "Question: {} Short answer:")}
+from ... import dtypes
+from ...errors import ConfigError, VlmkitError
+from ...runtime import images
+from ...runtime.generation import with_cache
+from ...runtime.messages import Turn
+from ...runtime.tokens import IMAGE_TOKEN_INDEX
+from . import hf_output
+from .checkpoint import open_original
+from .language_models import of_transformers
+from .reference import OriginalBlip2Model, lavis_eval_pixels
 
 
 class Blip2Backend:
     """BLIP-2 with OPT or Flan-T5: a transformers ``Blip2ForConditionalGeneration`` folder, or the
-    original LAVIS checkpoint run through vlmkit's reference of LAVIS's forward (``families.blip2``).
+    original LAVIS checkpoint run through vlmkit's reference of LAVIS's forward (``reference.py``).
 
     The projected query outputs come before the prompt, as BLIP-2 does; the prompt is LAVIS's
-    question-answering form (``BLIP2_PROMPTS``), turns joined with a space (LAVIS itself is
+    question-answering form (the language model's row), turns joined with a space (LAVIS itself is
     single-turn). OPT decodes them; Flan-T5's encoder reads them and its decoder generates from
     the start token (``generation.Seq2SeqBatch``). Greedy tokens are LAVIS's ``generate(num_beams=1)``'s.
     """
@@ -46,12 +44,10 @@ class Blip2Backend:
             self._load_original(path, options)
         else:
             self._load_transformers(path, options)
-        self.encoder_decoder = self.lm_kind == "t5"
-        # LAVIS's generate passes min_length=1. transformers counts it over the ids it was given:
-        # none for OPT (inputs_embeds only), so EOS cannot come first; the decoder start token for
-        # T5, so it asks nothing more there.
-        self.min_new_tokens = 1 if self.lm_kind == "opt" else 0
-        self.template, self.question = BLIP2_PROMPTS[self.lm_kind]
+        self.encoder_decoder = not self.lm.causal
+        # LAVIS's generate passes min_length=1, as transformers counts it (see the row)
+        self.min_new_tokens = self.lm.min_new_tokens
+        self.template, self.question = self.lm.prompt
         self.max_context = getattr(self.language_model.config, "max_position_embeddings", None)
         self.decoder_start_token_id = getattr(self.language_model.config, "decoder_start_token_id", None)
         self.image_max_pixels = images.DEFAULT_MAX_PIXELS
@@ -62,7 +58,7 @@ class Blip2Backend:
         dtype = dtypes.torch_dtype(options.dtype)
         self.processor = AutoProcessor.from_pretrained(path)
         model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(options.device).eval()
-        self.lm_kind = "opt" if model.config.use_decoder_only_language_model else "t5"
+        self.lm = of_transformers(model.config.use_decoder_only_language_model)
         self.tokenizer = self.processor.tokenizer
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
@@ -80,10 +76,6 @@ class Blip2Backend:
 
     def _load_original(self, path: Path, options) -> None:
         """LAVIS's model, float32 as LAVIS runs it on the CPU (``reference.py``)."""
-        from ..families.blip2 import hf_output
-        from ..families.blip2.checkpoint import open_original
-        from ..families.blip2.reference import OriginalBlip2Model, lavis_eval_pixels
-
         if options.dtype not in (None, "F32"):
             raise ConfigError(f"{path}: an original BLIP-2 checkpoint runs in float32 (as LAVIS on the CPU); "
                               f"--dtype {options.dtype} applies to converted folders",
@@ -92,7 +84,7 @@ class Blip2Backend:
         cfg = hf_output.target_for(ckpt, options).hf_config
         model = OriginalBlip2Model.load(ckpt, cfg.vision_config.to_dict(), cfg.qformer_config.to_dict(),
                                         cfg.text_config).to(options.device)
-        self.lm_kind = ckpt.lm
+        self.lm = ckpt.lm
         self.tokenizer = model.tokenizer
         self.eos_token_ids = {model.eos_token_id}
         self.marker, self.filler = IMAGE_TOKEN_INDEX, self.tokenizer.pad_token_id
