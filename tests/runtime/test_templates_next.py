@@ -15,7 +15,8 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from vlmkit.errors import TemplateError
-from vlmkit.runtime.templates import TEMPLATES, render, stop_ids, with_image
+from vlmkit.runtime import templates
+from vlmkit.runtime.templates import TEMPLATES, render, with_image
 from vlmkit.runtime.tokens import tokenizer_image_token
 from vlmkit.runtime.vocab import open_vocab
 
@@ -160,9 +161,9 @@ def test_converted_chat_template_ids_equal_the_originals(vocabs, name, tokenizer
 def test_stop_ids(vocabs):
     folders, ids = vocabs
     llama, qwen = open_vocab(folders["llama-bpe"]), open_vocab(folders["qwen2"])
-    assert ids["llama-bpe"]["<|eot_id|>"] == 128009 and 128009 in stop_ids("llava_llama_3", llama)
-    assert ids["llama-bpe"]["<|end_of_text|>"] in stop_ids("llava_llama_3", llama)  # the tokenizer's EOS stays
-    assert ids["qwen2"]["<|im_end|>"] in stop_ids("qwen_1_5", qwen)
-    assert ids["qwen2"]["<|endoftext|>"] in stop_ids("qwen_2_5", qwen)
+    assert ids["llama-bpe"]["<|eot_id|>"] == 128009 and 128009 in templates.stop_ids("llava_llama_3", llama)
+    assert ids["llama-bpe"]["<|end_of_text|>"] in templates.stop_ids("llava_llama_3", llama)  # the tokenizer's EOS stays
+    assert ids["qwen2"]["<|im_end|>"] in templates.stop_ids("qwen_1_5", qwen)
+    assert ids["qwen2"]["<|endoftext|>"] in templates.stop_ids("qwen_2_5", qwen)
     with pytest.raises(TemplateError, match=r"'<\|im_end\|>'.*does not have"):
-        stop_ids("qwen_1_5", llama)
+        templates.stop_ids("qwen_1_5", llama)
