@@ -29,7 +29,8 @@ IGNORE = -100
 META_LLAMA_3 = (Path(__file__).parent.parent / "fixtures" / "templates" / "meta-llama-3-8b-instruct.jinja").read_text()
 # preprocess_qwen's reset template (train.py), verbatim
 QWEN_RESET = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-              "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+              "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+              "{% endif %}")
 LLAMA_3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
                   "that the user provides, and assist the user with a variety of tasks using natural language.")
 

@@ -162,7 +162,8 @@ def test_stop_ids(vocabs):
     folders, ids = vocabs
     llama, qwen = open_vocab(folders["llama-bpe"]), open_vocab(folders["qwen2"])
     assert ids["llama-bpe"]["<|eot_id|>"] == 128009 and 128009 in templates.stop_ids("llava_llama_3", llama)
-    assert ids["llama-bpe"]["<|end_of_text|>"] in templates.stop_ids("llava_llama_3", llama)  # the tokenizer's EOS stays
+    # the tokenizer's EOS stays
+    assert ids["llama-bpe"]["<|end_of_text|>"] in templates.stop_ids("llava_llama_3", llama)
     assert ids["qwen2"]["<|im_end|>"] in templates.stop_ids("qwen_1_5", qwen)
     assert ids["qwen2"]["<|endoftext|>"] in templates.stop_ids("qwen_2_5", qwen)
     with pytest.raises(TemplateError, match=r"'<\|im_end\|>'.*does not have"):

@@ -73,7 +73,8 @@ class OriginalEncoder:
 
     @property
     def additional_special_tokens(self) -> list[str]:
-        """``tokenizer.additional_special_tokens``: ``special_tokens_map.json``'s list, else ``tokenizer_config.json``'s."""
+        """``tokenizer.additional_special_tokens``: ``special_tokens_map.json``'s list, else
+        ``tokenizer_config.json``'s."""
         lists = [read_json(self.vocab.folder / name).get("additional_special_tokens")
                  for name in ("special_tokens_map.json", "tokenizer_config.json")
                  if (self.vocab.folder / name).is_file()]
