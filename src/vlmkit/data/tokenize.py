@@ -18,6 +18,9 @@ mistral_instruct
 mpt, chatml_direct  preprocess_mpt      the "\\n" after "<|im_start|>assistant" and each answer; the rounds
                                         are counted without the last "<|im_end|>", so the result depends on
                                         the tokenizer's BOS and ``legacy`` (see ``_mpt``)
+qwen_1_5, qwen_2,   preprocess_qwen,    LLaVA-NeXT repository (its train.py): each answer turn whole, and the
+qwen_2_5,           preprocess_llama3   structure tokens of every turn (see :class:`TurnFormat`)
+llava_llama_3
 ==================  ==================  =====================================================================
 
 Quirks kept, because the training sees them:
