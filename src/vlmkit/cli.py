@@ -15,7 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from . import __version__, limits
+from . import limits
+from ._version import __version__
 from .errors import VlmkitError
 from .console import progress_bar
 from .options import LoadOptions, add_load_arguments
