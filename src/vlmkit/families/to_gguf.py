@@ -52,11 +52,6 @@ def prepare(source: str | Path, options: LoadOptions | None = None,
         path, options or LoadOptions(), gguf_options or GGUFOptions())
 
 
-def is_gguf_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and any(path.glob("*.gguf"))
-
-
 def verify(original: str | Path, folder: str | Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
     """Parity report of a GGUF folder against the model it was converted from."""
     path = resolve(original)
