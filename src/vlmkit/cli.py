@@ -141,8 +141,9 @@ def _convert(args) -> int:
 
     gguf_flags = [f for f in ("text_only", "vision_only", "image_mean", "image_std", "mmproj_only") if getattr(args, f)]
     if args.to == "gguf":
+        from . import families
         from .conversion import gguf_folder, gguf_sink
-        from .families import to_gguf
+        from .tensors import resolve
 
         type_name = gguf_sink.gguf_type(args.dtype).name  # --dtype names a GGUF type here (q8_0 ...), checked first
         options = LoadOptions.from_args(argparse.Namespace(**{**vars(args), "dtype": None}))
@@ -150,7 +151,8 @@ def _convert(args) -> int:
             text_only=args.text_only, vision_only=args.vision_only, mmproj_only=args.mmproj_only,
             image_mean=tuple(args.image_mean) if args.image_mean else None,
             image_std=tuple(args.image_std) if args.image_std else None)
-        conversion = to_gguf.prepare(args.source, options, gguf_options)
+        found = families.require(resolve(args.source), "gguf")
+        conversion = found.family.gguf(found, options, gguf_options)
         if conversion.summary and not args.json:
             print(conversion.summary, file=sys.stderr)
         bar = None if args.quiet or args.json else progress_bar("converting")
@@ -240,16 +242,18 @@ def run_verify(original: str, converted: str, options: LoadOptions, args, *, jso
                markdown_file: str | None = None, write_card: bool = False, manifest: dict | None = None) -> int:
     """``manifest``: the converted folder's, when this run just wrote it; else (with ``write_card``) the folder
     is checked against its manifest before the parity run, once, and the card vouches for what was checked."""
-    from . import api
+    from . import api, families
     from .conversion import gguf_folder
-    from .families import to_gguf
     from .publish import card
+    from .tensors import resolve
 
     if write_card and manifest is None:
         manifest = card.checked_manifest(converted)
 
-    if gguf_folder.is_gguf_folder(converted):  # a folder written by `convert --to gguf`: checked in llama.cpp
-        report = to_gguf.verify(original, converted, options, _probes(args), max_new_tokens=args.max_new_tokens)
+    if gguf_folder.is_gguf_folder(converted):  # `convert --to gguf` wrote it: the family checks it in llama.cpp
+        found = families.require(resolve(original), "verify")
+        report = found.family.verify(found, Path(converted), options, _probes(args),
+                                     max_new_tokens=args.max_new_tokens)
     else:
         report = api.verify(original, converted, options=options, probes=_probes(args),
                             max_new_tokens=args.max_new_tokens)

@@ -54,7 +54,14 @@ def conversion(found, options: LoadOptions):
 
 
 def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
-    """Parity report of the original against its conversion ``converted`` (see ``parity.py``)."""
+    """Parity report of the original against its conversion ``converted``: a transformers folder (``parity.py``)
+    or a GGUF folder, run in llama.cpp (``gguf_parity.py``)."""
+    from ...conversion.gguf_folder import is_gguf_folder
+
+    if is_gguf_folder(converted):
+        from .gguf_parity import verify as run_gguf
+
+        return run_gguf(found.path, Path(converted), options, probes, max_new_tokens=max_new_tokens)
     from .parity import Probe, verify as run
 
     return run(found.path, converted, options, [Probe(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
@@ -73,3 +80,15 @@ def describe(found) -> dict:
             chosen = "mistral_instruct" if "mistral" in str(config.get("model_type")) else "llava_v1"
         info["template"] = chosen
     return info
+
+
+# ------------------------------------------------------------------ GGUF (--to gguf: the model + the mmproj)
+# (the writer is ``gguf_export.py``: a submodule named ``gguf`` would replace this function on its first import)
+
+
+def gguf(found, options: LoadOptions, gguf_options):
+    """``--to gguf`` of any LLaVA form: original (full, LoRA, projector), transformers folder, ``llava.projector``
+    file (see ``gguf_export.py``)."""
+    from .gguf_export import conversion as plan
+
+    return plan(found.path, options, gguf_options)

@@ -123,7 +123,7 @@ def _language_model(original: Path, options: LoadOptions):
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .gguf import LM, open_input
+    from .gguf_export import LM, open_input
 
     llava = open_input(original, options)
     with no_init_weights():
