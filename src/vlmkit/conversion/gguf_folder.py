@@ -36,11 +36,22 @@ def gguf_pair(folder: str | Path) -> tuple[Path, Path]:
         ConfigError: not exactly one file of each role, naming the files found.
     """
     folder = Path(folder)
-    files = sorted(folder.glob("*.gguf"))
-    models = [f for f in files if role(f) == MODEL]
-    mmproj = [f for f in files if role(f) == MMPROJ]
+    models, mmproj = files(folder, MODEL), files(folder, MMPROJ)
     if len(mmproj) != 1 or len(models) != 1:
         raise ConfigError(f"{folder}: expected one language-model GGUF and one {MMPROJ_PREFIX}*.gguf, found "
                           f"{[p.name for p in models + mmproj]}",
                           hint="use the folder `vlmkit convert MODEL DST --to gguf` wrote")
     return models[0], mmproj[0]
+
+
+def files(folder: str | Path, wanted_role: str | None = None) -> list[Path]:
+    """The GGUF files of ``folder`` (of one role, if given), by name."""
+    return [f for f in sorted(Path(folder).glob("*.gguf")) if wanted_role is None or role(f) == wanted_role]
+
+
+def header(file: str | Path, *keys: str) -> dict:
+    """The values of ``keys`` in a GGUF file's header (absent keys left out; no tensor data is read)."""
+    import gguf
+
+    fields = gguf.GGUFReader(file).fields
+    return {k: fields[k].contents() for k in keys if k in fields}

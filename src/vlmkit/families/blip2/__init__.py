@@ -25,17 +25,26 @@ from .checkpoint import form_of, open_original
 
 NAME = "blip2"
 
+# transformers' own BLIP-2 class: what ``--to hf`` writes (and Salesforce/blip2-* publish), read back by chat and serve
+TRANSFORMERS_ARCHITECTURES = ("Blip2ForConditionalGeneration",)
+
 _LAVIS = ("describe", "conversion", "verify", "chat_backend")
 FORMS: dict[str, tuple[str, ...]] = {
     "full": _LAVIS,    # one LAVIS .pth with the vision encoder and the language model inside
     "parts": _LAVIS,   # a release .pth + --vision EVA ViT-g + --language-model folder
+    "transformers": ("card_kind",),
 }
 
 __all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
-    return form_of(path)
+    form = form_of(path)
+    if form is not None:
+        return form
+    if any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
+        return "transformers"
+    return None
 
 
 def conversion(found, options: LoadOptions):
@@ -64,3 +73,20 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
     from .parity import verify as run
 
     return run(found.path, converted, options, [(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
+
+
+def card_kind(found):
+    """What the model card says of a transformers BLIP-2 folder (OPT or Flan-T5)."""
+    from ...publish.card import Kind
+    from ...runtime.backends import BLIP2_PROMPTS
+
+    config = found.config or {}
+    # the flag transformers' Blip2Config writes (True for OPT, False for Flan-T5), else the text model's type
+    if config.get("use_decoder_only_language_model", (config.get("text_config") or {}).get("model_type") != "t5"):
+        return Kind("BLIP-2 with OPT (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text",
+                    "transformers", ("blip-2", "image-text-to-text"), ("transformers-blip2", "vlmkit-chat", "vllm"),
+                    prompt=BLIP2_PROMPTS["opt"][1])
+    # vLLM has no encoder-decoder language model for BLIP-2 (its Blip2 runs OPT only): no `vllm serve`
+    return Kind("BLIP-2 with Flan-T5 (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text",
+                "transformers", ("blip-2", "t5", "image-text-to-text"), ("transformers-blip2", "vlmkit-chat"),
+                prompt=BLIP2_PROMPTS["t5"][1])

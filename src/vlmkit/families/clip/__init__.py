@@ -23,13 +23,25 @@ ARCHITECTURES = ("CLIPModel",)
 
 FORMS: dict[str, tuple[str, ...]] = {
     "transformers": ("describe", "conversion", "gguf", "verify", "card_kind"),
+    "gguf": ("card_kind",),  # what --to gguf writes: one GGUF in llama.cpp's CLIP layout
 }
 
-__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "gguf", "verify"]
+__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "gguf", "verify", "card_kind"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
-    return "transformers" if any(a in ARCHITECTURES for a in (config or {}).get("architectures") or []) else None
+    if any(a in ARCHITECTURES for a in (config or {}).get("architectures") or []):
+        return "transformers"
+    return "gguf" if _is_gguf(path) else None
+
+
+def _is_gguf(path: Path) -> bool:
+    """A GGUF folder of CLIP files without a LLaVA projector (what ``--to gguf`` writes for a CLIPModel)."""
+    from ...conversion import gguf_folder
+
+    keys = ("general.architecture", "clip.has_llava_projector")
+    headers = [gguf_folder.header(f, *keys) for f in gguf_folder.files(path)] if path.is_dir() else []
+    return bool(headers) and all(h.get(keys[0]) == "clip" and not h.get(keys[1]) for h in headers)
 
 
 def describe(found) -> dict:
@@ -85,3 +97,13 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
     from .gguf_parity import verify as run
 
     return run(found.path, Path(converted), options, probes, max_new_tokens=max_new_tokens)
+
+
+def card_kind(found):
+    """What the model card says of a CLIP folder, or of the GGUF --to gguf wrote."""
+    from ...publish.card import Kind
+
+    if found.form == "gguf":
+        return Kind("CLIP as GGUF (llama.cpp's CLIP layout)", "feature-extraction", "gguf", ("clip", "gguf"), ())
+    return Kind("CLIP (transformers `CLIPModel`)", "zero-shot-image-classification", "transformers", ("clip",),
+                ("transformers-clip",))
