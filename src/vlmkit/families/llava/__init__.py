@@ -143,3 +143,25 @@ def card_kind(found):
                     "transformers", ("llava", "llava-next", "image-text-to-text"), run, (UNPAD,))
     return Kind("LLaVA-1.5 (transformers `LlavaForConditionalGeneration`)", "image-text-to-text", "transformers",
                 ("llava", "image-text-to-text"), run)
+
+
+# ------------------------------------------------------------------ tiny models (demo; the registry walk adds more)
+
+
+def variants() -> tuple[str, ...]:
+    """The tiny models ``make_tiny`` builds: a LLaVA-1.5 folder per language-model backbone."""
+    from . import tiny
+
+    return tuple(tiny.TOKENIZERS)
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """Build the tiny random model ``variant`` (default: the first) in ``folder``, beside its CLIP tower, in the
+    layout the real releases have; returns the path to give to vlmkit."""
+    from . import tiny
+
+    variant = variant or variants()[0]
+    if variant not in variants():
+        raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")
+    clip = tiny.make_clip(folder / "clip-vit-tiny-patch14")
+    return tiny.make_llava15(folder / f"llava-v1.5-{variant}-tiny", clip, backbone=variant)
