@@ -372,9 +372,9 @@ def _run_section(kind: Kind, manifest: dict, name: str) -> str:
     lines = ["## How to run", "",
              f"Download the folder (`hf download OWNER/REPO --local-dir {name}`), then, from the folder that holds "
              f"`{name}` and with any photo as `image.jpg`:"]
+    prompt = kind.prompt.format("What is shown in this image?") if kind.prompt else ""
     for key in kind.run:
         lang, code = SNIPPETS[key]
-        prompt = kind.prompt.format("What is shown in this image?") if kind.prompt else ""
         lines += ["", f"```{lang}", code.format(path=name, model=model, mmproj=mmproj, prompt=prompt), "```"]
     return "\n".join(lines)
 

@@ -41,16 +41,18 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ... import dtypes, families
 from ...errors import ConfigError
 from ...options import LoadOptions
-from ...tensors import TensorSource
 from ...runtime.templates import TEMPLATE_FILES, read_chat_template
 from .front import EngineError
 from .openai_backend import OpenAIChatBackend
 from .process import EngineProcess, free_port
+
+if TYPE_CHECKING:
+    from ...tensors import TensorSource
 
 NAME = "vllm"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
