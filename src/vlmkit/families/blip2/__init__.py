@@ -5,11 +5,13 @@ Recognised by its key names: a ``.pth`` (``{"model": state_dict}`` or a bare sta
 ``pretrain_opt2.7b/6.7b``, ``caption_coco_opt2.7b/6.7b``, ``pretrain_flant5xl/xxl`` and
 ``caption_coco_flant5xl`` models. The pieces:
 
+* ``language_models`` — one row per language model (OPT, Flan-T5): everything that differs between them;
 * ``checkpoint`` — the input forms (full state dict; release ``.pth`` + ``--vision`` EVA ViT-g +
   ``--language-model`` OPT/T5 folder), presented as LAVIS's one namespace;
 * ``convert``    — the rule table to transformers' ``Blip2ForConditionalGeneration``;
 * ``hf_output``  — ``Blip2Config``, generation config and ``Blip2Processor`` of the output;
 * ``reference``  — LAVIS's forward pass (EVA ViT-g, Q-Former, projection, LM), for ``verify``;
+* ``backend``    — the chat backend (the LAVIS checkpoint, or a transformers ``Blip2`` folder: form "transformers");
 * ``tiny``       — tiny random checkpoints in the real layouts (tests, benchmarks).
 
 Example:
@@ -32,10 +34,10 @@ _LAVIS = ("describe", "conversion", "verify", "chat_backend")
 FORMS: dict[str, tuple[str, ...]] = {
     "full": _LAVIS,    # one LAVIS .pth with the vision encoder and the language model inside
     "parts": _LAVIS,   # a release .pth + --vision EVA ViT-g + --language-model folder
-    "transformers": ("card_kind",),
+    "transformers": ("chat_backend", "card_kind"),
 }
 
-__all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
+__all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify", "chat_backend"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
@@ -62,10 +64,10 @@ def describe(found) -> dict:
     tensors = peek_state_dict(_lavis_file(path))
     kind = lm_kind(tensors)
     layers = {n.split(".")[4] for n in tensors if n.startswith("Qformer.bert.encoder.layer.")}
-    return {"blip2 form": form_of(path), "language model": {"opt": "OPT", "t5": "Flan-T5"}[kind],
+    return {"blip2 form": form_of(path), "language model": kind.title,
             "query tokens": tensors["query_tokens"].shape[1], "q-former layers": len(layers),
             "visual encoder inside": any(n.startswith("visual_encoder.") for n in tensors),
-            "language model inside": any(n.startswith(f"{kind}_model.") for n in tensors)}
+            "language model inside": any(n.startswith(kind.original_prefix) for n in tensors)}
 
 
 def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
@@ -75,18 +77,27 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
     return run(found.path, converted, options, [(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
 
 
+def chat_backend(found, options: LoadOptions):
+    """The runtime backend (chat, serve): the LAVIS checkpoint through the reference, or the transformers folder."""
+    from .backend import Blip2Backend
+
+    if found.form == "transformers":
+        from ...tensors import open_source
+
+        open_source(found.path).close()  # vlmkit's readers check the weights (headers, sizes) as inspect and convert do
+    return Blip2Backend(found.path, options, original=found.form != "transformers")
+
+
 def card_kind(found):
-    """What the model card says of a transformers BLIP-2 folder (OPT or Flan-T5)."""
+    """What the model card says of a transformers BLIP-2 folder: its language model's row (OPT, Flan-T5)."""
     from ...publish.card import Kind
-    from ...runtime.backends import BLIP2_PROMPTS
+    from .language_models import of_transformers
 
     config = found.config or {}
     # the flag transformers' Blip2Config writes (True for OPT, False for Flan-T5), else the text model's type
-    if config.get("use_decoder_only_language_model", (config.get("text_config") or {}).get("model_type") != "t5"):
-        return Kind("BLIP-2 with OPT (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text",
-                    "transformers", ("blip-2", "image-text-to-text"), ("transformers-blip2", "vlmkit-chat", "vllm"),
-                    prompt=BLIP2_PROMPTS["opt"][1])
-    # vLLM has no encoder-decoder language model for BLIP-2 (its Blip2 runs OPT only): no `vllm serve`
-    return Kind("BLIP-2 with Flan-T5 (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text",
-                "transformers", ("blip-2", "t5", "image-text-to-text"), ("transformers-blip2", "vlmkit-chat"),
-                prompt=BLIP2_PROMPTS["t5"][1])
+    row = of_transformers(config.get("use_decoder_only_language_model",
+                                     (config.get("text_config") or {}).get("model_type") != "t5"))
+    # vLLM has no encoder-decoder language model for BLIP-2 (its Blip2 runs OPT only): `vllm serve` for causal rows
+    return Kind(f"BLIP-2 with {row.title} (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text",
+                "transformers", ("blip-2", *(() if row.causal else (row.name,)), "image-text-to-text"),
+                ("transformers-blip2", "vlmkit-chat", *(("vllm",) if row.causal else ())), prompt=row.prompt[1])
