@@ -34,7 +34,7 @@ _LAVIS = ("describe", "conversion", "verify", "chat_backend")
 FORMS: dict[str, tuple[str, ...]] = {
     "full": _LAVIS,    # one LAVIS .pth with the vision encoder and the language model inside
     "parts": _LAVIS,   # a release .pth + --vision EVA ViT-g + --language-model folder
-    "transformers": ("chat_backend",),
+    "transformers": ("chat_backend", "card_kind"),
 }
 
 __all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify", "chat_backend"]
@@ -86,3 +86,18 @@ def chat_backend(found, options: LoadOptions):
 
         open_source(found.path).close()  # vlmkit's readers check the weights (headers, sizes) as inspect and convert do
     return Blip2Backend(found.path, options, original=found.form != "transformers")
+
+
+def card_kind(found):
+    """What the model card says of a transformers BLIP-2 folder: its language model's row (OPT, Flan-T5)."""
+    from ...publish.card import Kind
+    from .language_models import of_transformers
+
+    config = found.config or {}
+    # the flag transformers' Blip2Config writes (True for OPT, False for Flan-T5), else the text model's type
+    row = of_transformers(config.get("use_decoder_only_language_model",
+                                     (config.get("text_config") or {}).get("model_type") != "t5"))
+    # vLLM has no encoder-decoder language model for BLIP-2 (its Blip2 runs OPT only): `vllm serve` for causal rows
+    return Kind(f"BLIP-2 with {row.title} (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text",
+                "transformers", ("blip-2", *(() if row.causal else (row.name,)), "image-text-to-text"),
+                ("transformers-blip2", "vlmkit-chat", *(("vllm",) if row.causal else ())), prompt=row.prompt[1])

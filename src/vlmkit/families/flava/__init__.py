@@ -26,13 +26,19 @@ NAME = "flava"
 
 FORMS: dict[str, tuple[str, ...]] = {
     "original": ("describe", "conversion", "verify"),  # flava.pt (+ encoder.pkl, vocab.txt) as released
+    "transformers": ("card_kind",),  # what --to hf writes
 }
+TRANSFORMERS_ARCHITECTURES = ("FlavaForPreTraining",)
 
 __all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
-    return "original" if find_checkpoint(path) is not None else None
+    if find_checkpoint(path) is not None:
+        return "original"
+    if any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
+        return "transformers"
+    return None
 
 
 def conversion(found, options: LoadOptions):
@@ -73,3 +79,11 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
     from .parity import verify as run
 
     return run(found.path, converted, options, [(Path(i), p) for i, p in probes])
+
+
+def card_kind(found):
+    """What the model card says of a transformers FLAVA folder."""
+    from ...publish.card import Kind
+
+    return Kind("FLAVA (transformers `FlavaForPreTraining`)", "feature-extraction", "transformers", ("flava",),
+                ("transformers-flava",))

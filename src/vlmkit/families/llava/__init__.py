@@ -27,13 +27,14 @@ ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaQwenF
 # transformers' own LLaVA classes: what ``--to hf`` writes, read back by chat, serve and ``--to gguf``
 TRANSFORMERS_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
-_ORIGINAL = ("describe", "conversion", "gguf", "verify", "chat_backend", "data_model", "training", "card_kind")
+_ORIGINAL = ("describe", "conversion", "gguf", "verify", "chat_backend", "data_model", "training")
 FORMS: dict[str, tuple[str, ...]] = {
     "full": _ORIGINAL,                    # a trained checkpoint: config.json with mm_* fields
     "lora": _ORIGINAL,                    # adapter_config.json + non_lora_trainables.bin (+ the base)
     "projector": _ORIGINAL,               # mm_projector.bin of a pre-training stage (+ the language model)
     "transformers": ("gguf", "chat_backend", "vllm_view", "card_kind"),
     "projector_file": ("gguf",),          # llava_surgery.py's llava.projector (+ --vision-tower): the mmproj
+    "gguf": ("card_kind",),               # what --to gguf writes: the model + its LLaVA mmproj (or the mmproj alone)
 }
 
 __all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "open_original", "verify",
@@ -48,6 +49,8 @@ def recognise(path: Path, config: dict | None) -> str | None:
         return form
     if any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
         return "transformers"
+    if _is_gguf(path):
+        return "gguf"
     return None
 
 
@@ -59,7 +62,14 @@ def conversion(found, options: LoadOptions):
 
 
 def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
-    """Parity report of the original against its conversion ``converted`` (see ``parity.py``)."""
+    """Parity report of the original against its conversion ``converted``: a transformers folder (``parity.py``)
+    or a GGUF folder, run in llama.cpp (``gguf_parity.py``)."""
+    from ...conversion.gguf_folder import is_gguf_folder
+
+    if is_gguf_folder(converted):
+        from .gguf_parity import verify as run_gguf
+
+        return run_gguf(found.path, Path(converted), options, probes, max_new_tokens=max_new_tokens)
     from .parity import Probe, verify as run
 
     return run(found.path, converted, options, [Probe(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
@@ -96,3 +106,85 @@ def describe(found) -> dict:
         info["vision tower"] = config.get("mm_vision_tower")
         info["template"] = template_of(path, backbone_of(config, path)) or "none known (pass --template)"
     return info
+
+
+# ------------------------------------------------------------------ GGUF (--to gguf: the model + the mmproj)
+# (the writer is ``gguf_export.py``: a submodule named ``gguf`` would replace this function on its first import)
+
+
+def gguf(found, options: LoadOptions, gguf_options):
+    """``--to gguf`` of any LLaVA form: original (full, LoRA, projector), transformers folder, ``llava.projector``
+    file (see ``gguf_export.py``)."""
+    from .gguf_export import conversion as plan
+
+    return plan(found.path, options, gguf_options)
+
+
+# ------------------------------------------------------------------ serving (vLLM) and the model card
+
+
+def vllm_view(found):
+    """What vLLM reads of a transformers LLaVA folder: the published llava-hf names, every other layout transformers
+    writes mapped onto them (``layout.py``)."""
+    from ...serve.engines.vllm import View
+    from . import layout
+
+    return View("Llava", layout.PUBLISHED, layout.published_name, layout.published_names, layout.published)
+
+
+def _is_gguf(path: Path) -> bool:
+    """A GGUF folder whose mmproj carries a LLaVA projector (``clip.has_llava_projector``, as ``--to gguf`` writes)."""
+    from ...conversion import gguf_folder
+
+    key = "clip.has_llava_projector"
+    return gguf_folder.is_gguf_folder(path) and any(
+        gguf_folder.header(f, key).get(key) for f in gguf_folder.files(path, gguf_folder.MMPROJ))
+
+
+UNPAD = ("transformers' LLaVA-NeXT unpads the image features with `int(round(x, 7))` where the original code "
+         "truncates with `int(x)`: for rare image sizes one feature row or column more (`vlmkit verify` notes it)")
+
+
+def card_kind(found):
+    """What the model card says of a transformers LLaVA / LLaVA-NeXT folder, or of the GGUF files --to gguf wrote."""
+    from ...conversion import gguf_folder
+    from ...parity.llamacpp import DEFECT
+    from ...publish.card import Kind
+
+    if found.form == "gguf":
+        defect = (f"llama.cpp builds with {DEFECT}: until it is fixed upstream, its image embeddings differ from the "
+                  "original's",)
+        if gguf_folder.files(found.path, gguf_folder.MODEL):
+            return Kind("LLaVA as GGUF for llama.cpp: the language model and its vision projector (mmproj)",
+                        "image-text-to-text", "gguf", ("llava", "gguf", "llama.cpp"),
+                        ("llama-mtmd-cli", "llama-server", "vlmkit-serve-llama"), defect)
+        return Kind("a LLaVA vision projector (mmproj) as GGUF for llama.cpp", "image-text-to-text", "gguf",
+                    ("llava", "gguf", "llama.cpp"), (), defect)
+    run = ("transformers-chat", "vlmkit-chat", "vllm", "to-gguf")
+    if "LlavaNextForConditionalGeneration" in (found.config or {}).get("architectures", []):
+        return Kind("LLaVA-NeXT (transformers `LlavaNextForConditionalGeneration`)", "image-text-to-text",
+                    "transformers", ("llava", "llava-next", "image-text-to-text"), run, (UNPAD,))
+    return Kind("LLaVA-1.5 (transformers `LlavaForConditionalGeneration`)", "image-text-to-text", "transformers",
+                ("llava", "image-text-to-text"), run)
+
+
+# ------------------------------------------------------------------ tiny models (demo; the registry walk adds more)
+
+
+def variants() -> tuple[str, ...]:
+    """The tiny models ``make_tiny`` builds: a LLaVA-1.5 folder per language-model backbone."""
+    from . import tiny
+
+    return tuple(tiny.TOKENIZERS)
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """Build the tiny random model ``variant`` (default: the first) in ``folder``, beside its CLIP tower, in the
+    layout the real releases have; returns the path to give to vlmkit."""
+    from . import tiny
+
+    variant = variant or variants()[0]
+    if variant not in variants():
+        raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")
+    clip = tiny.make_clip(folder / "clip-vit-tiny-patch14")
+    return tiny.make_llava15(folder / f"llava-v1.5-{variant}-tiny", clip, backbone=variant)

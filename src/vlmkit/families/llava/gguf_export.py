@@ -13,7 +13,7 @@ The language model: llama.cpp's architecture for the backbone (``backbones.Backb
 gguf-py's ``TensorNameMap``, q/k rows in llama.cpp's RoPE order, the SentencePiece vocabulary
 with real scores padded to the embedding rows, the chat template of the original
 conversation template. The mmproj: the CLIP tower up to the feature layer in the legacy
-layout (``families/clip/gguf.py``), the projector as ``mm.0`` / ``mm.2``, always
+layout (``families/clip/gguf_export.py``), the projector as ``mm.0`` / ``mm.2``, always
 ``clip.vision.feature_layer`` (without it llama.cpp runs one block too few, llama.cpp
 #25817), ``v.image_newline`` and the grid pinpoints for NeXT, the image mean/std.
 """
@@ -39,7 +39,7 @@ from ...runtime import images, templates
 from ...tensors import TensorSource, open_source
 from ...tensors.torch_io import TorchSource
 from ...tensors.views import CombinedSource, RenamedSource
-from ..clip import gguf as clip_gguf
+from ..clip import gguf_export as clip_gguf
 from . import backbones, layout
 
 MT = gguf.MODEL_TENSOR
