@@ -58,3 +58,27 @@ def conversion(path: Path, options: LoadOptions) -> engine.Conversion:
     identity.write_extras = write_extras
     identity.summary = "CLIP (transformers CLIPModel): tensors copied, with the config, preprocessor and tokenizer"
     return identity
+
+
+# ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits
+REVERSIBLE = True  # --to hf copies every tensor under its own name
+GENERATES = False  # CLIP embeds images and texts; it writes no text
+
+
+def variants() -> tuple[str, ...]:
+    """One tiny model: a two-tower ``CLIPModel`` folder as ``openai/clip-vit-large-patch14-336`` ships it."""
+    return ("vit",)
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """Build a tiny CLIP folder in ``folder``; returns it. (The tower LLaVA's tiny models use: ``llava.tiny`` has it.)"""
+    from ..llava import tiny
+
+    if (variant or "vit") not in variants():
+        raise ValueError(f"CLIP has no tiny variant {variant!r}; variants: {', '.join(variants())}")
+    return tiny.make_clip(folder / "clip-vit-tiny-patch14")
+
+
+def tiny_options(folder: Path, variant: str | None = None) -> dict:
+    """A CLIP folder needs no loading options."""
+    return {}
