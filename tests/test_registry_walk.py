@@ -8,8 +8,9 @@ loading options such a layout needs (``tiny_options``: the parts beside it, head
 Per case: ``inspect`` names the family; the plan (dry run) claims every source tensor and makes exactly the
 tensors the target model has; the float32 conversion runs backwards to the source tensors bit for bit (every
 one, where the family declares itself ``REVERSIBLE``); ``verify`` passes; a family that ``GENERATES`` answers
-two greedy turns, one that does not is refused by ``vlmkit.load`` with the reason; GGUF files are written where
-the family has the capability (llama.cpp's checks are tests/gguf's), else the refusal says why.
+two greedy turns, one that does not is refused by ``vlmkit.load`` (one error naming the path); GGUF files are
+written where the family's form has the capability (llama.cpp's checks are tests/gguf's), else the refusal says
+why.
 """
 
 from __future__ import annotations
