@@ -76,7 +76,7 @@ def variants() -> tuple[str, ...]:
 
 
 def make_tiny(folder: Path, variant: str | None = None) -> Path:
-    """Build a tiny CLIP folder in ``folder``; returns it (``llava.tiny`` makes it: the tower of LLaVA's tiny models)."""
+    """A tiny CLIP folder in ``folder``; returns it (``llava.tiny`` makes it: the tower of LLaVA's tiny models)."""
     from ..llava import tiny
 
     if (variant or "vit") not in variants():
