@@ -256,9 +256,9 @@ def _model_section(manifest: dict, folder: Path, key: str) -> str:
 
         template = read_chat_template(folder)
     if template:
-        from ..runtime.backends import template_name
+        from ..runtime.templates import marked_name
 
-        lines.append(f"- chat template: {template_name(template) or 'the Jinja template in the folder'}")
+        lines.append(f"- chat template: {marked_name(template) or 'the Jinja template in the folder'}")
     return "\n".join(lines)
 
 

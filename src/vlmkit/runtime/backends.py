@@ -97,7 +97,7 @@ class TransformersBackend:
             legacy = bool(getattr(self.tokenizer, "legacy", True))
             self.processor.chat_template = templates.chat_template(
                 templates.get_template(options.template).name, legacy_tokenizer=legacy)
-        self.template = template_name(self.processor.chat_template)
+        self.template = templates.marked_name(self.processor.chat_template)
         config = self.model.config
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
@@ -259,14 +259,6 @@ class Blip2Backend:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def template_name(chat_template: str | None) -> str | None:
-    """The original template named in a vlmkit chat template (``{# vlmkit template: NAME #}``)."""
-    marker = "{# vlmkit template: "
-    if chat_template and chat_template.startswith(marker):
-        return chat_template[len(marker):].split(" #}", 1)[0]
-    return None
 
 
 def backend_for(path: Path, options):
