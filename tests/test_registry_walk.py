@@ -8,9 +8,9 @@ loading options such a layout needs (``tiny_options``: the parts beside it, head
 Per case: ``inspect`` names the family; the plan (dry run) claims every source tensor and makes exactly the
 tensors the target model has; the float32 conversion runs backwards to the source tensors bit for bit (every
 one, where the family declares itself ``REVERSIBLE``); ``verify`` passes; a family that ``GENERATES`` answers
-two greedy turns, one that does not is refused by ``vlmkit.load`` (one error naming the path); GGUF files are
-written where the family's form has the capability (llama.cpp's checks are tests/gguf's), else the refusal says
-why.
+two greedy turns, one that does not is refused by ``vlmkit.load`` (one error naming the path and its family);
+GGUF files are written where the family's form has the capability (llama.cpp's checks are tests/gguf's), else
+the refusal says why.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def test_chat_two_greedy_turns(case):
     if not case.family.GENERATES:
         with pytest.raises(VlmkitError) as refused:
             vlmkit.load(case.path, **case.load_options)
-        assert str(case.path) in str(refused.value)
+        assert str(case.path) in str(refused.value) and case.family.NAME in str(refused.value), refused.value
         return
     model = vlmkit.load(case.path, **case.load_options)
     messages = [{"role": "user", "content": "What is shown in this image?", "images": [CAT]}]

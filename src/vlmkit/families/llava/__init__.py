@@ -107,11 +107,11 @@ FORMS_BUILT = ("next", "lora", "projector")  # tiny layouts besides one LLaVA-1.
 
 
 def variants() -> tuple[str, ...]:
-    """The tiny models ``make_tiny`` builds: a LLaVA-1.5 folder per language-model backbone, then LLaVA-NeXT
-    (1.6-mistral), a LoRA fine-tune and a projector pre-training run (the forms ``checkpoint.form_of`` knows)."""
-    from . import tiny
+    """The tiny models ``make_tiny`` builds: a LLaVA-1.5 folder per backbone row that has a tiny config
+    (``backbones.ROWS``), then LLaVA-NeXT (1.6-mistral), a LoRA fine-tune and a projector pre-training run."""
+    from .backbones import ROWS
 
-    return tuple(tiny.TOKENIZERS) + FORMS_BUILT
+    return tuple(name for name, row in ROWS.items() if row.tiny) + FORMS_BUILT
 
 
 def make_tiny(folder: Path, variant: str | None = None) -> Path:
@@ -131,7 +131,7 @@ def make_tiny(folder: Path, variant: str | None = None) -> Path:
     if variant == "projector":
         tiny.make_base_llm(folder / "vicuna-tiny")
         return tiny.make_projector_only(folder / "llava-v1.5-tiny-pretrain", clip)
-    if variant in tiny.TOKENIZERS:
+    if variant in variants():  # a backbone row
         return tiny.make_llava15(folder / f"llava-v1.5-{variant}-tiny", clip, backbone=variant)
     raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")
 
