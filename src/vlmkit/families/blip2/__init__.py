@@ -101,3 +101,41 @@ def card_kind(found):
     return Kind(f"BLIP-2 with {row.title} (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text",
                 "transformers", ("blip-2", *(() if row.causal else (row.name,)), "image-text-to-text"),
                 ("transformers-blip2", "vlmkit-chat", *(("vllm",) if row.causal else ())), prompt=row.prompt[1])
+
+
+# ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits
+# REVERSIBLE: no. --to hf drops the Q-Former parts Blip2OPT/Blip2T5 never use (word/position embeddings, the cls
+# head, the text feed-forward) and the language model's tied copies (OPT's lm_head, T5's embed_tokens).
+REVERSIBLE = False
+GENERATES = True
+
+
+def variants() -> tuple[str, ...]:
+    """One tiny model per language-model row (``language_models.ROWS``): a new row is walked by the registry test."""
+    from .language_models import ROWS
+
+    return tuple(ROWS)
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """Build a tiny BLIP-2 as LAVIS releases it, in ``folder``: the release ``.pth`` (Q-Former and projection) under
+    ``lavis/``, ``eva/eva_vit_g.pth`` and the language model's folder; returns the release ``.pth``."""
+    from . import tiny
+
+    lm = variant or variants()[0]
+    if lm not in variants():
+        raise ValueError(f"BLIP-2 has no tiny variant {lm!r}; variants: {', '.join(variants())}")
+    sizes = tiny.TinySizes()
+    tiny.make_eva_vit(folder / "eva" / "eva_vit_g.pth", sizes)
+    tiny.make_language_model(folder / f"{lm}-tiny", lm, sizes)
+    return tiny.make_release(folder / "lavis" / f"blip2_pretrained_{lm}.pth", lm, sizes)
+
+
+def tiny_options(folder: Path, variant: str | None = None) -> dict:
+    """The loading options (``LoadOptions`` keywords) ``make_tiny(folder, variant)``'s model needs: the EVA ViT-g
+    and language-model parts beside it, and the head counts no tensor shape holds (``--config``)."""
+    from . import tiny
+
+    lm = variant or variants()[0]
+    return {"vision_tower": str(folder / "eva" / "eva_vit_g.pth"), "model_base": str(folder / f"{lm}-tiny"),
+            "config": tiny.TinySizes().override()}

@@ -107,3 +107,27 @@ def card_kind(found):
         return Kind("CLIP as GGUF (llama.cpp's CLIP layout)", "feature-extraction", "gguf", ("clip", "gguf"), ())
     return Kind("CLIP (transformers `CLIPModel`)", "zero-shot-image-classification", "transformers", ("clip",),
                 ("transformers-clip",))
+
+
+# ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits
+REVERSIBLE = True  # --to hf copies every tensor under its own name
+GENERATES = False  # CLIP embeds images and texts; it writes no text
+
+
+def variants() -> tuple[str, ...]:
+    """One tiny model: a two-tower ``CLIPModel`` folder as ``openai/clip-vit-large-patch14-336`` ships it."""
+    return ("vit",)
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """A tiny CLIP folder in ``folder``; returns it (``llava.tiny`` makes it: the tower of LLaVA's tiny models)."""
+    from ..llava import tiny
+
+    if (variant or "vit") not in variants():
+        raise ValueError(f"CLIP has no tiny variant {variant!r}; variants: {', '.join(variants())}")
+    return tiny.make_clip(folder / "clip-vit-tiny-patch14")
+
+
+def tiny_options(folder: Path, variant: str | None = None) -> dict:
+    """A CLIP folder needs no loading options."""
+    return {}

@@ -87,3 +87,31 @@ def card_kind(found):
 
     return Kind("FLAVA (transformers `FlavaForPreTraining`)", "feature-extraction", "transformers", ("flava",),
                 ("transformers-flava",))
+
+
+# ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits
+# REVERSIBLE: no. --to hf drops the second copies the original stores (the encoders' embeddings twice, the heads'
+# bias as decoder.bias) and the position_ids buffer. GENERATES: no: FLAVA encodes, it does not write text.
+REVERSIBLE = False
+GENERATES = False
+
+
+def variants() -> tuple[str, ...]:
+    """One tiny model: ``flava.pt`` with the pickled DALL-E codebook ``encoder.pkl``, as ``facebook/flava-full``."""
+    return ("full",)
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """Build a tiny original FLAVA folder (``flava.pt``, ``encoder.pkl``, ``vocab.txt``) in ``folder``; returns it."""
+    from . import tiny
+
+    if (variant or "full") not in variants():
+        raise ValueError(f"FLAVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")
+    return tiny.make_flava(folder / "flava-full-tiny", tiny.TinySizes())
+
+
+def tiny_options(folder: Path, variant: str | None = None) -> dict:
+    """The loading options ``make_tiny``'s model needs: its head counts (``--config``), which no shape holds."""
+    from . import tiny
+
+    return {"config": tiny.TinySizes().override()}

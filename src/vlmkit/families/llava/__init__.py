@@ -168,23 +168,46 @@ def card_kind(found):
                 ("llava", "image-text-to-text"), run)
 
 
-# ------------------------------------------------------------------ tiny models (demo; the registry walk adds more)
+# ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits
+# REVERSIBLE: no. --to hf drops the CLIP folder's text tower and the tower's position_ids buffer (1.5 layout), and
+# merges a LoRA adapter into the base weights (W + s.B@A has no inverse).
+REVERSIBLE = False
+GENERATES = True
+FORMS_BUILT = ("next", "lora", "projector")  # tiny layouts besides one LLaVA-1.5 folder per backbone
 
 
 def variants() -> tuple[str, ...]:
-    """The tiny models ``make_tiny`` builds: a LLaVA-1.5 folder per language-model backbone."""
-    from . import tiny
+    """The tiny models ``make_tiny`` builds: a LLaVA-1.5 folder per backbone row that has a tiny config
+    (``backbones.ROWS``), then LLaVA-NeXT (1.6-mistral), a LoRA fine-tune and a projector pre-training run."""
+    from .backbones import ROWS
 
-    return tuple(tiny.TOKENIZERS)
+    return tuple(name for name, row in ROWS.items() if row.tiny) + FORMS_BUILT
 
 
 def make_tiny(folder: Path, variant: str | None = None) -> Path:
-    """Build the tiny random model ``variant`` (default: the first) in ``folder``, beside its CLIP tower, in the
-    layout the real releases have; returns the path to give to vlmkit."""
+    """Build the tiny random model ``variant`` (default: the first) in ``folder``, beside its CLIP tower and base
+    LLM, in the layouts the real releases and training runs leave; returns the path to give to vlmkit."""
+    import torch
+
     from . import tiny
 
     variant = variant or variants()[0]
-    if variant not in variants():
-        raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")
     clip = tiny.make_clip(folder / "clip-vit-tiny-patch14")
-    return tiny.make_llava15(folder / f"llava-v1.5-{variant}-tiny", clip, backbone=variant)
+    if variant == "next":
+        return tiny.make_llava_next(folder / "llava-v1.6-mistral-tiny", clip)
+    if variant == "lora":  # finetune_lora.sh: bfloat16 adapter beside the float16 Vicuna it was trained on
+        base = tiny.make_base_llm(folder / "vicuna-tiny", dtype=torch.float16)
+        return tiny.make_lora(folder / "llava-v1.5-tiny-lora", base, clip)
+    if variant == "projector":
+        tiny.make_base_llm(folder / "vicuna-tiny")
+        return tiny.make_projector_only(folder / "llava-v1.5-tiny-pretrain", clip)
+    if variant in variants():  # a backbone row
+        return tiny.make_llava15(folder / f"llava-v1.5-{variant}-tiny", clip, backbone=variant)
+    raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")
+
+
+def tiny_options(folder: Path, variant: str | None = None) -> dict:
+    """The loading options (``LoadOptions`` keywords) the model ``make_tiny(folder, variant)`` built needs: the base
+    LLM of a LoRA or projector run (vlmkit takes it from ``--model-base`` only, never from the training-time path
+    the run's config names)."""
+    return {"model_base": str(folder / "vicuna-tiny")} if variant in ("lora", "projector") else {}
