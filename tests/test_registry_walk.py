@@ -161,10 +161,12 @@ def test_reversible_is_what_the_conversions_do(walk, family):
 
 def test_verify_passes(case):
     found = families.find(case.path)
-    if not families.can(found, "verify"):
+    if not families.can(found, "verify") or case.family.REVERSIBLE:
+        # nothing to prove (no verify), or --to hf copies the tensors unchanged (CLIP verifies its GGUF only): the
+        # refusal names the folder it will not verify
         with pytest.raises(VlmkitError) as refused:
             api.verify(case.path, case.converted, options=case.options, probes=PROBES, max_new_tokens=4)
-        assert str(case.path) in str(refused.value)
+        assert str(case.path) in str(refused.value) or str(case.converted) in str(refused.value)
         return
     report = api.verify(case.path, case.converted, options=case.options, probes=PROBES, max_new_tokens=4)
     assert report.verdict == "PASS", report.render() if hasattr(report, "render") else report
