@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..options import LoadOptions
-from .encoders import Encoder, TransformersEncoder
+from .encoders import Encoder
 
 DEFAULT_MAX_LENGTH = 2048  # --model_max_length of LLaVA's released training scripts
 _SANE_LENGTH = 10_000_000  # tokenizer configs write 1e30 for "no limit"
@@ -74,11 +74,8 @@ def load_data_model(path: str | Path, options: LoadOptions | None = None, *,
 
     options = options or LoadOptions()
     folder = resolve(path)
-    found = families.find(folder)
-    if families.can(found, "data_model"):  # an original checkpoint: its family reads it
-        model = found.family.data_model(found, options, max_length=max_length)
-    else:
-        model = _transformers(folder, options, max_length)
+    found = families.require(folder, "data_model")  # the family reads its own forms (original and transformers)
+    model = found.family.data_model(found, options, max_length=max_length)
     model.spec = (str(folder), options, max_length)
     return model
 
@@ -98,33 +95,3 @@ def _length(explicit: int | None, config: dict, tokenizer_config: dict) -> tuple
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
-def _transformers(folder: Path, options: LoadOptions, max_length: int | None) -> DataModel:
-    from ..runtime.templates import get_template, marked_name, read_chat_template
-
-    config = _read(folder / "config.json")
-    architectures = config.get("architectures") or []
-    if not any(a in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration") for a in architectures):
-        raise ConfigError(f"{folder}: neither an original LLaVA checkpoint nor a transformers Llava / LlavaNext "
-                          f"folder (architectures {architectures or 'missing'})",
-                          hint="`vlmkit inspect` shows what it is")
-    template = options.template or marked_name(read_chat_template(folder))
-    if template is None:
-        raise ConfigError(f"{folder}: its chat template does not name an original LLaVA template",
-                          hint="pass --template (e.g. llava_v1, mistral_instruct, chatml_direct)")
-    template = get_template(template).name
-    encoder = TransformersEncoder.from_folder(folder)
-    length, source = _length(max_length, config, _read(folder / "tokenizer_config.json"))
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(folder)
-
-    def count(size_wh: tuple[int, int]) -> int:
-        width, height = size_wh
-        return int(processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0])
-
-    if "LlavaNextForConditionalGeneration" in architectures:
-        return DataModel(folder, "transformers", template, encoder, length, source, None, count)
-    crop = config.get("vision_config", {}).get("image_size", 336)
-    return DataModel(folder, "transformers", template, encoder, length, source, count((crop, crop)))

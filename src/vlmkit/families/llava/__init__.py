@@ -32,7 +32,7 @@ FORMS: dict[str, tuple[str, ...]] = {
     "full": _ORIGINAL,                    # a trained checkpoint: config.json with mm_* fields
     "lora": _ORIGINAL,                    # adapter_config.json + non_lora_trainables.bin (+ the base)
     "projector": _ORIGINAL,               # mm_projector.bin of a pre-training stage (+ the language model)
-    "transformers": ("gguf", "chat_backend", "vllm_view", "card_kind"),
+    "transformers": ("gguf", "chat_backend", "data_model", "vllm_view", "card_kind"),
     "projector_file": ("gguf",),          # llava_surgery.py's llava.projector (+ --vision-tower): the mmproj
     "gguf": ("card_kind",),               # what --to gguf writes: the model + its LLaVA mmproj (or the mmproj alone)
 }

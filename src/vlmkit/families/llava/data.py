@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ...data.encoders import OriginalEncoder
+from ...data.encoders import OriginalEncoder, TransformersEncoder
 from ...data.model import DataModel, _length, _read
+from ...errors import ConfigError
 from ...options import LoadOptions
 
 
 def data_model(found, options: LoadOptions, *, max_length: int | None) -> DataModel:
-    """The data commands' view of an original checkpoint of any form (``found.path``)."""
+    """The data commands' view of a checkpoint of any form (``found.path``): original or transformers folder."""
+    if found.form == "transformers":
+        return transformers_data_model(found, options, max_length=max_length)
     from .checkpoint import open_original
     from .hf_output import template_for
 
@@ -52,3 +55,32 @@ def _anyres_counter(config: dict, side: int, tower_size: int) -> Callable[[tuple
         return side * side + rows * (cols + 1)  # an image_newline closes every row
 
     return count
+
+
+def transformers_data_model(found, options: LoadOptions, *, max_length: int | None) -> DataModel:
+    """The data commands' view of a transformers Llava / LlavaNext folder: its tokenizer, the template its chat
+    template names, and the processor's feature count per image."""
+    from ...runtime.templates import get_template, marked_name, read_chat_template
+
+    folder = found.path
+    config = _read(folder / "config.json")
+    architectures = config.get("architectures") or []
+    template = options.template or marked_name(read_chat_template(folder))
+    if template is None:
+        raise ConfigError(f"{folder}: its chat template does not name an original LLaVA template",
+                          hint="pass --template (e.g. llava_v1, mistral_instruct, chatml_direct)")
+    template = get_template(template).name
+    encoder = TransformersEncoder.from_folder(folder)
+    length, source = _length(max_length, config, _read(folder / "tokenizer_config.json"))
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+
+    def count(size_wh: tuple[int, int]) -> int:
+        width, height = size_wh
+        return int(processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0])
+
+    if "LlavaNextForConditionalGeneration" in architectures:
+        return DataModel(folder, "transformers", template, encoder, length, source, None, count)
+    crop = config.get("vision_config", {}).get("image_size", 336)
+    return DataModel(folder, "transformers", template, encoder, length, source, count((crop, crop)))
