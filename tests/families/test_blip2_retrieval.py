@@ -91,7 +91,10 @@ def test_dry_run_plan_renames_to_the_published_layout_and_drops_with_reasons(lav
 
 def test_pretrained_with_vision_part_converts_and_verifies(lavis):
     dst = lavis["converted"]
-    data = verify_passes(lavis["pretrained"], dst, *parts(lavis))
+    data = verify_passes(lavis["pretrained"], dst, *parts(lavis), "--write-card")
+    card = (dst / "README.md").read_text()
+    assert "library_name: transformers" in card and "`Blip2ForImageTextRetrieval`" in card
+    assert "vlmkit score image.jpg" in card and "ITM probabilities | pass" in card
     assert all(c["measured"]["max_abs_diff"] <= 1e-4 for c in data["checks"] if "max_abs_diff" in c["measured"])
     config = json.loads((dst / "config.json").read_text())
     assert config["architectures"] == ["Blip2ForImageTextRetrieval"] and config["image_token_index"] is None
