@@ -431,7 +431,7 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("score", "image-text matching: the ITM probability and the ITC similarity of each text for an image",
          ["vlmkit score cat.png 'a cat on a sofa' 'a rocket at night' blip2-itm-vit-g/",
-          "vlmkit score cat.png 'a cat' blip2_pretrained.pth --vision eva_vit_g.pth --language-model bert-base-uncased/"])
+          "vlmkit score cat.png 'a cat' blip2_pretrained.pth --vision eva_vit_g.pth --language-model bert/"])
 def cmd_score(args) -> int:
     from . import api
 

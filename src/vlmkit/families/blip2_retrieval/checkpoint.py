@@ -109,8 +109,8 @@ def open_original(path: Path, options) -> OriginalRetrieval:
 def _tokenizer_folder(file: Path, options) -> Path:
     hint = "pass --language-model PATH: a local bert-base-uncased folder (vocab.txt or tokenizer.json)"
     if not options.model_base:
-        raise ConfigError(f"{file}: the Q-Former's tokenizer is in no LAVIS checkpoint (LAVIS loads bert-base-uncased's "
-                          "from the hub and adds [DEC])", hint=hint)
+        raise ConfigError(f"{file}: the Q-Former's tokenizer is in no LAVIS checkpoint (LAVIS loads "
+                          "bert-base-uncased's from the hub and adds [DEC])", hint=hint)
     folder = resolve(options.model_base)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"--language-model {folder}: no tokenizer (vocab.txt or tokenizer.json)", hint=hint)

@@ -39,7 +39,7 @@ class Target:
 
 
 def tokenizer_for(ckpt: OriginalRetrieval):
-    """``bert-base-uncased``'s tokenizer + ``[DEC]``; its length must be the word embeddings' rows (LAVIS resizes them)."""
+    """``bert-base-uncased``'s tokenizer + ``[DEC]``, as long as the word embeddings (LAVIS resizes them to it)."""
     from transformers import BertTokenizer
 
     tokenizer = BertTokenizer.from_pretrained(ckpt.tokenizer_folder, model_max_length=MAX_TXT_LEN)
