@@ -118,10 +118,13 @@ def test_coco_finetune_with_the_vit_inside(lavis, tmp_path):
 def test_transformers_loads_the_folder_and_gives_lavis_numbers(lavis):
     """transformers alone (its docstring's usage, one text at a time) vs LAVIS's forward on the original checkpoint."""
     from PIL import Image
-    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+    from transformers import (AutoProcessor, Blip2ForImageTextRetrieval, Blip2TextModelWithProjection,
+                              Blip2VisionModelWithProjection)
 
     model, info = Blip2ForImageTextRetrieval.from_pretrained(lavis["converted"], output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    for half in (Blip2VisionModelWithProjection, Blip2TextModelWithProjection):  # the embedding models: a subset
+        assert not half.from_pretrained(lavis["converted"], output_loading_info=True)[1]["missing_keys"]
     processor = AutoProcessor.from_pretrained(lavis["converted"])
     image = Image.open(IMAGE).convert("RGB")
     theirs = []

@@ -58,7 +58,8 @@ class TextEmbeddings(nn.Module):
     def forward(self, ids: torch.Tensor | None, queries: torch.Tensor | None) -> torch.Tensor:
         parts = [] if queries is None else [queries]
         if ids is not None:
-            parts.append(self.word_embeddings(ids) + self.position_embeddings(torch.arange(ids.shape[1])[None]))
+            positions = torch.arange(ids.shape[1], device=ids.device)[None]
+            parts.append(self.word_embeddings(ids) + self.position_embeddings(positions))
         return self.LayerNorm(torch.cat(parts, dim=1))
 
 
@@ -142,18 +143,19 @@ class OriginalRetrievalModel(nn.Module):
     @torch.no_grad()
     def scores(self, image: Image.Image, texts: list[str]) -> dict:
         """Pixels, ids, ITM logits and probabilities, ITC similarities, image and text embeddings for one image."""
+        device = self.query_tokens.device
         pixels = lavis_eval_pixels(image, self.image_size)
-        image_embeds = self.encode_image(pixels)
+        image_embeds = self.encode_image(pixels.to(device))
         n = self.query_tokens.shape[1]
         image_feats = F.normalize(self.vision_proj(self.bert(None, image_embeds)), dim=-1)[0]  # [queries, D]
         ids, logits, text_feats = [], [], []
         for text in texts:
             row = self.ids(text)
             ids.append(row)
-            t = torch.tensor([row])
+            t = torch.tensor([row], device=device)
             logits.append(self.itm_head(self.bert(t, image_embeds)[:, :n]).mean(dim=1)[0])
             text_feats.append(F.normalize(self.text_proj(self.bert(t, None)[:, 0]), dim=-1)[0])
-        logits, text_feats = torch.stack(logits), torch.stack(text_feats)
+        logits, text_feats, image_feats = torch.stack(logits).cpu(), torch.stack(text_feats).cpu(), image_feats.cpu()
         return {"pixels": pixels[0], "ids": ids, "itm_logits": logits, "itm": logits.softmax(dim=1)[:, 1],
                 "itc": (image_feats @ text_feats.T).max(dim=0).values, "image_embeds": image_feats,
                 "text_embeds": text_feats}

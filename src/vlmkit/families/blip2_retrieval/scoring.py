@@ -51,6 +51,13 @@ def transformers_scores(model, processor, image, texts: list[str]) -> dict:
 
 def score(found, options: LoadOptions, image: Path, texts: list[str]) -> list[dict]:
     """``[{"text", "itm", "itc"}, ...]`` for ``image`` against each of ``texts``."""
+    from ...errors import ConfigError
+    from ...options import check_device
+
+    if options.dtype and found.form != "transformers":
+        raise ConfigError(f"--dtype does not apply to scoring {found.path}: LAVIS's forward runs in float32",
+                          hint="remove --dtype, or score a converted folder")
+    check_device(options.device)
     picture = images.load_image(image)
     if found.form == "transformers":
         model, processor = load_transformers(found.path, options)
@@ -63,5 +70,5 @@ def score(found, options: LoadOptions, image: Path, texts: list[str]) -> list[di
         ckpt = open_original(found.path, options)
         cfg = hf_output.target_for(ckpt, options).hf_config
         model = OriginalRetrievalModel.load(ckpt, cfg.vision_config.to_dict(), cfg.qformer_config.to_dict())
-        out = model.scores(picture, texts)
+        out = model.to(options.device).scores(picture, texts)
     return [{"text": t, "itm": float(p), "itc": float(s)} for t, p, s in zip(texts, out["itm"], out["itc"])]
