@@ -170,6 +170,16 @@ def test_score_cli_table_and_json(lavis):
         assert 0 < row["itm"] < 1 and -1 <= row["itc"] <= 1
 
 
+def test_a_long_text_is_cut_where_lavis_cuts_it(lavis):
+    """Blip2ITM.forward truncates at max_txt_len=32 tokens; the converted tokenizer says 32, so the scores agree."""
+    long = " ".join(["a red cat sitting on the blue sofa at night"] * 5)  # 50 words: 52 tokens
+    converted = json.loads(run_cli("score", IMAGE, long, lavis["converted"], "--json").out)[0]
+    original = json.loads(run_cli("score", IMAGE, long, lavis["pretrained"], "--json", *parts(lavis)).out)[0]
+    assert abs(converted["itm"] - original["itm"]) <= 1e-4 and abs(converted["itc"] - original["itc"]) <= 1e-4
+    short = json.loads(run_cli("score", IMAGE, " ".join(long.split()[:30]), lavis["converted"], "--json").out)[0]
+    assert abs(short["itc"] - converted["itc"]) <= 1e-6  # the first 30 words + [CLS], [SEP]: the same 32 tokens
+
+
 def test_score_refuses_what_cannot_score(lavis, tmp_path):
     opt = blip2_tiny.make_release(tmp_path / "blip2_pretrained_opt2.7b.pth", "opt")
     r = run_cli("score", IMAGE, "a cat", opt)
