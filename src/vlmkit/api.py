@@ -96,3 +96,18 @@ def verify(original: str | Path, converted: str | Path, *, options: LoadOptions 
     found = families.require(path, "verify")
     return found.family.verify(found, Path(converted), options, probes or DEFAULT_PROBES, max_new_tokens=max_new_tokens)
 
+
+
+def score(image: str | Path, texts: list[str], model: str | Path, *, options: LoadOptions | None = None,
+          **load_options) -> list[dict]:
+    """Image-text matching of one image against texts: ``[{"text", "itm", "itc"}, ...]``, one per text.
+
+    ``itm``: the probability that the text matches (the ITM head); ``itc``: the contrastive similarity.
+    ``model``: a family form that can score (BLIP-2 retrieval: a transformers folder or a LAVIS checkpoint).
+    """
+    from . import families
+    from .tensors import resolve
+
+    options = options or LoadOptions(**load_options)
+    found = families.require(resolve(model), "score")
+    return found.family.score(found, options, Path(image), list(texts))

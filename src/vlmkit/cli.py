@@ -424,6 +424,33 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------- score
+
+
+def _score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="the image")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to score against the image")
+    p.add_argument("model", help="a BLIP-2 retrieval model: a Blip2ForImageTextRetrieval folder or a LAVIS checkpoint")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    add_load_arguments(p)
+
+
+@command("score", "image-text matching: the ITM probability and the ITC similarity of each text for an image",
+         ["vlmkit score cat.png 'a cat on a sofa' 'a rocket at night' blip2-itm-vit-g/",
+          "vlmkit score cat.png 'a cat' blip2_pretrained.pth --vision eva_vit_g.pth --language-model bert/"])
+def cmd_score(args) -> int:
+    from . import api
+
+    rows = api.score(args.image, args.texts, args.model, options=LoadOptions.from_args(args))
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{'ITM':>6}  {'ITC':>7}  text   (ITM: probability that the text matches; ITC: contrastive similarity)")
+    for row in rows:
+        print(f"{row['itm']:6.4f}  {row['itc']:7.4f}  {row['text']}")
+    return 0
+
+
 # ------------------------------------------------------------------- verify-files
 
 
@@ -481,7 +508,7 @@ def _push(folder: str, repo_id: str, **options) -> int:
 
 ARGUMENTS = {"inspect": _inspect_arguments, "convert": _convert_arguments, "verify": _verify_arguments,
              "chat": _chat_arguments, "serve": _serve_arguments, "verify-files": _verify_files_arguments,
-             "push": _push_arguments}
+             "push": _push_arguments, "score": _score_arguments}
 
 
 # --------------------------------------------------------------------------- main

@@ -127,7 +127,7 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
                             "BLIP-2: the EVA ViT-g checkpoint)")
     group.add_argument("--model-base", "--language-model", dest="model_base", metavar="PATH",
                        help="the base language model (LLaVA: for LoRA and projector-only checkpoints; "
-                            "BLIP-2: the OPT / Flan-T5 folder)")
+                            "BLIP-2: the OPT / Flan-T5 folder; BLIP-2 retrieval: the bert-base-uncased folder)")
     group.add_argument("--template", help="conversation template overriding the detected one")
     group.add_argument("--config", metavar="JSON", help="transformers config of the target overriding derived fields")
     group.add_argument("--assume-clip-defaults", action="store_true",

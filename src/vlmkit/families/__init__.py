@@ -34,7 +34,7 @@ from types import ModuleType
 
 from ..errors import ConfigError
 
-FAMILIES: tuple[str, ...] = ("llava", "blip2", "flava", "clip")  # the order in which they are asked
+FAMILIES: tuple[str, ...] = ("llava", "blip2", "flava", "clip", "blip2_retrieval")  # the order in which they are asked
 
 # What each capability lets a user do, for the refusal message.
 CAPABILITIES: dict[str, str] = {
@@ -47,6 +47,7 @@ CAPABILITIES: dict[str, str] = {
     "training": "train from it",
     "vllm_view": "serve it with vLLM",
     "card_kind": "write its model card",
+    "score": "score images against texts (vlmkit score)",
 }
 
 

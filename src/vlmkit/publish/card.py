@@ -71,6 +71,17 @@ model = Blip2ForConditionalGeneration.from_pretrained(path)
 inputs = processor(images=Image.open("image.jpg"), text="{prompt}", return_tensors="pt")
 output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
 print(processor.decode(output[0], skip_special_tokens=True))'''),
+    "transformers-blip2-itm": ("python", '''from PIL import Image
+from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+path = "{path}"
+processor = AutoProcessor.from_pretrained(path)
+model = Blip2ForImageTextRetrieval.from_pretrained(path)
+inputs = processor(images=Image.open("image.jpg"), text="a photo of a cat", return_tensors="pt", truncation=True)
+itm = model(**inputs, use_image_text_matching_head=True).logits_per_image.softmax(dim=1)[:, 1]
+itc = model(**inputs, use_image_text_matching_head=False).logits_per_image
+print("match probability", itm.item(), "similarity", itc.item())'''),
+    "vlmkit-score": ("sh", 'vlmkit score image.jpg "a photo of a cat" "a photo of a dog" {path}'),
     "transformers-flava": ("python", '''from PIL import Image
 from transformers import AutoProcessor, FlavaModel
 
