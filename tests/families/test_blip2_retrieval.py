@@ -62,7 +62,7 @@ def test_recognised_forms_and_the_blip2_family_keeps_its_own(lavis, tmp_path):
     assert {k: (f.name, f.form) for k, f in found.items()} == {
         "pretrained": ("blip2_retrieval", "parts"), "coco": ("blip2_retrieval", "full"),
         "converted": ("blip2_retrieval", "transformers")}
-    assert found["converted"].abilities() == ["describe", "score"]
+    assert found["converted"].abilities() == ["describe", "card_kind", "score"]
     opt = blip2_tiny.make_release(tmp_path / "blip2_pretrained_opt2.7b.pth", "opt")  # opt_proj: not retrieval
     assert families.find(opt).name == "blip2"
     details = json.loads(run_cli("inspect", lavis["pretrained"], "--json").out)["details"]
