@@ -38,8 +38,9 @@ FORMS: dict[str, tuple[str, ...]] = {
 # reverse(rules) gives back every tensor that was not dropped, the 32,000 trained rows of Vicuna included
 REVERSIBLE = True
 
-__all__ = ["NAME", "FORMS", "REVERSIBLE", "recognise", "describe", "conversion", "verify", "chat_backend", "tiny",
-           "variants"]
+# the contract's ``tiny(folder, variant)`` capability is ``tiny.tiny``: a function named ``tiny`` here would be
+# replaced by the ``tiny`` submodule as soon as anything imports it
+__all__ = ["NAME", "FORMS", "REVERSIBLE", "recognise", "describe", "conversion", "verify", "chat_backend", "variants"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
@@ -82,13 +83,6 @@ def chat_backend(found, options: LoadOptions):
     from .backend import InstructBlipBackend
 
     return InstructBlipBackend(found.path, options, original=found.form != "transformers")
-
-
-def tiny(folder: Path, variant: str | None = None) -> Path:
-    """A tiny random InstructBLIP release with its parts under ``folder``; returns the ``.pth``."""
-    from .tiny import tiny as build
-
-    return build(folder, variant)["release"]
 
 
 def variants() -> tuple[str, ...]:
