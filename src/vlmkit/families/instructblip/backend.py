@@ -23,7 +23,7 @@ import torch
 from ... import dtypes
 from ...errors import ConfigError, VlmkitError
 from ...runtime import images
-from ...runtime.backends import Blip2Backend
+from ..blip2.backend import Blip2Backend
 from ...runtime.messages import Turn
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
 
