@@ -157,6 +157,30 @@ def test_verify_passes(instructblip, variant, tmp_path):
     assert logits["measured"]["max_abs_diff"] <= 1e-4
 
 
+def test_a_lavis_runner_fine_tune_with_its_own_vit(instructblip, tmp_path):
+    """LAVIS's runner saves {"model", "optimizer", "scheduler", "config", "scaler", "epoch"}; with
+    freeze_vit: False the fine-tuned ViT is inside, and wins over --vision (none is needed)."""
+    import shutil
+
+    from vlmkit.families.blip2.tiny import eva_vit_state
+
+    parts = instructblip["vicuna"]
+    state = torch.load(parts["release"], weights_only=True)["model"]
+    state |= {"visual_encoder." + k: v for k, v in eva_vit_state(tiny.SIZES, seed=7).items()}
+    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
+                 "param_groups": [{"lr": 1e-5, "params": [0]}]}
+    run = tmp_path / "output" / "20240101"
+    shutil.copytree(parts["release"].parent / "bert-base-uncased", run / "bert-base-uncased")
+    torch.save({"model": state, "optimizer": optimizer, "scheduler": None, "config": {"model": {"arch":
+               "blip2_vicuna_instruct"}}, "scaler": None, "epoch": 2}, run / "checkpoint_best.pth")
+    flags = ["--language-model", parts["language_model"], "--config", parts["config"]]
+    dst = tmp_path / "hf"
+    r = run_cli("convert", run / "checkpoint_best.pth", dst, "--quiet", *flags)
+    assert r.code == 0 and "holds its own visual encoder" in r.err, r.err
+    v = run_cli("verify", run / "checkpoint_best.pth", dst, "--max-new-tokens", "2", *flags)
+    assert v.code == 0 and "verdict: PASS" in v.out, v.out + v.err
+
+
 def test_verify_fails_when_the_qformer_text_side_is_wrong(instructblip, tmp_path):
     """A text feed-forward that is not LAVIS's changes what the queries see of the instruction: logits FAIL."""
     import shutil
