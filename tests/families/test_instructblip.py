@@ -121,6 +121,23 @@ def test_vicuna_folder_has_lavis_tokens_and_the_published_layout(instructblip):
     assert out[0, inputs["input_ids"].shape[1]:].tolist() == reference_greedy(parts, image, PROMPT, 5)
 
 
+def test_qformer_tokenizer_is_lavis_s(instructblip):
+    """The converted processor's Q-Former tokenizer gives the ids of LAVIS's slow BertTokenizer + [DEC]
+    (the reference's, written from 4.x's definition), cut to 128 tokens from the left as LAVIS cuts them."""
+    from transformers import AutoProcessor
+
+    from vlmkit.families.instructblip.reference import LavisBertTokenizer
+
+    parts = instructblip["t5"]
+    lavis = LavisBertTokenizer(parts["release"].parent / "bert-base-uncased")
+    converted = AutoProcessor.from_pretrained(parts["out"]).qformer_tokenizer
+    texts = [PROMPT, "Describe the colours -- then the SKY!! (rocket) café naïve", "这是 photo [DEC] of a [SEP] cat",
+             "tab\there\nnewline\u00a0nbsp zzqx", " ".join(["a photo of two cats on a red sofa."] * 20)]
+    for text in texts:
+        assert converted(text, truncation=True).input_ids == lavis.encode(text, 128), text
+    assert len(lavis.encode(texts[-1], 128)) == 128 and len(converted) == len(lavis)
+
+
 def test_rules_run_backwards_to_the_original_tensors(instructblip):
     """reverse(rules) on the converted folder gives back every LAVIS tensor that was not dropped, bit for bit
     (Vicuna's 32,000 trained rows included: the two new rows are cut again)."""

@@ -69,7 +69,7 @@ class InstructBlipBackend(Blip2Backend):
 
         def features(pil, instruction):
             pixels = self.processor.image_processor(images=[pil], return_tensors="pt")["pixel_values"]
-            text = self.processor.qformer_tokenizer(instruction, return_tensors="pt")
+            text = self.processor.qformer_tokenizer(instruction, truncation=True, return_tensors="pt")  # LAVIS: 128
             out = model.get_image_features(pixel_values=pixels.to(self.device, model.dtype),
                                            qformer_input_ids=text.input_ids.to(self.device),
                                            qformer_attention_mask=text.attention_mask.to(self.device))

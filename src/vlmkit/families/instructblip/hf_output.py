@@ -31,6 +31,7 @@ from .checkpoint import WORDS, OriginalInstructBlip
 PAD_TOKEN = "[PAD]"  # blip2_vicuna_instruct.py: llm_tokenizer.add_special_tokens({'pad_token': '[PAD]'})
 VICUNA_SPECIAL = "</s>"  # ... and bos_token, eos_token, unk_token all '</s>'
 DEC_TOKEN = "[DEC]"  # blip2.py init_tokenizer: tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+MAX_TXT_LEN = 128  # blip2_instruct_*.yaml: max_txt_len, the Q-Former's text length
 DROPPED_CONFIG_KEYS = ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
 
 
@@ -51,7 +52,9 @@ def qformer_tokenizer(ckpt: OriginalInstructBlip):
     """``Blip2Base.init_tokenizer(truncation_side="left")``: bert-base-uncased + ``[DEC]``; its length must be the rows."""
     from transformers import BertTokenizer
 
-    tokenizer = BertTokenizer.from_pretrained(ckpt.qformer_tokenizer, truncation_side="left")
+    # LAVIS cuts the instruction to max_txt_len (128) tokens from the left: truncation=True does the same here
+    tokenizer = BertTokenizer.from_pretrained(ckpt.qformer_tokenizer, truncation_side="left",
+                                              model_max_length=MAX_TXT_LEN)
     tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
     rows = ckpt.shape(WORDS)[0]
     if len(tokenizer) != rows:

@@ -5,7 +5,7 @@ blocks are plain BLIP-2's, imported from ``families.blip2.reference``; what Inst
 written here from ``blip2_vicuna_instruct.py`` / ``blip2_t5_instruct.py`` and ``Qformer.py``:
 
 * the instruction is tokenised by ``bert-base-uncased`` + ``[DEC]`` (``init_tokenizer``, left
-  truncation at ``max_txt_len`` = 128) and read by the Q-Former together with the queries:
+  truncation at ``max_txt_len`` = 128; ``LavisBertTokenizer``, 4.x's slow BertTokenizer) and read by the Q-Former together with the queries:
   ``BertEmbeddings`` adds absolute positions (0, 1, ...) to the *text* only, puts the queries in
   front and normalises both (``embeddings.LayerNorm``); each layer runs self-attention over queries
   and text, cross-attention to the image for the queries alone (every ``cross_attention_freq``-th
@@ -32,7 +32,11 @@ reference is that float32 model.
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import unicodedata
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,19 +44,117 @@ from torch import nn
 from ...runtime.generation import with_cache
 from ..blip2.reference import BertAttention, BertIntermediate, BertResidual, EvaViT, lavis_eval_pixels
 from .checkpoint import OriginalInstructBlip
-
-MAX_TXT_LEN = 128  # blip2_instruct_*.yaml / the model's default max_txt_len
-
-__all__ = ["OriginalInstructBlipModel", "lavis_eval_pixels", "lavis_llm_tokenizer", "lavis_qformer_tokenizer"]
+from .hf_output import MAX_TXT_LEN
 
 
-def lavis_qformer_tokenizer(folder):
-    """``Blip2Base.init_tokenizer(truncation_side="left")``: BertTokenizer + ``[DEC]`` as BOS."""
-    from transformers import BertTokenizer
+__all__ = ["LavisBertTokenizer", "OriginalInstructBlipModel", "lavis_eval_pixels", "lavis_llm_tokenizer"]
 
-    tokenizer = BertTokenizer.from_pretrained(folder, truncation_side="left")
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    return tokenizer
+
+class LavisBertTokenizer:
+    """``Blip2Base.init_tokenizer(truncation_side="left")``: transformers 4.x's *slow* ``BertTokenizer`` of
+    bert-base-uncased with ``[DEC]`` added as BOS, written from its definition on ``vocab.txt`` alone (so the
+    check does not lean on the ``tokenizers``-backed BertTokenizer the converted processor uses):
+
+    * special tokens (``[PAD] [UNK] [CLS] [SEP] [MASK] [DEC]``) are cut out of the text first;
+    * ``BasicTokenizer``: drop NUL / U+FFFD / control characters, whitespace to " ", spaces around CJK
+      ideographs, NFC, split on whitespace, lower-case, strip accents (NFD without ``Mn``), split off
+      every punctuation character (ASCII symbols count as punctuation);
+    * ``WordpieceTokenizer``: greedy longest match, ``##`` continuations, a word over 100 characters or
+      one that cannot be covered is ``[UNK]``;
+    * ``[CLS] ... [SEP]``; ``truncation=True, max_length`` drops tokens on the left.
+    """
+
+    SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        if (folder / "vocab.txt").is_file():
+            lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()
+            self.vocab = {}
+            for index, token in enumerate(lines):  # load_vocab: a repeated token keeps its last line
+                self.vocab[token] = index
+        else:
+            self.vocab = dict(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+        self.dec_id = len(self.vocab)  # add_special_tokens({"bos_token": "[DEC]"}): a new id after the vocabulary
+        specials = [t for t in self.SPECIAL if t in self.vocab] + ["[DEC]"]
+        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+
+    def __len__(self) -> int:
+        return self.dec_id + 1
+
+    def token_id(self, token: str) -> int:
+        return self.dec_id if token == "[DEC]" else self.vocab.get(token, self.vocab["[UNK]"])
+
+    @staticmethod
+    def _basic(text: str) -> list[str]:
+        chars = []
+        for c in text:
+            cp = ord(c)
+            if cp == 0 or cp == 0xFFFD or (unicodedata.category(c).startswith("C") and c not in "\t\n\r"):
+                continue
+            if c in " \t\n\r" or unicodedata.category(c) == "Zs":
+                chars.append(" ")
+            elif _is_cjk(cp):
+                chars.append(f" {c} ")
+            else:
+                chars.append(c)
+        words = []
+        for word in unicodedata.normalize("NFC", "".join(chars)).split():
+            word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+            piece = ""
+            for c in word:
+                if _is_punctuation(c):
+                    words += [piece, c] if piece else [c]
+                    piece = ""
+                else:
+                    piece += c
+            if piece:
+                words.append(piece)
+        return words
+
+    def _wordpiece(self, word: str) -> list[str]:
+        if len(word) > 100:
+            return ["[UNK]"]
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start and ("##" if start else "") + word[start:end] not in self.vocab:
+                end -= 1
+            if end == start:
+                return ["[UNK]"]
+            pieces.append(("##" if start else "") + word[start:end])
+            start = end
+        return pieces
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:
+                tokens.append(part)
+            else:
+                tokens += [p for word in self._basic(part) for p in self._wordpiece(word)]
+        return tokens
+
+    def encode(self, text: str, max_length: int) -> list[int]:
+        ids = [self.token_id(t) for t in self.tokenize(text)][-(max_length - 2):]  # left truncation
+        return [self.vocab["[CLS]"], *ids, self.vocab["[SEP]"]]
+
+    def decode(self, ids) -> str:
+        names = {i: t for t, i in self.vocab.items()} | {self.dec_id: "[DEC]"}
+        return " ".join(names.get(i, "?") for i in ids).replace(" ##", "")
+
+
+def _is_cjk(cp: int) -> bool:
+    return any(lo <= cp <= hi for lo, hi in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+                                              (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+
+
+def _is_punctuation(c: str) -> bool:
+    cp = ord(c)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 \
+        or unicodedata.category(c).startswith("P")
 
 
 def lavis_llm_tokenizer(ckpt: OriginalInstructBlip):
@@ -140,7 +242,7 @@ class OriginalInstructBlipModel(nn.Module):
         self.language_model = language_model
         self.image_size = vision["image_size"]
         self.tokenizer = lavis_llm_tokenizer(ckpt)
-        self.qformer_tokenizer = lavis_qformer_tokenizer(ckpt.qformer_tokenizer)
+        self.qformer_tokenizer = LavisBertTokenizer(ckpt.qformer_tokenizer)
         # generate() takes EOS from the LM's own generation config (Vicuna: 2 = </s>; T5: 1)
         self.eos_token_id = language_model.generation_config.eos_token_id
         self.min_new_tokens = 1 if self.causal else 0  # LAVIS's min_length=1, counted as transformers counts it
@@ -195,7 +297,7 @@ class OriginalInstructBlipModel(nn.Module):
 
     def qformer_ids(self, prompt: str) -> list[int]:
         """The Q-Former's ids of the prompt (``[CLS] ... [SEP]``, at most ``max_txt_len``, cut on the left)."""
-        return self.qformer_tokenizer(prompt, truncation=True, max_length=MAX_TXT_LEN).input_ids
+        return self.qformer_tokenizer.encode(prompt, MAX_TXT_LEN)
 
     # -------------------------------------------------------------- the image side
 
