@@ -167,8 +167,8 @@ def test_verify_passes(instructblip, variant, tmp_path):
     data = json.loads(report.read_text())
     assert v.code == 0 and data["verdict"] == "PASS", v.out + v.err
     names = [c["name"] for c in data["checks"]]
-    expected = ["pixel values", "input ids", "q-former ids", "logits"] + (["untrained rows"] if variant == "vicuna"
-                                                                          else []) + ["greedy tokens", "batched generation"]
+    untrained = ["untrained rows"] if variant == "vicuna" else []
+    expected = ["pixel values", "input ids", "q-former ids", "logits", *untrained, "greedy tokens", "batched generation"]
     assert names == expected
     logits = next(c for c in data["checks"] if c["name"] == "logits")
     assert logits["measured"]["max_abs_diff"] <= 1e-4

@@ -59,7 +59,8 @@ def describe(found) -> dict:
     tensors = peek_state_dict(_lavis_file(found.path))
     lm = lm_of(tensors)
     layers = {m.group(1) for n in tensors if (m := QFORMER_LAYER.match(n))}
-    return {"instructblip form": found.form, "language model": lm.title, "query tokens": tensors["query_tokens"].shape[1],
+    return {"instructblip form": found.form, "language model": lm.title,
+            "query tokens": tensors["query_tokens"].shape[1],
             "q-former layers": len(layers), "q-former vocabulary": tensors[WORDS].shape[0],
             "visual encoder inside": any(n.startswith(VISION) for n in tensors)}
 

@@ -33,7 +33,7 @@ class InstructBlipBackend(Blip2Backend):
 
     kind = "instructblip"
 
-    def __init__(self, path: Path, options, *, original: bool = False):  # noqa: D107 (Blip2Backend's __init__ is not used)
+    def __init__(self, path: Path, options, *, original: bool = False):  # Blip2Backend's __init__ is not used
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

@@ -66,7 +66,9 @@ class OriginalInstructBlip:
 
     path: Path  # the release .pth
     lm: LanguageModel
-    source: TensorSource  # LAVIS's namespace: visual_encoder.*, ln_vision.*, Qformer.bert.*, query_tokens, llm_proj / t5_proj, llm_model.* / t5_model.*
+    # LAVIS's namespace: visual_encoder.*, ln_vision.*, Qformer.bert.*, query_tokens, llm_proj / t5_proj,
+    # llm_model.* / t5_model.*
+    source: TensorSource
     lm_folder: Path
     lm_config: dict
     qformer_tokenizer: Path  # bert-base-uncased's tokenizer files
@@ -167,5 +169,6 @@ def _lm_source(folder: Path, lm: LanguageModel) -> TensorSource:
         source = open_source(folder)
     except CheckpointError as e:
         raise ConfigError(f"--language-model {folder}: no weights ({e.message})",
-                          hint="InstructBLIP releases hold no language model, so the folder must hold its weights") from None
+                          hint="InstructBLIP releases hold no language model, so the folder must hold its weights") \
+            from None
     return RenamedSource(source, {name: lm.prefix + name for name in source.keys()})

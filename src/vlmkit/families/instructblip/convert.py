@@ -78,7 +78,7 @@ def expected_tensors(target: hf_output.Target) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = InstructBlipForConditionalGeneration(target.hf_config)
     causal = target.hf_config.use_decoder_only_language_model
-    skip = set() if causal else {"language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight"}
+    skip = set() if causal else {f"language_model.{part}.embed_tokens.weight" for part in ("encoder", "decoder")}
     if target.tie_lm_head:
         skip.add("language_model.lm_head.weight")
     return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in skip}

@@ -49,7 +49,7 @@ class Target:
 
 
 def qformer_tokenizer(ckpt: OriginalInstructBlip):
-    """``Blip2Base.init_tokenizer(truncation_side="left")``: bert-base-uncased + ``[DEC]``; its length must be the rows."""
+    """``Blip2Base.init_tokenizer(truncation_side="left")``: bert-base-uncased + ``[DEC]``, as long as the rows."""
     from transformers import BertTokenizer
 
     # LAVIS cuts the instruction to max_txt_len (128) tokens from the left: truncation=True does the same here
@@ -135,7 +135,8 @@ def target_for(ckpt: OriginalInstructBlip, options: LoadOptions) -> Target:
     image_processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=CLIP_MEAN,
                                             image_std=CLIP_STD, resample=3, do_convert_rgb=True)
     processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                      qformer_tokenizer=qformer_tokenizer(ckpt), num_query_tokens=hf_config.num_query_tokens)
+                                      qformer_tokenizer=qformer_tokenizer(ckpt),
+                                      num_query_tokens=hf_config.num_query_tokens)
     lm = hf_config.text_config
     generation = {"bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id, "pad_token_id": lm.pad_token_id}
     if not ckpt.lm.causal:

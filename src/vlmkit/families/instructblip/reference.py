@@ -5,7 +5,8 @@ blocks are plain BLIP-2's, imported from ``families.blip2.reference``; what Inst
 written here from ``blip2_vicuna_instruct.py`` / ``blip2_t5_instruct.py`` and ``Qformer.py``:
 
 * the instruction is tokenised by ``bert-base-uncased`` + ``[DEC]`` (``init_tokenizer``, left
-  truncation at ``max_txt_len`` = 128; ``LavisBertTokenizer``, 4.x's slow BertTokenizer) and read by the Q-Former together with the queries:
+  truncation at ``max_txt_len`` = 128; ``LavisBertTokenizer``, 4.x's slow BertTokenizer) and read
+  by the Q-Former together with the queries:
   ``BertEmbeddings`` adds absolute positions (0, 1, ...) to the *text* only, puts the queries in
   front and normalises both (``embeddings.LayerNorm``); each layer runs self-attention over queries
   and text, cross-attention to the image for the queries alone (every ``cross_attention_freq``-th
@@ -146,9 +147,13 @@ class LavisBertTokenizer:
         return " ".join(names.get(i, "?") for i in ids).replace(" ##", "")
 
 
+# BasicTokenizer._is_chinese_char's blocks
+CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+       (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
 def _is_cjk(cp: int) -> bool:
-    return any(lo <= cp <= hi for lo, hi in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-                                              (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+    return any(lo <= cp <= hi for lo, hi in CJK)
 
 
 def _is_punctuation(c: str) -> bool:
@@ -270,7 +275,8 @@ class OriginalInstructBlipModel(nn.Module):
         copies = () if ckpt.lm.causal else ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
         wanted = {n for n in lm.state_dict() if n not in copies and not (tied and n == "lm_head.weight")}
         if missing := sorted(wanted - set(state)):
-            raise CheckpointError(f"{ckpt.lm_folder}: the language model lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+            raise CheckpointError(f"{ckpt.lm_folder}: the language model lacks {len(missing)} tensor(s), "
+                                  f"e.g. {missing[0]!r}")
         lm.load_state_dict({n: state[n] for n in wanted}, strict=False, assign=True)
         shared = lm.get_input_embeddings().weight
         for copy in copies:
