@@ -152,17 +152,6 @@ ALIASES: dict[str, str] = {"v1": "vicuna_v1", "mistral_direct": "chatml_direct",
 TEMPLATES: dict[str, Template] = {t.name: t for t in _CANONICAL}
 TEMPLATES.update({alias: TEMPLATES[target] for alias, target in ALIASES.items()})
 
-# llava/serve/cli.py and llava/eval/run_llava.py: first substring of the lower-cased model
-# name that matches decides; nothing matches -> "llava_v0".
-AUTO_SELECT: tuple[tuple[str, str], ...] = (
-    ("llama-2", "llava_llama_2"),
-    ("mistral", "mistral_instruct"),
-    ("v1.6-34b", "chatml_direct"),
-    ("v1", "llava_v1"),
-    ("mpt", "mpt"),
-)
-AUTO_SELECT_DEFAULT = "llava_v0"
-
 
 def get_template(template: str | Template) -> Template:
     """The :class:`Template` for a name or alias (a Template is returned as is)."""
@@ -173,18 +162,6 @@ def get_template(template: str | Template) -> Template:
     except KeyError:
         raise TemplateError(f"unknown conversation template {template!r}",
                             hint=f"use one of: {', '.join(sorted(TEMPLATES))}") from None
-
-
-def choose_template(model_name: str) -> str:
-    """The template the original cli picks for a model name (``get_model_name_from_path`` of its path)."""
-    name = model_name.lower()
-    return next((template for needle, template in AUTO_SELECT if needle in name), AUTO_SELECT_DEFAULT)
-
-
-def get_model_name_from_path(path: str) -> str:
-    """Original ``get_model_name_from_path``: last path part, or "<run>_checkpoint-N" for checkpoints."""
-    parts = path.strip("/").split("/")
-    return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]
 
 
 def with_image(text: str, n_images: int = 1) -> str:

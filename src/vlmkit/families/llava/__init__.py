@@ -4,10 +4,14 @@ Recognised by ``config.json`` (``LlavaLlamaForCausalLM`` / ``LlavaMistralForCaus
 ``mm_*`` fields) or by the files of its training stages (``mm_projector.bin``;
 ``adapter_config.json`` + ``non_lora_trainables.bin``). The pieces:
 
+* ``backbones``   — one row per language model (LLaMA/Vicuna, Mistral, ...): everything that differs by backbone;
 * ``checkpoint``  — the input forms, presented as one namespace;
 * ``convert``     — the conversion rules to transformers' Llava / LlavaNext;
 * ``hf_output``   — config, tokenizer, image processor and chat template of the output;
 * ``reference``   — the original forward pass, for ``vlmkit verify`` and for running originals;
+* ``backend``     — chat and serve: the original through ``reference``, a transformers folder through transformers;
+* ``data``        — what ``vlmkit data`` needs of an original checkpoint (tokenizer, template, image features);
+* ``templates``   — the original cli's template choice by model name, else the backbone's default;
 * ``tiny``        — tiny random checkpoints in the real layouts (tests, demo, benchmarks).
 """
 
@@ -32,7 +36,8 @@ FORMS: dict[str, tuple[str, ...]] = {
     "projector_file": ("gguf",),          # llava_surgery.py's llava.projector (+ --vision-tower): the mmproj
 }
 
-__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
+__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "open_original", "verify",
+           "chat_backend", "data_model"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
@@ -60,16 +65,34 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
     return run(found.path, converted, options, [Probe(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
 
 
+def chat_backend(found, options: LoadOptions):
+    """Chat and serve: an original checkpoint through vlmkit's reference of the original forward, a
+    transformers folder through transformers (``backend.py``)."""
+    from .backend import OriginalBackend, TransformersBackend
+
+    if found.form == "transformers":
+        from ...tensors import open_source
+
+        open_source(found.path).close()  # vlmkit's readers check the weights (headers, sizes) as inspect does
+        return TransformersBackend(found.path, options)
+    return OriginalBackend(found.path, options)
+
+
+def data_model(found, options: LoadOptions, *, max_length: int | None):
+    """``vlmkit data tokenize/check --model``: tokenizer, template, length, image features (``data.py``)."""
+    from .data import data_model as original
+
+    return original(found, options, max_length=max_length)
+
+
 def describe(found) -> dict:
-    from ...runtime.templates import choose_template, get_model_name_from_path
+    from .backbones import backbone_of
+    from .templates import template_of
 
     path, config = found.path, found.config
     info = {"llava form": found.form}
     if config:
         info["llava version"] = "NeXT (anyres)" if config.get("image_aspect_ratio") == "anyres" else "1.5"
         info["vision tower"] = config.get("mm_vision_tower")
-        chosen = choose_template(get_model_name_from_path(str(path)))
-        if chosen == "llava_v0":  # the original's fallback fits no released 1.5/1.6 model (see hf_output)
-            chosen = "mistral_instruct" if "mistral" in str(config.get("model_type")) else "llava_v1"
-        info["template"] = chosen
+        info["template"] = template_of(path, backbone_of(config, path)) or "none known (pass --template)"
     return info
