@@ -232,19 +232,33 @@ def test_missing_qformer_tokenizer_is_one_clear_error(instructblip, tmp_path):
 
 @pytest.mark.parametrize("variant", ["vicuna", "t5"])
 def test_chat_answers_with_the_reference_greedy_tokens(instructblip, variant):
-    """The release (run through the reference) and its conversion answer with LAVIS's greedy tokens;
-    another instruction on the same image gives other features (the Q-Former reads it)."""
-    from vlmkit.runtime.model import ChatModel
+    """vlmkit.load on the release (run through the reference) and on its conversion answers with LAVIS's
+    greedy tokens; another instruction on the same image gives other features (the Q-Former reads it)."""
+    import vlmkit
 
     parts = instructblip[variant]
     image = IMAGES / "chelsea.png"
     wanted = reference_greedy(parts, image, PROMPT, 5)
     other = reference_greedy(parts, image, "Describe the colours of this picture.", 5)
     for path in (parts["release"], parts["out"]):
-        found = families.require(path, "chat_backend")
-        model = ChatModel(found.family.chat_backend(found, options(parts)))
+        model = vlmkit.load(path, options=options(parts))
+        assert model.backend.kind == "instructblip"
         reply = model.chat([{"role": "user", "content": PROMPT, "images": [image]}], max_new_tokens=5)
         assert reply.tokens == wanted[:5], path
         again = model.chat([{"role": "user", "content": "Describe the colours of this picture.", "images": [image]}],
                            max_new_tokens=5)
         assert again.tokens == other[:5], path
+
+
+def test_vlmkit_chat_on_the_release_prints_the_reference_answer(instructblip):
+    from vlmkit.families.instructblip.checkpoint import open_original
+    from vlmkit.families.instructblip.reference import lavis_llm_tokenizer
+
+    parts = instructblip["vicuna"]
+    image = IMAGES / "chelsea.png"
+    tokens = reference_greedy(parts, image, PROMPT, 6)
+    text = lavis_llm_tokenizer(open_original(parts["release"], options(parts))).decode(
+        [t for t in tokens if t != 2], skip_special_tokens=True)
+    r = run_cli("chat", parts["release"], "--image", image, "--prompt", PROMPT, "--temperature", "0",
+                "--max-new-tokens", "6", *parts["flags"])
+    assert r.code == 0 and r.out == text + "\n", (r.out, r.err)

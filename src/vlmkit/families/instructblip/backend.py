@@ -105,7 +105,7 @@ class InstructBlipBackend(Blip2Backend):
         n_images = sum(len(t.images) for t in turns)
         if n_images > 1 or (n_images == 1 and not turns[0].images):
             raise VlmkitError("InstructBLIP reads one image, given with the first instruction")
-        self.instruction = " ".join(t.text for t in turns if t.text)
+        self.instruction = " ".join(t.text for t in turns if t.text and t.role in ("user", "assistant"))
         # the Q-Former reads the instruction: the features (and their cache key) depend on it
         self.preprocessing = f"{self._preprocessing}; Q-Former text {self.instruction!r}"
         return ([self.marker] if n_images else []) + self._ids(self.instruction)
