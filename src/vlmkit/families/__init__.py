@@ -34,7 +34,8 @@ from types import ModuleType
 
 from ..errors import ConfigError
 
-FAMILIES: tuple[str, ...] = ("llava", "blip2", "flava", "clip", "blip2_retrieval")  # the order in which they are asked
+# the order in which they are asked: instructblip before blip2 (a Flan-T5 InstructBLIP has t5_proj too)
+FAMILIES: tuple[str, ...] = ("llava", "instructblip", "blip2", "flava", "clip", "blip2_retrieval")
 
 # What each capability lets a user do, for the refusal message.
 CAPABILITIES: dict[str, str] = {

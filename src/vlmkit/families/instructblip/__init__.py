@@ -1,0 +1,92 @@
+"""InstructBLIP as Salesforce LAVIS writes it (``blip2_vicuna_instruct``, ``blip2_t5_instruct``).
+
+Recognised by its key names: a release ``.pth`` (``{"model": state_dict}``) with ``query_tokens``,
+``Qformer.bert.*`` *with* the Q-Former's word embeddings, and ``llm_proj`` (Vicuna) or ``t5_proj``
+(Flan-T5) without ``Qformer.cls`` (see ``checkpoint.py`` for how it differs from plain BLIP-2).
+The EVA ViT-g and the language model come apart, as in LAVIS (``--vision``, ``--language-model``),
+and the Q-Former's ``bert-base-uncased`` tokenizer from a folder beside the ``.pth``. The pieces:
+
+* ``checkpoint`` — the release + its parts, presented as LAVIS's one namespace;
+* ``convert``    — the rule table to transformers' ``InstructBlipForConditionalGeneration``;
+* ``hf_output``  — ``InstructBlipConfig``, generation config, ``InstructBlipProcessor`` (two tokenizers);
+* ``reference``  — LAVIS's forward (the Q-Former reading the instruction), for ``verify`` and chat;
+* ``parity``     — ``vlmkit verify``;
+* ``backend``    — chat and serve (the release through the reference, or a converted folder);
+* ``tiny``       — tiny random checkpoints in the real layouts (tests).
+
+Example:
+    vlmkit convert lavis/instruct_blip_vicuna7b_trimmed.pth instructblip-vicuna-7b/ \\
+        --vision eva_vit_g.pth --language-model vicuna-7b-v1.1/
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...options import LoadOptions
+from .checkpoint import form_of
+
+NAME = "instructblip"
+
+# transformers' own class: what --to hf writes (and Salesforce/instructblip-* publish), read back by chat
+TRANSFORMERS_ARCHITECTURES = ("InstructBlipForConditionalGeneration",)
+
+FORMS: dict[str, tuple[str, ...]] = {
+    "parts": ("describe", "conversion", "verify", "chat_backend"),  # release .pth + --vision + --language-model
+    "transformers": ("chat_backend",),
+}
+# reverse(rules) gives back every tensor that was not dropped, the 32,000 trained rows of Vicuna included
+REVERSIBLE = True
+
+# the contract's ``tiny(folder, variant)`` capability is ``tiny.tiny``: a function named ``tiny`` here would be
+# replaced by the ``tiny`` submodule as soon as anything imports it
+__all__ = ["NAME", "FORMS", "REVERSIBLE", "recognise", "describe", "conversion", "verify", "chat_backend", "variants"]
+
+
+def recognise(path: Path, config: dict | None) -> str | None:
+    if form_of(path) is not None:
+        return "parts"
+    if path.is_dir() and any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
+        return "transformers"
+    return None
+
+
+def describe(found) -> dict:
+    from ...tensors.safe_pickle import peek_state_dict
+    from ..blip2.checkpoint import QFORMER_LAYER, VISION, _lavis_file
+    from .checkpoint import WORDS, lm_of
+
+    tensors = peek_state_dict(_lavis_file(found.path))
+    lm = lm_of(tensors)
+    layers = {m.group(1) for n in tensors if (m := QFORMER_LAYER.match(n))}
+    return {"instructblip form": found.form, "language model": lm.title,
+            "query tokens": tensors["query_tokens"].shape[1],
+            "q-former layers": len(layers), "q-former vocabulary": tensors[WORDS].shape[0],
+            "visual encoder inside": any(n.startswith(VISION) for n in tensors)}
+
+
+def conversion(found, options: LoadOptions):
+    """``--to hf``: the rule table to transformers' InstructBlipForConditionalGeneration (``convert.py``)."""
+    from .convert import conversion as plan
+
+    return plan(found.path, options)
+
+
+def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
+    """Parity report of LAVIS's forward against the converted folder (``parity.py``)."""
+    from .parity import verify as run
+
+    return run(found.path, converted, options, [(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
+
+
+def chat_backend(found, options: LoadOptions):
+    """The runtime backend (chat, serve): the release through the reference, or a transformers folder."""
+    from .backend import InstructBlipBackend
+
+    return InstructBlipBackend(found.path, options, original=found.form != "transformers")
+
+
+def variants() -> tuple[str, ...]:
+    from .tiny import VARIANTS
+
+    return VARIANTS
