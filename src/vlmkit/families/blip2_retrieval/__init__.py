@@ -93,3 +93,39 @@ def score(found, options: LoadOptions, image: Path, texts: list[str]) -> list[di
     from .scoring import score as run
 
     return run(found, options, Path(image), list(texts))
+
+
+# ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits
+# REVERSIBLE: no. --to hf drops the captioning head (Qformer.cls.*) and the ITC temperature (temp).
+REVERSIBLE = False
+GENERATES = False  # it scores image-text pairs (vlmkit score); it writes no text
+
+
+def variants() -> tuple[str, ...]:
+    """LAVIS's two stage-1 releases: ``pretrained`` (blip2_pretrained.pth, the ViT given apart) and ``coco`` (the COCO
+    retrieval fine-tune, its ViT inside)."""
+    return ("pretrained", "coco")
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """A tiny stage-1 checkpoint in LAVIS's layout in ``folder`` (with bert-base-uncased's tokenizer and, for
+    ``pretrained``, the EVA ViT-g beside it); returns the ``.pth``."""
+    from . import tiny
+
+    variant = variant or variants()[0]
+    if variant not in variants():
+        raise ValueError(f"BLIP-2 retrieval has no tiny variant {variant!r}; variants: {', '.join(variants())}")
+    vocab = tiny.make_tokenizer(folder / "bert-base-uncased")
+    if variant == "coco":
+        return tiny.make_finetuned(folder / "coco" / "blip2_finetune_coco.pth", vocab)
+    tiny.make_eva_vit(folder / "eva" / "eva_vit_g.pth")
+    return tiny.make_pretrained(folder / "lavis" / "blip2_pretrained.pth", vocab)
+
+
+def tiny_options(folder: Path, variant: str | None = None) -> dict:
+    """The loading options ``make_tiny(folder, variant)``'s checkpoint needs: bert-base-uncased's tokenizer
+    (``--language-model``), the EVA ViT-g when it is not inside, the head counts no shape holds (``--config``)."""
+    from . import tiny
+
+    vision = {} if variant == "coco" else {"vision_tower": str(folder / "eva" / "eva_vit_g.pth")}
+    return {**vision, "model_base": str(folder / "bert-base-uncased"), "config": tiny.TinySizes().override()}

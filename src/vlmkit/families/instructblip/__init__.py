@@ -86,7 +86,33 @@ def chat_backend(found, options: LoadOptions):
     return InstructBlipBackend(found.path, options, original=found.form != "transformers")
 
 
+# ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits
+# REVERSIBLE: no. The Vicuna embedding and lm_head gain rows LAVIS never saves ([PAD], <image>), and the language
+# model's weights come from another folder than the release .pth.
+REVERSIBLE = False
+GENERATES = True
+
+
 def variants() -> tuple[str, ...]:
+    """One tiny release per language model: Vicuna (causal) and Flan-T5 (encoder-decoder)."""
     from .tiny import VARIANTS
 
     return VARIANTS
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """A tiny InstructBLIP release in LAVIS's layout (``.pth`` + EVA ViT-g + the language model's folder, with
+    bert-base-uncased's tokenizer beside the ``.pth``) in ``folder``; returns the release ``.pth``."""
+    from . import tiny
+
+    return tiny.tiny(folder, variant)["release"]
+
+
+def tiny_options(folder: Path, variant: str | None = None) -> dict:
+    """The loading options ``make_tiny(folder, variant)``'s release needs: its EVA ViT-g, its language model and the
+    head counts no tensor shape holds (``--config``)."""
+    from . import tiny
+
+    lm = "vicuna-tiny" if (variant or tiny.VARIANTS[0]) == "vicuna" else "flan-t5-tiny"
+    return {"vision_tower": str(folder / "eva" / "eva_vit_g.pth"), "model_base": str(folder / lm),
+            "config": tiny.SIZES.override()}
