@@ -7,9 +7,10 @@ offline needs no download. The values are those of the hub repositories' ``confi
 (``vision_config``) and ``preprocessor_config.json``; a tower whose tensor shapes disagree
 with its entry is refused (the name does not describe the weights).
 
-Only CLIP: the original code (``llava/model/multimodal_encoder/builder.py``) builds a
-``CLIPVisionTower`` for every tower it accepts, so a SigLIP name (``google/siglip-*``, used
-by later forks) is not a tower this family can reproduce and is deliberately absent.
+``KNOWN_TOWERS`` are CLIP: haotian-liu/LLaVA builds a ``CLIPVisionTower`` for every tower it
+accepts. LLaVA-NeXT (OneVision, LLaVA-Video) also builds SigLIP for a hub name containing
+``siglip``; those towers are ``SIGLIP_TOWERS``, kept apart so that no CLIP path reads them
+(``siglip.py`` says how the original builds and trims them).
 """
 
 from __future__ import annotations
@@ -47,6 +48,35 @@ KNOWN_TOWERS: dict[str, dict] = {
 def known_tower(name: str | None) -> dict | None:
     """The table entry of a tower name (``{"vision_config": ..., "preprocessor": ...}``, copies), or None."""
     entry = KNOWN_TOWERS.get((name or "").strip().rstrip("/"))
+    if entry is None:
+        return None
+    return {"vision_config": dict(entry["vision_config"]), "preprocessor": dict(entry["preprocessor"])}
+
+
+# SigLIP's image normalisation (google/siglip-* preprocessor_config.json; also the original's
+# SigLipImageProcessor class defaults in LLaVA-NeXT's siglip_encoder.py)
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
+
+SIGLIP_TOWERS: dict[str, dict] = {
+    # LLaVA-OneVision, LLaVA-Video: google/siglip-so400m-patch14-384 config.json vision_config (fields it
+    # omits are SiglipVisionConfig's defaults, written out) and its preprocessor_config.json (SiglipImageProcessor:
+    # a plain resize to 384x384, bicubic, no crop)
+    "google/siglip-so400m-patch14-384": {
+        "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                          "num_attention_heads": 16, "patch_size": 14, "image_size": 384, "num_channels": 3,
+                          "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-06, "attention_dropout": 0.0,
+                          "model_type": "siglip_vision_model"},
+        "preprocessor": {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": SIGLIP_MEAN,
+                         "image_std": SIGLIP_STD, "image_processor_type": "SiglipImageProcessor", "resample": 3,
+                         "rescale_factor": 0.00392156862745098, "size": {"height": 384, "width": 384}},
+    },
+}
+
+
+def known_siglip(name: str | None) -> dict | None:
+    """The SigLIP table entry of a tower name (copies), or None."""
+    entry = SIGLIP_TOWERS.get((name or "").strip().rstrip("/"))
     if entry is None:
         return None
     return {"vision_config": dict(entry["vision_config"]), "preprocessor": dict(entry["preprocessor"])}

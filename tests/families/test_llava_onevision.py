@@ -1,0 +1,214 @@
+"""LLaVA-OneVision's image side: the SigLIP tower as LLaVA-NeXT builds it and ``anyres_max_N``.
+
+Every expected value is the original's algorithm applied by hand in the test (the steps of
+``siglip_encoder.py``, ``mm_utils.py`` and ``llava_arch.py`` written out here), or an independent
+implementation (transformers' SigLIP image processor with the published preprocessor config).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmkit.errors import ConfigError
+from vlmkit.families.llava import anyres_max, siglip, towers
+
+# lmms-lab/llava-onevision-qwen2-*-ov config.json image_grid_pinpoints (as the release writes them): every
+# (i, j) with 1 <= i, j <= 6, times 384, i varying slowest
+OV_PINPOINTS = [[i * 384, j * 384] for i in range(1, 7) for j in range(1, 7)]
+
+
+def _photo(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------------- the tower
+def test_tower_kind_follows_the_original_builder(tmp_path):
+    assert siglip.tower_kind("google/siglip-so400m-patch14-384") == ("siglip", None)
+    assert siglip.tower_kind("openai/clip-vit-large-patch14-336") == ("clip", None)
+    local = tmp_path / "siglip-so400m-patch14-384"
+    local.mkdir()
+    kind, note = siglip.tower_kind(str(local))
+    assert kind == "clip" and "local path" in note and "CLIP" in note  # builder.py tests the path first
+
+
+def test_siglip_table_entry_is_the_published_tower():
+    entry = towers.known_siglip("google/siglip-so400m-patch14-384")
+    vision, pre = entry["vision_config"], entry["preprocessor"]
+    # the original's SigLipVisionConfig class defaults describe the same tower
+    assert {k: vision[k] for k in siglip.ORIGINAL_DEFAULTS} == siglip.ORIGINAL_DEFAULTS
+    assert pre["image_mean"] == pre["image_std"] == [0.5, 0.5, 0.5]
+    assert pre["size"] == {"height": 384, "width": 384} and pre["resample"] == 3
+    assert towers.known_tower("google/siglip-so400m-patch14-384") is None  # no CLIP path reads it
+    trimmed = siglip.trimmed_config(vision)
+    assert trimmed["num_hidden_layers"] == 26 and trimmed["vision_use_head"] is False
+
+
+def test_select_layer_is_ignored_and_said_so():
+    assert siglip.select_layer_note({"mm_vision_select_layer": -2}) is None
+    note = siglip.select_layer_note({"mm_vision_select_layer": -1})
+    assert "mm_vision_select_layer=-1 is ignored" in note
+
+
+def _tiny_published():
+    return {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 2,
+            "patch_size": 14, "image_size": 42, "num_channels": 3, "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6}
+
+
+def test_trimmed_tower_reads_what_the_original_reads():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    full = SiglipVisionModel(SiglipVisionConfig(**_tiny_published())).eval()  # as from_pretrained gives it
+    pixels = torch.randn(2, 3, 42, 42)
+    with torch.no_grad():
+        expected_full = full(pixels, output_hidden_states=True).hidden_states[-2]
+        # siglip_encoder.py load_model: delete the last layer, head -> identity; forward: hidden_states[-1]
+        # (its SigLipVisionModel wraps a .vision_model; transformers 5's is flat)
+        del full.encoder.layers[-1:]
+        full.head = torch.nn.Identity()
+        expected = full(pixels, output_hidden_states=True).hidden_states[-1]
+    state = {k: v for k, v in full.state_dict().items() if not k.startswith("head.")}
+    tower = siglip.build(siglip.trimmed_config(_tiny_published()), state)
+    with torch.no_grad():
+        got = siglip.encode(tower, pixels)
+    assert got.shape == (2, 9, 16)  # every patch token: (42/14)^2, no CLS dropped
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, expected_full, rtol=0, atol=1e-6)
+
+
+def test_a_tower_with_the_last_layer_still_in_is_refused():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    full = SiglipVisionModel(SiglipVisionConfig(**_tiny_published(), vision_use_head=False))
+    with pytest.raises(RuntimeError, match="layers.2"):
+        siglip.build(siglip.trimmed_config(_tiny_published()), full.state_dict())
+
+
+# ------------------------------------------------------------------------------------------- pixels
+def test_range_form_pinpoints_expand_as_the_original():
+    assert [list(p) for p in anyres_max.pinpoints("(1x1),...,(6x6)", 384)] == OV_PINPOINTS
+    # asymmetric: i (first number, width) varies slowest
+    assert anyres_max.pinpoints("(1x1),(2x3)", 336) == ((336, 336), (336, 672), (336, 1008),
+                                                       (672, 336), (672, 672), (672, 1008))
+    assert anyres_max.pinpoints(OV_PINPOINTS, 384) == tuple(map(tuple, OV_PINPOINTS))
+    with pytest.raises(ConfigError, match="range form"):
+        anyres_max.pinpoints("(1x1),...,(2x2)", 42)
+
+
+def test_siglip_pixels_equal_transformers_siglip_processor():
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    pre = towers.known_siglip("google/siglip-so400m-patch14-384")["preprocessor"]
+    img = _photo(500, 300)
+    fields = {k: pre[k] for k in ("image_mean", "image_std", "resample", "rescale_factor", "size", "do_resize",
+                                  "do_rescale", "do_normalize")}
+    expected = SiglipImageProcessorPil(**fields)(img, return_tensors="np")["pixel_values"][0]
+    got = anyres_max.siglip_preprocess(img, size=384, mean=pre["image_mean"], std=pre["image_std"])
+    assert got.shape == (3, 384, 384)  # squashed to the square: no shortest-edge resize, no crop
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_anyres_max_tiles_of_a_non_square_photo():
+    img = _photo(900, 500, seed=1)  # (width, height)
+    tiles = anyres_max.process(img, anyres_max.pinpoints(OV_PINPOINTS, 384), size=384, mean=[0.5] * 3,
+                               std=[0.5] * 3)
+    # by hand: full resolution needs width >= 900 and height >= 500; the least waste is (1152, 768) = 3 x 2 crops;
+    # scale 1152/900 = 1.28 < 768/500 -> resized to 1152 x ceil(640.0) = 640, pasted at y = 64 on black
+    assert tiles.shape == (1 + 6, 3, 384, 384)
+    canvas = Image.new("RGB", (1152, 768), (0, 0, 0))
+    canvas.paste(img.resize((1152, 640), Image.Resampling.BICUBIC), (0, 64))
+    by_hand = [img.resize((384, 384), Image.Resampling.BICUBIC)]
+    by_hand += [canvas.crop((x, y, x + 384, y + 384)) for y in (0, 384) for x in (0, 384, 768)]  # row-major
+    for got, tile in zip(tiles, by_hand):
+        want = (np.asarray(tile, np.float32) / 255 - 0.5) / 0.5
+        np.testing.assert_allclose(got, want.transpose(2, 0, 1), rtol=0, atol=1e-6)
+    assert np.all(tiles[1, :, :64] == -1.0)  # the black band became -1 after SigLIP's 0.5/0.5
+
+
+# ------------------------------------------------------------------------------------------- features
+def _original_unpad(tensor, original_size):
+    # llava_arch.py unpad_image, as written there (original_size is (width, height))
+    original_width, original_height = original_size
+    current_height, current_width = tensor.shape[1:]
+    original_aspect_ratio = original_width / original_height
+    current_aspect_ratio = current_width / current_height
+    if original_aspect_ratio > current_aspect_ratio:
+        scale_factor = current_width / original_width
+        new_height = int(original_height * scale_factor)
+        padding = (current_height - new_height) // 2
+        return tensor[:, padding: current_height - padding, :]
+    scale_factor = current_height / original_height
+    new_width = int(original_width * scale_factor)
+    padding = (current_width - new_width) // 2
+    return tensor[:, :, padding: current_width - padding]
+
+
+def _original_arrangement(image_feature, image_size, num_patch_width, num_patch_height, newline, max_num_patches):
+    # llava_arch.py prepare_inputs_labels_for_multimodal, spatial_unpad + anyres_max branch
+    base_image_feature = image_feature[0]
+    image_feature = image_feature[1:]
+    height = width = math.isqrt(base_image_feature.shape[0])
+    image_feature = image_feature.view(num_patch_height, num_patch_width, height, width, -1)
+    unit = image_feature.shape[2]
+    image_feature = image_feature.permute(4, 0, 2, 1, 3).contiguous()
+    image_feature = image_feature.flatten(1, 2).flatten(2, 3)
+    image_feature = _original_unpad(image_feature, image_size)
+    c, h, w = image_feature.shape
+    times = math.sqrt(h * w / (max_num_patches * unit**2))
+    if times > 1.1:
+        image_feature = image_feature[None]
+        image_feature = torch.nn.functional.interpolate(image_feature, [int(h // times), int(w // times)],
+                                                        mode="bilinear")[0]
+    image_feature = torch.cat((image_feature, newline[:, None, None].expand(*image_feature.shape[:-1], 1)), dim=-1)
+    image_feature = image_feature.flatten(1, 2).transpose(0, 1)
+    return torch.cat((base_image_feature, image_feature), dim=0)
+
+
+@pytest.mark.parametrize(("size_wh", "canvas", "max_num"), [
+    ((900, 500), (3, 2), 1),   # 18 x 27 unpadded to 16 x 27: times 2.31 > 1.1 -> shrunk to 6 x 11
+    ((900, 500), (3, 2), 2),   # times 1.63: shrunk to 9 x 16
+    ((900, 500), (3, 2), 9),   # times 0.77: kept
+    ((200, 619), (1, 2), 1),   # portrait: columns cut to 5; times 1.05 <= 1.1: kept
+    ((66, 55), (2, 2), 1),     # 55 * 18/66 = 14.999...: int() keeps 14 rows (transformers' round keeps 16)
+])
+def test_anyres_max_features_follow_the_original(size_wh, canvas, max_num):
+    torch.manual_seed(0)
+    side, channels, tower = 9, 5, 42
+    cols, rows = canvas
+    features = torch.randn(1 + cols * rows, side * side, channels)
+    newline = torch.randn(channels)
+    canvases = [(cols * tower, rows * tower)]  # the one pinpoint: the grid shape is known by hand
+    got = anyres_max.arrange(features, size_wh, canvases, tower_size=tower, image_newline=newline,
+                             max_num_patches=max_num)
+    want = _original_arrangement(features, size_wh, cols, rows, newline, max_num)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_anyres_max_shrinks_a_large_grid():
+    side, channels = 27, 3
+    features = torch.zeros(1 + 36, side * side, channels)
+    got = anyres_max.arrange(features, (2304, 2304), [(2304, 2304)], tower_size=384,
+                             image_newline=torch.ones(channels), max_num_patches=9)
+    # by hand: 162 x 162 grid, times = sqrt(162^2 / (9 * 27^2)) = 2 -> 81 x 81, plus a newline per row
+    assert got.shape == (729 + 81 * 82, channels)
+
+
+def test_one_tile_gets_one_newline():
+    features = torch.randn(1, 9, 4)
+    newline = torch.randn(4)
+    got = anyres_max.arrange(features, (30, 40), [(42, 42)], tower_size=42, image_newline=newline,
+                             max_num_patches=9)
+    torch.testing.assert_close(got, torch.cat([features[0], newline[None]]))
+
+
+def test_max_patches_parse():
+    assert anyres_max.max_patches("anyres_max_9") == 9
+    assert anyres_max.max_patches("anyres") is None
