@@ -24,7 +24,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -33,7 +32,8 @@ from ..errors import CheckpointError, ConfigError
 from ..families.llava import checkpoint as llava_checkpoint
 from ..families.llava.checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
 from ..families.llava.convert import _lora_merge
-from ..families.llava.reference import OriginalLlava, _projector
+from ..families.llava import image_path
+from ..families.llava.reference import _projector
 from ..options import LoadOptions
 from ..runtime import images as image_ops
 from ..runtime.tokens import IMAGE_TOKEN_INDEX
@@ -66,28 +66,16 @@ class LlavaTraining:
     train_vision: bool = False
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """CLIP hidden state at ``mm_vision_select_layer`` (patches only), through ``mm_projector``."""
-        tower = self.model.vision_tower.vision_tower.vision_model
-        config = self.llava.config
-        dtype = next(self.model.mm_projector.parameters()).dtype
-        # the original's CLIPVisionTower.forward is always no_grad; --train-vision lets gradients through
-        grad = torch.enable_grad() if self.train_vision else torch.no_grad()
-        with grad:
-            out = tower(pixel_values.to(dtype), output_hidden_states=True)
-            features = out.hidden_states[config["mm_vision_select_layer"]]
-            if config.get("mm_vision_select_feature", "patch") == "patch":
-                features = features[:, 1:]
-        return self.model.mm_projector(features)
+        """``image_path.encode_images`` over this model's tower and projector, with gradients."""
+        return image_path.encode_images(self.model.vision_tower.vision_tower.vision_model, self.model.mm_projector,
+                                        pixel_values, self.llava.config,
+                                        next(self.model.mm_projector.parameters()).dtype, tower_grad=self.train_vision)
 
     def image_features(self, pixel_values, image_sizes) -> list[torch.Tensor]:
-        """One ``[T_i, hidden]`` tensor per image, arranged as the original (anyres grids included).
-
-        The arrangement is ``reference.OriginalLlava.image_features`` itself, run with gradients.
-        """
-        view = SimpleNamespace(ckpt=self.llava, config=self.llava.config, encode_images=self.encode_images,
-                               image_config=self.image_config,
-                               image_newline=getattr(self.model, "image_newline", None))
-        return OriginalLlava.image_features.__wrapped__(view, pixel_values, image_sizes)
+        """One ``[T_i, hidden]`` tensor per image, arranged as the original (``image_path.image_features``)."""
+        return image_path.image_features(self.llava, self.encode_images, pixel_values, image_sizes,
+                                         image_config=self.image_config,
+                                         image_newline=getattr(self.model, "image_newline", None))
 
     @functools.cached_property
     def image_config(self) -> image_ops.ImageConfig:
@@ -96,11 +84,11 @@ class LlavaTraining:
     def splice(self, input_ids, attention_mask, labels, images, image_sizes):
         """``prepare_inputs_labels_for_multimodal`` for training: embeddings, mask and labels, right-padded.
 
-        Padding (``attention_mask`` False) is removed, each ``-200`` is replaced by its image's
-        features (labels -100 there), sequences are cut at ``tokenizer_model_max_length`` and padded
-        on the right with zeros. A record without an image consumes the batch's dummy image with a
-        zero-length slice, so every process runs the tower on every step (as the original; ZeRO-3
-        would hang otherwise).
+        Padding (``attention_mask`` False) is removed, each record goes through ``image_path.splice``
+        (its images' features at its -200s, labels -100 there, cut at ``tokenizer_model_max_length``),
+        and the batch is padded on the right with zeros. A record without an image consumes the batch's
+        dummy image with a zero-length slice, so every process runs the tower on every step (as the
+        original; ZeRO-3 would hang otherwise).
         """
         features = self.image_features(images, image_sizes) if images is not None else None
         embed = self.get_input_embeddings()
@@ -108,35 +96,18 @@ class LlavaTraining:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         if labels is None:
             labels = torch.full_like(input_ids, IGNORE_INDEX)
+        limit = self.llava.config.get("tokenizer_model_max_length")
         seqs, seq_labels, k = [], [], 0
         for ids, mask, lab in zip(input_ids, attention_mask.bool(), labels):
             ids, lab = ids[mask], lab[mask]
-            marks = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-            if not marks:
-                extra = features[k][0:0] if features is not None else None
-                k += 1
-                pieces = [embed(ids)] + ([extra] if extra is not None else [])
-                seqs.append(torch.cat(pieces))
-                seq_labels.append(lab)
-                continue
-            bounds = [-1] + marks + [len(ids)]
-            text = [ids[bounds[i] + 1:bounds[i + 1]] for i in range(len(bounds) - 1)]
-            text_labels = [lab[bounds[i] + 1:bounds[i + 1]] for i in range(len(bounds) - 1)]
-            text_embeds = torch.split(embed(torch.cat(text)), [len(t) for t in text])
-            pieces, piece_labels = [], []
-            for i in range(len(marks) + 1):
-                pieces.append(text_embeds[i])
-                piece_labels.append(text_labels[i])
-                if i < len(marks):
-                    feature = features[k]
-                    k += 1
-                    pieces.append(feature.to(text_embeds[i].dtype))
-                    piece_labels.append(torch.full((feature.shape[0],), IGNORE_INDEX, dtype=lab.dtype, device=lab.device))
-            seqs.append(torch.cat(pieces))
-            seq_labels.append(torch.cat(piece_labels))
-        limit = self.llava.config.get("tokenizer_model_max_length")
-        if limit:
-            seqs, seq_labels = [s[:limit] for s in seqs], [s[:limit] for s in seq_labels]
+            n = int((ids == IMAGE_TOKEN_INDEX).sum())
+            own = features[k:k + n] if features is not None else []
+            seq, lab = image_path.splice(embed, ids, own, labels=lab, limit=limit)
+            if not n and features is not None:
+                seq = torch.cat([seq, features[k][0:0]])
+            k += max(n, 1)
+            seqs.append(seq)
+            seq_labels.append(lab)
         width = max(len(s) for s in seqs)
         batch = len(seqs)
         out = seqs[0].new_zeros((batch, width, seqs[0].shape[-1]))
