@@ -22,11 +22,10 @@ import shutil
 from pathlib import Path
 
 from .. import dtypes
-from ..conversion import Conversion, drop, engine, rename, transform
+from ..conversion import Conversion, drop, engine, lora_merge, rename, transform
 from ..errors import ConfigError
 from ..families.llava import checkpoint as llava_checkpoint
 from ..families.llava.checkpoint import TOWER, UNUSED_CLIP, OriginalCheckpoint
-from ..families.llava.convert import _lora_merge
 from ..options import LoadOptions
 from ..tensors import open_source, resolve
 from .outputs import RECORD, TOKENIZER_FILES, base_fingerprint
@@ -66,7 +65,7 @@ def check_pair(adapter: Path, base: Path) -> str | None:
 def original_rules(ckpt: OriginalCheckpoint, tower_trained: bool) -> list:
     """Full original checkpoint names out; LoRA merged; the CLIP folder's tensors dropped."""
     lora = [transform([m + ".weight", m + ".lora_A.weight", m + ".lora_B.weight"], m + ".weight",
-                      _lora_merge(ckpt.lora.scale)) for m in ckpt.lora.modules]
+                      lora_merge(ckpt.lora.scale)) for m in ckpt.lora.modules]
     tower = [] if tower_trained else [drop(TOWER + "{rest:path}", why="the vision tower stays in its CLIP folder "
                                                                       "(mm_vision_tower), as in the released models")]
     return [

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..conversion.rules import lora_merge
 from ..errors import CheckpointError, ConfigError
 from ..families.llava import checkpoint as llava_checkpoint
 from ..families.llava.checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
-from ..families.llava.convert import _lora_merge
 from ..families.llava import image_path
 from ..families.llava.reference import _projector
 from ..options import LoadOptions
@@ -294,7 +294,7 @@ def _weights(ckpt: OriginalCheckpoint, model: nn.Module, init_projector: Path | 
     wanted = dict(model.named_parameters())
     readers: dict[str, Reader] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    merge = _lora_merge(ckpt.lora.scale) if ckpt.lora else None  # the converter's op: W + scale * B @ A
+    merge = lora_merge(ckpt.lora.scale) if ckpt.lora else None  # the converter's op: W + scale * B @ A
     for name in wanted:
         if name in names:
             module = name[:-len(".weight")] if name.endswith(".weight") else None
