@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from . import limits
-from .errors import VlmkitError
 from .options import LoadOptions, read_json
 
 if TYPE_CHECKING:  # torch and the readers load with the first call, not with `import vlmkit`
@@ -50,9 +49,9 @@ def prepare(source: str | Path, options: LoadOptions | None = None) -> engine.Co
 
     options = options or LoadOptions()
     path = resolve(source)
-    family = families.detect(path)
-    if family is not None:
-        return family.conversion(path, options)
+    found = families.find(path)
+    if families.can(found, "conversion"):
+        return found.family.conversion(found, options)
     return engine.identity(open_source(path))
 
 
@@ -94,9 +93,6 @@ def verify(original: str | Path, converted: str | Path, *, options: LoadOptions 
     open_source(converted).close()  # a truncated or missing weight file: one error, as inspect gives
     if (Path(converted) / "config.json").is_file():
         read_json(Path(converted) / "config.json")
-    family = families.detect(path)
-    if family is None or not hasattr(family, "verify"):
-        raise VlmkitError(f"{original}: no family that vlmkit can verify recognises it",
-                          hint="`vlmkit inspect` shows what it is")
-    return family.verify(path, Path(converted), options, probes or DEFAULT_PROBES, max_new_tokens=max_new_tokens)
+    found = families.require(path, "verify")
+    return found.family.verify(found, Path(converted), options, probes or DEFAULT_PROBES, max_new_tokens=max_new_tokens)
 

@@ -38,7 +38,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
     source = open_source(local)
     try:
         config = families.read_config(local)
-        family = families.detect(local, config)
+        found = families.find(local, config)
         tensors = [source.info(n) for n in source.keys()]
         if source.format == "gguf":
             summary = {k: v for k, v in source.fields.items() if not isinstance(v, list) or len(v) <= 16}
@@ -47,7 +47,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
         report = {
             "path": str(local),
             "format": source.format,
-            "family": family.NAME if family else None,
+            "family": found.name if found else None,
             "config": summary,
             "files": [str(f.relative_to(local)) if local.is_dir() else f.name for f in source.files()],
             "tensors": [
@@ -57,8 +57,8 @@ def inspect_checkpoint(path: str | Path) -> dict:
             "parameters": sum(t.numel for t in tensors),
             "bytes": sum(t.nbytes for t in tensors),
         }
-        if family:
-            report["details"] = family.describe(local, config)
+        if families.can(found, "describe"):
+            report["details"] = found.family.describe(found)
         template = _chat_template_name(local)
         if template:
             report.setdefault("details", {})["template"] = template

@@ -1,9 +1,7 @@
 """Which family module writes (and verifies) GGUF for a checkpoint: two plain tables.
 
-``GGUF_WRITERS`` maps a family's ``NAME`` to its GGUF module under ``vlmkit.families``;
-``TRANSFORMERS_INPUTS`` maps transformers architectures no family converts *from* (a
-transformers folder is already what ``--to hf`` writes) to the family whose GGUF module
-reads them. A GGUF module provides ``conversion(path, options, gguf_options)`` and may
+``GGUF_WRITERS`` maps a family's ``NAME`` (from ``families.find``, which also recognises a
+family's own transformers folders) to its GGUF module under ``vlmkit.families``. A GGUF module provides ``conversion(path, options, gguf_options)`` and may
 provide ``verify(original, folder, options, probes, max_new_tokens=...)``.
 """
 
@@ -17,23 +15,16 @@ from ..conversion.gguf_sink import GGUFConversion, GGUFOptions
 from ..errors import ConfigError
 from ..options import LoadOptions
 from ..tensors import resolve
-from . import detect, read_config
+from . import find, read_config
 
 GGUF_WRITERS = {"llava": "llava.gguf", "clip": "clip.gguf"}
 GGUF_VERIFIERS = {"llava": "llava.gguf_parity", "clip": "clip.gguf_parity"}
-TRANSFORMERS_INPUTS = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava"}
 
 
 def family_of(path: Path) -> str | None:
     """The family name for GGUF purposes: ``llava.projector`` files, vlmkit families, transformers folders."""
-    if path.is_file() and path.suffix == ".projector":
-        return "llava"
-    config = read_config(path)
-    family = detect(path, config)
-    if family is not None:
-        return family.NAME
-    return next((TRANSFORMERS_INPUTS[a] for a in (config or {}).get("architectures") or [] if a in TRANSFORMERS_INPUTS),
-                None)
+    found = find(path, read_config(path))
+    return found.name if found is not None else None
 
 
 def _module(table: dict[str, str], name: str | None, path: Path, what: str) -> ModuleType:

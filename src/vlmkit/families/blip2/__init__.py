@@ -22,21 +22,34 @@ from pathlib import Path
 
 from ...options import LoadOptions
 from .checkpoint import form_of, open_original
-from .convert import conversion
 
 NAME = "blip2"
 
-__all__ = ["NAME", "recognise", "describe", "conversion", "open_original", "verify"]
+_LAVIS = ("describe", "conversion", "verify", "chat_backend")
+FORMS: dict[str, tuple[str, ...]] = {
+    "full": _LAVIS,    # one LAVIS .pth with the vision encoder and the language model inside
+    "parts": _LAVIS,   # a release .pth + --vision EVA ViT-g + --language-model folder
+}
+
+__all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
 
 
-def recognise(path: Path, config: dict | None) -> bool:
-    return form_of(path) is not None
+def recognise(path: Path, config: dict | None) -> str | None:
+    return form_of(path)
 
 
-def describe(path: Path, config: dict | None) -> dict:
+def conversion(found, options: LoadOptions):
+    """``--to hf``: the rule table to transformers' Blip2ForConditionalGeneration (see ``convert.py``)."""
+    from .convert import conversion as plan
+
+    return plan(found.path, options)
+
+
+def describe(found) -> dict:
     from ...tensors.safe_pickle import peek_state_dict
     from .checkpoint import _lavis_file, lm_kind
 
+    path = found.path
     tensors = peek_state_dict(_lavis_file(path))
     kind = lm_kind(tensors)
     layers = {n.split(".")[4] for n in tensors if n.startswith("Qformer.bert.encoder.layer.")}
@@ -46,8 +59,8 @@ def describe(path: Path, config: dict | None) -> dict:
             "language model inside": any(n.startswith(f"{kind}_model.") for n in tensors)}
 
 
-def verify(original: Path, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
-    """Parity report of ``original`` against its conversion ``converted`` (see ``parity.py``)."""
+def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
+    """Parity report of the original against its conversion ``converted`` (see ``parity.py``)."""
     from .parity import verify as run
 
-    return run(original, converted, options, [(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
+    return run(found.path, converted, options, [(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)

@@ -21,15 +21,19 @@ from ...tensors import open_source
 NAME = "clip"
 ARCHITECTURES = ("CLIPModel",)
 
-__all__ = ["NAME", "ARCHITECTURES", "recognise", "describe", "conversion"]
+FORMS: dict[str, tuple[str, ...]] = {
+    "transformers": ("describe", "conversion", "gguf", "card_kind"),
+}
+
+__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion"]
 
 
-def recognise(path: Path, config: dict | None) -> bool:
-    return any(a in ARCHITECTURES for a in (config or {}).get("architectures") or [])
+def recognise(path: Path, config: dict | None) -> str | None:
+    return "transformers" if any(a in ARCHITECTURES for a in (config or {}).get("architectures") or []) else None
 
 
-def describe(path: Path, config: dict | None) -> dict:
-    config = config or {}
+def describe(found) -> dict:
+    config = found.config or {}
     vision, text = config.get("vision_config") or {}, config.get("text_config") or {}
     return {"clip vision": {k: vision.get(k) for k in ("hidden_size", "num_hidden_layers", "image_size", "patch_size")},
             "clip text": {k: text.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")}}
@@ -40,9 +44,10 @@ SIDE_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "toke
               "merges.txt", "special_tokens_map.json")
 
 
-def conversion(path: Path, options: LoadOptions) -> engine.Conversion:
+def conversion(found, options: LoadOptions) -> engine.Conversion:
     """``--to hf``: the folder is already a transformers CLIP; tensors are copied (re-sharded, re-typed) with its
     config, preprocessor and tokenizer files."""
+    path = found.path
     folder = path if path.is_dir() else path.parent
 
     def write_extras(out: Path) -> None:

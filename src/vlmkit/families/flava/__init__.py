@@ -21,22 +21,32 @@ from pathlib import Path
 
 from ...options import LoadOptions
 from .checkpoint import find_checkpoint, open_original
-from .convert import conversion
 
 NAME = "flava"
 
-__all__ = ["NAME", "recognise", "describe", "conversion", "open_original", "verify"]
+FORMS: dict[str, tuple[str, ...]] = {
+    "original": ("describe", "conversion", "verify"),  # flava.pt (+ encoder.pkl, vocab.txt) as released
+}
+
+__all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
 
 
-def recognise(path: Path, config: dict | None) -> bool:
-    return find_checkpoint(path) is not None
+def recognise(path: Path, config: dict | None) -> str | None:
+    return "original" if find_checkpoint(path) is not None else None
 
 
-def describe(path: Path, config: dict | None) -> dict:
+def conversion(found, options: LoadOptions):
+    """``--to hf``: the rule table to transformers' FlavaForPreTraining (see ``convert.py``)."""
+    from .convert import conversion as plan
+
+    return plan(found.path, options)
+
+
+def describe(found) -> dict:
     from ...errors import CheckpointError, UnsafeCheckpointError
     from .checkpoint import _candidates, _state_dict_keys, open_codebook
 
-    file = find_checkpoint(path)
+    file = find_checkpoint(found.path)
     names = _state_dict_keys(file)
     count = lambda p: len({n.split(".")[4] for n in names if n.startswith(p + "encoder.layer.")})  # noqa: E731
     info = {"flava checkpoint": file.name,
@@ -58,8 +68,8 @@ def describe(path: Path, config: dict | None) -> dict:
     return info
 
 
-def verify(original: Path, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
-    """Parity report of ``original`` against its conversion ``converted`` (see ``parity.py``)."""
+def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
+    """Parity report of the original against its conversion ``converted`` (see ``parity.py``)."""
     from .parity import verify as run
 
-    return run(original, converted, options, [(Path(i), p) for i, p in probes])
+    return run(found.path, converted, options, [(Path(i), p) for i, p in probes])

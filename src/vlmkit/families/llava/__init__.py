@@ -17,30 +17,54 @@ from pathlib import Path
 
 from ...options import LoadOptions
 from .checkpoint import form_of, open_original
-from .convert import conversion
 
 NAME = "llava"
 ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaQwenForCausalLM")
+# transformers' own LLaVA classes: what ``--to hf`` writes, read back by chat, serve and ``--to gguf``
+TRANSFORMERS_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
-__all__ = ["NAME", "ARCHITECTURES", "recognise", "describe", "conversion", "open_original", "verify"]
+_ORIGINAL = ("describe", "conversion", "gguf", "verify", "chat_backend", "data_model", "training", "card_kind")
+FORMS: dict[str, tuple[str, ...]] = {
+    "full": _ORIGINAL,                    # a trained checkpoint: config.json with mm_* fields
+    "lora": _ORIGINAL,                    # adapter_config.json + non_lora_trainables.bin (+ the base)
+    "projector": _ORIGINAL,               # mm_projector.bin of a pre-training stage (+ the language model)
+    "transformers": ("gguf", "chat_backend", "vllm_view", "card_kind"),
+    "projector_file": ("gguf",),          # llava_surgery.py's llava.projector (+ --vision-tower): the mmproj
+}
+
+__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
 
 
-def verify(original: Path, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
-    """Parity report of ``original`` against its conversion ``converted`` (see ``parity.py``)."""
+def recognise(path: Path, config: dict | None) -> str | None:
+    if path.is_file() and path.suffix == ".projector":
+        return "projector_file"
+    form = form_of(path)
+    if form is not None:
+        return form
+    if any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
+        return "transformers"
+    return None
+
+
+def conversion(found, options: LoadOptions):
+    """``--to hf``: the rule table to transformers' Llava / LlavaNext (see ``convert.py``)."""
+    from .convert import conversion as plan
+
+    return plan(found.path, options)
+
+
+def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
+    """Parity report of the original against its conversion ``converted`` (see ``parity.py``)."""
     from .parity import Probe, verify as run
 
-    return run(original, converted, options, [Probe(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
+    return run(found.path, converted, options, [Probe(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
 
 
-def recognise(path: Path, config: dict | None) -> bool:
-    return form_of(path) is not None
-
-
-def describe(path: Path, config: dict | None) -> dict:
+def describe(found) -> dict:
     from ...runtime.templates import choose_template, get_model_name_from_path
 
-    form = form_of(path)
-    info = {"llava form": form}
+    path, config = found.path, found.config
+    info = {"llava form": found.form}
     if config:
         info["llava version"] = "NeXT (anyres)" if config.get("image_aspect_ratio") == "anyres" else "1.5"
         info["vision tower"] = config.get("mm_vision_tower")
