@@ -8,6 +8,8 @@ Recognised by ``config.json`` (``LlavaLlamaForCausalLM`` / ``LlavaMistralForCaus
 * ``convert``     — the conversion rules to transformers' Llava / LlavaNext;
 * ``hf_output``   — config, tokenizer, image processor and chat template of the output;
 * ``reference``   — the original forward pass, for ``vlmkit verify`` and for running originals;
+* ``image_path``  — tower, projector, anyres and splice: the one image path of the reference and training;
+* ``train_model`` — the model ``vlmkit train`` trains and its start (+ ``train_outputs``, ``train_merge``);
 * ``tiny``        — tiny random checkpoints in the real layouts (tests, demo, benchmarks).
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...options import LoadOptions
-from .checkpoint import form_of, open_original
+from .checkpoint import form_of, is_plain_llm, open_original
 
 NAME = "llava"
 ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaQwenForCausalLM")
@@ -30,9 +32,11 @@ FORMS: dict[str, tuple[str, ...]] = {
     "projector": _ORIGINAL,               # mm_projector.bin of a pre-training stage (+ the language model)
     "transformers": ("gguf", "chat_backend", "vllm_view", "card_kind"),
     "projector_file": ("gguf",),          # llava_surgery.py's llava.projector (+ --vision-tower): the mmproj
+    "plain_llm": ("training",),           # a Vicuna / Mistral folder: `vlmkit train --vision-tower` makes a LLaVA of it
 }
 
-__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
+__all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "open_original", "verify",
+           "training"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
@@ -43,6 +47,8 @@ def recognise(path: Path, config: dict | None) -> str | None:
         return form
     if any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
         return "transformers"
+    if path.is_dir() and is_plain_llm(config):
+        return "plain_llm"
     return None
 
 
@@ -58,6 +64,18 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
     from .parity import Probe, verify as run
 
     return run(found.path, converted, options, [Probe(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
+
+
+def training(found, options: LoadOptions, config=None):
+    """``vlmkit train`` / ``merge-lora``: the composition of a LLaVA to train from ``found`` (see ``train_model.py``).
+
+    Args:
+        config: the run (``vlmkit.train.TrainConfig``); None for ``merge-lora``.
+    """
+    # not a module named training.py: importing it would replace this function on the package
+    from .train_model import Composition
+
+    return Composition(found, options, config)
 
 
 def describe(found) -> dict:

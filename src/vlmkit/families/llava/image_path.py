@@ -2,9 +2,10 @@
 
 ``llava_arch.py``'s ``encode_images`` and ``prepare_inputs_labels_for_multimodal`` as plain
 functions over the modules they are given: the reference of the original forward
-(``reference.OriginalLlava``, under ``no_grad``) and training (``training.LlavaTraining``, with
+(``reference.OriginalLlava``, under ``no_grad``) and training (``train_model.LlavaTraining``, with
 gradients) run this same code with their own modules.
 
+* :func:`projector`: the ``mm_projector`` module a checkpoint describes;
 * :func:`encode_images`: the CLIP tower's hidden state at ``mm_vision_select_layer`` (no
   post-layernorm), ``patch`` dropping the CLS position, through the ``mm_projector``;
 * :func:`image_features`: one ``[T_i, hidden]`` tensor per image; NeXT: the base image's features
@@ -24,6 +25,20 @@ from torch import nn
 from ...runtime import images
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
 from .checkpoint import OriginalCheckpoint
+
+
+def projector(ckpt: OriginalCheckpoint, hidden: int) -> nn.Module:
+    """The ``mm_projector`` of ``build_vision_projector``: Linear, Linear-GELU-Linear... (``mlpNx_gelu``) or identity."""
+    width = ckpt.config.get("mm_hidden_size", ckpt.vision_config["hidden_size"])
+    depth = ckpt.projector_depth
+    if depth == 0:
+        return nn.Identity()
+    if ckpt.config.get("mm_projector_type", "linear") == "linear":
+        return nn.Linear(width, hidden)
+    layers: list[nn.Module] = [nn.Linear(width, hidden)]
+    for _ in range(1, depth):
+        layers += [nn.GELU(), nn.Linear(hidden, hidden)]
+    return nn.Sequential(*layers)
 
 
 def encode_images(tower: nn.Module, projector: nn.Module, pixel_values: torch.Tensor, config: dict,

@@ -29,19 +29,6 @@ from . import image_path
 from .checkpoint import MULTIMODAL_FIELDS, TOWER, OriginalCheckpoint
 
 
-def _projector(ckpt: OriginalCheckpoint, hidden: int) -> nn.Module:
-    width = ckpt.config.get("mm_hidden_size", ckpt.vision_config["hidden_size"])
-    depth = ckpt.projector_depth
-    if depth == 0:
-        return nn.Identity()
-    if ckpt.config.get("mm_projector_type", "linear") == "linear":
-        return nn.Linear(width, hidden)
-    layers: list[nn.Module] = [nn.Linear(width, hidden)]
-    for _ in range(1, depth):
-        layers += [nn.GELU(), nn.Linear(hidden, hidden)]
-    return nn.Sequential(*layers)
-
-
 class OriginalLlava(nn.Module):
     """An original LLaVA checkpoint, runnable. Build with ``OriginalLlava.load(ckpt)``."""
 
@@ -93,7 +80,7 @@ class OriginalLlava(nn.Module):
         tower.eval()
 
         hidden = text_config.hidden_size
-        projector = _projector(ckpt, hidden)
+        projector = image_path.projector(ckpt, hidden)
         prefix = "model.mm_projector."
         proj_state = {n[len(prefix):]: source.read(n).to(dtype) for n in names if n.startswith(prefix)}
         if isinstance(projector, nn.Linear) and "0.weight" in proj_state:  # mlp1x_gelu keeps the Sequential index
