@@ -28,7 +28,7 @@ from .checkpoint import OriginalCheckpoint
 
 
 def projector(ckpt: OriginalCheckpoint, hidden: int) -> nn.Module:
-    """The ``mm_projector`` of ``build_vision_projector``: Linear, Linear-GELU-Linear... (``mlpNx_gelu``) or identity."""
+    """The ``mm_projector`` of ``build_vision_projector``: Linear, Linear-GELU-Linear... (mlpNx_gelu) or identity."""
     width = ckpt.config.get("mm_hidden_size", ckpt.vision_config["hidden_size"])
     depth = ckpt.projector_depth
     if depth == 0:
@@ -41,12 +41,13 @@ def projector(ckpt: OriginalCheckpoint, hidden: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def encode_images(tower: nn.Module, projector: nn.Module, pixel_values: torch.Tensor, config: dict,
+def encode_images(tower: nn.Module, mm_projector: nn.Module, pixel_values: torch.Tensor, config: dict,
                   dtype: torch.dtype, *, tower_grad: bool = False) -> torch.Tensor:
     """``[N, 3, H, W]`` -> projected features ``[N, T, hidden]`` (CLIP layer, patch selection, projector).
 
     Args:
         tower: a transformers ``CLIPVisionModel``.
+        mm_projector: the projector module (:func:`projector`).
         config: the checkpoint's config (``mm_vision_select_layer``, ``mm_vision_select_feature``).
         dtype: the pixels' dtype in the tower.
         tower_grad: let gradients through the tower (the original's ``CLIPVisionTower.forward`` is
@@ -57,7 +58,7 @@ def encode_images(tower: nn.Module, projector: nn.Module, pixel_values: torch.Te
         features = out.hidden_states[config["mm_vision_select_layer"]]
         if config.get("mm_vision_select_feature", "patch") == "patch":
             features = features[:, 1:]
-    return projector(features)
+    return mm_projector(features)
 
 
 def image_features(ckpt: OriginalCheckpoint, encode: Callable[[torch.Tensor], torch.Tensor], pixel_values,
@@ -142,7 +143,8 @@ def splice(embed: nn.Module, ids: torch.Tensor, features: Sequence[torch.Tensor]
         for i, span in enumerate(spans):
             parts.append(labels[span])
             if i < len(marks):
-                parts.append(torch.full((features[i].shape[0],), IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
+                image = features[i].shape[0]
+                parts.append(torch.full((image,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
         labels = torch.cat(parts)
     if limit:
         embeds = embeds[:limit]

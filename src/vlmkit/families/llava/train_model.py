@@ -403,7 +403,7 @@ class Composition:
                                    fingerprint=fingerprint, summary=summary)
 
     def merge_lora(self, base: Path, output: Path, **kwargs):
-        """``vlmkit merge-lora`` of this LoRA run into ``base`` (``train_merge.merge_lora``: the pair is checked first)."""
+        """``vlmkit merge-lora`` of this LoRA run into ``base`` (``train_merge``: the pair is checked first)."""
         from .train_merge import merge_lora
 
         return merge_lora(self.found.path, base, output, options=self.options, **kwargs)
