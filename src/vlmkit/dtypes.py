@@ -64,10 +64,18 @@ def name(code_: str) -> str:
     return CODES[code_][0]
 
 
+# the dtypes models are published and run in (config.json's torch_dtype, vLLM's --dtype)
+MODEL_CODES = ("F32", "F16", "BF16")
+
+
+def model_name(code_: str | None) -> str | None:
+    """The name ("float16") of a code models are published and run in (:data:`MODEL_CODES`), else None."""
+    return name(code_) if code_ in MODEL_CODES else None
+
+
 def config_name(code_: str | None) -> str:
-    """config.json's ``torch_dtype`` for weights stored as ``code_``: its name for the dtypes models are
-    published in (F32, F16, BF16), else float32."""
-    return name(code_) if code_ in ("F32", "F16", "BF16") else "float32"
+    """config.json's ``torch_dtype`` for weights stored as ``code_``: :func:`model_name`, else float32."""
+    return model_name(code_) or "float32"
 
 
 def element_size(code_: str) -> int:

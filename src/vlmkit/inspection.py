@@ -69,12 +69,12 @@ def inspect_checkpoint(path: str | Path) -> dict:
 
 def _chat_template_name(folder: Path) -> str | None:
     """The conversation template of a converted folder: vlmkit's marker, or 'the folder's own chat template'."""
-    file = folder / "chat_template.jinja" if folder.is_dir() else None
-    if file is None or not file.exists():
-        return None
-    from .runtime.backends import template_name
+    from .runtime.templates import marked_name, read_chat_template
 
-    return template_name(file.read_text()) or "the folder's own chat template"
+    template = read_chat_template(folder)
+    if template is None:
+        return None
+    return marked_name(template) or "the folder's own chat template"
 
 
 def render(report: dict, *, limit: int | None = None) -> str:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vlmkit.data.encoders import OriginalEncoder, TransformersEncoder
-from vlmkit.runtime.tokens import OriginalTokenizer, build_converted_tokenizer
+from vlmkit.runtime.tokens import build_converted_tokenizer
 
 from .conftest import TOKENIZERS
 
@@ -23,7 +23,7 @@ def fast():
 
 @pytest.mark.parametrize("name,legacy", [("llama-spm", False), ("llama-spm", True), ("mistral-spm", True)])
 def test_random_texts_agree(fast, name, legacy):
-    original = OriginalEncoder(OriginalTokenizer.from_folder(TOKENIZERS / name, legacy=legacy))
+    original = OriginalEncoder.from_folder(TOKENIZERS / name, legacy=legacy)
     converted = TransformersEncoder(fast[name, legacy], legacy)
     rng = random.Random(0)
     for _ in range(300):
@@ -45,8 +45,18 @@ def test_a_literal_image_placeholder_is_text_as_in_the_original(fast, legacy):
     # text-only record's literal "<image>" reaches the original training as text ("▁<" "image" ">").
     tokenizer = fast["llama-spm", legacy]
     assert tokenizer.convert_tokens_to_ids("<image>") == 32000
-    original = OriginalEncoder(OriginalTokenizer.from_folder(TOKENIZERS / "llama-spm", legacy=legacy))
+    original = OriginalEncoder.from_folder(TOKENIZERS / "llama-spm", legacy=legacy)
     converted = TransformersEncoder(tokenizer, legacy)
     for text in ("USER: <image>\nWhat is it? ASSISTANT:", "<image>", "a</s><image> b"):
         assert converted.encode(text) == original.encode(text), repr(text)
     assert original.pieces(original.encode("USER: <image>"))[-3:] == ["▁<", "image", ">"]
+
+
+def test_original_encoder_over_a_byte_level_bpe_vocabulary(tmp_path):
+    """Qwen2's tokenizer (no BOS, no unk): nothing to keep at the start, padding with its own pad token."""
+    from ..bpe_tokenizers import bpe_folder
+
+    encoder = OriginalEncoder.from_folder(bpe_folder("qwen2", tmp_path / "qwen2"))
+    assert (encoder.bos_id, encoder.pad_token_id, encoder.legacy) == (None, 151643, None)
+    assert encoder.encode("Hello world") == [9707, 1879]  # llama.cpp's vector for "Hello world"
+    assert encoder.pieces([-200, 9707, 1879, 151645]) == ["<image>", "Hello", "Ġworld", "<|im_end|>"]

@@ -37,7 +37,7 @@ def turns(*pairs, images=()):
 
 
 def tii(prompt, encoder):
-    return tokenizer_image_token(prompt, encoder.encode, encoder.bos_token_id)
+    return tokenizer_image_token(prompt, encoder)
 
 
 def refused(rec, template, encoder, code):

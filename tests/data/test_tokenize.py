@@ -36,7 +36,7 @@ def trained(example, encoder) -> list[str]:
 
 
 def tii(prompt, encoder):
-    return tokenizer_image_token(prompt, encoder.encode, encoder.bos_token_id)
+    return tokenizer_image_token(prompt, encoder)
 
 
 # --------------------------------------------------------------------------------------------- plain

@@ -11,6 +11,7 @@ from vlmkit.conversion import compile_plan, reverse
 from vlmkit.conversion.engine import apply_step
 from vlmkit.families.blip2 import convert as blip2_convert
 from vlmkit.families.blip2 import tiny
+from vlmkit.families.blip2.language_models import row
 from vlmkit.tensors import open_source
 
 from ..conftest import run_cli
@@ -127,7 +128,7 @@ def test_rules_run_backwards_to_the_original_tensors(blip2, tmp_path):
     dst = tmp_path / "out"
     assert run_cli("convert", blip2["release-t5"], dst, "--quiet", *parts(blip2, "t5")).code == 0
     out = open_source(dst)
-    plan = compile_plan(reverse(blip2_convert.rules_for(False, "t5")), [out.info(n) for n in out.keys()])
+    plan = compile_plan(reverse(blip2_convert.rules_for(False, row("t5"))), [out.info(n) for n in out.keys()])
     originals = torch.load(blip2["release-t5"], weights_only=True)["model"]
     originals |= {"visual_encoder." + k: v for k, v in torch.load(blip2["eva"], weights_only=True).items()}
     dropped = {d["name"] for d in json.loads((dst / "vlmkit-manifest.json").read_text())["plan"]["drops"]}

@@ -12,7 +12,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from vlmkit.errors import TemplateError
 from vlmkit.runtime.templates import (TEMPLATES, chat_template, choose_template, get_model_name_from_path,
                                       get_template, render, with_image)
-from vlmkit.runtime.tokens import OriginalTokenizer, build_converted_tokenizer, tokenizer_image_token
+from vlmkit.runtime.tokens import build_converted_tokenizer, tokenizer_image_token
+from vlmkit.runtime.vocab import Vocab, open_vocab
 
 TOKENIZERS = Path(__file__).parent.parent / "fixtures" / "tokenizers"
 IMAGES = Path(__file__).parent.parent / "fixtures" / "images"
@@ -249,13 +250,13 @@ def tokenizers():
     """name -> (original tokenizer, converted tokenizer, legacy flag), as each release ships it."""
     out = {}
     for name in ("llama-spm", "mistral-spm"):
-        original = OriginalTokenizer.from_folder(TOKENIZERS / name)
+        original = open_vocab(TOKENIZERS / name)
         out[name] = (original, build_converted_tokenizer(TOKENIZERS / name, legacy=original.legacy), original.legacy)
     return out
 
 
-def original_ids(original: OriginalTokenizer, prompt: str, image_id: int) -> list[int]:
-    ids = tokenizer_image_token(prompt, original.encode, original.bos_token_id)
+def original_ids(original: Vocab, prompt: str, image_id: int) -> list[int]:
+    ids = tokenizer_image_token(prompt, original)
     return [image_id if i == -200 else i for i in ids]
 
 

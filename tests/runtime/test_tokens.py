@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from vlmkit.errors import CheckpointError
 from vlmkit.runtime.templates import render, with_image
 from vlmkit.runtime.tokens import OriginalTokenizer, build_converted_tokenizer, tokenizer_image_token
+from vlmkit.runtime.vocab import SentencePieceVocab
 
 TOKENIZERS = Path(__file__).parent.parent / "fixtures" / "tokenizers"
 LLAMA, MISTRAL = TOKENIZERS / "llama-spm", TOKENIZERS / "mistral-spm"
@@ -37,6 +39,11 @@ def llama():
 @pytest.fixture(scope="module")
 def mistral():
     return OriginalTokenizer.from_folder(MISTRAL)
+
+
+@pytest.fixture(scope="module")
+def llama_vocab(llama):
+    return SentencePieceVocab(llama, LLAMA)
 
 
 @pytest.fixture(scope="module")
@@ -108,28 +115,30 @@ def test_missing_model_file_names_the_folder(tmp_path):
 
 
 # --------------------------------------------------------------------- tokenizer_image_token
-def test_image_token_single_bos_and_prefix_after_image(llama):
+def test_image_token_single_bos_and_prefix_after_image(llama_vocab):
     # chunk "USER: " -> <s> ▁US ER : ▁ ; chunk "\nWhat" -> <s> ▁ \n What ; BOS kept once, -200 between
-    assert tokenizer_image_token("USER: <image>\nWhat", llama.encode, llama.bos_token_id) == [
+    assert tokenizer_image_token("USER: <image>\nWhat", llama_vocab) == [
         1, 3148, 1001, 29901, 29871, -200, 29871, 13, 5618]
 
 
-def test_image_token_at_start_twice_and_at_end(llama):
-    assert tokenizer_image_token("<image>\nHi", llama.encode, 1) == [1, -200, 29871, 13, 18567]
-    assert tokenizer_image_token("<image>\n<image>\nHi", llama.encode, 1) == [
+def test_image_token_at_start_twice_and_at_end(llama_vocab):
+    assert tokenizer_image_token("<image>\nHi", llama_vocab) == [1, -200, 29871, 13, 18567]
+    assert tokenizer_image_token("<image>\n<image>\nHi", llama_vocab) == [
         1, -200, 29871, 13, -200, 29871, 13, 18567]
-    assert tokenizer_image_token("Hi <image>", llama.encode, 1) == [1, 6324, 29871, -200]  # empty last chunk
+    assert tokenizer_image_token("Hi <image>", llama_vocab) == [1, 6324, 29871, -200]  # empty last chunk
 
 
 def test_image_token_without_bos_keeps_every_token():
-    encode = lambda text: [ord(c) for c in text]  # noqa: E731 - a tokenizer without BOS
-    assert tokenizer_image_token("ab<image>c", encode, bos_token_id=1) == [97, 98, -200, 99]
-    assert tokenizer_image_token("a<image>b", encode, bos_token_id=None, image_token_index=32000) == [97, 32000, 98]
+    def chars(bos_id):  # a tokenizer that adds no BOS
+        return SimpleNamespace(encode=lambda text: [ord(c) for c in text], bos_id=bos_id)
+
+    assert tokenizer_image_token("ab<image>c", chars(1)) == [97, 98, -200, 99]
+    assert tokenizer_image_token("a<image>b", chars(None), image_token_index=32000) == [97, 32000, 98]
 
 
 def test_image_token_legacy_mistral_prompt(mistral):
     # "[INST] " -> <s> ▁[ INST ] ▁ ; "\nHi [/INST]" -> <s> ▁ \n Hi ▁[ / INST ]
-    assert tokenizer_image_token("[INST] <image>\nHi [/INST]", mistral.encode, mistral.bos_token_id) == [
+    assert tokenizer_image_token("[INST] <image>\nHi [/INST]", SentencePieceVocab(mistral, MISTRAL)) == [
         1, 733, 16289, 28793, 28705, -200, 28705, 13, 23809, 733, 28748, 16289, 28793]
 
 
@@ -203,10 +212,10 @@ def test_converted_agrees_with_original_on_llava_prompts(converted, name, model,
     assert converted[(model, legacy)].encode(prompt) == original.encode(prompt)
 
 
-def test_converted_prompt_with_image_matches_original(converted, llama):
+def test_converted_prompt_with_image_matches_original(converted, llama_vocab):
     """With <image> as a special token the prompt is split like the original's chunks (see templates)."""
     prompt = render("llava_v1", [("user", with_image("What is this?")), ("assistant", None)])
-    expected = [32000 if i == -200 else i for i in tokenizer_image_token(prompt, llama.encode, 1)]
+    expected = [32000 if i == -200 else i for i in tokenizer_image_token(prompt, llama_vocab)]
     assert converted[("llama-spm", False)].encode(prompt.replace("<image>\n", "<image> \n")) == expected
 
 

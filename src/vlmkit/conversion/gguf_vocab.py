@@ -6,6 +6,9 @@
   a vocabulary shorter than ``token_embd``), as llama.cpp's converter writes them.
 * ``sentencepiece_json``: the same vocabulary from ``tokenizer.json`` alone (transformers'
   conversion of that model), for folders without ``tokenizer.model``; ``llama`` picks one.
+* ``gpt2``: a byte-level BPE ``tokenizer.json`` (Qwen2, Llama 3) with its merges and the name of
+  its pre-tokenizer, as llama.cpp's converter writes it (``tokenizer.ggml.model = "gpt2"``).
+* ``vocabulary`` / ``write_vocab`` pick the reader and writer by the tokenizer kind.
 * ``clip_bpe``: CLIP's 49,408 text tokens rebuilt from the original merges file, in the
   order of the ``vocab.json`` the CLIP repositories ship.
 """
@@ -14,13 +17,14 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import gguf
 
 from ..errors import ConfigError
+from ..options import read_json
 
 TokenType = gguf.TokenType
 ADDED_SCORE = -1000.0  # gguf-py's SentencePieceVocab and llama.cpp's converter for added tokens
@@ -32,7 +36,8 @@ CLIP_VOCAB_SIZE = 49408
 
 @dataclass
 class Vocab:
-    """Token texts, scores and types, one per embedding row."""
+    """Token texts, scores and types, one per embedding row (a BPE vocabulary: no scores, merges and a
+    pre-tokenizer name instead)."""
 
     tokens: list[bytes]
     scores: list[float]
@@ -40,6 +45,10 @@ class Vocab:
     bos: int | None = None
     eos: int | None = None
     unk: int | None = None
+    pad: int | None = None
+    merges: list[str] = field(default_factory=list)
+    pre: str | None = None  # llama.cpp's name for the BPE pre-tokenizer ("qwen2", "llama-bpe")
+    add_sep: bool | None = None  # BPE: the pair template puts special tokens between two texts (None: no such)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -169,6 +178,122 @@ def write_llama_vocab(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None,
     writer.add_add_eos_token(add_eos)
     if chat_template:
         writer.add_chat_template(chat_template)
+
+
+def _looks_special(text: str) -> bool:
+    """llama.cpp's converter marks these added tokens CONTROL even when the tokenizer does not call them
+    special (``does_token_look_special``: ``<|...|>`` and a few spellings some releases use)."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or any(text.startswith(head) and text.endswith(tail) for head, tail in (("<|", "|>"), ("<｜", "｜>"),
+                                                                                    ("<unused", ">"))))
+
+
+def gpt2(folder: Path, added: dict[str, int], rows: int, *, pre: str) -> Vocab:
+    """The byte-level BPE vocabulary of ``folder/tokenizer.json``, padded to ``rows``, as llama.cpp's
+    converter builds it (``get_vocab_base`` + ``gguf.SpecialVocab``):
+
+    * every id below ``rows``: the model's token (NORMAL), an added token (CONTROL when special or
+      when it looks special, else USER_DEFINED), or ``[PAD<id>]`` (UNUSED) where the tokenizer has none;
+    * the merges as ``"left right"`` strings (a space inside a part written as U+0120, gguf-py's rule);
+    * BOS / EOS / unk / pad: the tokens ``tokenizer_config.json`` names, else ``config.json``'s
+      ``*_token_id`` (the converter's fallback: Qwen1.5 names no BOS token but its config has
+      ``bos_token_id``; llama.cpp adds BOS only when ``add_bos_token`` says so).
+
+    Args:
+        folder: holds ``tokenizer.json`` (and usually ``tokenizer_config.json``, ``config.json``).
+        added: tokens the conversion adds beyond the tokenizer (special, so CONTROL), ``{text: id}``.
+        rows: the language model's embedding rows.
+        pre: llama.cpp's pre-tokenizer name (the backbone row's; llama.cpp's converter hashes it out).
+
+    Raises:
+        ConfigError: not a byte-level BPE tokenizer, or one that does not fit ``rows``.
+    """
+    from ..runtime.tokens import token_content
+    from ..runtime.vocab import open_vocab
+
+    vocab = open_vocab(folder, "bpe")
+    file = folder / "tokenizer.json"
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    model_tokens = spec["model"]["vocab"]
+    extra = {t["content"]: t for t in spec.get("added_tokens", [])}
+    extra.update({text: {"id": index, "content": text, "special": True} for text, index in added.items()})
+    top = max([*model_tokens.values(), *(t["id"] for t in extra.values())], default=-1)
+    if top >= rows:
+        raise ConfigError(f"{file}: token id {top} but the model's embedding has only {rows} rows",
+                          hint="use the tokenizer the model was trained with")
+    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(rows)]
+    types = [int(TokenType.UNUSED)] * rows
+    for text, index in model_tokens.items():
+        tokens[index], types[index] = text.encode(), int(TokenType.NORMAL)
+    for text, token in extra.items():
+        if token["special"] or _looks_special(text):
+            kind = TokenType.CONTROL
+        else:  # llama.cpp reads user-defined tokens pre-normalised: "▁" written as the space it stands for
+            kind, text = TokenType.USER_DEFINED, text.replace("\u2581", " ")
+        tokens[token["id"]], types[token["id"]] = text.encode(), int(kind)
+    merges = [m if isinstance(m, str) else " ".join(part.replace(" ", "\u0120") for part in m)
+              for m in spec["model"].get("merges", [])]
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    config = {**config.get("text_config", {}), **config}
+
+    def special(own: int | None, key: str) -> int | None:
+        fallback = config.get(f"{key}_token_id")
+        return own if own is not None else (fallback if isinstance(fallback, int) and 0 <= fallback < rows else None)
+
+    # llama.cpp's add_sep_token: written when the post-processor's pair template puts special tokens between
+    # the two texts (Llama 3: "<|begin_of_text|> $A <|begin_of_text|> $B"), true when one is the EOS / SEP
+    pair = vocab.tokenizer.encode("a", "b")
+    seqs = pair.sequence_ids  # 0 / 1 for the two texts, None for the template's special tokens
+    between = {i for k, (i, s) in enumerate(zip(pair.ids, seqs)) if s is None and 0 in seqs[:k] and 1 in seqs[k:]}
+    tok_config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    sep = vocab.tokenizer.token_to_id(token_content(tok_config.get("sep_token")) or "")
+    add_sep = bool(between & {vocab.eos_id, sep} - {None}) if between else None
+    return Vocab(tokens, [], types, bos=special(vocab.bos_id, "bos"), eos=special(vocab.eos_id, "eos"),
+                 unk=special(vocab.unk_id, "unk"), pad=special(vocab.pad_id, "pad"), merges=merges, pre=pre,
+                 add_sep=add_sep)
+
+
+def write_gpt2_vocab(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None, add_bos: bool, add_eos: bool,
+                     chat_template: str | None) -> None:
+    """The ``tokenizer.*`` keys of a byte-level BPE ("gpt2") vocabulary, as llama.cpp's converter writes them."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    for value, add in ((vocab.bos, writer.add_bos_token_id), (vocab.eos, writer.add_eos_token_id),
+                       (vocab.unk, writer.add_unk_token_id), (pad, writer.add_pad_token_id)):
+        if value is not None:
+            add(value)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
+    if vocab.add_sep is not None:
+        writer.add_add_sep_token(vocab.add_sep)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+# tokenizer kind (runtime.vocab; a LLaVA backbone row names it) -> (reader, writer)
+KINDS = {"sentencepiece": (llama, write_llama_vocab), "bpe": (gpt2, write_gpt2_vocab)}
+
+
+def vocabulary(kind: str, folder: Path, added: dict[str, int], rows: int, *, pre: str | None = None) -> Vocab:
+    """The GGUF vocabulary of the ``kind`` tokenizer in ``folder`` (``pre``: the BPE pre-tokenizer name)."""
+    if kind not in KINDS:
+        raise ConfigError(f"no GGUF vocabulary writer for tokenizer kind {kind!r}",
+                          hint=f"known kinds: {', '.join(KINDS)}")
+    if kind == "bpe":
+        if not pre:
+            raise ConfigError(f"{folder}: a BPE vocabulary needs llama.cpp's pre-tokenizer name",
+                              hint="the backbone row names it (e.g. qwen2, llama-bpe)")
+        return gpt2(folder, added, rows, pre=pre)
+    return llama(folder, added, rows)
+
+
+def write_vocab(writer: gguf.GGUFWriter, kind: str, vocab: Vocab, *, pad: int | None, add_bos: bool,
+                add_eos: bool, chat_template: str | None) -> None:
+    """``write_llama_vocab`` or ``write_gpt2_vocab``, by the tokenizer kind."""
+    KINDS[kind][1](writer, vocab, pad=pad, add_bos=add_bos, add_eos=add_eos, chat_template=chat_template)
 
 
 @lru_cache(maxsize=1)

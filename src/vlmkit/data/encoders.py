@@ -3,8 +3,9 @@
 ``llava/train/train.py`` calls the tokenizer on whole prompts and on pieces of them, reads
 ``tokenizer.legacy`` (``preprocess_v1``; ``getattr(..., False)`` in ``preprocess_mpt``) and
 pads with ``pad_token = unk_token`` (every template but v0). An :class:`Encoder` is exactly
-that surface, over the original slow tokenizer (``runtime.tokens.OriginalTokenizer``) for
-original checkpoints or over a transformers tokenizer for converted folders.
+that surface, over the original checkpoint's vocabulary (``runtime.vocab.Vocab``: the slow
+SentencePiece tokenizer or a byte-level BPE ``tokenizer.json``) or over a transformers tokenizer
+for converted folders.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..runtime.tokens import IMAGE_TOKEN_INDEX, OriginalTokenizer
+from ..runtime.tokens import IMAGE_TOKEN_INDEX
+from ..runtime.vocab import Vocab, open_vocab
 
 IMAGE_PIECE = "<image>"
 
@@ -24,13 +26,13 @@ class Encoder(Protocol):
     """What the original preprocessing needs from a tokenizer.
 
     Attributes:
-        bos_token_id: the id ``tokenizer_image_token`` looks for at the start of the first chunk.
+        bos_id: the id ``tokenizer_image_token`` looks for at the start of the first chunk.
         pad_token_id: what the training pads with, and what ``total_len`` does not count: LLaVA sets
             ``tokenizer.pad_token = tokenizer.unk_token``.
         legacy: the tokenizer's ``legacy`` flag; None when the tokenizer class has no such attribute.
     """
 
-    bos_token_id: int | None
+    bos_id: int | None
     pad_token_id: int | None
     legacy: bool | None
 
@@ -42,23 +44,23 @@ class Encoder(Protocol):
 
 
 class OriginalEncoder:
-    """The original slow LLaMA tokenizer (transformers 4.37, ``use_fast=False``) as training used it."""
+    """The original checkpoint's tokenizer as training used it (``runtime.vocab``: for SentencePiece the
+    transformers-4.37 slow LLaMA tokenizer, ``use_fast=False``)."""
 
-    def __init__(self, tokenizer: OriginalTokenizer):
-        self.tokenizer = tokenizer
-        self.encode = tokenizer.encode  # bound once: this is the hot path
-        self.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token is not None else None
-        self.pad_token_id = tokenizer.unk_token_id
-        self.legacy = tokenizer.legacy
+    def __init__(self, vocab: Vocab):
+        self.vocab = vocab
+        self.encode = vocab.encode  # bound once: this is the hot path
+        self.bos_id = vocab.bos_id
+        # LLaVA's train.py: pad_token = unk_token (a tokenizer without unk keeps its own pad token)
+        self.pad_token_id = vocab.unk_id if vocab.unk_id is not None else vocab.pad_id
+        self.legacy = vocab.legacy
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, legacy: bool | None = None) -> OriginalEncoder:
-        return cls(OriginalTokenizer.from_folder(folder, legacy=legacy))
+        return cls(open_vocab(folder, legacy=legacy))
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
-        by_id = {t.id: t.content for t in self.tokenizer.added_tokens.values()}
-        sp = self.tokenizer.sp
-        return [IMAGE_PIECE if i == IMAGE_TOKEN_INDEX else by_id.get(i) or sp.id_to_piece(i) for i in ids]
+        return [IMAGE_PIECE if i == IMAGE_TOKEN_INDEX else self.vocab.token(i) for i in ids]
 
 
 class TransformersEncoder:
@@ -83,7 +85,7 @@ class TransformersEncoder:
 
     def __init__(self, tokenizer, legacy: bool | None):
         self.tokenizer = tokenizer
-        self.bos_token_id = tokenizer.bos_token_id
+        self.bos_id = tokenizer.bos_token_id
         self.pad_token_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.pad_token_id
         self.legacy = legacy
         # tokenizer(text) of a fast tokenizer is its Rust backend's encode (no truncation or padding unless
@@ -120,7 +122,7 @@ class TransformersEncoder:
             elif part:
                 part = " " + part if part.startswith(" ") else part
                 ids.extend(self._backend.encode(part, add_special_tokens=False).ids)
-        bos = self._wrap[:1] if self._wrap and self._wrap[0] == self.bos_token_id else []
+        bos = self._wrap[:1] if self._wrap and self._wrap[0] == self.bos_id else []
         return bos + ids + self._wrap[len(bos):]
 
     def pieces(self, ids: Sequence[int]) -> list[str]:

@@ -139,8 +139,7 @@ def _anyres_counter(config: dict, side: int, tower_size: int) -> Callable[[tuple
 
 
 def _transformers(folder: Path, options: LoadOptions, max_length: int | None) -> DataModel:
-    from ..runtime.backends import template_name
-    from ..runtime.templates import get_template, read_chat_template
+    from ..runtime.templates import get_template, marked_name, read_chat_template
 
     config = _read(folder / "config.json")
     architectures = config.get("architectures") or []
@@ -148,7 +147,7 @@ def _transformers(folder: Path, options: LoadOptions, max_length: int | None) ->
         raise ConfigError(f"{folder}: neither an original LLaVA checkpoint nor a transformers Llava / LlavaNext "
                           f"folder (architectures {architectures or 'missing'})",
                           hint="`vlmkit inspect` shows what it is")
-    template = options.template or template_name(read_chat_template(folder))
+    template = options.template or marked_name(read_chat_template(folder))
     if template is None:
         raise ConfigError(f"{folder}: its chat template does not name an original LLaVA template",
                           hint="pass --template (e.g. llava_v1, mistral_instruct, chatml_direct)")

@@ -149,7 +149,7 @@ def _mask(labels: list[int], start: int, stop: int | None = None) -> None:
 def _counter(enc: Encoder, has_image: bool) -> Callable[[str], int]:
     """How the original measures a piece of the prompt: ``len(tokenizer_image_token(x))`` or ``len(tokenizer(x))``."""
     if has_image:
-        return lambda text: len(tokenizer_image_token(text, enc.encode, enc.bos_token_id))
+        return lambda text: len(tokenizer_image_token(text, enc))
     return lambda text: len(enc.encode(text))
 
 
@@ -158,7 +158,7 @@ def _prompt_ids(prompt: str, enc: Encoder, has_image: bool) -> list[int]:
     max_length=model_max_length)``) and image prompts only in the collator; masking positions beyond the cut is
     a no-op, so the labels are the same either way, and the cut is made once, in ``_finish``."""
     if has_image:
-        return tokenizer_image_token(prompt, enc.encode, enc.bos_token_id)
+        return tokenizer_image_token(prompt, enc)
     return enc.encode(prompt)
 
 
@@ -254,9 +254,9 @@ def _plain(texts, tpl, enc, has_image) -> _Masked:
     Always ``tokenizer_image_token``, image or not (the asserts are in ``_plain_turns``).
     """
     prompt = IMAGE_TOKEN + texts[1] + tpl.sep  # the human turn's text is dropped: source[0]['value'] = "<image>"
-    ids = tokenizer_image_token(prompt, enc.encode, enc.bos_token_id)
+    ids = tokenizer_image_token(prompt, enc)
     labels = list(ids)
-    _mask(labels, 0, len(tokenizer_image_token(IMAGE_TOKEN, enc.encode, enc.bos_token_id)))
+    _mask(labels, 0, len(tokenizer_image_token(IMAGE_TOKEN, enc)))
     return _Masked(ids, labels, None)
 
 

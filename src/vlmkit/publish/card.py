@@ -30,7 +30,7 @@ class Kind:
         tags: Hub tags besides ``vlmkit``.
         run: keys of ``SNIPPETS`` that run this folder, in the order shown.
         differences: known differences from the original model (kept in step with ``vlmkit verify``'s notes).
-        prompt: BLIP-2: the ``runtime.backends.BLIP2_PROMPTS`` key whose question form the snippets use.
+        prompt: BLIP-2: the ``families.blip2.language_models`` row whose question form the snippets use.
     """
 
     title: str
@@ -256,9 +256,9 @@ def _model_section(manifest: dict, folder: Path, key: str) -> str:
 
         template = read_chat_template(folder)
     if template:
-        from ..runtime.backends import template_name
+        from ..runtime.templates import marked_name
 
-        lines.append(f"- chat template: {template_name(template) or 'the Jinja template in the folder'}")
+        lines.append(f"- chat template: {marked_name(template) or 'the Jinja template in the folder'}")
     return "\n".join(lines)
 
 
@@ -420,9 +420,9 @@ def _run_section(kind: Kind, manifest: dict, name: str) -> str:
              f"`{name}` and with any photo as `image.jpg`:"]
     prompt = ""
     if kind.prompt:
-        from ..runtime.backends import BLIP2_PROMPTS
+        from ..families.blip2.language_models import row  # WS-A step 10: through found.family.card_kind
 
-        prompt = BLIP2_PROMPTS[kind.prompt][1].format("What is shown in this image?")
+        prompt = row(kind.prompt).prompt[1].format("What is shown in this image?")
     for key in kind.run:
         lang, code = SNIPPETS[key]
         lines += ["", f"```{lang}", code.format(path=name, model=model, mmproj=mmproj, prompt=prompt), "```"]

@@ -340,13 +340,36 @@ def chat_template(template_name: str, *, legacy_tokenizer: bool) -> str:
     ])
 
 
-# where a transformers folder keeps its chat template, in the order transformers reads them
-TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+# vlmkit names the original template it wrote into a Jinja chat template with a comment line; the
+# converter writes it first, but other tools may prepend text (a BOS line, an edited header), so it is
+# found anywhere and spaced loosely
+MARKER = re.compile(r"\{#\s*vlmkit template:\s*([\w.-]+)\s*#\}")
+
+
+def marker(name: str) -> str:
+    """The Jinja comment that names an original template in a chat template: ``{# vlmkit template: NAME #}``."""
+    return f"{{# vlmkit template: {name} #}}"
+
+
+def marked_name(text: str | None) -> str | None:
+    """The original template a chat template names with :func:`marker`, or None (no marker, no text)."""
+    found = MARKER.search(text or "")
+    return found.group(1) if found else None
+
+
+# Where a transformers folder keeps its chat template, in the order transformers 5 uses it:
+# ProcessorMixin.get_processor_dict (processing_utils.py) takes processor_config.json's "chat_template"
+# when it is set, else the legacy chat_template.json, else chat_template.jinja; a folder without a
+# processor template is used through its tokenizer, where chat_template.jinja wins over
+# tokenizer_config.json's "chat_template" (PreTrainedTokenizerBase._from_pretrained,
+# tokenization_utils_base.py). vLLM asks the processor first, then the tokenizer: the same order.
+TEMPLATE_FILES = ("processor_config.json", "chat_template.json", "chat_template.jinja", "tokenizer_config.json")
 
 
 def read_chat_template(folder: Path) -> str | None:
-    """The chat template a transformers folder carries (``chat_template.jinja``, else a ``chat_template``
-    field of the JSON files), or None; an unreadable file counts as no template."""
+    """The chat template a transformers folder carries (the first of :data:`TEMPLATE_FILES` that holds one:
+    the ``.jinja`` text, or a JSON file's ``chat_template`` string), or None; an unreadable file counts as
+    no template."""
     for name in TEMPLATE_FILES:
         path = Path(folder) / name
         if not path.is_file():

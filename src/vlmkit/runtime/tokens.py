@@ -27,11 +27,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.lazy import sentencepiece as spm
 from vlmkit.lazy import sentencepiece_model_pb2
+
+if TYPE_CHECKING:
+    from .vocab import Vocab
 
 SPIECE_UNDERLINE = "▁"
 IMAGE_TOKEN_INDEX = -200  # llava/constants.py
@@ -49,7 +52,7 @@ class AddedToken:
     single_word: bool = False
 
 
-def _token_content(value: Any) -> str | None:
+def token_content(value: Any) -> str | None:
     """A token as ``tokenizer_config.json`` spells it: a string or ``{"content": ...}``."""
     if value is None or isinstance(value, str):
         return value
@@ -138,7 +141,7 @@ class OriginalTokenizer:
         folder = Path(folder)
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
-        tokens = {key: _token_content(special_map.get(key, config.get(key, default)))
+        tokens = {key: token_content(special_map.get(key, config.get(key, default)))
                   for key, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"),
                                        ("pad_token", None))}
         added = [AddedToken(entry["content"], int(index), lstrip=bool(entry.get("lstrip")),
@@ -152,7 +155,7 @@ class OriginalTokenizer:
             legacy = config.get("legacy") is not False
         return cls(folder / "tokenizer.model", legacy=legacy,
                    add_bos_token=config.get("add_bos_token", True), add_eos_token=config.get("add_eos_token", False),
-                   added_tokens=added, additional_special_tokens=[_token_content(t) for t in additional], **tokens)
+                   added_tokens=added, additional_special_tokens=[token_content(t) for t in additional], **tokens)
 
     # ----------------------------------------------------------------- ids of the special tokens
     def token_to_id(self, token: str) -> int:
@@ -271,29 +274,36 @@ class OriginalTokenizer:
         return out + self.sp.decode(run)
 
 
-def tokenizer_image_token(prompt: str, encode: Callable[[str], list[int]], bos_token_id: int | None,
-                          image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
-    """Original ``llava.mm_utils.tokenizer_image_token``: ids with ``image_token_index`` per ``<image>``.
+def tokenizer_image_token(prompt: str, vocab: Vocab, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
+    """Original ``llava.mm_utils.tokenizer_image_token`` (the same in LLaVA-NeXT): ids with
+    ``image_token_index`` per ``<image>``, for either kind of vocabulary.
 
-    Each chunk between ``<image>`` markers is encoded on its own *with* special tokens; when the
-    first chunk starts with BOS, that BOS is kept once and the first token of every chunk is
-    dropped (it is that chunk's BOS). Because chunks are encoded separately, the chunk after an
-    image starts like a fresh text: a SentencePiece tokenizer gives it a "▁" prefix.
+    Each chunk between ``<image>`` markers is encoded on its own *with* the tokenizer's special
+    tokens (``tokenizer(chunk).input_ids``). When the first chunk starts with the BOS id, that
+    token is kept once and the first token of EVERY chunk is dropped (the original's ``offset``:
+    it assumes each chunk starts with its own BOS). So, as in the original:
+
+    * a tokenizer without BOS (Qwen2: ``bos_token_id`` None) never drops a token: a plain join;
+    * a prompt that itself starts with the BOS text on a tokenizer that also adds BOS (Llama 3's
+      chat template + its ``<|begin_of_text|>`` post-processor) keeps two BOS at the start;
+    * chunks are encoded apart, so the chunk after an image starts like a fresh text (a
+      SentencePiece tokenizer gives it a "▁" prefix; byte-level BPE merges across the cut are lost).
 
     Args:
         prompt: the rendered conversation (see ``runtime.templates.render``).
-        encode: ``text -> ids`` with special tokens, e.g. ``OriginalTokenizer.encode``.
-        bos_token_id: the tokenizer's BOS id (None when it has none).
+        vocab: anything with ``encode(text) -> ids`` (special tokens added) and ``bos_id``: a
+            ``runtime.vocab.Vocab`` or a ``data.encoders.Encoder``.
         image_token_index: the placeholder id (-200 in the original).
 
     Example:
-        >>> tok = OriginalTokenizer.from_folder("tests/fixtures/tokenizers/llama-spm")
-        >>> tokenizer_image_token("<image>\\nHi", tok.encode, tok.bos_token_id)
+        >>> from vlmkit.runtime.vocab import open_vocab
+        >>> tokenizer_image_token("<image>\\nHi", open_vocab("tests/fixtures/tokenizers/llama-spm"))
         [1, -200, 29871, 13, 18567]
     """
-    chunks = [encode(chunk) for chunk in prompt.split(IMAGE_TOKEN)]
-    offset = 1 if chunks and chunks[0] and chunks[0][0] == bos_token_id else 0
-    ids = chunks[0][:1] if offset else []
+    chunks = [vocab.encode(chunk) for chunk in prompt.split(IMAGE_TOKEN)]
+    bos = vocab.bos_id
+    offset = 1 if bos is not None and chunks[0][:1] == [bos] else 0
+    ids = chunks[0][:offset]
     for i, chunk in enumerate(chunks):
         if i:
             ids.append(image_token_index)  # the original's separator [-200] * (offset + 1), cut by x[offset:]

@@ -5,11 +5,13 @@ Recognised by its key names: a ``.pth`` (``{"model": state_dict}`` or a bare sta
 ``pretrain_opt2.7b/6.7b``, ``caption_coco_opt2.7b/6.7b``, ``pretrain_flant5xl/xxl`` and
 ``caption_coco_flant5xl`` models. The pieces:
 
+* ``language_models`` — one row per language model (OPT, Flan-T5): everything that differs between them;
 * ``checkpoint`` — the input forms (full state dict; release ``.pth`` + ``--vision`` EVA ViT-g +
   ``--language-model`` OPT/T5 folder), presented as LAVIS's one namespace;
 * ``convert``    — the rule table to transformers' ``Blip2ForConditionalGeneration``;
 * ``hf_output``  — ``Blip2Config``, generation config and ``Blip2Processor`` of the output;
 * ``reference``  — LAVIS's forward pass (EVA ViT-g, Q-Former, projection, LM), for ``verify``;
+* ``backend``    — the chat backend (the LAVIS checkpoint, or a transformers ``Blip2`` folder: form "transformers");
 * ``tiny``       — tiny random checkpoints in the real layouts (tests, benchmarks).
 
 Example:
@@ -25,17 +27,26 @@ from .checkpoint import form_of, open_original
 
 NAME = "blip2"
 
+# transformers' own BLIP-2 class: what ``--to hf`` writes (and Salesforce/blip2-* publish), read back by chat and serve
+TRANSFORMERS_ARCHITECTURES = ("Blip2ForConditionalGeneration",)
+
 _LAVIS = ("describe", "conversion", "verify", "chat_backend")
 FORMS: dict[str, tuple[str, ...]] = {
     "full": _LAVIS,    # one LAVIS .pth with the vision encoder and the language model inside
     "parts": _LAVIS,   # a release .pth + --vision EVA ViT-g + --language-model folder
+    "transformers": ("chat_backend",),
 }
 
-__all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
+__all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify", "chat_backend"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
-    return form_of(path)
+    form = form_of(path)
+    if form is not None:
+        return form
+    if any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
+        return "transformers"
+    return None
 
 
 def conversion(found, options: LoadOptions):
@@ -53,10 +64,10 @@ def describe(found) -> dict:
     tensors = peek_state_dict(_lavis_file(path))
     kind = lm_kind(tensors)
     layers = {n.split(".")[4] for n in tensors if n.startswith("Qformer.bert.encoder.layer.")}
-    return {"blip2 form": form_of(path), "language model": {"opt": "OPT", "t5": "Flan-T5"}[kind],
+    return {"blip2 form": form_of(path), "language model": kind.title,
             "query tokens": tensors["query_tokens"].shape[1], "q-former layers": len(layers),
             "visual encoder inside": any(n.startswith("visual_encoder.") for n in tensors),
-            "language model inside": any(n.startswith(f"{kind}_model.") for n in tensors)}
+            "language model inside": any(n.startswith(kind.original_prefix) for n in tensors)}
 
 
 def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_tokens: int = 8):
@@ -64,3 +75,14 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
     from .parity import verify as run
 
     return run(found.path, converted, options, [(Path(i), p) for i, p in probes], max_new_tokens=max_new_tokens)
+
+
+def chat_backend(found, options: LoadOptions):
+    """The runtime backend (chat, serve): the LAVIS checkpoint through the reference, or the transformers folder."""
+    from .backend import Blip2Backend
+
+    if found.form == "transformers":
+        from ...tensors import open_source
+
+        open_source(found.path).close()  # vlmkit's readers check the weights (headers, sizes) as inspect and convert do
+    return Blip2Backend(found.path, options, original=found.form != "transformers")

@@ -31,6 +31,7 @@ from ...options import LoadOptions, read_json
 from ...tensors import TensorSource, open_source, resolve
 from ...tensors.safe_pickle import peek_state_dict
 from ...tensors.views import CombinedSource, RenamedSource
+from .language_models import LanguageModel, of_projection
 
 PICKLES = (".pth", ".pt", ".bin", ".ckpt")
 VISION = "visual_encoder."
@@ -40,9 +41,6 @@ VIT_BLOCK = re.compile(r"^visual_encoder\.blocks\.(\d+)\.")
 # skipped by its load_state_dict(strict=False) and dropped here by rule, by name.
 VIT_MODULES = ("cls_token", "pos_embed", "patch_embed.", "blocks.")
 UNUSED_VIT = "eva_unused."
-# Width of the language model's embeddings -> the public model LAVIS pairs it with (hints only).
-KNOWN_LMS = {("opt", 2560): "facebook/opt-2.7b", ("opt", 4096): "facebook/opt-6.7b",
-             ("t5", 2048): "google/flan-t5-xl", ("t5", 4096): "google/flan-t5-xxl"}
 
 
 @dataclass
@@ -51,7 +49,7 @@ class OriginalBlip2:
 
     path: Path
     form: str  # "full" (everything in one state dict) | "parts" (release .pth + --vision + --language-model)
-    lm: str  # "opt" | "t5"
+    lm: LanguageModel  # its row (language_models.py)
     source: TensorSource  # LAVIS's namespace (see module docstring)
     lm_folder: Path  # config.json + tokenizer of the language model
     lm_config: dict  # its config.json
@@ -60,7 +58,7 @@ class OriginalBlip2:
     @property
     def prefix(self) -> str:
         """``opt_model.`` or ``t5_model.``: where the language model lives in the namespace."""
-        return f"{self.lm}_model."
+        return self.lm.original_prefix
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.source.info(name).shape
@@ -79,16 +77,12 @@ def _lavis_file(path: Path) -> Path | None:
     return None
 
 
-def lm_kind(names) -> str | None:
-    """``opt`` / ``t5`` from LAVIS's key names: a Q-Former, query tokens and a projection to an LM."""
+def lm_kind(names) -> LanguageModel | None:
+    """The language model's row from LAVIS's key names: a Q-Former, query tokens and a projection to an LM."""
     names = set(names)
     if "query_tokens" not in names or not any(n.startswith("Qformer.bert.") for n in names):
         return None
-    if "opt_proj.weight" in names:
-        return "opt"
-    if "t5_proj.weight" in names:
-        return "t5"
-    return None
+    return of_projection(names)
 
 
 def form_of(path: Path) -> str | None:
@@ -98,7 +92,7 @@ def form_of(path: Path) -> str | None:
     kind = lm_kind(tensors or ())
     if kind is None:
         return None
-    inside = any(n.startswith(f"{kind}_model.") for n in tensors) and any(n.startswith(VISION) for n in tensors)
+    inside = any(n.startswith(kind.original_prefix) for n in tensors) and any(n.startswith(VISION) for n in tensors)
     return "full" if inside else "parts"
 
 
@@ -128,7 +122,7 @@ def open_original(path: Path, options: LoadOptions) -> OriginalBlip2:
                               "eva_vit_g.pth first", hint="pass --vision PATH (eva_vit_g.pth, or a state dict of it)")
         parts.append(("", _vit_source(resolve(options.vision_tower))))
     lm_folder = _lm_folder(file, lm, main, options)
-    has_lm = any(n.startswith(f"{lm}_model.") for n in main.keys())
+    has_lm = any(n.startswith(lm.original_prefix) for n in main.keys())
     if has_lm:
         notes.append(f"{file.name} holds the language model's weights; {lm_folder.name} gives its config and tokenizer")
     else:
@@ -149,26 +143,25 @@ def _vit_source(path: Path) -> TensorSource:
     return RenamedSource(source, mapping)
 
 
-def _lm_folder(file: Path, lm: str, main: TensorSource, options: LoadOptions) -> Path:
-    proj = main.info(f"{lm}_proj.weight").shape[0]
-    known = KNOWN_LMS.get((lm, proj), f"the {'OPT' if lm == 'opt' else 'Flan-T5'} model whose width is {proj}")
+def _lm_folder(file: Path, lm: LanguageModel, main: TensorSource, options: LoadOptions) -> Path:
+    proj = main.info(f"{lm.original_projection}.weight").shape[0]
+    known = lm.known.get(proj, f"the {lm.title} model whose width is {proj}")
     if not options.model_base:
         raise ConfigError(f"{file}: the language model's tokenizer and config are in no LAVIS checkpoint "
                           f"(LAVIS loads {known} from the hub)",
                           hint=f"pass --language-model PATH (a local folder of {known}: config.json + tokenizer"
-                               f"{'' if any(n.startswith(lm + '_model.') for n in main.keys()) else ' + weights'})")
+                               f"{'' if any(n.startswith(lm.original_prefix) for n in main.keys()) else ' + weights'})")
     folder = resolve(options.model_base)
     if not (folder / "config.json").exists():
         raise ConfigError(f"--language-model {folder}: no config.json", hint=f"pass the transformers folder of {known}")
     model_type = read_json(folder / "config.json").get("model_type")
-    wanted = {"opt": ("opt",), "t5": ("t5", "mt5")}[lm]
-    if model_type not in wanted:
+    if model_type not in lm.model_types:
         raise ConfigError(f"--language-model {folder}: model_type {model_type!r}, but {file.name} was trained with "
-                          f"{'OPT' if lm == 'opt' else 'Flan-T5'} ({lm}_proj)", hint=f"pass the folder of {known}")
+                          f"{lm.title} ({lm.original_projection})", hint=f"pass the folder of {known}")
     return folder
 
 
-def _lm_source(folder: Path, lm: str) -> TensorSource:
+def _lm_source(folder: Path, lm: LanguageModel) -> TensorSource:
     """The transformers folder's weights under ``opt_model.`` / ``t5_model.`` as LAVIS's module holds them."""
     try:
         source = open_source(folder)
@@ -177,8 +170,8 @@ def _lm_source(folder: Path, lm: str) -> TensorSource:
                           hint="the checkpoint has no language model inside, so the folder must hold its weights") from None
     mapping = {}
     for name in source.keys():
-        if lm == "opt" and name.startswith("decoder."):  # saved from OPTModel (older hub files)
-            mapping[name] = "opt_model.model." + name
+        if lm.headless and name.startswith(lm.headless[0]):  # saved from the base model (OPTModel: older hub files)
+            mapping[name] = lm.original_prefix + lm.headless[1] + name
         else:
-            mapping[name] = f"{lm}_model." + name
+            mapping[name] = lm.original_prefix + name
     return RenamedSource(source, mapping)

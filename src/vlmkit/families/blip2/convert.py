@@ -18,6 +18,7 @@ from ...conversion import Conversion, Custom, Rule, drop, rename, transform
 from ...options import LoadOptions
 from . import hf_output
 from .checkpoint import UNUSED_VIT, OriginalBlip2, open_original
+from .language_models import HEAD, HF_PREFIX, HF_PROJECTION, LanguageModel
 
 
 def _split_qv(tensors):
@@ -77,37 +78,31 @@ RULES = [
     drop("text_proj.{p:path}", why="stage-1 image-text contrastive projection, not part of Blip2OPT/Blip2T5"),
     drop("itm_head.{p:path}", why="stage-1 image-text matching head, not part of Blip2OPT/Blip2T5"),
     drop("temp", why="stage-1 contrastive temperature, not part of Blip2OPT/Blip2T5"),
-    # the language model's copies of one tensor
-    drop("t5_model.encoder.embed_tokens.weight", why="the same tensor as t5_model.shared.weight (T5 ties them)"),
-    drop("t5_model.decoder.embed_tokens.weight", why="the same tensor as t5_model.shared.weight (T5 ties them)"),
 ]
-# the projection into the language model, and the language model itself, per language model
-LANGUAGE_MODELS = {
-    "opt": [rename("opt_proj.{p:path}", "language_projection.{p:path}"),
-            rename("opt_model.{rest:path}", "language_model.{rest:path}")],
-    "t5": [rename("t5_proj.{p:path}", "language_projection.{p:path}"),
-           rename("t5_model.{rest:path}", "language_model.{rest:path}")],
-}
-TIED_HEADS = {
-    "opt": drop("opt_model.lm_head.weight", why="the same tensor as embed_tokens (OPT ties them; transformers re-ties)"),
-    "t5": drop("t5_model.lm_head.weight", why="the same tensor as shared.weight (tie_word_embeddings)"),
-}
 
 
-def rules_for(tie_lm_head: bool, lm: str) -> list[Rule]:
-    """The table: the common rules, the tied output layer dropped where it is tied, the language model's rules."""
-    return RULES + ([TIED_HEADS[lm]] if tie_lm_head else []) + LANGUAGE_MODELS[lm]
+def language_model_rules(lm: LanguageModel, tie_lm_head: bool) -> list[Rule]:
+    """The language model's rules, from its row: its copies of one tensor and a tied output layer dropped,
+    then the projection into it and the language model itself renamed."""
+    p = lm.original_prefix
+    embedding = p + lm.embedding
+    copies = [drop(p + c, why=f"the same tensor as {embedding} ({lm.copies_why})") for c in lm.copies]
+    head = [drop(p + HEAD, why=lm.head_why)] if tie_lm_head else []
+    return copies + head + [rename(lm.original_projection + ".{p:path}", HF_PROJECTION + ".{p:path}"),
+                            rename(p + "{rest:path}", HF_PREFIX + "{rest:path}")]
 
 
-def untied_duplicates(lm: str, tie_lm_head: bool) -> set[str]:
+def rules_for(tie_lm_head: bool, lm: LanguageModel) -> list[Rule]:
+    """The table: the common rules, then the language model's."""
+    return RULES + language_model_rules(lm, tie_lm_head)
+
+
+def untied_duplicates(lm: LanguageModel, tie_lm_head: bool) -> set[str]:
     """Target names transformers ties to another tensor and that the folder therefore does not store."""
-    if lm == "opt":
-        return {"language_model.lm_head.weight"} if tie_lm_head else set()
-    names = {"language_model.encoder.embed_tokens.weight", "language_model.decoder.embed_tokens.weight"}
-    return names | ({"language_model.lm_head.weight"} if tie_lm_head else set())
+    return {HF_PREFIX + n for n in lm.copies + ((HEAD,) if tie_lm_head else ())}
 
 
-def expected_tensors(hf_config, lm: str, tie_lm_head: bool) -> dict[str, tuple[int, ...]]:
+def expected_tensors(hf_config, lm: LanguageModel, tie_lm_head: bool) -> dict[str, tuple[int, ...]]:
     """Every tensor the folder must hold, with its shape (a meta-device model: no memory)."""
     from transformers import Blip2ForConditionalGeneration
 
@@ -125,7 +120,7 @@ def conversion(path, options: LoadOptions) -> Conversion:
     # transformers keeps these in float32 whatever the dtype (Blip2's _keep_in_fp32_modules)
     keep = frozenset(n for n in expected if n == "query_tokens" or n.startswith("qformer."))
     stored = options.dtype or ckpt.source.info(lm_embedding(ckpt)).dtype  # the bulk of the model: the LM's
-    summary = (f"BLIP-2 {'OPT' if ckpt.lm == 'opt' else 'Flan-T5'} ({ckpt.form} checkpoint; "
+    summary = (f"BLIP-2 {ckpt.lm.title} ({ckpt.form} checkpoint; "
                f"image {target.image_size}px, {target.hf_config.num_query_tokens} queries, "
                f"Q-Former {target.hf_config.qformer_config.num_hidden_layers} layers with cross-attention every "
                f"{target.hf_config.qformer_config.cross_attention_frequency})" + "".join(f"; {n}" for n in ckpt.notes))
@@ -135,8 +130,8 @@ def conversion(path, options: LoadOptions) -> Conversion:
 
 def lm_embedding(ckpt: OriginalBlip2) -> str:
     """The language model's input embedding, under LAVIS's names."""
-    return ckpt.prefix + ("model.decoder.embed_tokens.weight" if ckpt.lm == "opt" else "shared.weight")
+    return ckpt.prefix + ckpt.lm.embedding
 
 
 def describe(ckpt: OriginalBlip2) -> dict:
-    return {"blip2 form": ckpt.form, "language model": ckpt.lm, "language model folder": str(ckpt.lm_folder)}
+    return {"blip2 form": ckpt.form, "language model": ckpt.lm.name, "language model folder": str(ckpt.lm_folder)}

@@ -99,11 +99,10 @@ def language_config(ckpt: OriginalBlip2, tokenizer) -> tuple[dict, bool]:
     """The language model's config.json with LAVIS's changes; and whether its head is tied to the embedding."""
     text = {k: v for k, v in ckpt.lm_config.items() if k not in ("architectures", "_name_or_path", "transformers_version",
                                                                    "torch_dtype", "dtype")}
-    if ckpt.lm == "opt":
+    if ckpt.lm.eos_at_newline:
         newline = tokenizer("\n", add_special_tokens=False).input_ids
         text["eos_token_id"] = newline[0]  # Blip2OPT.generate stops at "\n"
-        return text, text.get("tie_word_embeddings", True)
-    text.update(dense_act_fn="gelu", bos_token_id=1)  # blip2_t5.py: t5_config.dense_act_fn = "gelu"
+    text.update(ckpt.lm.text_config_changes)  # blip2_t5.py: t5_config.dense_act_fn = "gelu"
     return text, text.get("tie_word_embeddings", True)
 
 
@@ -116,12 +115,13 @@ def target_for(ckpt: OriginalBlip2, options: LoadOptions) -> Target:
     qformer = qformer_fields(ckpt)
     _check_depth(ckpt, vision, override.get("vision_config") or {}, "vision_config", "visual_encoder.blocks.*")
     _check_depth(ckpt, qformer, override.get("qformer_config") or {}, "qformer_config", "Qformer.bert.encoder.layer.*")
-    # a decoder-only model generates from padded batches padded on the left (saved with the tokenizer)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt.lm_folder, **({"padding_side": "left"} if ckpt.lm == "opt" else {}))
+    # the padding side generation needs (a decoder-only model: left), saved with the tokenizer
+    side = ckpt.lm.padding_side
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.lm_folder, **({"padding_side": side} if side else {}))
     text, tie = language_config(ckpt, tokenizer)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    rows = ckpt.shape(f"{ckpt.prefix}{'model.decoder.embed_tokens' if ckpt.lm == 'opt' else 'shared'}.weight")[0]
+    rows = ckpt.shape(ckpt.prefix + ckpt.lm.embedding)[0]
     if image_token >= rows:
         raise ConfigError(f"{ckpt.lm_folder}: the tokenizer has {image_token} tokens and the embedding {rows} rows: "
                           f"no spare row for {IMAGE_TOKEN}, which transformers' Blip2 needs",
@@ -134,9 +134,10 @@ def target_for(ckpt: OriginalBlip2, options: LoadOptions) -> Target:
     for key in ("model_type", "architectures", "transformers_version"):
         merged.pop(key, None)
     hf_config = Blip2Config(**merged)
-    width = ckpt.shape(f"{ckpt.lm}_proj.weight")[0]
+    projection = ckpt.lm.original_projection
+    width = ckpt.shape(f"{projection}.weight")[0]
     if width != hf_config.text_config.hidden_size:
-        raise ConfigError(f"{ckpt.path.name}: {ckpt.lm}_proj maps to width {width} but the language model in "
+        raise ConfigError(f"{ckpt.path.name}: {projection} maps to width {width} but the language model in "
                           f"{ckpt.lm_folder} is {hf_config.text_config.hidden_size} wide",
                           hint="--language-model must be the model this checkpoint was trained with")
     size = hf_config.vision_config.image_size
@@ -146,7 +147,7 @@ def target_for(ckpt: OriginalBlip2, options: LoadOptions) -> Target:
                                num_query_tokens=hf_config.num_query_tokens)
     lm = hf_config.text_config
     generation = {"bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id, "pad_token_id": lm.pad_token_id}
-    if ckpt.lm == "t5":
+    if not ckpt.lm.causal:
         generation["decoder_start_token_id"] = lm.decoder_start_token_id if lm.decoder_start_token_id is not None \
             else lm.pad_token_id
     return Target(hf_config, tokenizer, processor, generation, size, tie)

@@ -53,10 +53,12 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[t
     ckpt = open_original(original, options)
     target = hf_output.target_for(ckpt, options)
     cfg = target.hf_config
-    report = Report(f"BLIP-2 {ckpt.lm.upper()} parity: LAVIS forward vs converted transformers model", str(original),
+    report = Report(f"BLIP-2 {ckpt.lm.name.upper()} parity: LAVIS forward vs converted transformers model", str(original),
                     str(converted), inputs={"probes": [f"{Path(i).name}: {p!r}" for i, p in probes],
                                             "max_new_tokens": max_new_tokens})
-    logit_text = ("", None) if ckpt.lm == "opt" else ("\n", "\n")
+    # the text of LAVIS's training forward: a causal LM reads it (its forward appends the row's suffix);
+    # a seq2seq LM reads it and is given it as labels
+    logit_text = ("", None) if ckpt.lm.causal else ("\n", "\n")
 
     # --- LAVIS --------------------------------------------------------------------------
     reference = OriginalBlip2Model.load(ckpt, cfg.vision_config.to_dict(), cfg.qformer_config.to_dict(), cfg.text_config)
@@ -88,20 +90,20 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[t
     ids = [i for i in first["input_ids"][0].tolist() if i != image_token]
     report.checks.append(compare_ids("input ids", ref[0]["ids"], ids, decode=decode))
     with torch.no_grad():
-        text_in = processor(images=ref[0]["image"], text=logit_text[0] + ("\n" if ckpt.lm == "opt" else ""),
-                            return_tensors="pt")
+        text_in = processor(images=ref[0]["image"], text=logit_text[0] + ckpt.lm.forward_suffix, return_tensors="pt")
         kwargs = {}
-        if ckpt.lm == "t5":
+        if logit_text[1] is not None:
             labels = processor.tokenizer(logit_text[1], return_tensors="pt").input_ids
             kwargs["labels"] = labels.masked_fill(labels == processor.tokenizer.pad_token_id, -100)
         logits = model(**text_in, **kwargs).logits[0]
     report.checks.append(compare_tensors("logits", ref[0]["logits"], logits, atol=tol["logits"], min_cosine=tol["cosine"]))
 
-    extra = {"min_new_tokens": 1} if ckpt.lm == "opt" else {}  # LAVIS's min_length=1 (see reference.greedy)
+    # LAVIS's min_length=1 (see reference.greedy)
+    extra = {"min_new_tokens": ckpt.lm.min_new_tokens} if ckpt.lm.min_new_tokens else {}
 
     def new_tokens(inputs, rows):
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-        start = inputs["input_ids"].shape[1] if ckpt.lm == "opt" else 1  # T5: after the decoder start token
+        start = inputs["input_ids"].shape[1] if ckpt.lm.causal else 1  # seq2seq: after the decoder start token
         return [_until_eos(row[start:].tolist(), eos) for row in out[:rows]]
 
     single = [new_tokens(first if i == 0 else processor(images=r["image"], text=prompts[i], return_tensors="pt"), 1)[0]
@@ -124,11 +126,11 @@ def _cast_to(ckpt, converted: Path) -> str:
     """The dtype the conversion cast the language model to ("F32" when it kept the checkpoint's own values)."""
     from ...tensors import open_source
     from .convert import lm_embedding
+    from .language_models import HF_PREFIX
 
     out = open_source(converted)
     try:
-        written = out.info("language_model.model.decoder.embed_tokens.weight" if ckpt.lm == "opt"
-                           else "language_model.shared.weight").dtype
+        written = out.info(HF_PREFIX + ckpt.lm.embedding).dtype
     finally:
         out.close()
     return written if written != ckpt.source.info(lm_embedding(ckpt)).dtype and written in TOLERANCES else "F32"

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from ...runtime.generation import with_cache
 from .checkpoint import OriginalBlip2
+from .language_models import HEAD
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -227,13 +228,14 @@ class OriginalBlip2Model(nn.Module):
         self.proj = nn.Linear(qformer["hidden_size"], lm_width)
         self.language_model = language_model
         self.image_size = vision["image_size"]
-        self.eos_token_id = (tokenizer("\n", add_special_tokens=False).input_ids[0] if self.lm == "opt"
+        self.eos_token_id = (tokenizer("\n", add_special_tokens=False).input_ids[0] if self.lm.eos_at_newline
                              else language_model.config.eos_token_id)
 
     @classmethod
     def load(cls, ckpt: OriginalBlip2, vision: dict, qformer: dict, text_config) -> "OriginalBlip2Model":
         """Build from LAVIS's names. ``vision`` / ``qformer``: sizes (heads included); ``text_config``: the LM's config."""
-        from transformers import AutoTokenizer, OPTForCausalLM, T5ForConditionalGeneration
+        import transformers
+        from transformers import AutoTokenizer
         from transformers.initialization import no_init_weights
 
         from ...errors import CheckpointError
@@ -241,7 +243,7 @@ class OriginalBlip2Model(nn.Module):
         source = ckpt.source
         names = source.keys()
         with no_init_weights():
-            lm = (OPTForCausalLM if ckpt.lm == "opt" else T5ForConditionalGeneration)(text_config)
+            lm = getattr(transformers, ckpt.lm.transformers_class)(text_config)
         prefix = ckpt.prefix
         state = {n[len(prefix):]: source.read(n).float() for n in names if n.startswith(prefix)}
         _load_language_model(lm, state, ckpt)
@@ -251,7 +253,7 @@ class OriginalBlip2Model(nn.Module):
         for name in model.state_dict():
             if name.startswith("language_model."):
                 continue
-            original = f"{ckpt.lm}_proj." + name[len("proj."):] if name.startswith("proj.") else name
+            original = f"{ckpt.lm.original_projection}." + name[len("proj."):] if name.startswith("proj.") else name
             if original not in names:
                 raise CheckpointError(f"{ckpt.path}: LAVIS's model needs '{original}', which the checkpoint lacks")
             own[name] = source.read(original).float()
@@ -282,10 +284,9 @@ class OriginalBlip2Model(nn.Module):
     @torch.no_grad()
     def logits(self, pixels, text_input: str, text_output: str | None = None) -> torch.Tensor:
         """``Blip2OPT.forward`` (text + "\\n") / ``Blip2T5.forward`` (labels = text_output) logits, [L, vocab]."""
-        if self.lm == "opt":
-            embeds, mask = self._embed(pixels, text_input + "\n")
+        embeds, mask = self._embed(pixels, text_input + self.lm.forward_suffix)
+        if self.lm.causal:
             return self.language_model(inputs_embeds=embeds, attention_mask=mask).logits[0]
-        embeds, mask = self._embed(pixels, text_input)
         targets = torch.tensor([self.prompt_ids(text_output or "")])
         targets = targets.masked_fill(targets == self.tokenizer.pad_token_id, -100)
         return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=targets).logits[0]
@@ -298,11 +299,11 @@ class OriginalBlip2Model(nn.Module):
 
         OPT: ``min_length=1`` with only ``inputs_embeds`` counts from zero, so EOS (the newline)
         cannot be the first token. T5: the decoder starts from its start token (``min_length=1``
-        is met already).
+        is met already). The row's ``min_new_tokens`` says which.
         """
         embeds, mask = self._embed(pixels, prompt)
         lm, new = self.language_model, []
-        if self.lm == "opt":
+        if self.lm.causal:
             out, cache = with_cache(lm, None, inputs_embeds=embeds, attention_mask=mask)
         else:
             encoder = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
@@ -311,14 +312,14 @@ class OriginalBlip2Model(nn.Module):
                                     decoder_input_ids=torch.tensor([[start]]))
         for step in range(max_new_tokens):
             scores = out.logits[0, -1].clone()
-            if self.lm == "opt" and step == 0:
+            if step < self.lm.min_new_tokens:
                 scores[self.eos_token_id] = -math.inf
             token = int(scores.argmax())
             new.append(token)
             if token == self.eos_token_id:
                 break
             ids = torch.tensor([[token]])
-            if self.lm == "opt":
+            if self.lm.causal:
                 mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
                 out, cache = with_cache(lm, cache, input_ids=ids, attention_mask=mask)
             else:
@@ -330,21 +331,18 @@ def _load_language_model(lm: nn.Module, state: dict, ckpt: OriginalBlip2) -> Non
     """Load the LM's tensors; tied tensors point at one parameter, as in the original module."""
     from ...errors import CheckpointError
 
-    if ckpt.lm == "opt":
-        head_tied = lm.config.tie_word_embeddings or "lm_head.weight" not in state
-        wanted = {n for n in lm.state_dict() if not (head_tied and n == "lm_head.weight")}
+    if ckpt.lm.stored_head_is_copy:
+        head_tied = lm.config.tie_word_embeddings or HEAD not in state
     else:
-        head_tied = bool(ckpt.lm_config.get("tie_word_embeddings", True)) and "lm_head.weight" not in state
-        ties = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
-        wanted = {n for n in lm.state_dict() if n not in ties and not (head_tied and n == "lm_head.weight")}
+        head_tied = bool(ckpt.lm_config.get("tie_word_embeddings", True)) and HEAD not in state
+    wanted = {n for n in lm.state_dict() if n not in ckpt.lm.copies and not (head_tied and n == HEAD)}
     missing = sorted(wanted - set(state))
     if missing:
         raise CheckpointError(f"{ckpt.path}: the language model lacks {len(missing)} tensor(s), e.g. "
                               f"'{ckpt.prefix}{missing[0]}'")
     lm.load_state_dict({n: state[n] for n in wanted}, strict=False, assign=True)
     shared = lm.get_input_embeddings().weight
-    if ckpt.lm == "t5":
-        lm.encoder.embed_tokens.weight = shared
-        lm.decoder.embed_tokens.weight = shared
+    for copy in ckpt.lm.copies:
+        lm.get_submodule(copy.removesuffix(".weight")).weight = shared
     if head_tied:
         lm.lm_head.weight = shared

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .language_models import row
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 GPT2_BPE = ASSETS / "tokenizers" / "gpt2-bpe"
@@ -235,16 +238,38 @@ def t5_config(sizes: TinySizes) -> dict:
             "use_cache": True, "vocab_size": sizes.t5_vocab}
 
 
+@dataclass(frozen=True)
+class TinyLanguageModel:
+    """How to build one row's tiny language model folder (``language_models.ROWS``)."""
+
+    config: Callable[[TinySizes], dict]  # config.json
+    write_tokenizer: Callable[[Path], None]
+    generation_config: dict
+
+
+# one per row of language_models.ROWS
+BUILDERS = {
+    "opt": TinyLanguageModel(opt_config, write_opt_tokenizer, {"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1}),
+    "t5": TinyLanguageModel(t5_config, write_t5_tokenizer, {"decoder_start_token_id": 0, "eos_token_id": 1,
+                                                            "pad_token_id": 0}),
+}
+
+
+def _tied(cfg: dict) -> bool:
+    return cfg.get("tie_word_embeddings", True)  # transformers' default
+
+
 def language_model_state(lm: str, sizes: TinySizes = TinySizes(), *, seed: int = 2) -> dict[str, torch.Tensor]:
     """The LM's full state dict as transformers names it (tied copies included)."""
-    from transformers import AutoConfig, OPTForCausalLM, T5ForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig
 
     torch.manual_seed(seed)
-    cfg = opt_config(sizes) if lm == "opt" else t5_config(sizes)
+    cfg = BUILDERS[lm].config(sizes)
     config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
-    model = (OPTForCausalLM if lm == "opt" else T5ForConditionalGeneration)(config)
+    model = getattr(transformers, row(lm).transformers_class)(config)
     _spread(model)
-    if lm == "t5":  # flan-t5: an untied output layer
+    if not _tied(cfg):  # flan-t5: an untied output layer
         with torch.no_grad():
             model.lm_head.weight = torch.nn.Parameter(torch.randn(sizes.t5_vocab, sizes.lm_hidden) * 0.1)
     return {k: v.clone().contiguous() for k, v in model.state_dict().items()}
@@ -256,18 +281,14 @@ def make_language_model(folder: Path, lm: str, sizes: TinySizes = TinySizes(), *
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = opt_config(sizes) if lm == "opt" else t5_config(sizes)
+    tiny = BUILDERS[lm]
+    cfg = tiny.config(sizes)
     _write_json(folder / "config.json", cfg)
-    if lm == "opt":
-        write_opt_tokenizer(folder)
-        _write_json(folder / "generation_config.json", {"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1})
-    else:
-        write_t5_tokenizer(folder)
-        _write_json(folder / "generation_config.json", {"decoder_start_token_id": 0, "eos_token_id": 1,
-                                                        "pad_token_id": 0})
+    tiny.write_tokenizer(folder)
+    _write_json(folder / "generation_config.json", tiny.generation_config)
     if weights:
         state = language_model_state(lm, sizes, seed=seed)
-        if lm == "opt":
+        if _tied(cfg):
             state.pop("lm_head.weight")  # tied: save_pretrained leaves it out
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
@@ -275,7 +296,7 @@ def make_language_model(folder: Path, lm: str, sizes: TinySizes = TinySizes(), *
 
 def _projection(lm: str, sizes: TinySizes, seed: int) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    _linear(state, f"{lm}_proj", sizes.lm_hidden, sizes.qformer_hidden, _gen(seed))
+    _linear(state, row(lm).original_projection, sizes.lm_hidden, sizes.qformer_hidden, _gen(seed))
     return state
 
 
@@ -303,6 +324,6 @@ def make_full(path: Path, lm: str, sizes: TinySizes = TinySizes(), *, seed: int 
     state = {"visual_encoder." + k: v for k, v in eva_vit_state(sizes, seed=seed + 20).items()}
     state.update(qformer_state(sizes, seed=seed, position_ids=True))
     state.update(_projection(lm, sizes, seed + 10))
-    state.update({f"{lm}_model." + k: v for k, v in language_model_state(lm, sizes, seed=seed + 30).items()})
+    state.update({row(lm).original_prefix + k: v for k, v in language_model_state(lm, sizes, seed=seed + 30).items()})
     torch.save({"model": state}, path)
     return path

@@ -35,7 +35,7 @@ from ...conversion.rules import Rule
 from ...conversion.staged import PlannedSource
 from ...errors import ConfigError
 from ...options import LoadOptions, read_json
-from ...runtime import images
+from ...runtime import images, templates
 from ...tensors import TensorSource, open_source
 from ...tensors.torch_io import TorchSource
 from ...tensors.views import CombinedSource, RenamedSource
@@ -166,17 +166,6 @@ def _added_tokens(folder: Path) -> dict[str, int]:
     return added
 
 
-def _chat_template(folder: Path) -> str | None:
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    for file in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        if (folder / file).is_file():
-            template = json.loads((folder / file).read_text()).get("chat_template")
-            if isinstance(template, str):
-                return template
-    return None
-
-
 def from_transformers(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -> Llava:
     """A transformers ``Llava`` / ``LlavaNext`` folder."""
     from transformers import AutoConfig
@@ -186,8 +175,7 @@ def from_transformers(path: Path, options: LoadOptions, gguf_options: GGUFOption
     has_model = (path / "tokenizer.model").is_file()
     tokenizer_folder = path if has_model or not options.model_base else Path(options.model_base)
     add_bos, add_eos = _tokenizer_flags(path)
-    template = _chat_template(path)
-    mark = re.match(r"\{# vlmkit template: (\S+) #\}", template or "")
+    template = templates.read_chat_template(path)
     mean, std = clip_gguf.image_stats(clip_gguf.read_preprocessor(path), gguf_options,
                                       f"{path}/preprocessor_config.json")
     is_next = config.model_type == "llava_next"
@@ -200,7 +188,7 @@ def from_transformers(path: Path, options: LoadOptions, gguf_options: GGUFOption
         # transformers lists canvases as (height, width); clip.cpp, like the original, reads (width, height)
         pinpoints=[[w, h] for h, w in config.image_grid_pinpoints] if is_next else None,
         merge_type="spatial_unpad" if is_next else None,  # transformers' LlavaNext always unpads with image_newline
-        template=mark.group(1) if mark else "", what=f"transformers {type(config).__name__} folder")
+        template=templates.marked_name(template) or "", what=f"transformers {type(config).__name__} folder")
 
 
 def from_projector_file(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -> Llava:

@@ -114,7 +114,7 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
         patch_size=ckpt.vision_config["patch_size"],
         vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
         # the Jinja comment names the original template, for `vlmkit inspect` and the runtime
-        chat_template=f"{{# vlmkit template: {template} #}}" + templates.chat_template(template, legacy_tokenizer=legacy),
+        chat_template=templates.marker(template) + templates.chat_template(template, legacy_tokenizer=legacy),
         num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
     )
     generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

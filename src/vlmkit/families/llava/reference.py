@@ -24,7 +24,7 @@ from torch import nn
 
 from ...runtime import images
 from ...runtime.generation import with_cache
-from ...runtime.tokens import OriginalTokenizer
+from ...runtime.vocab import open_vocab
 from . import image_path
 from .checkpoint import MULTIMODAL_FIELDS, TOWER, OriginalCheckpoint
 
@@ -43,7 +43,8 @@ class OriginalLlava(nn.Module):
         self.image_newline = nn.Parameter(image_newline, requires_grad=False) if image_newline is not None else None
         self.compute_dtype = next(language_model.parameters()).dtype
         self.image_config = images.ImageConfig.from_original(ckpt.config, ckpt.preprocessor)
-        self.tokenizer = OriginalTokenizer.from_folder(ckpt.tokenizer_folder)
+        self.vocab = open_vocab(ckpt.tokenizer_folder)
+        self.tokenizer = self.vocab.tokenizer
 
     # ------------------------------------------------------------------ loading
 
@@ -113,7 +114,7 @@ class OriginalLlava(nn.Module):
         """``tokenizer_image_token``: the rendered prompt's ids, -200 per ``<image>``."""
         from ...runtime.tokens import tokenizer_image_token
 
-        return tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
+        return tokenizer_image_token(prompt, self.vocab)
 
     @torch.no_grad()
     def embed(self, ids: list[int], features: list[torch.Tensor]) -> torch.Tensor:

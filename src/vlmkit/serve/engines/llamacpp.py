@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import os
 import shutil
 import sys
@@ -51,7 +50,6 @@ BUILD_HINT = ("make llama-server   (builds llama.cpp's server from the source of
 START_TIMEOUT = 300.0
 DEFAULT_MARKER = "<__media__>"  # mtmd_default_marker(); llama-server draws its own (GET /props: media_marker)
 STB_FORMATS = ("PNG", "JPEG", "BMP", "GIF")  # what llama.cpp decodes; others are sent as PNG
-VLMKIT_TEMPLATE = re.compile(r"\{#\s*vlmkit template: ([\w.-]+)\s*#\}")  # how vlmkit names the original
 FINISH = {"limit": "length"}  # llama-server's stop_type -> OpenAI's finish_reason (eos, word -> "stop")
 # file types whose weight repacking crashes this llama.cpp on CPUs with AMX (see parity/llamacpp.py)
 NO_REPACK = {7}  # general.file_type 7 = MOSTLY_Q8_0
@@ -106,8 +104,7 @@ class GGUFChat:
             raise ConfigError(f"{path}: no tokenizer.chat_template; vlmkit builds the prompt from the GGUF's own "
                               "template (the original conversation template)",
                               hint="convert it with: vlmkit convert ORIGINAL out/ --to gguf")
-        named = VLMKIT_TEMPLATE.search(self.template_source)
-        self.template_name = named.group(1) if named else None
+        self.template_name = templates.marked_name(self.template_source)
         arch = value("general.architecture")
         self.context_length = int(value(f"{arch}.context_length", 2048))
         self.file_type = int(value("general.file_type", 1))

@@ -179,7 +179,7 @@ def dtype(options: LoadOptions, config: dict) -> str:
     if code is None and isinstance(stored, str):
         with contextlib.suppress(ConfigError):
             code = dtypes.code(stored)
-    return dtypes.name(code) if code in ("F32", "F16", "BF16") else "auto"
+    return dtypes.model_name(code) or "auto"
 
 
 def command(python_path: str, folder: Path, port: int, name: str, settings, options: LoadOptions, config: dict,
