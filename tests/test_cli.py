@@ -295,3 +295,14 @@ def test_chat_and_verify_print_no_deprecation_warnings(models):
     assert verify.returncode == 0, verify.stdout + verify.stderr
     for proc in (chat, original, verify):
         assert "deprecated" not in proc.stderr.lower() and "Warning" not in proc.stderr, proc.stderr
+
+
+def test_gguf_of_a_family_without_gguf_says_what_it_is_and_what_vlmkit_can_do(tmp_path):
+    """One refusal shape (the registry's): the path, the family and form, what vlmkit can do with it instead."""
+    from vlmkit.families.flava import tiny as flava_tiny
+
+    flava = flava_tiny.make_flava(tmp_path / "flava-tiny")
+    _one_line_error(run_cli("convert", flava, tmp_path / "out", "--to", "gguf"), str(flava),
+                    "a flava checkpoint (original form)", "cannot convert it to GGUF (--to gguf)",
+                    "it can describe it (vlmkit inspect); convert it to transformers (--to hf)")
+    assert not (tmp_path / "out").exists()

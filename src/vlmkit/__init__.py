@@ -4,9 +4,8 @@ The Python API (``vlmkit.inspect``, ``vlmkit.convert``, ``vlmkit.verify``, ``vlm
 ``vlmkit`` command calls.
 """
 
-__version__ = "0.1.0"
-
-from .errors import VlmkitError  # noqa: E402
+from ._version import __version__
+from .errors import VlmkitError
 
 __all__ = ["__version__", "convert", "inspect", "load", "verify", "VlmkitError"]
 

@@ -15,7 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from . import __version__, limits
+from . import limits
+from ._version import __version__
 from .errors import VlmkitError
 from .console import progress_bar
 from .options import LoadOptions, add_load_arguments
@@ -140,8 +141,9 @@ def _convert(args) -> int:
 
     gguf_flags = [f for f in ("text_only", "vision_only", "image_mean", "image_std", "mmproj_only") if getattr(args, f)]
     if args.to == "gguf":
-        from .conversion import gguf_sink
-        from .families import to_gguf
+        from . import families
+        from .conversion import gguf_folder, gguf_sink
+        from .tensors import resolve
 
         type_name = gguf_sink.gguf_type(args.dtype).name  # --dtype names a GGUF type here (q8_0 ...), checked first
         options = LoadOptions.from_args(argparse.Namespace(**{**vars(args), "dtype": None}))
@@ -149,13 +151,14 @@ def _convert(args) -> int:
             text_only=args.text_only, vision_only=args.vision_only, mmproj_only=args.mmproj_only,
             image_mean=tuple(args.image_mean) if args.image_mean else None,
             image_std=tuple(args.image_std) if args.image_std else None)
-        conversion = to_gguf.prepare(args.source, options, gguf_options)
+        found = families.require(resolve(args.source), "gguf")
+        conversion = found.family.gguf(found, options, gguf_options)
         if conversion.summary and not args.json:
             print(conversion.summary, file=sys.stderr)
         bar = None if args.quiet or args.json else progress_bar("converting")
         result = gguf_sink.run(conversion, args.destination, type_name=type_name, force=args.force,
                                dry_run=args.dry_run, progress=bar, provenance=output.provenance(options, command))
-        files = [(f.file_name, f.file.arch, len(f.plan.targets), f.bytes_out) for f in result.plan.files]
+        files = [(f.file_name, f.file.role, len(f.plan.targets), f.bytes_out) for f in result.plan.files]
         if args.json:
             print(json.dumps({"destination": str(result.destination) if result.destination else None,
                               "files": result.files, "plan": result.plan.to_dict()}, indent=1))
@@ -164,8 +167,8 @@ def _convert(args) -> int:
             print("dry run: nothing was written")
         else:
             print(f"wrote {args.destination}: " + ", ".join(f"{n} ({k} tensors, {human_bytes(b)})" for n, _, k, b in files))
-            model = next((n for n, arch, _, _ in files if arch != "clip"), None)
-            mmproj = next((n for n, arch, _, _ in files if arch == "clip" and n.startswith("mmproj-")), None)
+            model = next((n for n, role, _, _ in files if role == gguf_folder.MODEL), None)
+            mmproj = next((n for n, role, _, _ in files if role == gguf_folder.MMPROJ), None)
             if model and mmproj:
                 dst = Path(args.destination)
                 print(f"run it: llama-mtmd-cli -m {dst / model} --mmproj {dst / mmproj} --image IMAGE "
@@ -239,15 +242,18 @@ def run_verify(original: str, converted: str, options: LoadOptions, args, *, jso
                markdown_file: str | None = None, write_card: bool = False, manifest: dict | None = None) -> int:
     """``manifest``: the converted folder's, when this run just wrote it; else (with ``write_card``) the folder
     is checked against its manifest before the parity run, once, and the card vouches for what was checked."""
-    from . import api
-    from .families import to_gguf
+    from . import api, families
+    from .conversion import gguf_folder
     from .publish import card
+    from .tensors import resolve
 
     if write_card and manifest is None:
         manifest = card.checked_manifest(converted)
 
-    if to_gguf.is_gguf_folder(converted):  # a folder written by `convert --to gguf`: checked in llama.cpp
-        report = to_gguf.verify(original, converted, options, _probes(args), max_new_tokens=args.max_new_tokens)
+    if gguf_folder.is_gguf_folder(converted):  # `convert --to gguf` wrote it: the family checks it in llama.cpp
+        found = families.require(resolve(original), "verify")
+        report = found.family.verify(found, Path(converted), options, _probes(args),
+                                     max_new_tokens=args.max_new_tokens)
     else:
         report = api.verify(original, converted, options=options, probes=_probes(args),
                             max_new_tokens=args.max_new_tokens)

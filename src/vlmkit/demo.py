@@ -18,11 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from . import families
 from .cli import main as vlmkit
-from .families.llava import tiny
 
 PHOTO = Path(__file__).parent / "assets" / "images" / "chelsea.png"
 QUESTION = "What is shown in this image?"
+MODEL = ("llava", "llama")  # the family and tiny variant the demo builds: LLaVA-1.5 on a LLaMA language model
 
 
 def step(title: str) -> None:
@@ -47,15 +48,15 @@ def answer(folder: Path) -> str:
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def build_original(work: Path) -> tuple[Path, Path]:
-    """The CLIP folder and the LLaVA-1.5 checkpoint, side by side in ``work``.
+def build_original(work: Path) -> Path:
+    """The tiny LLaVA-1.5 checkpoint, built by its family (``make_tiny``) in ``work`` beside its CLIP tower.
 
     ``mm_vision_tower`` is the tower's path as given (relative to the directory the demo ran
     in), as a training run leaves it; vlmkit finds the tower beside the checkpoint from any
     other directory, so the README's commands on ``demo-output/`` work from anywhere.
     """
-    clip = tiny.make_clip(work / "clip-vit-tiny-patch14-56")
-    return clip, tiny.make_llava15(work / "llava-v1.5-tiny", clip)
+    name, variant = MODEL
+    return families.load(name).make_tiny(work, variant)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
 
     step("1. a tiny original LLaVA-1.5 checkpoint (real LLaMA tokenizer, random weights, seed 0)")
-    clip, original = build_original(work)
-    print(f"original checkpoint: {original}\nvision tower:        {clip}")
+    original = build_original(work)
+    print(f"original checkpoint: {original}")
     vlmkit(["inspect", str(original)])
 
     step("2. vlmkit convert (original -> transformers, published llava-hf layout)")

@@ -70,6 +70,15 @@ def test_vllm_refusals_name_the_field_and_the_fix(models, tmp_path):
         vllm.check_folder(models["v15"].parent / "clip-vit-tiny" / "nowhere")
 
 
+def test_vllm_refuses_a_family_without_a_vllm_view_naming_those_with_one(tmp_path):
+    """The families vLLM is handed are those whose forms have the registry's vllm_view capability."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["CLIPModel"]}))
+    with pytest.raises(ConfigError, match=r"architectures is \['CLIPModel'\]; vlmkit hands vLLM the transformers "
+                                          r"folders of llava models") as e:
+        vllm.check_folder(tmp_path)
+    assert "--engine vlmkit" in e.value.hint
+
+
 def _tensors(folder) -> dict:
     from safetensors.torch import load_file
 

@@ -204,9 +204,9 @@ def test_demo_checkpoint_commands_work_from_any_directory(tmp_path, monkeypatch)
     from vlmkit import demo
 
     monkeypatch.chdir(tmp_path)
-    _, original = demo.build_original(demo.Path("demo-output"))
+    original = demo.build_original(demo.Path("demo-output"))
     assert not json.loads((original / "config.json").read_text())["mm_vision_tower"].startswith("/")
-    for cwd, path in ((tmp_path / "demo-output", "llava-v1.5-tiny"), (tmp_path.parent, tmp_path / original)):
+    for cwd, path in ((tmp_path / "demo-output", "llava-v1.5-llama-tiny"), (tmp_path.parent, tmp_path / original)):
         monkeypatch.chdir(cwd)
         r = run_cli("convert", path, tmp_path / f"out-{cwd.name}", "--dry-run")
         assert r.code == 0, (cwd, r.err)

@@ -190,13 +190,13 @@ def test_a_broken_tokenizer_json_is_one_error_line(hf, tmp_path, text, why):
 def test_added_tokens_beyond_the_embedding_rows():
     from vlmkit.conversion.gguf_vocab import sentencepiece
     from vlmkit.errors import ConfigError
-    from vlmkit.families.llava.tiny import TOKENIZERS
+    from vlmkit.families.llava.tiny import tokenizer_folder
 
     with pytest.raises(ConfigError) as e:
-        sentencepiece(TOKENIZERS["llama"], {"<image>": 32000, "<pad>": 32001}, rows=32001)
+        sentencepiece(tokenizer_folder("llama"), {"<image>": 32000, "<pad>": 32001}, rows=32001)
     assert "added token '<pad>' has id 32001 but the model's embedding has 32001 rows" in e.value.message
     with pytest.raises(ConfigError) as e:
-        sentencepiece(TOKENIZERS["llama"], {}, rows=31000)
+        sentencepiece(tokenizer_folder("llama"), {}, rows=31000)
     assert "32000 SentencePiece tokens but the model's embedding has only 31000 rows" in e.value.message
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageFile
 
 from vlmkit.errors import ConfigError, ImageError
+from vlmkit.families.llava.hf_output import image_processor as hf_image_processor
 from vlmkit.runtime.images import (
     CLIP_MEAN,
     CLIP_STD,
@@ -23,7 +24,6 @@ from vlmkit.runtime.images import (
     clip_preprocess,
     divide_to_patches,
     expand2square,
-    hf_image_processor,
     load_image,
     preprocess,
     resize_and_pad_image,

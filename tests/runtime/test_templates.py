@@ -10,8 +10,8 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from vlmkit.errors import TemplateError
-from vlmkit.runtime.templates import (TEMPLATES, chat_template, choose_template, get_model_name_from_path,
-                                      get_template, render, with_image)
+from vlmkit.families.llava.templates import choose_template, get_model_name_from_path
+from vlmkit.runtime.templates import TEMPLATES, chat_template, get_template, render, with_image
 from vlmkit.runtime.tokens import build_converted_tokenizer, tokenizer_image_token
 from vlmkit.runtime.vocab import Vocab, open_vocab
 

@@ -23,7 +23,7 @@ from .. import dtypes
 from ..errors import ConfigError, PlanError
 from ..tensors import TensorSource
 from ..tensors.gguf_io import GGUFStreamWriter, GGUFTensorSpec
-from . import output
+from . import gguf_folder, output
 from .engine import Progress, Result, _stream
 from .plan import Plan, compile_plan, human_bytes
 from .rules import Pattern, Rule, op_label
@@ -161,6 +161,11 @@ class GGUFFile:
     types: list[TypeRule] = field(default_factory=list)
     expected: dict[str, tuple[int, ...]] | None = None
     source: TensorSource | None = None
+
+    @property
+    def role(self) -> str:
+        """``"model"`` or ``"mmproj"``: what llama.cpp's tools take it as, read from the name (``gguf_folder.role``)."""
+        return gguf_folder.role(self.file_name)
 
 
 @dataclass

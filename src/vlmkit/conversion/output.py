@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ManifestError, OutputError
 from ..tensors import TensorInfo
 from .source_hashes import SourceHashes, sha256_file

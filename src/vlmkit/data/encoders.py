@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from ..runtime.tokens import IMAGE_TOKEN_INDEX
+from ..options import read_json
+from ..runtime.tokens import IMAGE_TOKEN_INDEX, token_content
 from ..runtime.vocab import Vocab, open_vocab
 
 IMAGE_PIECE = "<image>"
@@ -61,6 +62,23 @@ class OriginalEncoder:
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
         return [IMAGE_PIECE if i == IMAGE_TOKEN_INDEX else self.vocab.token(i) for i in ids]
+
+    @property
+    def next_id(self) -> int:
+        """``len(tokenizer)``: the id ``tokenizer.add_tokens([...])`` gives a new token (LLaVA-NeXT's ``<image>``)."""
+        if self.vocab.kind == "bpe":
+            return self.vocab.tokenizer.get_vocab_size(with_added_tokens=True)
+        tokenizer = self.vocab.tokenizer
+        return max([tokenizer.vocab_size - 1, *(t.id for t in tokenizer.added_tokens.values())]) + 1
+
+    @property
+    def additional_special_tokens(self) -> list[str]:
+        """``tokenizer.additional_special_tokens``: ``special_tokens_map.json``'s list, else
+        ``tokenizer_config.json``'s."""
+        lists = [read_json(self.vocab.folder / name).get("additional_special_tokens")
+                 for name in ("special_tokens_map.json", "tokenizer_config.json")
+                 if (self.vocab.folder / name).is_file()]
+        return [token_content(t) for t in next((x for x in lists if x is not None), None) or []]
 
 
 class TransformersEncoder:

@@ -1,10 +1,10 @@
 """What the data commands need from a model, read without loading any weights.
 
 ``--model`` gives the tokenizer, the conversation template, the training length and the
-number of features each image becomes (for token statistics), from an original LLaVA
-checkpoint (``families.llava.checkpoint``: its slow tokenizer, ``mm_*`` fields and CLIP
-config) or a transformers Llava / LlavaNext folder (its tokenizer, chat template and
-processor). The loading options (``--template``, ``--vision-tower``, ``--model-base``) mean
+number of features each image becomes (for token statistics), from an original checkpoint
+(its family's ``data_model``, e.g. ``families/llava/data.py``: the slow tokenizer, ``mm_*``
+fields and CLIP config) or a transformers Llava / LlavaNext folder (its tokenizer, chat
+template and processor). The loading options (``--template``, ``--vision-tower``, ``--model-base``) mean
 what they mean for every other command.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..options import LoadOptions
-from .encoders import Encoder, OriginalEncoder, TransformersEncoder
+from .encoders import Encoder, TransformersEncoder
 
 DEFAULT_MAX_LENGTH = 2048  # --model_max_length of LLaVA's released training scripts
 _SANE_LENGTH = 10_000_000  # tokenizer configs write 1e30 for "no limit"
@@ -69,13 +69,16 @@ def load_data_model(path: str | Path, options: LoadOptions | None = None, *,
     Raises:
         ConfigError / CheckpointError: naming the file or field and the flag that fixes it.
     """
-    from ..families.llava.checkpoint import form_of
+    from .. import families
     from ..tensors import resolve
 
     options = options or LoadOptions()
     folder = resolve(path)
-    loader = _original if form_of(folder) is not None else _transformers
-    model = loader(folder, options, max_length)
+    found = families.find(folder)
+    if families.can(found, "data_model"):  # an original checkpoint: its family reads it
+        model = found.family.data_model(found, options, max_length=max_length)
+    else:
+        model = _transformers(folder, options, max_length)
     model.spec = (str(folder), options, max_length)
     return model
 
@@ -95,47 +98,6 @@ def _length(explicit: int | None, config: dict, tokenizer_config: dict) -> tuple
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
-def _original(folder: Path, options: LoadOptions, max_length: int | None) -> DataModel:
-    from ..families.llava.checkpoint import open_original
-    from ..families.llava.hf_output import template_for
-
-    ckpt = open_original(folder, options)
-    encoder = OriginalEncoder.from_folder(ckpt.tokenizer_folder)
-    length, source = _length(max_length, ckpt.config, _read(ckpt.tokenizer_folder / "tokenizer_config.json"))
-    vision = ckpt.vision_config
-    side = vision["image_size"] // vision["patch_size"]
-    per_crop = side * side + (1 if ckpt.config.get("mm_vision_select_feature", "patch") == "cls_patch" else 0)
-    from ..runtime.templates import get_template
-
-    template = get_template(template_for(ckpt, options)).name
-    model = DataModel(folder, "original", template, encoder, length, source, per_crop)
-    if ckpt.is_next:
-        model.fixed_image_tokens = None
-        model.sized_image_tokens = _anyres_counter(ckpt.config, side, vision["image_size"])
-    return model
-
-
-def _anyres_counter(config: dict, side: int, tower_size: int) -> Callable[[tuple[int, int]], int]:
-    """Features of one image in the original LLaVA-NeXT: base image, then the crop grid (see ``reference.py``)."""
-    import torch
-
-    from ..runtime.images import anyres_grid_shape, unpad_features
-
-    merge = config.get("mm_patch_merge_type", "flat")
-    pinpoints = config.get("image_grid_pinpoints")
-
-    def count(size_wh: tuple[int, int]) -> int:
-        across, down = anyres_grid_shape(size_wh, pinpoints, tower_size)
-        if merge == "flat":
-            return (1 + across * down) * side * side
-        if "unpad" not in merge:
-            return side * side + across * down * side * side
-        rows, cols = unpad_features(torch.empty(0, down * side, across * side), size_wh).shape[1:]
-        return side * side + rows * (cols + 1)  # an image_newline closes every row
-
-    return count
 
 
 def _transformers(folder: Path, options: LoadOptions, max_length: int | None) -> DataModel:

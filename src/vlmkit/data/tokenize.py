@@ -18,6 +18,9 @@ mistral_instruct
 mpt, chatml_direct  preprocess_mpt      the "\\n" after "<|im_start|>assistant" and each answer; the rounds
                                         are counted without the last "<|im_end|>", so the result depends on
                                         the tokenizer's BOS and ``legacy`` (see ``_mpt``)
+qwen_1_5, qwen_2,   preprocess_qwen,    LLaVA-NeXT repository (its train.py): each answer turn whole, and the
+qwen_2_5,           preprocess_llama3   structure tokens of every turn (see :class:`TurnFormat`)
+llava_llama_3
 ==================  ==================  =====================================================================
 
 Quirks kept, because the training sees them:
@@ -69,7 +72,7 @@ from ..errors import TemplateError
 from ..runtime.templates import Template, get_template, render
 from ..runtime.tokens import IMAGE_TOKEN_INDEX, tokenizer_image_token
 from .encoders import Encoder
-from .records import ASSISTANT, IMAGE_TOKEN, USER, DataError, Record
+from .records import ASSISTANT, IMAGE_TOKEN, SYSTEM, USER, DataError, Record
 
 IGNORE_INDEX = -100  # llava/constants.py
 # train.py's IS_TOKENIZER_GREATER_THAN_0_14: LLaVA pins tokenizers==0.15.1, so its legacy corrections apply.
@@ -200,7 +203,7 @@ def _chat(texts: list[str], tpl: Template) -> str:
     return render(tpl, [((USER, ASSISTANT)[j % 2], text) for j, text in enumerate(texts)])
 
 
-def _v1(texts, tpl, enc, has_image) -> _Masked:
+def _v1(texts, tpl, enc, has_image, roles) -> _Masked:
     """preprocess_v1 (vicuna_v1 / llava_v1: TWO style, answers end with "</s>")."""
     prompt = _chat(texts, tpl)
     ids = _prompt_ids(prompt, enc, has_image)
@@ -216,7 +219,7 @@ def _v1(texts, tpl, enc, has_image) -> _Masked:
     return _Masked(ids, labels, cur, stopped, cut_by_tokenizer=not has_image)
 
 
-def _llama_2(texts, tpl, enc, has_image) -> _Masked:
+def _llama_2(texts, tpl, enc, has_image, roles) -> _Masked:
     """preprocess_llama_2 (llama_2 / llava_llama_2 / mistral_instruct: "[INST] q [/INST] a </s>")."""
     prompt = _chat(texts, tpl)
     ids = _prompt_ids(prompt, enc, has_image)
@@ -227,7 +230,7 @@ def _llama_2(texts, tpl, enc, has_image) -> _Masked:
     return _Masked(ids, labels, cur, stopped, cut_by_tokenizer=not has_image)
 
 
-def _mpt(texts, tpl, enc, has_image) -> _Masked:
+def _mpt(texts, tpl, enc, has_image, roles) -> _Masked:
     """preprocess_mpt (mpt / chatml_direct: ChatML without newlines between turns).
 
     The prompt is split at "<|im_end|>" and regrouped as [system + user + assistant], [user + assistant], ...;
@@ -248,7 +251,7 @@ def _mpt(texts, tpl, enc, has_image) -> _Masked:
     return _Masked(ids, labels, cur, stopped, cut_by_tokenizer=not has_image)
 
 
-def _plain(texts, tpl, enc, has_image) -> _Masked:
+def _plain(texts, tpl, enc, has_image, roles) -> _Masked:
     """preprocess_plain (projector pre-training): ``"<image>" + answer + sep``; no mismatch check.
 
     Always ``tokenizer_image_token``, image or not (the asserts are in ``_plain_turns``).
@@ -260,14 +263,98 @@ def _plain(texts, tpl, enc, has_image) -> _Masked:
     return _Masked(ids, labels, None)
 
 
-# The original dispatches on conv.sep_style / conv.version (PLAIN, LLAMA_2, version "v1*", version "mpt");
-# this is the same mapping, keyed by template name. llava_v0 (SINGLE style) would take the generic
-# `preprocess` path with "### " signals, which vlmkit does not implement.
+@dataclass(frozen=True)
+class TurnFormat:
+    """A per-turn preprocessor of the LLaVA-NeXT repository's train.py (``preprocess_qwen``, ``preprocess_llama3``).
+
+    Both build the ids turn by turn: ``apply_chat_template([{"role": "system", "content": system}])``, then
+    ``apply_chat_template([turn])`` for each turn (tokenised without added special tokens, as apply_chat_template
+    does), labels IGNORE for "user" and "system" turns and the turn's own ids for any other role; then EVERY id
+    in the unmask list gets its label back, inside user and system turns too; then ``<image>`` ids become -200.
+    ``<image>`` is a special token only when the record has an image (the original adds it to a copy of the
+    tokenizer, at id ``len(tokenizer)``: that id, not -200, is the label of an ``<image>`` inside an answer).
+
+    Attributes:
+        system: the system message (the function's default: the template's own system text is NOT used).
+        turn: one message as the chat template renders it alone, with ``{role}`` and ``{content}``.
+        trim: the chat template strips the content (Meta's ``| trim``).
+        drop: ids cut from the front of every turn after the system one (``[1:]``: each turn's BOS).
+        unmask_ids: ids written into the code (preprocess_qwen's 198, "\\n" in the Qwen2 vocabulary).
+        unmask_tokens: token strings looked up with ``convert_tokens_to_ids``: a string that is no token gives
+            the unk id, None on these tokenizers, which matches nothing.
+        unmask_additional: also ``tokenizer.additional_special_tokens_ids``, which the original unpacks into
+            ``im_start, im_end``: a tokenizer that lists other than two of them fails there.
+    """
+
+    system: str
+    turn: str
+    trim: bool = False
+    drop: int = 0
+    unmask_ids: tuple[int, ...] = ()
+    unmask_tokens: tuple[str, ...] = ()
+    unmask_additional: bool = False
+
+
+# preprocess_qwen resets the tokenizer's chat template to a system-less ChatML, and is called without a
+# system_message: every qwen template trains with "You are a helpful assistant." (qwen_2_5's own system too).
+_QWEN = TurnFormat("You are a helpful assistant.", "<|im_start|>{role}\n{content}<|im_end|>\n",
+                   unmask_ids=(198,), unmask_additional=True)
+# preprocess_llama3 uses the tokenizer's own chat template: Meta's Llama-3-Instruct one, which writes the BOS
+# text before the first (here: the only) message and trims the content.
+_LLAMA_3 = TurnFormat(get_template("llava_llama_3").system,
+                      "<|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+                      trim=True, drop=1, unmask_tokens=("<|begin_of_text|>", "<|start_header_id|>",
+                                                        "<|end_header_id|>", "<|eot_id|>", "\n\n"))
+# dispatched in the original on conv.version: "qwen" (qwen_1_5, qwen_2, qwen_2_5) and "llama_v3"
+TURN_FORMATS: dict[str, TurnFormat] = {"qwen_1_5": _QWEN, "qwen_2": _QWEN, "qwen_2_5": _QWEN, "llava_llama_3": _LLAMA_3}
+
+
+def _per_turn(texts, tpl, enc, has_image, roles) -> _Masked:
+    """preprocess_qwen / preprocess_llama3 (see :class:`TurnFormat`); no truncation, no mismatch check."""
+    fmt = TURN_FORMATS[tpl.name]
+    vocab = getattr(enc, "vocab", None)
+    if vocab is None:
+        raise _Refuse("unsupported", f"template {tpl.name!r} is tokenised with the original checkpoint's tokenizer "
+                                     "only", hint="pass the original LLaVA-NeXT checkpoint as --model")
+    image_id = enc.next_id if has_image else vocab.token_id(IMAGE_TOKEN)  # tokenizer.convert_tokens_to_ids("<image>")
+    unmask = set(fmt.unmask_ids) | {vocab.token_id(t) for t in fmt.unmask_tokens} - {None}
+    if fmt.unmask_additional:
+        extra = enc.additional_special_tokens
+        if len(extra) != 2:
+            raise _Refuse("unsupported", f"the tokenizer lists {len(extra)} additional special tokens "
+                                         f"({', '.join(extra) or 'none'}): preprocess_qwen unpacks them into "
+                                         "(im_start, im_end) and fails (ValueError)",
+                          hint="train with the tokenizer the checkpoint's language model ships")
+        unmask |= {vocab.token_id(t) for t in extra}
+
+    def encode(role: str, content: str) -> list[int]:
+        text = fmt.turn.format(role=role, content=content.strip() if fmt.trim else content)
+        if not has_image:
+            return vocab.encode(text, special=False)
+        # <image> is a special added token: the text around it is tokenised piece by piece
+        chunks = [vocab.encode(chunk, special=False) for chunk in text.split(IMAGE_TOKEN)]
+        return [i for k, chunk in enumerate(chunks) for i in ([image_id] if k else []) + chunk]
+
+    ids = encode("system", fmt.system)
+    labels = [IGNORE_INDEX] * len(ids)
+    for role, text in zip(roles, texts):
+        turn = encode(role, text)[fmt.drop:]
+        ids += turn
+        labels += [IGNORE_INDEX] * len(turn) if role in (USER, SYSTEM) else turn
+    labels = [i if i in unmask else label for i, label in zip(ids, labels)]
+    ids = [IMAGE_TOKEN_INDEX if i == image_id else i for i in ids]
+    return _Masked(ids, labels, None)
+
+
+# The original dispatches on conv.sep_style / conv.version (PLAIN, LLAMA_2, version "v1*", version "mpt";
+# LLaVA-NeXT adds "qwen" and "llama_v3"); this is the same mapping, keyed by template name. llava_v0 (SINGLE
+# style) would take the generic `preprocess` path with "### " signals, which vlmkit does not implement.
 PREPROCESS: dict[str, Callable[..., _Masked]] = {
     "plain": _plain,
     "vicuna_v1": _v1, "llava_v1": _v1,
     "llama_2": _llama_2, "llava_llama_2": _llama_2, "mistral_instruct": _llama_2,
     "mpt": _mpt, "chatml_direct": _mpt,
+    **dict.fromkeys(TURN_FORMATS, _per_turn),
 }
 
 
@@ -299,6 +386,7 @@ class _Turns:
     texts: list[str]  # what the preprocess function gets
     has_image: bool  # `'image' in record`: tokenizer_image_token (no truncation) instead of tokenizer()
     quirks: list[tuple[str, str]]  # (code of QUIRKS, what the original does with this record)
+    roles: list[str] | None = None  # each text's role; None: alternating user / assistant from a user turn
 
 
 def _turns(record: Record, plain: bool) -> _Turns:
@@ -363,6 +451,40 @@ def _placeholders(record: Record, texts: list[str], first: int) -> list[tuple[st
     return found
 
 
+def _next_multimodal(text: str) -> str:
+    """LLaVA-NeXT's preprocess_multimodal: only a turn with exactly one ``<image>``, not at its start, is rewritten
+    as ``"<image>\\n" + rest.strip()`` (stripped); a turn with several keeps them where they are. It also deletes
+    "QA_GT_caption_based_noisy" from every turn (a clean-up of one video data set, left in the code)."""
+    if text.count(IMAGE_TOKEN) == 1 and not text.startswith(IMAGE_TOKEN):
+        text = (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
+    return text.replace("QA_GT_caption_based_noisy", "")
+
+
+def _next_turns(record: Record) -> _Turns:
+    """The turns as LLaVA-NeXT's per-turn preprocessors get them: preprocess_multimodal (records with an image),
+    a leading gpt turn dropped, then every turn in order whatever its role (no alternation assert)."""
+    turns, has_image = record.turns, bool(record.images)
+    texts = [_next_multimodal(t.text) if has_image else t.text for t in turns]
+    if not turns:
+        raise _Refuse("roles", "no conversation turns (the original fails on source[0])")
+    if turns[0].role not in (USER, ASSISTANT):  # `roles[source[0]["from"]]` knows human and gpt only
+        raise _Refuse("roles", f"turn 1 has role {turns[0].role!r}: the original reads the first turn's role from "
+                               "{human, gpt} (KeyError)", hint="start with the human's turn")
+    first, quirks = 0, []
+    if turns[0].role == ASSISTANT:
+        first = 1
+        quirks.append(("leading_gpt", "turn 1 is gpt's: the original drops it (source = source[1:]) and trains on "
+                                      "the turns after it" + (", <image> included" if IMAGE_TOKEN in texts[0] else "")))
+    several = next((j for j in range(first, len(texts)) if texts[j].count(IMAGE_TOKEN) > 1), None)
+    if len(record.images) == 1 and several is not None:
+        raise _Refuse("images", f"turn {several + 1} holds {texts[several].count(IMAGE_TOKEN)} <image> for one image: "
+                                "LLaVA-NeXT keeps them all and its model code runs out of image features",
+                      hint="keep one '<image>', in the question that shows the image")
+    if len(record.images) <= 1:  # several images: refused by tokenize, their placeholders counted by `data check`
+        quirks += _placeholders(record, texts, first)
+    return _Turns(texts[first:], has_image, quirks, [t.role for t in turns[first:]])
+
+
 def _plain_turns(record: Record, texts: list[str], has_image: bool) -> _Turns:
     """preprocess_plain reads no roles: two turns, <image> in the first (its two asserts), the second is the caption."""
     if len(texts) != 2:
@@ -396,9 +518,9 @@ def structure(record: Record, template: str | Template | None = None) -> list[tu
         ``[("roles" | "images", why)]`` when the original would fail on the record, else its :data:`QUIRKS`
         as ``(code, what the original does)``.
     """
-    plain = template is not None and get_template(template).name == "plain"
+    name = None if template is None else get_template(template).name
     try:
-        return _turns(record, plain).quirks
+        return (_next_turns(record) if name in TURN_FORMATS else _turns(record, name == "plain")).quirks
     except _Refuse as r:
         return [(r.code, r.reason)]
 
@@ -431,22 +553,25 @@ def tokenize(record: Record, template: str | Template, encoder: Encoder, *, max_
             raise _Refuse("unsupported", f"vlmkit has no training preprocessing for template {tpl.name!r} "
                                          f"(known: {', '.join(PREPROCESS)})", hint="pass --template with one of them")
         if len(record.images) > 1:
-            raise _Refuse("images", f"{len(record.images)} images; the original LLaVA training takes one image "
-                                    "per record ('image' is a single path)")
-        turns = _turns(record, plain=preprocess is _plain)
+            raise _Refuse("images", f"{len(record.images)} images; " + (
+                "vlmkit tokenises one image per record (LLaVA-NeXT's training also takes a list of images, which "
+                "vlmkit does not train yet)" if preprocess is _per_turn else
+                "the original LLaVA training takes one image per record ('image' is a single path)"))
+        turns = _next_turns(record) if preprocess is _per_turn else _turns(record, plain=preprocess is _plain)
         if strict and turns.quirks:
             code, what = turns.quirks[0]
             raise _Refuse(code, f"{what} (refused by --strict)",
                           hint="fix the record, or leave out --strict to train it as the original does")
         try:
-            masked = preprocess(turns.texts, tpl, encoder, turns.has_image)
+            masked = preprocess(turns.texts, tpl, encoder, turns.has_image, turns.roles)
         except TemplateError as e:
             raise _Refuse("unrenderable", e.message, e.hint) from None
         _check_counts(masked, encoder, max_length, tpl)
         if encoder.pad_token_id is not None and encoder.pad_token_id in masked.ids:
-            raise _Refuse("unk", "the text produces <unk> (the pad token of LLaVA's training), which the original "
+            raise _Refuse("unk", f"the text produces the pad token of LLaVA's training (id {encoder.pad_token_id}: "
+                                 "<unk>, or the tokenizer's own pad token when it has no <unk>), which the original "
                                  "model code silently removes from the sequence",
-                          hint="remove literal '<unk>' from the text")
+                          hint="remove that token's literal text (e.g. '<unk>', '<|endoftext|>') from the record")
         return _finish(record, masked, max_length, image_tokens)
     except _Refuse as r:
         raise RecordError(record, tpl.name, r.code, r.reason, hint=r.hint) from None

@@ -4,7 +4,8 @@ The card is data, not prose per family: what the model is comes from the folder'
 config and processor files (or the GGUF metadata in the plan), where it came from and what
 changed from the manifest (source files and hashes, command, plan), the parity report from
 ``vlmkit verify`` when one ran. What differs per kind of output (the Hub's pipeline tag, the
-commands that run it, the known differences from the original) is one row of ``KINDS``.
+commands that run it, the known differences from the original) is a ``Kind``: the folder's family
+says it (its ``card_kind`` capability); a folder no family claims gets one of the plain kinds here.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
-from ..conversion import output
+from .._version import __version__
+from ..conversion import gguf_folder, output
 from ..conversion.plan import human_bytes
 
 
@@ -30,7 +31,7 @@ class Kind:
         tags: Hub tags besides ``vlmkit``.
         run: keys of ``SNIPPETS`` that run this folder, in the order shown.
         differences: known differences from the original model (kept in step with ``vlmkit verify``'s notes).
-        prompt: BLIP-2: the ``families.blip2.language_models`` row whose question form the snippets use.
+        prompt: the question form the model is asked in, ``{}`` for the question (BLIP-2: LAVIS's QA prompt).
     """
 
     title: str
@@ -42,52 +43,12 @@ class Kind:
     prompt: str | None = None
 
 
-UNPAD = ("transformers' LLaVA-NeXT unpads the image features with `int(round(x, 7))` where the original code "
-         "truncates with `int(x)`: for rare image sizes one feature row or column more (`vlmkit verify` notes it)")
-NEXT_TILES = ("llama.cpp arranges LLaVA-NeXT images its own way (overview + tiles, no unpadding and no "
-              "image_newline rows), so its image token counts differ from the original's")
-
-
-def _cls_defect() -> str:
-    from ..parity.llamacpp import DEFECT
-
-    return (f"llama.cpp builds with {DEFECT}: until it is fixed upstream, its image embeddings differ from the "
-            "original's")
-
-
-KINDS: dict[str, Kind] = {
-    "LlavaForConditionalGeneration": Kind(
-        "LLaVA-1.5 (transformers `LlavaForConditionalGeneration`)", "image-text-to-text", "transformers",
-        ("llava", "image-text-to-text"), ("transformers-chat", "vlmkit-chat", "vllm", "to-gguf")),
-    "LlavaNextForConditionalGeneration": Kind(
-        "LLaVA-NeXT (transformers `LlavaNextForConditionalGeneration`)", "image-text-to-text", "transformers",
-        ("llava", "llava-next", "image-text-to-text"), ("transformers-chat", "vlmkit-chat", "vllm", "to-gguf"),
-        (UNPAD,)),
-    "Blip2ForConditionalGeneration": Kind(
-        "BLIP-2 with OPT (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text", "transformers",
-        ("blip-2", "image-text-to-text"), ("transformers-blip2", "vlmkit-chat", "vllm"), prompt="opt"),
-    # vLLM has no encoder-decoder language model for BLIP-2 (its Blip2 runs OPT only): no `vllm serve`
-    "Blip2ForConditionalGeneration:t5": Kind(
-        "BLIP-2 with Flan-T5 (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text", "transformers",
-        ("blip-2", "t5", "image-text-to-text"), ("transformers-blip2", "vlmkit-chat"), prompt="t5"),
-    "FlavaForPreTraining": Kind(
-        "FLAVA (transformers `FlavaForPreTraining`)", "feature-extraction", "transformers", ("flava",),
-        ("transformers-flava",)),
-    "CLIPModel": Kind("CLIP (transformers `CLIPModel`)", "zero-shot-image-classification", "transformers", ("clip",),
-                      ("transformers-clip",)),
-    "gguf:pair": Kind("LLaVA as GGUF for llama.cpp: the language model and its vision projector (mmproj)",
-                      "image-text-to-text", "gguf", ("llava", "gguf", "llama.cpp"),
-                      ("llama-mtmd-cli", "llama-server", "vlmkit-serve-llama"), ("cls-defect",)),
-    "gguf:model": Kind("a language model as GGUF for llama.cpp", "text-generation", "gguf", ("gguf", "llama.cpp"),
-                       ("llama-cli",)),
-    "gguf:mmproj": Kind("a LLaVA vision projector (mmproj) as GGUF for llama.cpp", "image-text-to-text", "gguf",
-                        ("llava", "gguf", "llama.cpp"), (), ("cls-defect",)),
-    "gguf:clip": Kind("CLIP as GGUF (llama.cpp's CLIP layout)", "feature-extraction", "gguf", ("clip", "gguf"), ()),
-    "tensors": Kind("tensors in safetensors (no transformers config)", None, "safetensors", (), ()),
-}
+# folders no family claims
+TENSORS = Kind("tensors in safetensors (no transformers config)", None, "safetensors", (), ())
+GGUF = Kind("a language model as GGUF for llama.cpp", "text-generation", "gguf", ("gguf", "llama.cpp"), ("llama-cli",))
 
 # {path}: the folder's name (the commands run from the folder that holds it); {model}/{mmproj}: GGUF files;
-# {prompt}: BLIP-2's question form (Kind.prompt)
+# {prompt}: the question as the model is asked it (Kind.prompt)
 SNIPPETS: dict[str, tuple[str, str]] = {
     "transformers-chat": ("python", '''from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -172,28 +133,21 @@ def write(folder: str | Path, report=None, *, manifest: dict | None = None) -> P
     return folder / output.CARD
 
 
-def kind_of(manifest: dict, folder: Path) -> str:
-    """The ``KINDS`` key of a folder: its transformers architecture, or the shape of its GGUF files."""
-    plan = manifest.get("plan") or {}
-    if (manifest.get("provenance") or {}).get("output") == "gguf":
-        files = plan.get("files") or []
-        if any(f["arch"] != "clip" for f in files):
-            return "gguf:pair" if any(f["file"].startswith("mmproj-") for f in files) else "gguf:model"
-        return "gguf:mmproj" if all(f["file"].startswith("mmproj-") for f in files) else "gguf:clip"
-    config = _json(folder / "config.json") or {}
-    key = next((a for a in config.get("architectures") or [] if a in KINDS), "tensors")
-    # the flag transformers' Blip2Config writes (True for OPT, False for Flan-T5), else the text model's type
-    if key == "Blip2ForConditionalGeneration" and not config.get(
-            "use_decoder_only_language_model", (config.get("text_config") or {}).get("model_type") != "t5"):
-        return key + ":t5"
-    return key
+def kind_of(manifest: dict, folder: Path) -> Kind:
+    """What ``folder`` is, for its card: its family's ``card_kind`` (a transformers folder of the family, or the
+    GGUF files it wrote), else a plain kind from the manifest."""
+    from .. import families
+
+    found = families.find(Path(folder))
+    if families.can(found, "card_kind"):
+        return found.family.card_kind(found)
+    return GGUF if (manifest.get("provenance") or {}).get("output") == "gguf" else TENSORS
 
 
 def render(manifest: dict, folder: Path) -> str:
     """The model card of ``folder`` from its manifest (with ``parity`` once ``vlmkit verify`` wrote it)."""
     folder = Path(folder)
-    key = kind_of(manifest, folder)
-    kind = KINDS[key]
+    kind = kind_of(manifest, folder)
     source, prov = manifest.get("source") or {}, manifest.get("provenance") or {}
     # while converting, the folder is the temporary one beside the destination (see output.atomic_folder)
     name = folder.name[1:].split(".vlmkit-tmp-")[0] if ".vlmkit-tmp-" in folder.name else folder.name
@@ -202,7 +156,7 @@ def render(manifest: dict, folder: Path) -> str:
         f"# {name}\n\n{kind.title}, converted by vlmkit "
         f"{manifest.get('vlmkit_version', __version__)} on {manifest.get('created', '?')}."
         + (f"\n\n{prov['summary']}." if prov.get("summary") else ""),
-        _model_section(manifest, folder, key),
+        _model_section(manifest, folder, kind),
         _provenance_section(manifest),
         _changes_section(manifest),
         _differences_section(kind),
@@ -231,9 +185,9 @@ def _front_matter(kind: Kind, source: dict) -> str:
     return f"---\n{text}---"
 
 
-def _model_section(manifest: dict, folder: Path, key: str) -> str:
+def _model_section(manifest: dict, folder: Path, kind: Kind) -> str:
     lines = ["## Model", ""]
-    if key.startswith("gguf:"):
+    if kind.library == "gguf":
         for f in (manifest.get("plan") or {}).get("files") or []:
             meta = f.get("metadata") or {}
             shown = {k: v for k, v in meta.items() if any(k == g or k.endswith("." + g) for g in GGUF_MODEL_KEYS)}
@@ -363,7 +317,7 @@ def _differences_section(kind: Kind) -> str:
     if not kind.differences:
         return ""
     lines = ["## Known differences from the original", ""]
-    lines += [f"- {_cls_defect() if d == 'cls-defect' else d}" for d in kind.differences]
+    lines += [f"- {d}" for d in kind.differences]
     return "\n".join(lines)
 
 
@@ -413,16 +367,12 @@ def _run_section(kind: Kind, manifest: dict, name: str) -> str:
     if not kind.run:
         return ""
     files = [f["file"] for f in (manifest.get("plan") or {}).get("files") or []]
-    mmproj = next((f for f in files if f.startswith("mmproj-")), "")
-    model = next((f for f in files if f != mmproj), "")
+    mmproj = next((f for f in files if gguf_folder.role(f) == gguf_folder.MMPROJ), "")
+    model = next((f for f in files if gguf_folder.role(f) == gguf_folder.MODEL), "")
     lines = ["## How to run", "",
              f"Download the folder (`hf download OWNER/REPO --local-dir {name}`), then, from the folder that holds "
              f"`{name}` and with any photo as `image.jpg`:"]
-    prompt = ""
-    if kind.prompt:
-        from ..families.blip2.language_models import row  # WS-A step 10: through found.family.card_kind
-
-        prompt = row(kind.prompt).prompt[1].format("What is shown in this image?")
+    prompt = kind.prompt.format("What is shown in this image?") if kind.prompt else ""
     for key in kind.run:
         lang, code = SNIPPETS[key]
         lines += ["", f"```{lang}", code.format(path=name, model=model, mmproj=mmproj, prompt=prompt), "```"]

@@ -377,11 +377,7 @@ def unpad_features(tensor: torch.Tensor, original_size_wh: tuple[int, int]) -> t
 
 
 # ---------------------------------------------------------------------------------------------- transformers
-_HF_KINDS = {"llava": ("LlavaImageProcessorPil", ("pad", "square")),
-             "llava_next": ("LlavaNextImageProcessorPil", ("anyres",))}
-
-
-def hf_image_processor(cfg: ImageConfig, kind: str) -> tuple[Any, list[list[int]] | None]:
+def hf_image_processor(cfg: ImageConfig, class_name: str) -> tuple[Any, list[list[int]] | None]:
     """The transformers 5 image processor whose ``pixel_values`` equal :func:`preprocess`'s.
 
     It is the PIL backend class: PIL bicubic resizes, numpy rescale/normalize, bit-identical to the reference.
@@ -392,11 +388,12 @@ def hf_image_processor(cfg: ImageConfig, kind: str) -> tuple[Any, list[list[int]
 
     Args:
         cfg: the original checkpoint's preprocessing.
-        kind: "llava" (pad / square) or "llava_next" (anyres).
+        class_name: the transformers image processor class that does ``cfg.aspect`` (the family's table says
+            which, e.g. ``families/llava/hf_output.py``).
 
     Returns:
         ``(processor, image_grid_pinpoints)``: the pinpoints to write into the converted ``config.json`` too
-        (the model derives the grid shape from them and must agree with the processor), or None for "llava".
+        (the model derives the grid shape from them and must agree with the processor), or None unless anyres.
 
     Deliberate differences that remain (transformers behaviour, documented not removed):
         - pinpoints: transformers reads each pair as (height, width), the original as (width, height); both
@@ -411,15 +408,12 @@ def hf_image_processor(cfg: ImageConfig, kind: str) -> tuple[Any, list[list[int]
     """
     import transformers
 
-    if kind not in _HF_KINDS or cfg.aspect not in _HF_KINDS[kind][1]:
-        raise ConfigError(f"hf_image_processor: aspect={cfg.aspect!r} cannot be done by kind={kind!r}",
-                          hint=f"use kind {[k for k, (_, a) in _HF_KINDS.items() if cfg.aspect in a]}")
-    extra: dict[str, Any] = {"do_pad": cfg.aspect == "pad"}  # llava: pad-to-square with int(mean*255)
+    extra: dict[str, Any] = {"do_pad": cfg.aspect == "pad"}  # pad-to-square with int(mean*255)
     pinpoints = None
-    if kind == "llava_next":
+    if cfg.aspect == "anyres":
         pinpoints = [[h, w] for w, h in cfg.grid_pinpoints]
         extra = {"do_pad": True, "image_grid_pinpoints": pinpoints}
-    processor = getattr(transformers, _HF_KINDS[kind][0])(
+    processor = getattr(transformers, class_name)(
         size={"shortest_edge": cfg.size}, crop_size={"height": cfg.crop[0], "width": cfg.crop[1]},
         image_mean=list(cfg.mean), image_std=list(cfg.std), rescale_factor=cfg.rescale, resample=int(BICUBIC),
         do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True, do_convert_rgb=True, **extra)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..errors import VlmkitError
 from .images import file_error
+from .templates import with_image
 
 ImageInput = "str | os.PathLike | bytes | Image.Image"
 ROLES = ("system", "user", "assistant")
@@ -118,3 +119,13 @@ def image_bytes_or_path(image):
     if hasattr(image, "read"):
         return image.read() if not isinstance(image, io.TextIOBase) else image
     raise MessageError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")
+
+
+def template_messages(turns: list[Turn]) -> list[tuple[str, str | None]]:
+    """(role, text) pairs for ``templates.render``, with ``<image>\\n`` before a user text per image as the
+    original LLaVA cli does, and the open assistant turn last."""
+    out = []
+    for t in turns:
+        text = with_image(t.text, len(t.images)) if t.images else t.text
+        out.append((t.role, text))
+    return out + [("assistant", None)]

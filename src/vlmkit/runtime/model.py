@@ -16,9 +16,9 @@ from typing import Iterator
 
 import torch
 
-from ..options import LoadOptions
+from .. import families
+from ..options import LoadOptions, check_device
 from ..tensors import resolve
-from .backends import backend_for
 from .generation import PrefixCache, Prompt, SamplingParams, TextStream, assemble, batch_stream, stream_tokens
 from .messages import Turn, image_bytes_or_path, image_digest, normalise
 
@@ -194,4 +194,6 @@ def load(path: str | Path, *, options: LoadOptions | None = None, **load_options
             ``template=``, ``dtype="float16"`` (any spelling of ``vlmkit.dtypes``), ``device="cuda"``).
     """
     options = options or LoadOptions(**load_options)  # checks the dtype's spelling and the device
-    return ChatModel(backend_for(resolve(path), options))
+    check_device(options.device)
+    found = families.require(resolve(path), "chat_backend")
+    return ChatModel(found.family.chat_backend(found, options))

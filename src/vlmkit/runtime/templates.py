@@ -32,13 +32,16 @@ IMAGE_TOKEN = "<image>"
 
 
 class Style(str, Enum):
-    """The original ``SeparatorStyle`` values (PLAIN, SINGLE, TWO, MPT, LLAMA_2)."""
+    """The original ``SeparatorStyle`` values (PLAIN, SINGLE, TWO, MPT, LLAMA_2; CHATML and LLAMA_3 of the
+    LLaVA-NeXT repository's ``llava/conversation.py``)."""
 
     SINGLE = "single"
     TWO = "two"
     MPT = "mpt"
     PLAIN = "plain"
     LLAMA_2 = "llama_2"
+    CHATML = "chatml"
+    LLAMA_3 = "llama_3"
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class StyleFormat:
 
     Format strings use ``{system}`` (the system block, "" when the system prompt is empty),
     ``{sep}``, ``{sep2}``, ``{user}`` / ``{assistant}`` (the template's role names) and ``{msg}``.
-    ``None`` marks a turn the original cannot render (it asserts or raises there).
+    ``None`` marks a turn the original cannot render (it asserts or raises there). ``end`` closes every
+    prompt; ``trim`` strips each message and the system prompt first (Jinja's ``| trim``).
     """
 
     start: str
@@ -57,7 +61,12 @@ class StyleFormat:
     first_user_open: str | None
     user_open: str
     assistant_open: str
+    end: str = ""
+    trim: bool = False
 
+
+_L3_BOS = "<|begin_of_text|>"  # written as text by Meta's template (its bos_token)
+_L3_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
 
 STYLES: dict[Style, StyleFormat] = {
     # ret = system + sep; each turn "ROLE: msg" + sep; open turn "ROLE:"
@@ -79,6 +88,18 @@ STYLES: dict[Style, StyleFormat] = {
     # user turn is written without sep. An empty first message trips an assert there.
     Style.LLAMA_2: StyleFormat("", "[INST] {system}{msg} [/INST]", "{sep}[INST] {msg} [/INST]", " {msg} {sep2}",
                                None, "", ""),
+    # LLaVA-NeXT CHATML: system + sep + "\n" only for a non-empty system (the templates' system_format
+    # carries that sep + "\n"); each turn "ROLE\nmsg" + sep + "\n"; an open turn "ROLE\n".
+    Style.CHATML: StyleFormat("{system}", "{user}\n{msg}{sep}\n", "{user}\n{msg}{sep}\n",
+                              "{assistant}\n{msg}{sep}\n", "{user}\n", "{user}\n", "{assistant}\n"),
+    # LLaVA-NeXT LLAMA_3: get_prompt() returns Meta's Llama-3-Instruct chat template applied to
+    # [system] + the non-empty messages with add_generation_prompt=True: BOS text, the system message
+    # (always, even empty), each message "<|start_header_id|>ROLE<|end_header_id|>\n\n" + content|trim +
+    # "<|eot_id|>", then ALWAYS the assistant header; open turns are skipped.
+    Style.LLAMA_3: StyleFormat(_L3_BOS + _L3_HEADER.format("system") + "{system}{sep}",
+                               _L3_HEADER.format("{user}") + "{msg}{sep}", _L3_HEADER.format("{user}") + "{msg}{sep}",
+                               _L3_HEADER.format("{assistant}") + "{msg}{sep}", "", "", "",
+                               end=_L3_HEADER.format("{assistant}"), trim=True),
 }
 
 
@@ -93,7 +114,10 @@ class Template:
         style: the separator style.
         sep / sep2: separators.
         system_format: how a non-empty system prompt is laid out; the original keeps e.g.
-            ``"<|im_start|>system\\n"`` inside its MPT system strings, and LLAMA_2's ``wrap_sys``.
+            ``"<|im_start|>system\\n"`` inside its MPT system strings, and LLAMA_2's ``wrap_sys``;
+            CHATML's also ends with the ``sep + "\\n"`` its renderer adds after a non-empty system.
+        stop: token strings that end a generation besides the tokenizer's EOS (the original's
+            ``stop_token_ids`` / the token that closes an answer; see :func:`stop_ids`).
     """
 
     name: str
@@ -103,6 +127,7 @@ class Template:
     sep: str
     sep2: str | None = None
     system_format: str = "{system}"
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.style is Style.LLAMA_2 and "[" in self.sep:
@@ -122,6 +147,10 @@ _LLAMA_2_SYSTEM = "<<SYS>>\n{system}\n<</SYS>>\n\n"
 _USER_ASSISTANT = ("USER", "ASSISTANT")
 _CHATML_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
 _CHATML_SYSTEM = "<|im_start|>system\n{system}"
+_QWEN_ROLES = ("<|im_start|>user", "<|im_start|>assistant")
+_QWEN_SYSTEM = "<|im_start|>system\n{system}<|im_end|>\n"
+_LLAVA_LLAMA_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                       "that the user provides, and assist the user with a variety of tasks using natural language.")
 _HUMAN_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
@@ -130,9 +159,7 @@ _CANONICAL = [
              "The assistant gives helpful, detailed, and polite answers to the user's questions.",
              _USER_ASSISTANT, Style.TWO, " ", "</s>"),
     Template("llava_v1", _HUMAN_SYSTEM, _USER_ASSISTANT, Style.TWO, " ", "</s>"),
-    Template("llava_llama_2", "You are a helpful language and vision assistant. You are able to understand the "
-             "visual content that the user provides, and assist the user with a variety of tasks using natural "
-             "language.", _USER_ASSISTANT, Style.LLAMA_2, "<s>", "</s>", _LLAMA_2_SYSTEM),
+    Template("llava_llama_2", _LLAVA_LLAMA_SYSTEM, _USER_ASSISTANT, Style.LLAMA_2, "<s>", "</s>", _LLAMA_2_SYSTEM),
     # (sic) two spaces after "while being safe." in the original
     Template("llama_2", "You are a helpful, respectful and honest assistant. Always answer as helpfully as "
              "possible, while being safe.  Your answers should not include any harmful, unethical, racist, sexist, "
@@ -147,21 +174,21 @@ _CANONICAL = [
              "honest answers.", _CHATML_ROLES, Style.MPT, "<|im_end|>", system_format=_CHATML_SYSTEM),
     Template("plain", "", ("", ""), Style.PLAIN, "\n"),
     Template("llava_v0", _HUMAN_SYSTEM, ("Human", "Assistant"), Style.SINGLE, "###"),
+    # LLaVA-NeXT repository (LLaVA-VL/LLaVA-NeXT llava/conversation.py: conv_qwen, conv_qwen_2_5,
+    # conv_llava_llama_3). The qwen ones list no stop token: generation ends at the tokenizer's EOS, which
+    # the OneVision / Qwen2-Instruct tokenizers name <|im_end|>; a base Qwen tokenizer (EOS <|endoftext|>)
+    # would run past the turn's end, so <|im_end|> stops here too. llava_llama_3: stop_token_ids=[128009].
+    Template("qwen_1_5", "You are a helpful assistant.", _QWEN_ROLES, Style.CHATML, "<|im_end|>",
+             system_format=_QWEN_SYSTEM, stop=("<|im_end|>",)),
+    Template("qwen_2_5", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", _QWEN_ROLES,
+             Style.CHATML, "<|im_end|>", system_format=_QWEN_SYSTEM, stop=("<|im_end|>",)),
+    Template("llava_llama_3", _LLAVA_LLAMA_SYSTEM, ("user", "assistant"), Style.LLAMA_3, "<|eot_id|>",
+             stop=("<|eot_id|>",)),
 ]
-ALIASES: dict[str, str] = {"v1": "vicuna_v1", "mistral_direct": "chatml_direct", "v0_plain": "plain"}
+ALIASES: dict[str, str] = {"v1": "vicuna_v1", "mistral_direct": "chatml_direct", "v0_plain": "plain",
+                           "qwen_2": "qwen_1_5"}
 TEMPLATES: dict[str, Template] = {t.name: t for t in _CANONICAL}
 TEMPLATES.update({alias: TEMPLATES[target] for alias, target in ALIASES.items()})
-
-# llava/serve/cli.py and llava/eval/run_llava.py: first substring of the lower-cased model
-# name that matches decides; nothing matches -> "llava_v0".
-AUTO_SELECT: tuple[tuple[str, str], ...] = (
-    ("llama-2", "llava_llama_2"),
-    ("mistral", "mistral_instruct"),
-    ("v1.6-34b", "chatml_direct"),
-    ("v1", "llava_v1"),
-    ("mpt", "mpt"),
-)
-AUTO_SELECT_DEFAULT = "llava_v0"
 
 
 def get_template(template: str | Template) -> Template:
@@ -175,16 +202,22 @@ def get_template(template: str | Template) -> Template:
                             hint=f"use one of: {', '.join(sorted(TEMPLATES))}") from None
 
 
-def choose_template(model_name: str) -> str:
-    """The template the original cli picks for a model name (``get_model_name_from_path`` of its path)."""
-    name = model_name.lower()
-    return next((template for needle, template in AUTO_SELECT if needle in name), AUTO_SELECT_DEFAULT)
+def stop_ids(template: str | Template, vocab) -> frozenset[int]:
+    """The ids that end a generation with ``template``: the vocabulary's (``Vocab.eos_ids``) and the template's
+    ``stop`` tokens.
 
-
-def get_model_name_from_path(path: str) -> str:
-    """Original ``get_model_name_from_path``: last path part, or "<run>_checkpoint-N" for checkpoints."""
-    parts = path.strip("/").split("/")
-    return f"{parts[-2]}_{parts[-1]}" if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]
+    Raises:
+        TemplateError: a stop token the vocabulary does not have (the template is not this model's).
+    """
+    tpl = get_template(template)
+    ids = set(vocab.eos_ids)
+    for token in tpl.stop:
+        index = vocab.token_id(token)
+        if index is None or index == vocab.unk_id or vocab.token(index) != token:
+            raise TemplateError(f"template {tpl.name!r} ends answers with {token!r}, which the tokenizer in "
+                                f"{vocab.folder} does not have", hint="pick the model's own template (--template)")
+        ids.add(index)
+    return frozenset(ids)
 
 
 def with_image(text: str, n_images: int = 1) -> str:
@@ -223,6 +256,8 @@ def render(template: str | Template, messages: Sequence[tuple[str, str | None]])
     fmt = STYLES[tpl.style]
     system, turns = _split_system(messages, tpl)
     shift = len(messages) - len(turns)  # error messages count the system message too
+    trim = str.strip if fmt.trim else str
+    system = trim(system)
     out = [_fill(fmt.start, tpl, system, "")]
     for i, (role, text) in enumerate(turns):
         expected = ("user", "assistant")[i % 2]
@@ -240,7 +275,8 @@ def render(template: str | Template, messages: Sequence[tuple[str, str | None]])
                                 f"(message {i + shift}); the original fails there too",
                                 hint="give the first user message text" if role == "user" else
                                 "plain is a prompt-only format: end the conversation with ('assistant', None)")
-        out.append(_fill(piece, tpl, system, text or ""))
+        out.append(_fill(piece, tpl, system, trim(text or "")))
+    out.append(_fill(fmt.end, tpl, system, ""))
     return "".join(out)
 
 
@@ -265,8 +301,8 @@ def _literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)  # a valid Jinja string literal
 
 
-def _jinja_expr(fmt: str | None, template: Template, error: str) -> str:
-    """One format string of STYLES as a Jinja ``{{ ... }}`` over ``system_block`` and ``text``."""
+def _jinja_expr(fmt: str | None, template: Template, error: str, msg: str = "text") -> str:
+    """One format string of STYLES as a Jinja ``{{ ... }}`` over ``system_block`` and ``msg``."""
     if fmt is None:
         return "{{- raise_exception(" + _literal(error) + ") -}}"
     constants = {"sep": template.sep, "sep2": template.sep2 or "", "user": template.roles[0],
@@ -274,7 +310,7 @@ def _jinja_expr(fmt: str | None, template: Template, error: str) -> str:
     parts = []
     for i, piece in enumerate(re.split(r"\{(system|msg)\}", fmt)):
         if i % 2:
-            parts.append("system_block" if piece == "system" else "text")
+            parts.append("system_block" if piece == "system" else msg)
         else:
             literal = re.sub(r"\{(sep|sep2|user|assistant)\}", lambda m: constants[m.group(1)], piece)
             parts.append(_literal(literal)) if literal else None
@@ -305,9 +341,11 @@ def chat_template(template_name: str, *, legacy_tokenizer: bool) -> str:
     no_first_user = f"template {tpl.name}: the first user message must not be empty"
     no_answer = f"template {tpl.name}: prompt-only format, end with add_generation_prompt"
     texts = "selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ')"
+    msg = "(text | trim)" if fmt.trim else "text"  # the open/answered test reads the untrimmed text, as render
+    bos = f"; the text starts with {_L3_BOS} as well (the original's prompt does)" if _L3_BOS in fmt.start else ""
     return "".join([
         f"{{#- vlmkit: original LLaVA conversation '{tpl.name}' ({tpl.style.value} style), "
-        f"{'legacy' if legacy_tokenizer else 'non-legacy'} tokenizer; BOS comes from the tokenizer -#}}\n",
+        f"{'legacy' if legacy_tokenizer else 'non-legacy'} tokenizer; BOS comes from the tokenizer{bos} -#}}\n",
         "{%- set ns = namespace(system=" + _literal(tpl.system) + ", first_user=true) -%}\n",
         "{%- set loop_messages = messages -%}\n",
         "{%- if messages and messages[0]['role'] == 'system' -%}\n",
@@ -315,6 +353,7 @@ def chat_template(template_name: str, *, legacy_tokenizer: bool) -> str:
         "{%- else -%}{%- set ns.system = messages[0]['content'] | " + texts + " -%}{%- endif -%}\n",
         "{%- set loop_messages = messages[1:] -%}\n",
         "{%- endif -%}\n",
+        "{%- set ns.system = ns.system | trim -%}\n" if fmt.trim else "",
         "{%- set system_block = (" + _literal(wrap_before) + " + ns.system + " + _literal(wrap_after)
         + ") if ns.system else '' -%}\n",
         _jinja_expr(fmt.start, tpl, ""), "\n",
@@ -327,15 +366,16 @@ def chat_template(template_name: str, *, legacy_tokenizer: bool) -> str:
         "{%- if message['role'] == 'user' -%}\n",
         "{%- if not text and ns.first_user -%}", _jinja_expr(fmt.first_user_open, tpl, no_first_user), "\n",
         "{%- elif not text -%}", _jinja_expr(fmt.user_open, tpl, ""), "\n",
-        "{%- elif ns.first_user -%}", _jinja_expr(fmt.first_user, tpl, ""), "\n",
-        "{%- else -%}", _jinja_expr(fmt.user, tpl, ""), "{%- endif -%}\n",
+        "{%- elif ns.first_user -%}", _jinja_expr(fmt.first_user, tpl, "", msg), "\n",
+        "{%- else -%}", _jinja_expr(fmt.user, tpl, "", msg), "{%- endif -%}\n",
         "{%- set ns.first_user = false -%}\n",
         "{%- elif message['role'] == 'assistant' -%}\n",
         "{%- if not text -%}", _jinja_expr(fmt.assistant_open, tpl, ""), "\n",
-        "{%- else -%}", _jinja_expr(fmt.assistant, tpl, no_answer), "{%- endif -%}\n",
+        "{%- else -%}", _jinja_expr(fmt.assistant, tpl, no_answer, msg), "{%- endif -%}\n",
         "{%- else -%}{{- raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') -}}\n",
         "{%- endif -%}\n",
         "{%- endfor -%}\n",
+        _jinja_expr(fmt.end, tpl, "") + "\n" if fmt.end else "",
         "{%- if add_generation_prompt -%}", _jinja_expr(fmt.assistant_open, tpl, ""), "{%- endif -%}\n",
     ])
 

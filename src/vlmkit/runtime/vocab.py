@@ -54,6 +54,10 @@ class Vocab(Protocol):
     def token(self, index: int) -> str:
         """The token's text as the vocabulary spells it ("▁Hello", "ĠHello", "<|im_end|>")."""
 
+    def token_id(self, token: str) -> int | None:
+        """transformers' ``convert_tokens_to_ids(token)``: the id of a vocabulary entry or added token spelled
+        exactly ``token``, else the unk id (None without one). Byte-level vocabularies spell "\\n\\n" as "ĊĊ"."""
+
 
 def _stop_ids(folder: Path, eos_id: int | None) -> frozenset[int]:
     """``eos_id`` plus the EOS id(s) of ``generation_config.json`` (an int or a list)."""
@@ -91,6 +95,9 @@ class SentencePieceVocab:
 
     def token(self, index: int) -> str:
         return self._by_id.get(index) or self.tokenizer.sp.id_to_piece(index)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
 
 
 class BpeVocab:
@@ -143,6 +150,10 @@ class BpeVocab:
 
     def token(self, index: int) -> str:
         return self.tokenizer.id_to_token(index)
+
+    def token_id(self, token: str) -> int | None:
+        index = self.tokenizer.token_to_id(token)
+        return self.unk_id if index is None else index
 
 
 def _is_byte_level_bpe(folder: Path) -> bool:

@@ -311,7 +311,7 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

@@ -34,7 +34,7 @@ _LAVIS = ("describe", "conversion", "verify", "chat_backend")
 FORMS: dict[str, tuple[str, ...]] = {
     "full": _LAVIS,    # one LAVIS .pth with the vision encoder and the language model inside
     "parts": _LAVIS,   # a release .pth + --vision EVA ViT-g + --language-model folder
-    "transformers": ("chat_backend",),
+    "transformers": ("chat_backend", "card_kind"),
 }
 
 __all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify", "chat_backend"]
@@ -86,3 +86,56 @@ def chat_backend(found, options: LoadOptions):
 
         open_source(found.path).close()  # vlmkit's readers check the weights (headers, sizes) as inspect and convert do
     return Blip2Backend(found.path, options, original=found.form != "transformers")
+
+
+def card_kind(found):
+    """What the model card says of a transformers BLIP-2 folder: its language model's row (OPT, Flan-T5)."""
+    from ...publish.card import Kind
+    from .language_models import of_transformers
+
+    config = found.config or {}
+    # the flag transformers' Blip2Config writes (True for OPT, False for Flan-T5), else the text model's type
+    row = of_transformers(config.get("use_decoder_only_language_model",
+                                     (config.get("text_config") or {}).get("model_type") != "t5"))
+    # vLLM has no encoder-decoder language model for BLIP-2 (its Blip2 runs OPT only): `vllm serve` for causal rows
+    return Kind(f"BLIP-2 with {row.title} (transformers `Blip2ForConditionalGeneration`)", "image-text-to-text",
+                "transformers", ("blip-2", *(() if row.causal else (row.name,)), "image-text-to-text"),
+                ("transformers-blip2", "vlmkit-chat", *(("vllm",) if row.causal else ())), prompt=row.prompt[1])
+
+
+# ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits
+# REVERSIBLE: no. --to hf drops the Q-Former parts Blip2OPT/Blip2T5 never use (word/position embeddings, the cls
+# head, the text feed-forward) and the language model's tied copies (OPT's lm_head, T5's embed_tokens).
+REVERSIBLE = False
+GENERATES = True
+
+
+def variants() -> tuple[str, ...]:
+    """One tiny model per language-model row (``language_models.ROWS``): a new row is walked by the registry test."""
+    from .language_models import ROWS
+
+    return tuple(ROWS)
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """Build a tiny BLIP-2 as LAVIS releases it, in ``folder``: the release ``.pth`` (Q-Former and projection) under
+    ``lavis/``, ``eva/eva_vit_g.pth`` and the language model's folder; returns the release ``.pth``."""
+    from . import tiny
+
+    lm = variant or variants()[0]
+    if lm not in variants():
+        raise ValueError(f"BLIP-2 has no tiny variant {lm!r}; variants: {', '.join(variants())}")
+    sizes = tiny.TinySizes()
+    tiny.make_eva_vit(folder / "eva" / "eva_vit_g.pth", sizes)
+    tiny.make_language_model(folder / f"{lm}-tiny", lm, sizes)
+    return tiny.make_release(folder / "lavis" / f"blip2_pretrained_{lm}.pth", lm, sizes)
+
+
+def tiny_options(folder: Path, variant: str | None = None) -> dict:
+    """The loading options (``LoadOptions`` keywords) ``make_tiny(folder, variant)``'s model needs: the EVA ViT-g
+    and language-model parts beside it, and the head counts no tensor shape holds (``--config``)."""
+    from . import tiny
+
+    lm = variant or variants()[0]
+    return {"vision_tower": str(folder / "eva" / "eva_vit_g.pth"), "model_base": str(folder / f"{lm}-tiny"),
+            "config": tiny.TinySizes().override()}

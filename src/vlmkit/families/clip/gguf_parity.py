@@ -143,7 +143,7 @@ def verify(original: Path, folder: Path, options: LoadOptions, probes, *, max_ne
     """The CLIP GGUF in ``folder`` read back into transformers against the original ``CLIPModel`` folder."""
     from transformers import CLIPModel
 
-    from .gguf import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, read_preprocessor
+    from .gguf_export import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, read_preprocessor
 
     files = sorted(folder.glob("*.gguf"))
     if len(files) != 1:

@@ -26,13 +26,19 @@ NAME = "flava"
 
 FORMS: dict[str, tuple[str, ...]] = {
     "original": ("describe", "conversion", "verify"),  # flava.pt (+ encoder.pkl, vocab.txt) as released
+    "transformers": ("card_kind",),  # what --to hf writes
 }
+TRANSFORMERS_ARCHITECTURES = ("FlavaForPreTraining",)
 
 __all__ = ["NAME", "FORMS", "recognise", "describe", "conversion", "open_original", "verify"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
-    return "original" if find_checkpoint(path) is not None else None
+    if find_checkpoint(path) is not None:
+        return "original"
+    if any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
+        return "transformers"
+    return None
 
 
 def conversion(found, options: LoadOptions):
@@ -73,3 +79,39 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
     from .parity import verify as run
 
     return run(found.path, converted, options, [(Path(i), p) for i, p in probes])
+
+
+def card_kind(found):
+    """What the model card says of a transformers FLAVA folder."""
+    from ...publish.card import Kind
+
+    return Kind("FLAVA (transformers `FlavaForPreTraining`)", "feature-extraction", "transformers", ("flava",),
+                ("transformers-flava",))
+
+
+# ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits
+# REVERSIBLE: no. --to hf drops the second copies the original stores (the encoders' embeddings twice, the heads'
+# bias as decoder.bias) and the position_ids buffer. GENERATES: no: FLAVA encodes, it does not write text.
+REVERSIBLE = False
+GENERATES = False
+
+
+def variants() -> tuple[str, ...]:
+    """One tiny model: ``flava.pt`` with the pickled DALL-E codebook ``encoder.pkl``, as ``facebook/flava-full``."""
+    return ("full",)
+
+
+def make_tiny(folder: Path, variant: str | None = None) -> Path:
+    """Build a tiny original FLAVA folder (``flava.pt``, ``encoder.pkl``, ``vocab.txt``) in ``folder``; returns it."""
+    from . import tiny
+
+    if (variant or "full") not in variants():
+        raise ValueError(f"FLAVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")
+    return tiny.make_flava(folder / "flava-full-tiny", tiny.TinySizes())
+
+
+def tiny_options(folder: Path, variant: str | None = None) -> dict:
+    """The loading options ``make_tiny``'s model needs: its head counts (``--config``), which no shape holds."""
+    from . import tiny
+
+    return {"config": tiny.TinySizes().override()}

@@ -26,19 +26,11 @@ from ...errors import CheckpointError, ConfigError
 from ...options import LoadOptions, read_json
 from ...tensors import FLOAT_CODES, TensorSource, open_source, resolve
 from ...tensors.views import CombinedSource, RenamedSource
+from . import backbones
 from .towers import CLIP_MEAN, CLIP_STD, known_tower
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
 UNUSED_CLIP = "clip_unused."  # the CLIP folder's text tower etc.: dropped by rule, with the reason
-# Original architecture -> transformers model_type of the language model.
-BACKBONES = {
-    "LlavaLlamaForCausalLM": "llama",
-    "LlavaMistralForCausalLM": "mistral",
-    "LlavaQwenForCausalLM": "qwen2",
-}
-MODEL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen": "qwen2"}
-# A plain language model a new LLaVA is made from (``vlmkit train --vision-tower``) -> its model_type.
-LLM_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 # Fields of the original config that describe the multimodal parts, not the language model.
 MULTIMODAL_FIELDS = {
     "mm_vision_tower", "vision_tower", "mm_hidden_size", "mm_projector_type", "mm_vision_select_layer",
@@ -69,13 +61,17 @@ class OriginalCheckpoint:
     config: dict  # the original config.json
     source: TensorSource  # the full-checkpoint namespace (see module docstring)
     tokenizer_folder: Path
-    backbone: str  # transformers model_type of the language model
+    backbone: str  # the language model's row in ``backbones.ROWS``
     vision_config: dict  # CLIPVisionConfig fields
     preprocessor: dict  # CLIP preprocessor_config.json fields
     lora: LoraInfo | None = None
     notes: list[str] = field(default_factory=list)
     # values no file of the original states (from --config or --assume-clip-defaults), each with its origin
     assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def row(self) -> backbones.Backbone:
+        return backbones.ROWS[self.backbone]
 
     @property
     def is_next(self) -> bool:
@@ -103,7 +99,7 @@ def form_of(path: Path) -> str | None:
     config = path / "config.json"
     if config.exists():
         data = read_json(config)
-        if "mm_vision_tower" in data or any(a in BACKBONES for a in data.get("architectures") or []):
+        if "mm_vision_tower" in data or any(a in backbones.ARCHITECTURES for a in data.get("architectures") or []):
             return "full"
     return None
 
@@ -111,7 +107,7 @@ def form_of(path: Path) -> str | None:
 def is_plain_llm(config: dict | None) -> bool:
     """A transformers causal LM's config (Vicuna, Mistral ...), not a LLaVA's: what a new LLaVA starts from."""
     config = config or {}
-    return any(a in LLM_ARCHITECTURES for a in config.get("architectures") or []) and "mm_vision_tower" not in config
+    return backbones.of_plain(config) is not None and "mm_vision_tower" not in config
 
 
 def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
@@ -126,7 +122,7 @@ def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
                               "mm_projector.bin or adapter_config.json + non_lora_trainables.bin)")
     config = read_json(path / "config.json")
     _check_multimodal_fields(path, config)
-    backbone = _backbone(path, config)
+    backbone = backbones.backbone_of(config, path).name
     notes: list[str] = []
     lora = None
     if form == "full":
@@ -154,19 +150,19 @@ def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
                               lora, notes, assumptions)
 
 
-def open_composed(path: Path, config: dict, options: LoadOptions, backbone: str) -> OriginalCheckpoint:
+def open_composed(path: Path, config: dict, options: LoadOptions, backbone: backbones.Backbone) -> OriginalCheckpoint:
     """A plain language model + the vision tower ``config`` names: form ``plain_llm``, no projector yet.
 
     Args:
         config: the LLaVA config made for it (``train_model.compose``); ``mm_hidden_size`` comes from the tower.
-        backbone: the language model's transformers model_type.
+        backbone: the language model's row.
     """
     _check_multimodal_fields(path, config)
     tower = _tower_folder(path, config, options, inside=False)
     source = CombinedSource([("", open_source(path)), ("", _tower_source(tower.folder))], path=path)
     vision_config, preprocessor, assumptions = _vision_config(source, tower, options)
     config = {**config, "mm_hidden_size": vision_config["hidden_size"]}
-    return OriginalCheckpoint(path, "plain_llm", config, source, path, backbone, vision_config, preprocessor,
+    return OriginalCheckpoint(path, "plain_llm", config, source, path, backbone.name, vision_config, preprocessor,
                               assumptions=assumptions)
 
 
@@ -185,17 +181,6 @@ def _check_multimodal_fields(path: Path, config: dict) -> None:
     if feature not in ("patch", "cls_patch"):
         raise ConfigError(f"{path}/config.json: mm_vision_select_feature {feature!r} is neither 'patch' nor 'cls_patch'")
 
-
-def _backbone(path: Path, config: dict) -> str:
-    for arch in config.get("architectures") or []:
-        if arch in BACKBONES:
-            return BACKBONES[arch]
-    model_type = config.get("model_type")
-    if model_type in MODEL_TYPES:
-        return MODEL_TYPES[model_type]
-    raise ConfigError(f"{path}/config.json: cannot tell the language model from architectures "
-                      f"{config.get('architectures')} / model_type {model_type!r}",
-                      hint=f"known: {', '.join(BACKBONES)}")
 
 
 def _model_base(path: Path, form: str, config: dict, options: LoadOptions) -> Path:

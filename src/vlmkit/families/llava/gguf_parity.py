@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ...conversion import output
+from ...conversion.gguf_folder import gguf_pair
 from ...conversion.gguf_sink import GGUF_TYPES
 from ...errors import ConfigError, ManifestError
 from ...options import LoadOptions
@@ -59,17 +60,6 @@ BOUNDS = {
     "q8_0": Bounds(5e-1, 0.998, 3e-1, 0.998),
 }
 LOOSE = Bounds(2.0, 0.99, 1.0, 0.98)  # q5 / q4: the language model checks are reported, not judged (see verify)
-
-
-def gguf_pair(folder: Path) -> tuple[Path, Path]:
-    """(language model, mmproj) of a folder written by ``vlmkit convert --to gguf``."""
-    mmproj = sorted(folder.glob("mmproj-*.gguf"))
-    models = sorted(p for p in folder.glob("*.gguf") if p not in mmproj)
-    if len(mmproj) != 1 or len(models) != 1:
-        raise ConfigError(f"{folder}: expected one language-model GGUF and one mmproj-*.gguf, found "
-                          f"{[p.name for p in models + mmproj]}",
-                          hint="verify the folder `vlmkit convert LLAVA DST --to gguf` wrote")
-    return models[0], mmproj[0]
 
 
 def type_of(path: Path) -> str:
@@ -133,7 +123,7 @@ def _language_model(original: Path, options: LoadOptions):
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .gguf import LM, open_input
+    from .gguf_export import LM, open_input
 
     llava = open_input(original, options)
     with no_init_weights():

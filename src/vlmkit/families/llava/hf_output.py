@@ -17,6 +17,7 @@ from ... import dtypes
 from ...errors import ConfigError
 from ...options import LoadOptions, deep_merge
 from ...runtime import images, templates, tokens
+from . import templates as llava_templates
 from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
 
 IMAGE_TOKEN = "<image>"
@@ -35,6 +36,22 @@ class Target:
     template: str
 
 
+# transformers' processor per LLaVA kind: its class, its image processor (the PIL backend, bit-identical
+# to the original's preprocessing: ``runtime.images.hf_image_processor``) and the original
+# image_aspect_ratio values that image processor reproduces.
+PROCESSORS = {"llava": ("LlavaProcessor", "LlavaImageProcessorPil", ("pad", "square")),
+              "llava_next": ("LlavaNextProcessor", "LlavaNextImageProcessorPil", ("anyres",))}
+
+
+def image_processor(cfg: images.ImageConfig, kind: str) -> tuple[object, list[list[int]] | None]:
+    """The transformers image processor of a LLaVA ``kind`` for the original preprocessing ``cfg``
+    (see ``runtime.images.hf_image_processor``), refused where that kind cannot reproduce it."""
+    if kind not in PROCESSORS or cfg.aspect not in PROCESSORS[kind][2]:
+        raise ConfigError(f"hf_image_processor: aspect={cfg.aspect!r} cannot be done by kind={kind!r}",
+                          hint=f"use kind {[k for k, (_, _, a) in PROCESSORS.items() if cfg.aspect in a]}")
+    return images.hf_image_processor(cfg, PROCESSORS[kind][1])
+
+
 def padded_vocab(rows: int, added: int) -> int:
     return math.ceil((rows + added) / PAD_VOCAB_TO) * PAD_VOCAB_TO
 
@@ -49,19 +66,22 @@ def original_tokenizer_legacy(folder: Path) -> bool:
 
 def template_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> str:
     """The conversation template: ``--template``, else the original's choice from the model name,
-    else from the backbone (LLaVA's own fallback, ``llava_v0``, fits no released 1.5/1.6 model)."""
+    else the backbone's default (LLaVA's own fallback, ``llava_v0``, fits no released 1.5/1.6 model)."""
     if options.template:
         if options.template not in templates.TEMPLATES:
             raise ConfigError(f"--template {options.template!r} is unknown",
                               hint=f"known: {', '.join(sorted(templates.TEMPLATES))}")
         return options.template
-    chosen = templates.choose_template(templates.get_model_name_from_path(str(ckpt.path)))
-    if chosen != "llava_v0":
-        return chosen
-    return "mistral_instruct" if ckpt.backbone == "mistral" else "llava_v1"
+    chosen = llava_templates.template_of(ckpt.path, ckpt.row)
+    if chosen is None:
+        raise ConfigError(f"{ckpt.path}: no conversation template is known for LLaVA with a {ckpt.backbone} "
+                          "language model, and the model's name selects none",
+                          hint="pass --template NAME (the template it was trained with)")
+    return chosen
 
 
 def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
+    import transformers
     from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaNextConfig
 
     legacy = original_tokenizer_legacy(ckpt.tokenizer_folder)
@@ -93,7 +113,7 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
             raise ConfigError(f"{ckpt.path}/config.json: anyres with mm_patch_merge_type {merge!r}: transformers' "
                               "LlavaNext only implements spatial_unpad (with image_newline)")
         processor_kind = "llava_next"
-    image_processor, pinpoints = images.hf_image_processor(image_cfg, processor_kind)
+    image_proc, pinpoints = image_processor(image_cfg, processor_kind)
     if ckpt.is_next:
         derived.update(image_grid_pinpoints=pinpoints, use_image_newline_parameter=True)
     else:
@@ -101,16 +121,16 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
         derived["image_seq_length"] = patches + (1 if select == "cls_patch" else 0)
     merged = deep_merge(derived, options.config or {})
     text_fields = dict(merged["text_config"])
-    text_config = AutoConfig.for_model(text_fields.pop("model_type", ckpt.backbone), **text_fields)
+    text_config = AutoConfig.for_model(text_fields.pop("model_type", ckpt.row.hf_model_type), **text_fields)
     merged["text_config"] = text_config
     merged["vision_config"] = CLIPVisionConfig(**{k: v for k, v in merged["vision_config"].items() if k != "model_type"})
     for key in ("model_type", "architectures"):
         merged.pop(key, None)
     hf_config = (LlavaNextConfig if ckpt.is_next else LlavaConfig)(**merged)
 
-    processor_cls = _processor_class(processor_kind)
+    processor_cls = getattr(transformers, PROCESSORS[processor_kind][0])
     processor = processor_cls(
-        image_processor=image_processor, tokenizer=tokenizer,
+        image_processor=image_proc, tokenizer=tokenizer,
         patch_size=ckpt.vision_config["patch_size"],
         vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
         # the Jinja comment names the original template, for `vlmkit inspect` and the runtime
@@ -120,12 +140,6 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
     generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                   "pad_token_id": tokenizer.pad_token_id}
     return Target(hf_config, tokenizer, processor, generation, template)
-
-
-def _processor_class(kind: str):
-    from transformers import LlavaNextProcessor, LlavaProcessor
-
-    return LlavaNextProcessor if kind == "llava_next" else LlavaProcessor
 
 
 def write(folder: Path, ckpt: OriginalCheckpoint, target: Target, dtype: str | None = None) -> None:

@@ -56,7 +56,7 @@ class OriginalLlava(nn.Module):
         source = ckpt.source
         names = source.keys()
         text_fields = {k: v for k, v in ckpt.config.items() if k not in MULTIMODAL_FIELDS}
-        text_config = AutoConfig.for_model(ckpt.backbone, **text_fields)
+        text_config = AutoConfig.for_model(ckpt.row.hf_model_type, **text_fields)
         with no_init_weights():
             lm = AutoModelForCausalLM.from_config(text_config)
         wanted = set(lm.state_dict())

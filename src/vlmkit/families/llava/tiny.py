@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from ... import dtypes
+from .backbones import ROWS
 from ...tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
 from ...tensors.base import TORCH_TO_CODE
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
-TOKENIZERS = {"llama": ASSETS / "tokenizers" / "llama-spm", "mistral": ASSETS / "tokenizers" / "mistral-spm"}
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -80,8 +80,13 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def tokenizer_folder(backbone: str) -> Path:
+    """The real tokenizer files of a backbone row (``Backbone.tiny["tokenizer"]``) that tiny models ship."""
+    return ASSETS / "tokenizers" / ROWS[backbone].tiny["tokenizer"]
+
+
 def copy_tokenizer(folder: Path, backbone: str) -> None:
-    for f in TOKENIZERS[backbone].iterdir():
+    for f in tokenizer_folder(backbone).iterdir():
         if f.name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
             shutil.copyfile(f, folder / f.name)
 
@@ -117,21 +122,20 @@ def make_clip(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 0) ->
 
 
 def _text_config(backbone: str, sizes: TinySizes) -> dict:
+    """The language model's config: toy sizes, then the row's own fields (``Backbone.tiny["text"]``)."""
     common = dict(hidden_size=sizes.hidden, intermediate_size=sizes.intermediate, num_hidden_layers=sizes.layers,
                   num_attention_heads=sizes.heads, num_key_value_heads=sizes.kv_heads, vocab_size=32000,
                   max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu", initializer_range=0.02,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, use_cache=True)
-    if backbone == "mistral":
-        return {**common, "rope_theta": 1000000.0, "sliding_window": None, "max_position_embeddings": 32768}
-    return {**common, "pad_token_id": 0, "pretraining_tp": 1, "rope_scaling": None}
+    return {**common, **ROWS[backbone].tiny["text"]}
 
 
 def _language_model(backbone: str, sizes: TinySizes, seed: int) -> dict[str, torch.Tensor]:
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
-    cls, cfg_cls = (MistralForCausalLM, MistralConfig) if backbone == "mistral" else (LlamaForCausalLM, LlamaConfig)
-    model = cls(cfg_cls(**_text_config(backbone, sizes)))
+    cls = getattr(transformers, ROWS[backbone].plain_architecture)
+    model = cls(cls.config_class(**_text_config(backbone, sizes)))
     with torch.no_grad():  # random init draws tiny logits; spread them so greedy decoding is not degenerate
         for p in model.parameters():
             if p.dim() == 2:
@@ -151,11 +155,11 @@ def _projector(sizes: TinySizes, seed: int) -> dict[str, torch.Tensor]:
 
 def llava_config(backbone: str, sizes: TinySizes, clip: Path, *, next_: bool) -> dict:
     """``config.json`` as the original training code writes it."""
-    arch = "LlavaMistralForCausalLM" if backbone == "mistral" else "LlavaLlamaForCausalLM"
+    row = ROWS[backbone]
     config = {
-        "_name_or_path": "./checkpoints/vicuna-7b-v1-5" if backbone == "llama" else "mistralai/Mistral-7B-Instruct-v0.2",
-        "architectures": [arch],
-        "model_type": "llava_mistral" if backbone == "mistral" else "llava",
+        "_name_or_path": row.tiny["name_or_path"],
+        "architectures": [row.original_architectures[0]],
+        "model_type": row.original_model_types[0],  # as released
         **_text_config(backbone, sizes),
         "freeze_mm_mlp_adapter": False,
         "image_aspect_ratio": "pad",
@@ -186,8 +190,9 @@ def llava_config(backbone: str, sizes: TinySizes, clip: Path, *, next_: bool) ->
 
 
 def _generation_config(folder: Path, backbone: str) -> None:
-    _write_json(folder / "generation_config.json",
-                {"bos_token_id": 1, "eos_token_id": 2, **({"pad_token_id": 0} if backbone == "llama" else {})})
+    text = _text_config(backbone, TinySizes())
+    _write_json(folder / "generation_config.json", {k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                                    if k in text})
 
 
 def make_llava15(folder: Path, clip: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama",
@@ -228,8 +233,8 @@ def make_base_llm(folder: Path, sizes: TinySizes = TinySizes(), *, backbone: str
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.to(dtype) for k, v in _language_model(backbone, sizes, seed).items()}
     _save_safetensors_shards(state, folder, 1 << 30)
-    arch = "MistralForCausalLM" if backbone == "mistral" else "LlamaForCausalLM"
-    _write_json(folder / "config.json", {"architectures": [arch], "model_type": backbone,
+    row = ROWS[backbone]
+    _write_json(folder / "config.json", {"architectures": [row.plain_architecture], "model_type": row.hf_model_type,
                                          **_text_config(backbone, sizes), "torch_dtype": dtypes.name(dtypes.code(dtype))})
     _generation_config(folder, backbone)
     copy_tokenizer(folder, backbone)
@@ -242,7 +247,8 @@ def make_projector_only(folder: Path, clip: Path, sizes: TinySizes = TinySizes()
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(_projector(sizes, seed + 10), folder / "mm_projector.bin")
     config = llava_config(backbone, sizes, clip, next_=False)
-    config.update({"tune_mm_mlp_adapter": True, "model_type": "llava_llama" if backbone == "llama" else "llava_mistral"})
+    # a training run writes the model_type of the repository's current code
+    config.update({"tune_mm_mlp_adapter": True, "model_type": ROWS[backbone].original_model_types[-1]})
     _write_json(folder / "config.json", config)
     return folder
 
@@ -291,6 +297,6 @@ def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes
     torch.save({"base_model.model." + k: v.to(non_lora_dtype) for k, v in projector.items()},
                folder / "non_lora_trainables.bin")
     config = llava_config(backbone, sizes, clip, next_=False)
-    config.update({"_name_or_path": str(base), "model_type": "llava_llama" if backbone == "llama" else "llava_mistral"})
+    config.update({"_name_or_path": str(base), "model_type": ROWS[backbone].original_model_types[-1]})
     _write_json(folder / "config.json", config)
     return folder

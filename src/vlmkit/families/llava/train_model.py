@@ -37,7 +37,8 @@ from ...tensors import open_source
 from ...train.model import Reader, gathered_shape, load, zero_init
 from . import checkpoint as llava_checkpoint
 from . import image_path, train_outputs
-from .checkpoint import LLM_ARCHITECTURES, MULTIMODAL_FIELDS, OriginalCheckpoint
+from .backbones import of_plain
+from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
 
 PROJECTOR_PREFIX = "model.mm_projector."
 
@@ -155,21 +156,19 @@ def compose(path: Path, options: LoadOptions, new: NewModel) -> OriginalCheckpoi
         ConfigError: no ``--vision-tower``, or an unknown architecture.
     """
     config = json.loads((path / "config.json").read_text())
-    arch = next(a for a in config["architectures"] if a in LLM_ARCHITECTURES)
-    backbone = LLM_ARCHITECTURES[arch]
+    row = of_plain(config)
     if not options.vision_tower:
-        raise ConfigError(f"{path} is a plain language model ({arch}): a LLaVA made from it needs a vision tower",
+        raise ConfigError(f"{path} is a plain language model ({row.plain_architecture}): a LLaVA made from it needs "
+                          "a vision tower",
                           hint="pass --vision-tower PATH (a CLIP folder, e.g. clip-vit-large-patch14-336)")
-    llava_arch = {"llama": "LlavaLlamaForCausalLM", "mistral": "LlavaMistralForCausalLM",
-                  "qwen2": "LlavaQwenForCausalLM"}[backbone]
-    config = {**config, "architectures": [llava_arch],
-              "model_type": {"llama": "llava_llama", "mistral": "llava_mistral", "qwen2": "llava_qwen"}[backbone],
+    # the class the original trains for this backbone, and the model_type its current training code writes
+    config = {**config, "architectures": [row.original_architectures[0]], "model_type": row.original_model_types[-1],
               "_name_or_path": str(path), "mm_vision_tower": str(options.vision_tower), "use_mm_proj": True,
               "mm_projector_type": new.projector_type, "mm_vision_select_layer": new.select_layer,
               "mm_vision_select_feature": new.select_feature, "mm_patch_merge_type": "flat",
               "image_aspect_ratio": new.image_aspect_ratio, "mm_use_im_start_end": False,
               "mm_use_im_patch_token": False}
-    return llava_checkpoint.open_composed(path, config, options, backbone)
+    return llava_checkpoint.open_composed(path, config, options, row)
 
 
 def open_start(found, options: LoadOptions, new: NewModel) -> OriginalCheckpoint:
@@ -193,7 +192,7 @@ def _text_config(ckpt: OriginalCheckpoint):
     from transformers import AutoConfig
 
     fields = {k: v for k, v in ckpt.config.items() if k not in MULTIMODAL_FIELDS}
-    config = AutoConfig.for_model(ckpt.backbone, **fields)
+    config = AutoConfig.for_model(ckpt.row.hf_model_type, **fields)
     config.use_cache = False
     return config
 

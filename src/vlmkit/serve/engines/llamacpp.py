@@ -35,6 +35,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import AsyncIterator
 
+from ...conversion import gguf_folder
 from ...errors import ConfigError
 from ...runtime.generation import SamplingParams
 from ...runtime import templates
@@ -75,9 +76,7 @@ def gguf_pair(model: str | Path, mmproj: str | Path | None) -> tuple[Path, Path]
     """(language model, mmproj): a folder written by ``vlmkit convert --to gguf``, or a file and ``--mmproj``."""
     model = Path(model)
     if model.is_dir():
-        from ...families.llava.gguf_parity import gguf_pair as folder_pair
-
-        pair = folder_pair(model)
+        pair = gguf_folder.gguf_pair(model)
         return pair if mmproj is None else (pair[0], Path(mmproj))
     if model.suffix != ".gguf" or not model.is_file():
         raise ConfigError(f"{model}: --engine llama.cpp serves a GGUF file (or a folder from "

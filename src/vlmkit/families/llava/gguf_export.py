@@ -9,11 +9,11 @@ Every input is first put in the published transformers names, then planned to GG
 * a transformers ``Llava`` / ``LlavaNext`` folder, in any layout transformers writes (``layout``);
 * a ``llava.projector`` file (``llava_surgery.py``'s output) with ``--vision-tower``: mmproj only.
 
-The language model: llama.cpp's architecture for the backbone (``BACKBONES``), names from
+The language model: llama.cpp's architecture for the backbone (``backbones.Backbone.gguf_arch``), names from
 gguf-py's ``TensorNameMap``, q/k rows in llama.cpp's RoPE order, the SentencePiece vocabulary
 with real scores padded to the embedding rows, the chat template of the original
 conversation template. The mmproj: the CLIP tower up to the feature layer in the legacy
-layout (``families/clip/gguf.py``), the projector as ``mm.0`` / ``mm.2``, always
+layout (``families/clip/gguf_export.py``), the projector as ``mm.0`` / ``mm.2``, always
 ``clip.vision.feature_layer`` (without it llama.cpp runs one block too few, llama.cpp
 #25817), ``v.image_newline`` and the grid pinpoints for NeXT, the image mean/std.
 """
@@ -39,25 +39,13 @@ from ...runtime import images, templates
 from ...tensors import TensorSource, open_source
 from ...tensors.torch_io import TorchSource
 from ...tensors.views import CombinedSource, RenamedSource
-from ..clip import gguf as clip_gguf
-from . import layout
+from ..clip import gguf_export as clip_gguf
+from . import backbones, layout
 
 MT = gguf.MODEL_TENSOR
 
 
-@dataclass(frozen=True)
-class Backbone:
-    """How llama.cpp runs a language model: its architecture, and whether q/k rows are permuted for its RoPE."""
-
-    arch: gguf.MODEL_ARCH
-    permute_qk: bool
-
-
-# transformers model_type -> llama.cpp; llama.cpp's converter writes Mistral as "llama" too.
-BACKBONES = {
-    "llama": Backbone(gguf.MODEL_ARCH.LLAMA, True),
-    "mistral": Backbone(gguf.MODEL_ARCH.LLAMA, True),
-}
+ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "llama" -> gguf.MODEL_ARCH.LLAMA
 PROJECTOR_TYPE = "mlp"  # clip.cpp PROJECTOR_TYPE_MLP: mm.0 -> GELU -> mm.2 (gguf-py has no constant for it)
 # transformers' linear_1 / linear_2 -> the original Sequential indices clip.cpp reads (TN_LLAVA_PROJ "mm.%d")
 PROJECTOR_INDEX = {1: 0, 2: 2}
@@ -94,6 +82,7 @@ class Llava:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     text: object | None = None  # transformers text config; None: no language model (a llava.projector input)
+    backbone: backbones.Backbone | None = None  # the language model's row (None: not a known backbone)
     tokenizer: Tokenizer | None = None
     pinpoints: list[list[int]] | None = None  # (width, height), the original's and clip.cpp's order
     merge_type: str | None = None
@@ -128,7 +117,7 @@ def from_original(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -
     from .checkpoint import open_original
 
     ckpt = open_original(path, options)
-    check_backbone(ckpt.backbone, path)
+    check_backbone(ckpt.row, ckpt.row.hf_model_type, path)
     kind = ckpt.config.get("mm_projector_type", "linear")
     if kind != "mlp2x_gelu":
         raise ConfigError(f"{path}/config.json: mm_projector_type {kind!r}; llama.cpp's LLaVA graph (projector type "
@@ -146,7 +135,7 @@ def from_original(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -
     mean, std = clip_gguf.image_stats(ckpt.preprocessor, gguf_options, f"{path} (vision tower preprocessor)")
     return Llava(
         path, source, hf.vision_config, hf.vision_feature_layer, hf.vision_feature_select_strategy, act, mean, std,
-        text=hf.text_config,
+        text=hf.text_config, backbone=ckpt.row,
         tokenizer=Tokenizer(ckpt.tokenizer_folder, dict(tok.get_added_vocab()), tok.pad_token_id, add_bos, add_eos,
                             target.processor.chat_template),
         pinpoints=[list(p) for p in images.ImageConfig.from_original(ckpt.config, ckpt.preprocessor).grid_pinpoints]
@@ -184,6 +173,7 @@ def from_transformers(path: Path, options: LoadOptions, gguf_options: GGUFOption
     return Llava(
         path, source, config.vision_config, config.vision_feature_layer, config.vision_feature_select_strategy,
         config.projector_hidden_act, mean, std, text=config.text_config,
+        backbone=backbones.of_model_type(config.text_config.model_type),
         tokenizer=Tokenizer(tokenizer_folder, _added_tokens(path), pad, add_bos, add_eos, template),
         # transformers lists canvases as (height, width); clip.cpp, like the original, reads (width, height)
         pinpoints=[[w, h] for h, w in config.image_grid_pinpoints] if is_next else None,
@@ -240,14 +230,13 @@ def from_projector_file(path: Path, options: LoadOptions, gguf_options: GGUFOpti
 # ------------------------------------------------------------------------- checks
 
 
-def check_backbone(model_type: str, where: object) -> None:
+def check_backbone(backbone: backbones.Backbone | None, model_type: str, where: object) -> None:
     """Refuse a language model llama.cpp (or vlmkit's export) has no architecture for."""
-    if model_type not in BACKBONES:
-        known = set(gguf.MODEL_ARCH_NAMES.values())
+    if backbone is None or backbone.gguf_arch is None:
         has = (f"llama.cpp has an architecture '{model_type}' but vlmkit's GGUF export does not write it yet"
-               if model_type in known else f"llama.cpp has no architecture for the backbone '{model_type}'")
-        raise ConfigError(f"{where}: {has}",
-                          hint=f"vlmkit writes GGUF for LLaVA with a {' or '.join(BACKBONES)} backbone")
+               if model_type in ARCHS else f"llama.cpp has no architecture for the backbone '{model_type}'")
+        writes = [row.name for row in backbones.ROWS.values() if row.gguf_arch]
+        raise ConfigError(f"{where}: {has}", hint=f"vlmkit writes GGUF for LLaVA with a {' or '.join(writes)} backbone")
 
 
 def check_runnable(llava: Llava) -> None:
@@ -274,7 +263,7 @@ def check_runnable(llava: Llava) -> None:
     clip_gguf.use_gelu(llava.vision.hidden_act, f"{where}: vision tower")
     if llava.text is None:
         return
-    check_backbone(llava.text.model_type, where)
+    check_backbone(llava.backbone, llava.text.model_type, where)
     rope = getattr(llava.text, "rope_parameters", None) or getattr(llava.text, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError(f"{where}: rope scaling {rope} is not written to GGUF yet",
@@ -314,8 +303,8 @@ def rope_permute(heads: int) -> Custom:
 
 def lm_rules(llava: Llava) -> list[Rule]:
     """The language model's tensors -> llama.cpp names (a fresh ``TensorNameMap``), q/k permuted."""
-    text, backbone = llava.text, BACKBONES[llava.text.model_type]
-    tensor_map = gguf.get_tensor_name_map(backbone.arch, text.num_hidden_layers)
+    text, backbone = llava.text, llava.backbone
+    tensor_map = gguf.get_tensor_name_map(ARCHS[backbone.gguf_arch], text.num_hidden_layers)
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     ops = {MT.ATTN_Q: (rope_permute(text.num_attention_heads),), MT.ATTN_K: (rope_permute(kv_heads),)} \
         if backbone.permute_qk else {}
@@ -424,7 +413,7 @@ def gguf_files(llava: Llava, gguf_options: GGUFOptions) -> list[GGUFFile]:
     if llava.text is not None and not gguf_options.mmproj_only:
         rows = llava.source.info(LM + "model.embed_tokens.weight").shape[0]
         vocab = gguf_vocab.llama(llava.tokenizer.folder, llava.tokenizer.added, rows)
-        files.append(GGUFFile(f"{name}-{{type}}.gguf", gguf.MODEL_ARCH_NAMES[BACKBONES[llava.text.model_type].arch],
+        files.append(GGUFFile(f"{name}-{{type}}.gguf", llava.backbone.gguf_arch,
                               lm_rules(llava), _lm_metadata(llava, vocab)))
     files.append(GGUFFile(f"mmproj-{name}-{{type}}.gguf", "clip", mmproj_rules(llava), _mmproj_metadata(llava),
                           types=clip_gguf.type_rules(("v",))))

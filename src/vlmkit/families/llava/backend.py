@@ -1,4 +1,5 @@
-"""How models run: LLaVA and BLIP-2 (OPT, Flan-T5), as the original checkpoint or a transformers folder.
+"""How LLaVA runs: the original checkpoint (vlmkit's reference of the original forward) or a
+transformers ``Llava`` / ``LlavaNext`` folder.
 
 Both give generation the same small surface (``runtime.generation.LanguageModel``) plus
 ``prompt_ids`` (the conversation as ids with one placeholder per image) and
@@ -14,23 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .. import dtypes
-from ..errors import VlmkitError
-from ..options import check_device, read_json
-from ..tensors import open_source
-from . import images, templates
-from .generation import with_cache
-from .messages import Turn
-from .tokens import IMAGE_TOKEN_INDEX
-
-
-def _template_messages(turns: list[Turn]) -> list[tuple[str, str | None]]:
-    """(role, text) pairs with ``<image>\\n`` before a user text per image, as the original cli does."""
-    out = []
-    for t in turns:
-        text = templates.with_image(t.text, len(t.images)) if t.images else t.text
-        out.append((t.role, text))
-    return out + [("assistant", None)]
+from ... import dtypes
+from ...runtime import images, templates
+from ...runtime.generation import with_cache
+from ...runtime.messages import Turn, template_messages
+from ...runtime.tokens import IMAGE_TOKEN_INDEX
 
 
 class OriginalBackend:
@@ -39,9 +28,9 @@ class OriginalBackend:
     kind = "original"
 
     def __init__(self, path: Path, options):
-        from ..families.llava.checkpoint import open_original
-        from ..families.llava.hf_output import template_for
-        from ..families.llava.reference import OriginalLlava
+        from .checkpoint import open_original
+        from .hf_output import template_for
+        from .reference import OriginalLlava
 
         ckpt = open_original(path, options)
         dtype = dtypes.torch_dtype(options.dtype)
@@ -57,7 +46,7 @@ class OriginalBackend:
         self.preprocessing = repr(self.model.image_config)
 
     def prompt_ids(self, turns: list[Turn]) -> list[int]:
-        prompt = templates.render(self.template, _template_messages(turns))
+        prompt = templates.render(self.template, template_messages(turns))
         return self.model.prompt_ids(prompt)
 
     def image_features(self, image) -> torch.Tensor:
@@ -137,27 +126,3 @@ class TransformersBackend:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def backend_for(path: Path, options):
-    """The backend that runs ``path``: an original LLaVA or BLIP-2 checkpoint, or a transformers folder."""
-    from ..families.blip2.backend import Blip2Backend
-    from ..families.blip2.checkpoint import form_of as blip2_form
-    from ..families.llava.checkpoint import form_of
-
-    check_device(options.device)
-    if form_of(path) is not None:
-        return OriginalBackend(path, options)
-    if blip2_form(path) is not None:  # a LAVIS checkpoint
-        return Blip2Backend(path, options, original=True)
-    config = path / "config.json"
-    architectures = read_json(config).get("architectures", []) if config.exists() else []
-    if architectures:  # vlmkit's readers check the weights (headers, sizes) as inspect and convert do
-        open_source(path).close()
-    if any(a in ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration") for a in architectures):
-        return TransformersBackend(path, options)
-    if "Blip2ForConditionalGeneration" in architectures:
-        return Blip2Backend(path, options)
-    raise VlmkitError(f"{path}: vlmkit can run original LLaVA and BLIP-2 (LAVIS) checkpoints and transformers "
-                      f"Llava / LlavaNext / Blip2 folders; this is {architectures or 'not a model folder'}",
-                      hint="`vlmkit inspect` shows what it is")
