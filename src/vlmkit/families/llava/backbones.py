@@ -98,3 +98,8 @@ def backbone_of(config: dict, folder: Path) -> Backbone:
 def of_model_type(hf_model_type: str | None) -> Backbone | None:
     """The row of a transformers folder's language model (``text_config.model_type``), if any."""
     return next((row for row in ROWS.values() if row.hf_model_type == hf_model_type), None)
+
+
+def of_plain(config: dict) -> Backbone | None:
+    """The row of a plain language model's ``config.json`` (``plain_architecture``: ``train`` from a Vicuna), if any."""
+    return next((row for row in ROWS.values() if row.plain_architecture in (config.get("architectures") or [])), None)
