@@ -8,6 +8,7 @@ implementation (transformers' SigLIP image processor with the published preproce
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from vlmkit.errors import ConfigError
-from vlmkit.families.llava import anyres_max, siglip, towers
+from vlmkit.families.llava import anyres_max, image_path, siglip, towers
 
 # lmms-lab/llava-onevision-qwen2-*-ov config.json image_grid_pinpoints (as the release writes them): every
 # (i, j) with 1 <= i, j <= 6, times 384, i varying slowest
@@ -171,6 +172,15 @@ def _original_arrangement(image_feature, image_size, num_patch_width, num_patch_
     return torch.cat((base_image_feature, image_feature), dim=0)
 
 
+def _features(f, size_wh, pinpoints, *, tower=42, patch=14, max_num=9, merge="spatial_unpad", newline=None):
+    """``image_path.image_features`` of one image whose projected features are ``f`` (the tower is skipped)."""
+    ckpt = SimpleNamespace(is_next=False, config={"image_aspect_ratio": f"anyres_max_{max_num}",
+                                                  "image_grid_pinpoints": pinpoints, "mm_patch_merge_type": merge},
+                           vision_config={"image_size": tower, "patch_size": patch})
+    return image_path.image_features(ckpt, lambda crops: crops, [f], [size_wh], image_config=None,
+                                     image_newline=newline)[0]
+
+
 @pytest.mark.parametrize(("size_wh", "canvas", "max_num"), [
     ((900, 500), (3, 2), 1),   # 18 x 27 unpadded to 16 x 27: times 2.31 > 1.1 -> shrunk to 6 x 11
     ((900, 500), (3, 2), 2),   # times 1.63: shrunk to 9 x 16
@@ -180,33 +190,48 @@ def _original_arrangement(image_feature, image_size, num_patch_width, num_patch_
 ])
 def test_anyres_max_features_follow_the_original(size_wh, canvas, max_num):
     torch.manual_seed(0)
-    side, channels, tower = 9, 5, 42
+    side, channels, tower = 9, 5, 126  # a 126-pixel tower with 14-pixel patches: 9 x 9 features per tile
     cols, rows = canvas
     features = torch.randn(1 + cols * rows, side * side, channels)
     newline = torch.randn(channels)
-    canvases = [(cols * tower, rows * tower)]  # the one pinpoint: the grid shape is known by hand
-    got = anyres_max.arrange(features, size_wh, canvases, tower_size=tower, image_newline=newline,
-                             max_num_patches=max_num)
+    # two pinpoints, the transposed canvas first: the grid must be read as (width, height)
+    pinpoints = [[rows * tower, cols * tower], [cols * tower, rows * tower]] if cols != rows else [[cols * tower] * 2]
+    got = _features(features, size_wh, pinpoints, tower=tower, max_num=max_num, newline=newline)
     want = _original_arrangement(features, size_wh, cols, rows, newline, max_num)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_anyres_max_shrinks_a_large_grid():
-    side, channels = 27, 3
-    features = torch.zeros(1 + 36, side * side, channels)
-    got = anyres_max.arrange(features, (2304, 2304), [(2304, 2304)], tower_size=384,
-                             image_newline=torch.ones(channels), max_num_patches=9)
+    features = torch.zeros(1 + 36, 27 * 27, 3)
+    got = _features(features, (2304, 2304), "(1x1),...,(6x6)", tower=384, newline=torch.ones(3))
     # by hand: 162 x 162 grid, times = sqrt(162^2 / (9 * 27^2)) = 2 -> 81 x 81, plus a newline per row
-    assert got.shape == (729 + 81 * 82, channels)
+    assert got.shape == (729 + 81 * 82, 3)
 
 
 def test_one_tile_gets_one_newline():
     features = torch.randn(1, 9, 4)
     newline = torch.randn(4)
-    got = anyres_max.arrange(features, (30, 40), [(42, 42)], tower_size=42, image_newline=newline,
-                             max_num_patches=9)
+    got = _features(features, (30, 40), [[42, 42]], newline=newline)
     torch.testing.assert_close(got, torch.cat([features[0], newline[None]]))
+
+
+def test_siglip_tower_through_the_image_path():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    full = SiglipVisionModel(SiglipVisionConfig(**_tiny_published())).eval()
+    pixels = torch.randn(1, 3, 42, 42)
+    with torch.no_grad():
+        want = full(pixels, output_hidden_states=True).hidden_states[-2]  # = the trimmed tower's last
+    state = {k: v for k, v in full.state_dict().items()
+             if not k.startswith(("head.", "encoder.layers.2."))}
+    tower = siglip.build(siglip.trimmed_config(_tiny_published()), state)
+    # OneVision configs say mm_vision_select_layer -2 and mm_vision_select_feature "patch": neither applies
+    config = {"mm_vision_select_layer": -2, "mm_vision_select_feature": "patch"}
+    got = image_path.encode_images(tower, torch.nn.Identity(), pixels, config, torch.float32)
+    assert got.shape == (1, 9, 16)  # no CLS dropped
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def test_max_patches_parse():

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT's ``anyres_max_N`` with a SigLIP tower: pixels and the feature arrangement.
+"""LLaVA-NeXT's ``anyres_max_N`` with a SigLIP tower: the pinpoints and the pixels.
 
 Written from ``llava/mm_utils.py`` (``process_anyres_image``, ``get_anyres_image_grid_shape``) and
 ``llava/model/llava_arch.py`` (``prepare_inputs_labels_for_multimodal``, the ``anyres_max`` +
@@ -10,17 +10,14 @@ truncation) are ``runtime.images``'; what is new here:
   tower's size, read as (width, height));
 * SigLIP's processor: every tile (the squashed base image and each crop) resized to exactly
   ``size`` x ``size`` (no aspect ratio, no crop), rescaled, normalised with 0.5/0.5;
-* the unpadded grid is bilinearly shrunk when it holds more than ~N tiles' worth of features
-  (``times = sqrt(h*w / (N*27^2)) > 1.1``), then ``image_newline`` ends every row, and the base
-  image's features (no newline) come first.
-
-(To move into ``image_path.py`` once that module is on main, so the reference and training share it.)
+* the model side (the unpadded grid shrunk when it holds more than ~N tiles' worth of features,
+  then ``image_newline`` per row after the base image's features) is ``image_path.image_features``,
+  which the reference and training share.
 """
 
 from __future__ import annotations
 
 import ast
-import math
 import re
 from collections.abc import Sequence
 
@@ -86,34 +83,3 @@ def process(img: Image.Image, canvases: Sequence[tuple[int, int]], *, size: int,
     tiles = [base, *images.divide_to_patches(canvas, size)]
     return np.stack([siglip_preprocess(t, size=size, mean=mean, std=std, rescale=rescale) for t in tiles])
 
-
-def arrange(features, size_wh: tuple[int, int], canvases: Sequence[tuple[int, int]], *, tower_size: int,
-            image_newline, max_num_patches: int):
-    """One image's ``[1 + n, T, C]`` projected features -> its ``[T', C]`` sequence (``spatial_unpad``).
-
-    Args:
-        features: base image first, then the crops in row-major order; ``T`` = side².
-        size_wh: the image's (width, height).
-        canvases: the pinpoints as (width, height).
-        tower_size: the tower's ``image_size`` (the grid shape divides the canvas by it).
-        image_newline: ``model.image_newline`` [C].
-        max_num_patches: N of ``anyres_max_N``.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if features.shape[0] == 1:  # one tile: its features and one newline
-        return torch.cat([features[0], image_newline[None]], 0)
-    base, grid = features[0], features[1:]
-    side = math.isqrt(base.shape[0])
-    width, height = images.select_best_resolution(size_wh, canvases)
-    cols, rows = width // tower_size, height // tower_size
-    grid = grid.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)
-    grid = images.unpad_features(grid, size_wh)
-    _, h, w = grid.shape
-    times = math.sqrt(h * w / (max_num_patches * side ** 2))
-    if times > 1.1:  # float floor division then int(), bilinear without align_corners, as the original
-        grid = F.interpolate(grid[None], [int(h // times), int(w // times)], mode="bilinear")[0]
-    newline = image_newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid.dtype)
-    grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
-    return torch.cat([base, grid], 0)

@@ -7,16 +7,18 @@ gradients) run this same code with their own modules.
 
 * :func:`projector`: the ``mm_projector`` module a checkpoint describes;
 * :func:`encode_images`: the CLIP tower's hidden state at ``mm_vision_select_layer`` (no
-  post-layernorm), ``patch`` dropping the CLS position, through the ``mm_projector``;
+  post-layernorm), ``patch`` dropping the CLS position, through the ``mm_projector``; a SigLIP
+  tower (LLaVA-NeXT repository) gives its last hidden state, every token (``siglip.py``);
 * :func:`image_features`: one ``[T_i, hidden]`` tensor per image; NeXT: the base image's features
-  first, then the crops' grid, unpadded to the image's aspect ratio, an ``image_newline`` at the
-  end of every row (``spatial_unpad``);
+  first, then the crops' grid, unpadded to the image's aspect ratio (``anyres_max_N``: then shrunk,
+  :func:`anyres_max_shrink`), an ``image_newline`` at the end of every row (``spatial_unpad``);
 * :func:`splice`: the features in place of each ``IMAGE_TOKEN_INDEX`` (-200) of one sequence's
   input embeddings (labels ``IGNORE_INDEX`` there), cut at ``tokenizer_model_max_length``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,6 +26,7 @@ from torch import nn
 
 from ...runtime import images
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
+from . import anyres_max, siglip
 from .checkpoint import OriginalCheckpoint
 
 
@@ -46,7 +49,7 @@ def encode_images(tower: nn.Module, mm_projector: nn.Module, pixel_values: torch
     """``[N, 3, H, W]`` -> projected features ``[N, T, hidden]`` (CLIP layer, patch selection, projector).
 
     Args:
-        tower: a transformers ``CLIPVisionModel``.
+        tower: a transformers ``CLIPVisionModel``, or the trimmed ``SiglipVisionModel`` of ``siglip.build``.
         mm_projector: the projector module (:func:`projector`).
         config: the checkpoint's config (``mm_vision_select_layer``, ``mm_vision_select_feature``).
         dtype: the pixels' dtype in the tower.
@@ -54,10 +57,13 @@ def encode_images(tower: nn.Module, mm_projector: nn.Module, pixel_values: torch
             always ``no_grad``; training's ``--train-vision`` is not).
     """
     with torch.enable_grad() if tower_grad else torch.no_grad():
-        out = tower(pixel_values.to(dtype), output_hidden_states=True)
-        features = out.hidden_states[config["mm_vision_select_layer"]]
-        if config.get("mm_vision_select_feature", "patch") == "patch":
-            features = features[:, 1:]
+        if tower.config.model_type == "siglip_vision_model":  # select layer and feature ignored, as the original
+            features = siglip.encode(tower, pixel_values.to(dtype))
+        else:
+            out = tower(pixel_values.to(dtype), output_hidden_states=True)
+            features = out.hidden_states[config["mm_vision_select_layer"]]
+            if config.get("mm_vision_select_feature", "patch") == "patch":
+                features = features[:, 1:]
     return mm_projector(features)
 
 
@@ -74,10 +80,14 @@ def image_features(ckpt: OriginalCheckpoint, encode: Callable[[torch.Tensor], to
         image_config: the checkpoint's preprocessing (anyres grid pinpoints).
         image_newline: NeXT's ``model.image_newline`` (None for 1.5).
     """
-    if not ckpt.is_next:
+    limit = anyres_max.max_patches(ckpt.config.get("image_aspect_ratio"))
+    if not ckpt.is_next and limit is None:
         return list(encode(pixel_values))
     merge = ckpt.config.get("mm_patch_merge_type", "flat")
-    side = ckpt.vision_config["image_size"] // ckpt.vision_config["patch_size"]
+    tower_size = ckpt.vision_config["image_size"]
+    side = tower_size // ckpt.vision_config["patch_size"]
+    canvases = (image_config.grid_pinpoints if limit is None
+                else anyres_max.pinpoints(ckpt.config["image_grid_pinpoints"], tower_size))
     result = []
     for crops, size in zip(pixel_values, image_sizes):
         f = encode(crops)
@@ -91,17 +101,33 @@ def image_features(ckpt: OriginalCheckpoint, encode: Callable[[torch.Tensor], to
             result.append(single)
             continue
         base, grid = f[0], f[1:]
-        npw, nph = images.anyres_grid_shape(size, image_config.grid_pinpoints, ckpt.vision_config["image_size"])
+        npw, nph = images.anyres_grid_shape(size, canvases, tower_size)
         grid = grid.view(nph, npw, side, side, -1)
         if "unpad" in merge:
             grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # C, rows, cols
             grid = images.unpad_features(grid, size)
+            if limit is not None:
+                grid = anyres_max_shrink(grid, limit, side)
             newline = image_newline[:, None, None].expand(*grid.shape[:-1], 1)
             grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
         else:
             grid = grid.permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
         result.append(torch.cat([base, grid], 0))
     return result
+
+
+def anyres_max_shrink(grid: torch.Tensor, max_num_patches: int, unit: int) -> torch.Tensor:
+    """``anyres_max_N``'s downscale of an unpadded ``[C, h, w]`` grid (``llava_arch.py``).
+
+    When the grid holds more than about N tiles' worth of features (``times = sqrt(h*w / (N*unit²))``
+    above 1.1) it is resized bilinearly (``align_corners`` False) to ``int(h // times) x int(w // times)``
+    (float floor division, then ``int``), keeping its aspect ratio; otherwise it is kept.
+    """
+    _, h, w = grid.shape
+    times = math.sqrt(h * w / (max_num_patches * unit ** 2))
+    if times <= 1.1:
+        return grid
+    return nn.functional.interpolate(grid[None], [int(h // times), int(w // times)], mode="bilinear")[0]
 
 
 def splice(embed: nn.Module, ids: torch.Tensor, features: Sequence[torch.Tensor], *,
