@@ -7,7 +7,10 @@ implementation (transformers' SigLIP image processor with the published preproce
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -237,3 +240,30 @@ def test_siglip_tower_through_the_image_path():
 def test_max_patches_parse():
     assert anyres_max.max_patches("anyres_max_9") == 9
     assert anyres_max.max_patches("anyres") is None
+
+
+# ------------------------------------------------------------------------------------------- the release config
+RELEASE = Path(__file__).parent.parent / "fixtures" / "configs" / "llava-onevision-qwen2-7b-ov.json"
+
+
+def test_release_config_reads_as_the_original_reads_it():
+    config = json.loads(RELEASE.read_text())
+    assert anyres_max.max_patches(config["image_aspect_ratio"]) == 9
+    assert [list(p) for p in anyres_max.pinpoints(config["image_grid_pinpoints"], 384)] == OV_PINPOINTS
+    assert siglip.tower_kind(config["mm_vision_tower"]) == ("siglip", None)
+    assert siglip.select_layer_note(config) is None  # -2 of the full tower is what the trimmed tower's -1 reads
+    assert towers.known_siglip(config["mm_vision_tower"])["vision_config"]["hidden_size"] == config["mm_hidden_size"]
+
+
+def test_gguf_refuses_the_mmproj_of_an_anyres_max_checkpoint(tmp_path):
+    from ..conftest import run_cli
+
+    release = tmp_path / "llava-onevision-qwen2-7b-ov"
+    release.mkdir()
+    shutil.copy(RELEASE, release / "config.json")
+    before = sorted(p.name for p in release.iterdir())
+    r = run_cli("convert", release, tmp_path / "gguf", "--to", "gguf")
+    assert r.code != 0
+    assert "anyres_max_9" in r.err and "llama.cpp" in r.err and "--text-only" in r.err
+    assert "Traceback" not in r.err
+    assert not (tmp_path / "gguf").exists() and sorted(p.name for p in release.iterdir()) == before

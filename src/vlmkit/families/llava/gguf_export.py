@@ -116,6 +116,8 @@ def from_original(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -
     from . import convert, hf_output
     from .checkpoint import open_original
 
+    if not gguf_options.text_only and (path / "config.json").is_file():
+        check_image_path(path, read_json(path / "config.json"))
     ckpt = open_original(path, options)
     check_backbone(ckpt.row, ckpt.row.hf_model_type, path)
     kind = ckpt.config.get("mm_projector_type", "linear")
@@ -237,6 +239,25 @@ def check_backbone(backbone: backbones.Backbone | None, model_type: str, where: 
                if model_type in ARCHS else f"llama.cpp has no architecture for the backbone '{model_type}'")
         writes = [row.name for row in backbones.ROWS.values() if row.gguf_arch]
         raise ConfigError(f"{where}: {has}", hint=f"vlmkit writes GGUF for LLaVA with a {' or '.join(writes)} backbone")
+
+
+def check_image_path(path: Path, config: dict) -> None:
+    """Refuse the mmproj of an ``anyres_max_N`` checkpoint (LLaVA-OneVision, LLaVA-Video), from its config alone.
+
+    The bundled llama.cpp's multimodal tools have no ``anyres_max`` (no shrinking of the tile grid),
+    and no LLaVA graph applies ``spatial_unpad`` or ``image_newline`` (the field is parsed, then only
+    reported); its slicer would feed each tile alone, so the image tokens would not be the original's.
+    """
+    from .anyres_max import max_patches
+
+    aspect = config.get("image_aspect_ratio")
+    if max_patches(aspect) is None:
+        return
+    raise ConfigError(f"{path}/config.json: image_aspect_ratio {aspect!r} (mm_patch_merge_type "
+                      f"{config.get('mm_patch_merge_type')!r}): llama.cpp's multimodal tools have no anyres_max "
+                      "down-scaling and no LLaVA graph unpads the tile grid or adds image_newline, so an mmproj "
+                      "would not give the original's image tokens",
+                      hint="convert the whole model with --to hf; --text-only writes the language model alone")
 
 
 def check_runnable(llava: Llava) -> None:
