@@ -264,6 +264,6 @@ def test_gguf_refuses_the_mmproj_of_an_anyres_max_checkpoint(tmp_path):
     before = sorted(p.name for p in release.iterdir())
     r = run_cli("convert", release, tmp_path / "gguf", "--to", "gguf")
     assert r.code != 0
-    assert "anyres_max_9" in r.err and "llama.cpp" in r.err and "--text-only" in r.err
+    assert "anyres_max_9" in r.err and "llama.cpp" in r.err and "--to hf" in r.err
     assert "Traceback" not in r.err
     assert not (tmp_path / "gguf").exists() and sorted(p.name for p in release.iterdir()) == before

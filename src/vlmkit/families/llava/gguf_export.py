@@ -257,7 +257,7 @@ def check_image_path(path: Path, config: dict) -> None:
                       f"{config.get('mm_patch_merge_type')!r}): llama.cpp's multimodal tools have no anyres_max "
                       "down-scaling and no LLaVA graph unpads the tile grid or adds image_newline, so an mmproj "
                       "would not give the original's image tokens",
-                      hint="convert the whole model with --to hf; --text-only writes the language model alone")
+                      hint="convert with --to hf instead: llama.cpp cannot run this image path")
 
 
 def check_runnable(llava: Llava) -> None:
