@@ -21,6 +21,18 @@ from PIL import Image
 from vlmkit.errors import ConfigError
 from vlmkit.families.llava import anyres_max, image_path, siglip, towers
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test here may reach the hub (a SigLIP name is a hub id): every snapshot download is refused."""
+    import huggingface_hub
+
+    def refuse(repo_id, *args, **kwargs):
+        raise OSError(f"offline test: no download of {repo_id}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+
+
 # lmms-lab/llava-onevision-qwen2-*-ov config.json image_grid_pinpoints (as the release writes them): every
 # (i, j) with 1 <= i, j <= 6, times 384, i varying slowest
 OV_PINPOINTS = [[i * 384, j * 384] for i in range(1, 7) for j in range(1, 7)]
@@ -267,3 +279,73 @@ def test_gguf_refuses_the_mmproj_of_an_anyres_max_checkpoint(tmp_path):
     assert "anyres_max_9" in r.err and "llama.cpp" in r.err and "--to hf" in r.err
     assert "Traceback" not in r.err
     assert not (tmp_path / "gguf").exists() and sorted(p.name for p in release.iterdir()) == before
+
+
+# ------------------------------------------------------------------------------------------- opening a checkpoint
+class _Shapes:
+    """A tensor source that has only names and shapes (what the tower config is checked against)."""
+
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def keys(self):
+        return list(self.shapes)
+
+    def info(self, name):
+        return SimpleNamespace(shape=self.shapes[name])
+
+
+def test_released_tower_config_is_checked_against_the_weights():
+    prefix = "model.vision_tower.vision_tower.vision_model."
+    shapes = {prefix + "embeddings.patch_embedding.weight": (1152, 3, 14, 14),
+              prefix + "embeddings.position_embedding.weight": (729, 1152),  # no CLS position
+              prefix + "encoder.layers.0.mlp.fc1.weight": (4304, 1152),
+              prefix + "encoder.layers.25.mlp.fc1.weight": (4304, 1152)}  # 26 layers: the release's trimmed tower
+    config, pre, assumptions = siglip.tower_config("google/siglip-so400m-patch14-384", _Shapes(shapes), prefix, {})
+    assert config["num_hidden_layers"] == 26 and config["image_size"] == 384 and not assumptions
+    assert pre["image_mean"] == [0.5] * 3
+    shapes[prefix + "encoder.layers.26.mlp.fc1.weight"] = (4304, 1152)  # the last layer kept: not the original's
+    with pytest.raises(ConfigError, match="num_hidden_layers 26 vs 27"):
+        siglip.tower_config("google/siglip-so400m-patch14-384", _Shapes(shapes), prefix, {})
+
+
+def _tiny_onevision(folder, tower_name):
+    """An OneVision-layout checkpoint: the release's config.json with toy sizes, the trimmed tower inside."""
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(SiglipVisionConfig(**_tiny_published()))
+    del tower.encoder.layers[-1:]  # saved after the original's load_model trimmed it
+    state = {f"model.vision_tower.vision_tower.vision_model.{k}": v.contiguous()
+             for k, v in tower.state_dict().items() if not k.startswith("head.")}
+    state |= {"model.mm_projector.0.weight": torch.randn(32, 16), "model.mm_projector.0.bias": torch.randn(32),
+              "model.mm_projector.2.weight": torch.randn(32, 32), "model.mm_projector.2.bias": torch.randn(32),
+              "model.image_newline": torch.randn(32), "model.embed_tokens.weight": torch.randn(64, 32),
+              "lm_head.weight": torch.randn(64, 32)}
+    folder.mkdir()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads(RELEASE.read_text())
+    config |= {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 64, "mm_hidden_size": 16, "mm_vision_tower": tower_name,
+               "mm_vision_select_layer": -1}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_open_a_onevision_checkpoint(tmp_path):
+    from vlmkit.families.llava.checkpoint import open_original
+    from vlmkit.options import LoadOptions
+
+    path = _tiny_onevision(tmp_path / "ov-tiny", "my-org/siglip-tiny-patch14-42")
+    with pytest.raises(ConfigError, match="head count"):
+        open_original(path, LoadOptions())
+    ckpt = open_original(path, LoadOptions(config={"vision_config": {"num_attention_heads": 2}}))
+    assert ckpt.backbone == "qwen2"
+    assert ckpt.vision_config["model_type"] == "siglip_vision_model"
+    assert ckpt.vision_config["num_hidden_layers"] == 2 and ckpt.vision_config["image_size"] == 42
+    assert ckpt.preprocessor["image_mean"] == [0.5] * 3
+    assert any("num_attention_heads = 2 (from --config)" in a for a in ckpt.assumptions)
+    assert any("mm_vision_select_layer=-1 is ignored" in n for n in ckpt.notes)
+    with pytest.raises(ConfigError, match="hidden_size 1152 vs 16"):  # the released name with other weights
+        open_original(_tiny_onevision(tmp_path / "ov-renamed", "google/siglip-so400m-patch14-384"), LoadOptions())

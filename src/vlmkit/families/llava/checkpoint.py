@@ -26,7 +26,7 @@ from ...errors import CheckpointError, ConfigError
 from ...options import LoadOptions, read_json
 from ...tensors import FLOAT_CODES, TensorSource, open_source, resolve
 from ...tensors.views import CombinedSource, RenamedSource
-from . import backbones
+from . import backbones, siglip
 from .towers import CLIP_MEAN, CLIP_STD, known_tower
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
@@ -62,8 +62,8 @@ class OriginalCheckpoint:
     source: TensorSource  # the full-checkpoint namespace (see module docstring)
     tokenizer_folder: Path
     backbone: str  # the language model's row in ``backbones.ROWS``
-    vision_config: dict  # CLIPVisionConfig fields
-    preprocessor: dict  # CLIP preprocessor_config.json fields
+    vision_config: dict  # CLIPVisionConfig fields, or SiglipVisionConfig's of the trimmed tower (siglip.py)
+    preprocessor: dict  # the tower's preprocessor_config.json fields
     lora: LoraInfo | None = None
     notes: list[str] = field(default_factory=list)
     # values no file of the original states (from --config or --assume-clip-defaults), each with its origin
@@ -135,6 +135,20 @@ def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
             llm = CombinedSource([("", llm), ("", projector)], path=path)
         else:
             llm, lora = _with_lora(path, llm, notes)
+    kind, kind_note = siglip.tower_kind(config.get("mm_vision_tower") or config.get("vision_tower"))
+    notes += [n for n in (kind_note,) if n]
+    if kind == "siglip":  # LLaVA-NeXT's SigLIP tower: its own config rule, always inside the checkpoint here
+        name = config.get("mm_vision_tower") or config.get("vision_tower")
+        if options.vision_tower:
+            raise ConfigError(f"{path}/config.json: mm_vision_tower '{name}' is a SigLIP tower, read from the "
+                              "checkpoint as the original builds it; --vision-tower names a CLIP tower",
+                              hint="leave out --vision-tower")
+        vision_config, preprocessor, assumptions = siglip.tower_config(
+            name, llm, TOWER, (options.config or {}).get("vision_config") or {})
+        notes += [n for n in (siglip.select_layer_note(config),) if n]
+        _check_tower(path, config, vision_config)
+        return OriginalCheckpoint(path, form, config, llm, tokenizer_folder, backbone, vision_config, preprocessor,
+                                  lora, notes, assumptions)
     tower = _tower_folder(path, config, options, inside=any(k.startswith(TOWER) for k in llm.keys()))
     if tower.note:
         notes.append(tower.note)

@@ -17,9 +17,12 @@ in a way no config field describes, and this module is the one place that says h
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 from ...errors import ConfigError
+from .towers import SIGLIP_TOWERS, known_siglip
 
 # siglip_encoder.py SigLipVisionConfig.__init__ defaults: what the original builds whatever the checkpoint says
 ORIGINAL_DEFAULTS = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
@@ -64,6 +67,82 @@ def trimmed_config(published: dict) -> dict:
                           "reads the one before it", hint="name the tower the checkpoint was trained from")
     fields = {k: v for k, v in published.items() if k not in ("model_type", "vision_use_head")}
     return {**fields, "num_hidden_layers": layers - 1, "vision_use_head": False, "model_type": "siglip_vision_model"}
+
+
+def shape_facts(source, prefix: str) -> dict | None:
+    """What the tower's tensor shapes under ``prefix`` tell (None when no complete tower is there).
+
+    SigLIP has no CLS position: ``side`` (patches per side) is ``sqrt(positions)``; the image size is
+    not held exactly (384 with 14-pixel patches gives 27 per side, as 378 would).
+    """
+    try:
+        patch = source.info(prefix + "embeddings.patch_embedding.weight").shape
+        positions = source.info(prefix + "embeddings.position_embedding.weight").shape[0]
+        fc1 = source.info(prefix + "encoder.layers.0.mlp.fc1.weight").shape
+    except KeyError:
+        return None
+    layers = 1 + max(int(m.group(1)) for n in source.keys()
+                     if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", n)))
+    hidden, channels, p, _ = patch
+    return {"hidden_size": hidden, "intermediate_size": fc1[0], "num_hidden_layers": layers, "patch_size": p,
+            "side": math.isqrt(positions), "num_channels": channels}
+
+
+def tower_config(name: str, source, prefix: str, vision_override: dict) -> tuple[dict, dict, list[str]]:
+    """The trimmed tower's ``SiglipVisionConfig`` fields, its preprocessor, and what they assume.
+
+    A released tower (``towers.SIGLIP_TOWERS``) gives both, checked against the checkpoint's tensor
+    shapes. Another ``siglip`` name: the shapes give the widths, depth, patch and image size;
+    ``num_attention_heads`` must come from ``--config`` (``vision_config``); activation and epsilon are
+    the original's class defaults, and SigLIP's 0.5/0.5 preprocessing the original's processor class
+    defaults; each is listed as an assumption.
+
+    Args:
+        name: ``mm_vision_tower``.
+        source: the checkpoint's tensors; the tower under ``prefix``.
+        vision_override: ``--config``'s ``vision_config`` (may be empty).
+
+    Raises:
+        ConfigError: no tower in the checkpoint, shapes that contradict the table, or no head count.
+    """
+    facts = shape_facts(source, prefix)
+    if facts is None:
+        raise ConfigError(f"mm_vision_tower '{name}' is a SigLIP tower but the checkpoint holds no complete tower "
+                          f"({prefix}*): the original downloads it from the hub, vlmkit reads it from the checkpoint",
+                          hint="convert a checkpoint that contains its vision tower (a full release or fine-tune)")
+    entry = known_siglip(name)
+    assumptions: list[str] = []
+    if entry is not None:
+        config = trimmed_config(entry["vision_config"])
+        stated = {**config, "side": config["image_size"] // config["patch_size"]}
+        wrong = [f"{k} {stated[k]} vs {v}" for k, v in facts.items() if stated.get(k) != v]
+        if wrong:
+            raise ConfigError(f"mm_vision_tower '{name}': its published config, less the layer the original "
+                              f"deletes, does not describe the checkpoint's tower ({'; '.join(wrong)})",
+                              hint="the weights come from another SigLIP model; set mm_vision_tower to its hub name")
+        return config, entry["preprocessor"], assumptions
+    if "num_attention_heads" not in vision_override:
+        raise ConfigError(f"mm_vision_tower '{name}' is not a SigLIP tower vlmkit knows "
+                          f"(known: {', '.join(SIGLIP_TOWERS)}), and no tensor shape holds its head count",
+                          hint='pass --config \'{"vision_config": {"num_attention_heads": N}}\' with the tower\'s value')
+    side = facts.pop("side")
+    image_size = vision_override.get("image_size", side * facts["patch_size"])
+    if image_size // facts["patch_size"] != side:
+        raise ConfigError(f"--config vision_config.image_size {image_size} does not give the checkpoint's {side} "
+                          f"patches per side", hint="give the tower's image_size")
+    published = {**{k: ORIGINAL_DEFAULTS[k] for k in ("hidden_act", "layer_norm_eps", "attention_dropout")},
+                 **facts, "num_hidden_layers": facts["num_hidden_layers"] + 1, "image_size": image_size,
+                 "num_attention_heads": vision_override["num_attention_heads"]}
+    assumptions.append(f"vision_config.num_attention_heads = {published['num_attention_heads']!r} (from --config)")
+    assumptions.append(f"vision_config.image_size = {image_size!r} "
+                       + ("(from --config)" if "image_size" in vision_override else "(patches per side x patch size)"))
+    assumptions.append("vision_config.hidden_act / layer_norm_eps = LLaVA-NeXT's SigLipVisionConfig defaults "
+                       "(gelu_pytorch_tanh, 1e-6)")
+    assumptions.append("image preprocessing = LLaVA-NeXT's SigLipImageProcessor defaults (mean/std 0.5, bicubic)")
+    size = image_size
+    preprocessor = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3, "rescale_factor": 1 / 255,
+                    "size": {"height": size, "width": size}}
+    return trimmed_config(published), preprocessor, assumptions
 
 
 def select_layer_note(config: dict) -> str | None:
