@@ -349,3 +349,96 @@ def test_open_a_onevision_checkpoint(tmp_path):
     assert any("mm_vision_select_layer=-1 is ignored" in n for n in ckpt.notes)
     with pytest.raises(ConfigError, match="hidden_size 1152 vs 16"):  # the released name with other weights
         open_original(_tiny_onevision(tmp_path / "ov-renamed", "google/siglip-so400m-patch14-384"), LoadOptions())
+
+
+# ------------------------------------------------------------------------------------------- the reference
+TINY_TOWER = 42  # tiny SigLIP: 42-pixel images, 14-pixel patches, 3 x 3 features per tile
+
+
+def _tiny_onevision_full(folder):
+    """A OneVision-layout checkpoint with a whole tiny Qwen2 and the real Qwen2 tokenizer; pinpoints as the release
+    writes them (every (i, j) up to 6 x 6, i slowest), in multiples of the tiny tower's size."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ..bpe_tokenizers import bpe_folder
+
+    _tiny_onevision(folder, "my-org/siglip-tiny-patch14-42")
+    torch.manual_seed(1)
+    lm = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False))
+    state = load_file(folder / "model.safetensors") | {k: v.contiguous() for k, v in lm.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["image_grid_pinpoints"] = [[i * TINY_TOWER, j * TINY_TOWER] for i in range(1, 7) for j in range(1, 7)]
+    (folder / "config.json").write_text(json.dumps(config))
+    bpe_folder("qwen2", folder)
+    return folder
+
+
+def _transformers_onevision(ckpt_folder, pinpoints_hw):
+    """transformers' LlavaOnevisionModel over the checkpoint's weights, the keys mapped as its conversion script does."""
+    from safetensors.torch import load_file
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionModel, Qwen2Config, SiglipVisionConfig
+
+    config = LlavaOnevisionConfig(
+        text_config=Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=64).to_dict(),
+        vision_config=SiglipVisionConfig(**{**_tiny_published(), "num_hidden_layers": 2},
+                                         vision_use_head=False).to_dict(),
+        image_grid_pinpoints=pinpoints_hw, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9")
+    model = LlavaOnevisionModel(config).eval()
+    mapped = {}
+    for name, value in load_file(ckpt_folder / "model.safetensors").items():
+        if name.startswith("model.vision_tower.vision_tower.vision_model."):
+            mapped["vision_tower." + name[len("model.vision_tower.vision_tower.vision_model."):]] = value
+        elif name.startswith("model.mm_projector."):
+            index = name[len("model.mm_projector."):].split(".")[0]
+            mapped[f"multi_modal_projector.linear_{1 if index == '0' else 2}." + name.split(".")[-1]] = value
+        elif name == "model.image_newline":
+            mapped["image_newline"] = value
+        elif name.startswith("model."):
+            mapped["language_model." + name[len("model."):]] = value
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    assert not unexpected and not [m for m in missing if not m.endswith("position_ids")]
+    return model
+
+
+def test_reference_image_path_equals_transformers_onevision_on_a_non_square_photo(tmp_path):
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from vlmkit.families.llava.checkpoint import open_original
+    from vlmkit.families.llava.reference import OriginalLlava
+    from vlmkit.options import LoadOptions
+    from vlmkit.runtime import images
+
+    path = _tiny_onevision_full(tmp_path / "ov-tiny")
+    ckpt = open_original(path, LoadOptions(config={"vision_config": {"num_attention_heads": 2}}))
+    reference = OriginalLlava.load(ckpt)
+    photo = Image.open(Path(__file__).parent.parent / "fixtures" / "images" / "chelsea.png").convert("RGB")
+    assert photo.size == (451, 300)
+    pixels, sizes = images.preprocess([photo], reference.image_config)
+    got = reference.image_features(pixels, sizes)[0]
+
+    # transformers reads pinpoints and image sizes as (height, width): the release's list, each pair swapped
+    pinpoints_hw = [[h, w] for w, h in json.loads((path / "config.json").read_text())["image_grid_pinpoints"]]
+    processor = LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3,
+                                                size={"height": TINY_TOWER, "width": TINY_TOWER},
+                                                image_grid_pinpoints=pinpoints_hw, do_pad=True)
+    theirs = processor(photo, return_tensors="pt")
+    assert theirs["image_sizes"].tolist() == [[300, 451]]
+    torch.testing.assert_close(pixels[0], theirs["pixel_values"][0], rtol=0, atol=0)
+    model = _transformers_onevision(path, pinpoints_hw)
+    with torch.no_grad():
+        out = model.get_image_features(theirs["pixel_values"], theirs["image_sizes"], vision_feature_layer=-1,
+                                       vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                       output_hidden_states=True)
+    want = out.pooler_output[0]
+    # by hand: the largest canvases (252 wide) tie on effective pixels; (252, 168) wastes least: 6 x 4 tiles, a
+    # 12 x 18 grid; unpad keeps int(300 * 18/451) = 11 -> (12 - 11) // 2 = 0 rows cut; times = sqrt(216 / 81) = 1.63,
+    # shrunk to int(12 // 1.63) x int(18 // 1.63) = 7 x 11, a newline per row, after the base image's 9
+    assert got.shape == want.shape == (9 + 7 * 12, 32)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -189,6 +189,10 @@ class ImageConfig:
             raise ConfigError("image preprocessing config: " + "; ".join(problems),
                               hint="fix config.json / preprocessor_config.json, or override them with --config")
 
+    def per_image(self, img: Image.Image) -> np.ndarray:
+        """One image's pixels, [3, H, W] or [1 + n, 3, H, W] (any config with this method can drive ``preprocess``)."""
+        return _PER_IMAGE[self.aspect](img, self)
+
     @classmethod
     def from_original(cls, llava_config: dict, clip_preprocessor: dict) -> ImageConfig:
         """Build the config from an original checkpoint's files.
@@ -329,7 +333,7 @@ def preprocess(images: Sequence[Image.Image | str | os.PathLike | bytes],
 
     Args:
         images: PIL images, or sources for :func:`load_image`.
-        cfg: the checkpoint's preprocessing.
+        cfg: the checkpoint's preprocessing: an :class:`ImageConfig`, or a family's own config with ``per_image``.
 
     Returns:
         ``(pixel_values, image_sizes)``: float32 [B, 3, H, W] for pad/square; [B, 1 + n, 3, H, W] for anyres,
@@ -340,7 +344,7 @@ def preprocess(images: Sequence[Image.Image | str | os.PathLike | bytes],
     if not images:
         raise ImageError("preprocess: no images given", hint="pass at least one image")
     loaded = [load_image(im) for im in images]
-    tensors = [torch.from_numpy(_PER_IMAGE[cfg.aspect](im, cfg)) for im in loaded]
+    tensors = [torch.from_numpy(cfg.per_image(im)) for im in loaded]
     same = len({t.shape for t in tensors}) == 1
     return (torch.stack(tensors) if same else tensors), [im.size for im in loaded]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -83,3 +84,41 @@ def process(img: Image.Image, canvases: Sequence[tuple[int, int]], *, size: int,
     tiles = [base, *images.divide_to_patches(canvas, size)]
     return np.stack([siglip_preprocess(t, size=size, mean=mean, std=std, rescale=rescale) for t in tiles])
 
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The preprocessing of an ``anyres_max_N`` checkpoint with a SigLIP tower, as data.
+
+    It drives ``runtime.images.preprocess`` (through :meth:`per_image`) as the CLIP ``ImageConfig`` does.
+
+    Attributes:
+        size: the tower's image size: every tile's side (and the crop side).
+        mean, std, rescale: SigLIP's normalisation.
+        grid_pinpoints: the canvases as (width, height), expanded from the range form.
+        max_num_patches: N.
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale: float
+    grid_pinpoints: tuple[tuple[int, int], ...]
+    max_num_patches: int
+    aspect: str = "anyres_max"
+
+    @classmethod
+    def from_original(cls, llava_config: dict, preprocessor: dict, tower_size: int) -> ImageConfig:
+        """From the original ``config.json`` and the tower's preprocessor (SigLIP's: ``size`` height x width)."""
+        size = preprocessor.get("size", {}).get("height", tower_size)
+        if size != tower_size:
+            raise ConfigError(f"SigLIP preprocessor size {size} but the tower takes {tower_size}-pixel images",
+                              hint="the original resizes every tile to the tower's size")
+        ratio = llava_config.get("image_aspect_ratio")
+        return cls(size=size, mean=tuple(preprocessor["image_mean"]), std=tuple(preprocessor["image_std"]),
+                   rescale=preprocessor.get("rescale_factor", 1 / 255),
+                   grid_pinpoints=pinpoints(llava_config["image_grid_pinpoints"], tower_size),
+                   max_num_patches=max_patches(ratio))
+
+    def per_image(self, img: Image.Image) -> np.ndarray:
+        return process(img, self.grid_pinpoints, size=self.size, mean=self.mean, std=self.std, rescale=self.rescale)

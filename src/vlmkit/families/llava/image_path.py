@@ -44,6 +44,13 @@ def projector(ckpt: OriginalCheckpoint, hidden: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def image_config(ckpt: OriginalCheckpoint):
+    """The checkpoint's preprocessing: ``anyres_max.ImageConfig`` for ``anyres_max_N``, else CLIP's ``ImageConfig``."""
+    if anyres_max.max_patches(ckpt.config.get("image_aspect_ratio")) is not None:
+        return anyres_max.ImageConfig.from_original(ckpt.config, ckpt.preprocessor, ckpt.vision_config["image_size"])
+    return images.ImageConfig.from_original(ckpt.config, ckpt.preprocessor)
+
+
 def encode_images(tower: nn.Module, mm_projector: nn.Module, pixel_values: torch.Tensor, config: dict,
                   dtype: torch.dtype, *, tower_grad: bool = False) -> torch.Tensor:
     """``[N, 3, H, W]`` -> projected features ``[N, T, hidden]`` (CLIP layer, patch selection, projector).
@@ -86,7 +93,7 @@ def image_features(ckpt: OriginalCheckpoint, encode: Callable[[torch.Tensor], to
     merge = ckpt.config.get("mm_patch_merge_type", "flat")
     tower_size = ckpt.vision_config["image_size"]
     side = tower_size // ckpt.vision_config["patch_size"]
-    canvases = (image_config.grid_pinpoints if limit is None
+    canvases = (image_config.grid_pinpoints if image_config is not None
                 else anyres_max.pinpoints(ckpt.config["image_grid_pinpoints"], tower_size))
     result = []
     for crops, size in zip(pixel_values, image_sizes):

@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...runtime import images
 from ...runtime.generation import with_cache
 from ...runtime.vocab import open_vocab
-from . import image_path
+from . import image_path, siglip
 from .checkpoint import MULTIMODAL_FIELDS, TOWER, OriginalCheckpoint
 
 
@@ -42,7 +41,7 @@ class OriginalLlava(nn.Module):
         self.projector = projector
         self.image_newline = nn.Parameter(image_newline, requires_grad=False) if image_newline is not None else None
         self.compute_dtype = next(language_model.parameters()).dtype
-        self.image_config = images.ImageConfig.from_original(ckpt.config, ckpt.preprocessor)
+        self.image_config = image_path.image_config(ckpt)
         self.vocab = open_vocab(ckpt.tokenizer_folder)
         self.tokenizer = self.vocab.tokenizer
 
@@ -72,13 +71,16 @@ class OriginalLlava(nn.Module):
             lm = _merge_lora(lm, ckpt)
         lm.eval()
 
-        vision_fields = {k: v for k, v in ckpt.vision_config.items() if k != "model_type"}
-        with no_init_weights():
-            tower = CLIPVisionModel(CLIPVisionConfig(**vision_fields))
         tower_state = {n[len(TOWER):]: source.read(n).to(dtype) for n in names
                        if n.startswith(TOWER) and not n.endswith("position_ids")}
-        tower.load_state_dict(tower_state, strict=True, assign=True)
-        tower.eval()
+        if ckpt.vision_config.get("model_type") == "siglip_vision_model":  # LLaVA-NeXT's trimmed SigLIP tower
+            tower = siglip.build(ckpt.vision_config, tower_state)
+        else:
+            vision_fields = {k: v for k, v in ckpt.vision_config.items() if k != "model_type"}
+            with no_init_weights():
+                tower = CLIPVisionModel(CLIPVisionConfig(**vision_fields))
+            tower.load_state_dict(tower_state, strict=True, assign=True)
+            tower.eval()
 
         hidden = text_config.hidden_size
         projector = image_path.projector(ckpt, hidden)
