@@ -442,3 +442,16 @@ def test_reference_image_path_equals_transformers_onevision_on_a_non_square_phot
     # shrunk to int(12 // 1.63) x int(18 // 1.63) = 7 x 11, a newline per row, after the base image's 9
     assert got.shape == want.shape == (9 + 7 * 12, 32)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_siglip_tower_without_anyres_max_is_refused_by_name(tmp_path):
+    from vlmkit.families.llava import image_path
+    from vlmkit.families.llava.checkpoint import open_original
+    from vlmkit.options import LoadOptions
+
+    path = _tiny_onevision(tmp_path / "ov-pad", "my-org/siglip-tiny-patch14-42")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "image_aspect_ratio": "pad"}))
+    ckpt = open_original(path, LoadOptions(config={"vision_config": {"num_attention_heads": 2}}))
+    with pytest.raises(ConfigError, match="SigLIP tower with image_aspect_ratio 'pad'"):
+        image_path.image_config(ckpt)

@@ -46,8 +46,15 @@ def projector(ckpt: OriginalCheckpoint, hidden: int) -> nn.Module:
 
 def image_config(ckpt: OriginalCheckpoint):
     """The checkpoint's preprocessing: ``anyres_max.ImageConfig`` for ``anyres_max_N``, else CLIP's ``ImageConfig``."""
-    if anyres_max.max_patches(ckpt.config.get("image_aspect_ratio")) is not None:
+    ratio = ckpt.config.get("image_aspect_ratio")
+    if anyres_max.max_patches(ratio) is not None:
         return anyres_max.ImageConfig.from_original(ckpt.config, ckpt.preprocessor, ckpt.vision_config["image_size"])
+    if ckpt.vision_config.get("model_type") == "siglip_vision_model":
+        from ...errors import ConfigError
+
+        raise ConfigError(f"{ckpt.path}/config.json: a SigLIP tower with image_aspect_ratio {ratio!r}: vlmkit "
+                          "reproduces the original's SigLIP preprocessing for anyres_max_N only",
+                          hint="set image_aspect_ratio to the value the model was trained with (OneVision: anyres_max_9)")
     return images.ImageConfig.from_original(ckpt.config, ckpt.preprocessor)
 
 
