@@ -319,8 +319,9 @@ def _tiny_onevision(folder, tower_name):
     del tower.encoder.layers[-1:]  # saved after the original's load_model trimmed it
     state = {f"model.vision_tower.vision_tower.vision_model.{k}": v.contiguous()
              for k, v in tower.state_dict().items() if not k.startswith("head.")}
-    state |= {"model.mm_projector.0.weight": torch.randn(32, 16), "model.mm_projector.0.bias": torch.randn(32),
-              "model.mm_projector.2.weight": torch.randn(32, 32), "model.mm_projector.2.bias": torch.randn(32),
+    # the projector at Linear's own init scale (a trained one is not unit-variance either)
+    state |= {"model.mm_projector.0.weight": torch.randn(32, 16) / 4, "model.mm_projector.0.bias": torch.randn(32) / 4,
+              "model.mm_projector.2.weight": torch.randn(32, 32) / 6, "model.mm_projector.2.bias": torch.randn(32) / 6,
               "model.image_newline": torch.randn(32), "model.embed_tokens.weight": torch.randn(64, 32),
               "lm_head.weight": torch.randn(64, 32)}
     folder.mkdir()
@@ -367,6 +368,9 @@ def _tiny_onevision_full(folder):
     torch.manual_seed(1)
     lm = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False))
+    # word embeddings on the scale of the projected image features, as in a trained model (at init scale 0.02
+    # the text positions' RMSNorm would magnify float32 rounding of the image tokens ~50 times)
+    torch.nn.init.normal_(lm.model.embed_tokens.weight, std=0.5)
     state = load_file(folder / "model.safetensors") | {k: v.contiguous() for k, v in lm.state_dict().items()}
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
@@ -455,3 +459,45 @@ def test_a_siglip_tower_without_anyres_max_is_refused_by_name(tmp_path):
     ckpt = open_original(path, LoadOptions(config={"vision_config": {"num_attention_heads": 2}}))
     with pytest.raises(ConfigError, match="SigLIP tower with image_aspect_ratio 'pad'"):
         image_path.image_config(ckpt)
+
+
+def test_converted_tensors_and_config_give_the_reference_logits(tmp_path):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from vlmkit.conversion import engine
+    from vlmkit.families.llava import onevision
+    from vlmkit.families.llava.checkpoint import open_original
+    from vlmkit.families.llava.reference import OriginalLlava
+    from vlmkit.options import LoadOptions
+    from vlmkit.runtime import images
+
+    path = _tiny_onevision_full(tmp_path / "ov-tiny")
+    ckpt = open_original(path, LoadOptions(config={"vision_config": {"num_attention_heads": 2}}))
+    config = onevision.hf_config(ckpt, image_token_index=62, video_token_index=63)
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
+    assert config.vision_config.num_hidden_layers == 2 and not config.vision_config.vision_use_head
+    out = tmp_path / "ov-hf"
+    engine.run(onevision.tensors(ckpt, config), out)
+    written = json.loads((out / "preprocessor_config.json").read_text())
+    assert written["image_mean"] == written["image_std"] == [0.5, 0.5, 0.5]  # not the class defaults (CLIP's)
+
+    photo = Image.open(Path(__file__).parent.parent / "fixtures" / "images" / "chelsea.png").convert("RGB")
+    reference = OriginalLlava.load(ckpt)
+    pixels, sizes = images.preprocess([photo], reference.image_config)
+    features = reference.image_features(pixels, sizes)
+    ids = [5, 6, -200, 7, 8]  # tokenizer_image_token's form: -200 where the image goes
+    want = reference.logits(ids, features)
+
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(out, backend="pil")
+    theirs = processor(photo, return_tensors="pt")
+    torch.testing.assert_close(theirs["pixel_values"][0], pixels[0], rtol=0, atol=0)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(out).eval()
+    hf_ids = [5, 6] + [62] * features[0].shape[0] + [7, 8]
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor([hf_ids]), pixel_values=theirs["pixel_values"],
+                    image_sizes=theirs["image_sizes"]).logits[0]
+    assert got.shape[0] == want.shape[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
