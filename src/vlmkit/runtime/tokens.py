@@ -27,14 +27,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.lazy import sentencepiece as spm
 from vlmkit.lazy import sentencepiece_model_pb2
-
-if TYPE_CHECKING:
-    from .vocab import Vocab
 
 SPIECE_UNDERLINE = "▁"
 IMAGE_TOKEN_INDEX = -200  # llava/constants.py
@@ -274,7 +271,15 @@ class OriginalTokenizer:
         return out + self.sp.decode(run)
 
 
-def tokenizer_image_token(prompt: str, vocab: Vocab, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
+class Encodes(Protocol):
+    """What ``tokenizer_image_token`` needs of a tokenizer: a ``runtime.vocab.Vocab`` or a ``data.encoders.Encoder``."""
+
+    bos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+def tokenizer_image_token(prompt: str, vocab: "Encodes", image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
     """Original ``llava.mm_utils.tokenizer_image_token`` (the same in LLaVA-NeXT): ids with
     ``image_token_index`` per ``<image>``, for either kind of vocabulary.
 
