@@ -173,7 +173,7 @@ def from_transformers(path: Path, options: LoadOptions, gguf_options: GGUFOption
     return Llava(
         path, source, config.vision_config, config.vision_feature_layer, config.vision_feature_select_strategy,
         config.projector_hidden_act, mean, std, text=config.text_config,
-        backbone=backbones.of_model_type(config.text_config.model_type),
+        backbone=backbones.of_model_type(config.text_config.model_type, tokenizer_folder),
         tokenizer=Tokenizer(tokenizer_folder, _added_tokens(path), pad, add_bos, add_eos, template),
         # transformers lists canvases as (height, width); clip.cpp, like the original, reads (width, height)
         pinpoints=[[w, h] for h, w in config.image_grid_pinpoints] if is_next else None,

@@ -21,6 +21,7 @@ the real 32,000 tokens.
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from dataclasses import dataclass
@@ -89,6 +90,19 @@ def copy_tokenizer(folder: Path, backbone: str) -> None:
     for f in tokenizer_folder(backbone).iterdir():
         if f.name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
             shutil.copyfile(f, folder / f.name)
+        elif f.name == "tokenizer.json.gz":  # byte-level BPE: stored gzipped (tests/fixtures/make_bpe_tokenizer_assets.py)
+            with gzip.open(f) as src, open(folder / "tokenizer.json", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def _tokenizer_length(folder: Path) -> int:
+    """``len(tokenizer)`` of the tokenizer files in ``folder``."""
+    from ...runtime.vocab import open_vocab
+
+    vocab = open_vocab(folder)
+    if vocab.kind == "bpe":
+        return vocab.tokenizer.get_vocab_size(with_added_tokens=True)
+    return vocab.tokenizer.sp.get_piece_size()
 
 
 def make_clip(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 0) -> Path:
@@ -186,6 +200,12 @@ def llava_config(backbone: str, sizes: TinySizes, clip: Path, *, next_: bool) ->
             "tokenizer_model_max_length": 4096,
             "tokenizer_padding_side": "right",
         })
+    if next_ and row.tiny.get("release"):
+        # LLaVA-NeXT repository's train.py (ModelArguments / the release configs): the extra fields it records;
+        # mm_use_im_patch_token False as its scripts pass it (the builder's default when absent would be True)
+        config.update({"mm_spatial_pool_mode": "bilinear", "mm_tunable_parts":
+                       "mm_vision_tower,mm_mlp_adapter,mm_language_model", "mm_projector_lr": None,
+                       "mm_vision_tower_lr": 2e-06, "mm_resampler_type": None, "transformers_version": "4.40.0.dev0"})
     return config
 
 
@@ -220,11 +240,22 @@ def make_llava_next(folder: Path, clip: Path, sizes: TinySizes = TinySizes(), *,
         if name.startswith("vision_model.") and not name.endswith("position_ids"):
             # fine-tuned tower: perturb it so that using the original CLIP weights would be caught
             state["model.vision_tower.vision_tower." + name] = tensor + 0.01 * torch.randn(tensor.shape, generator=g)
+    copy_tokenizer(folder, backbone)
+    _untrained_rows(state, _tokenizer_length(folder))
     _save_safetensors_shards(state, folder, max_shard_size)
     _write_json(folder / "config.json", llava_config(backbone, sizes, clip, next_=True))
     _generation_config(folder, backbone)
-    copy_tokenizer(folder, backbone)
     return folder
+
+
+def _untrained_rows(state: dict[str, torch.Tensor], tokens: int) -> None:
+    """Qwen's vocabulary is padded past its tokenizer (151,936 rows, 151,646 tokens): the padding rows never see a
+    token, so they keep their initialisation (std ``initializer_range`` 0.02) while trained rows grow."""
+    g = torch.Generator().manual_seed(7)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = state[name].shape[0]
+        if rows > tokens:
+            state[name][tokens:] = torch.randn(rows - tokens, state[name].shape[1], generator=g) * 0.02
 
 
 def make_base_llm(folder: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama", seed: int = 0,
