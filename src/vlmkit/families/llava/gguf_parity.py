@@ -196,7 +196,7 @@ def verify(original: Path, folder: Path, options: LoadOptions, probes, *, max_ne
         "against the original tower run in llama.cpp's defective CLS-last order (#25814)" if defect
         else "against the original tower + projector")
     report.checks.append(check)
-    decode = reference.tokenizer.decode
+    decode = reference.vocab.decode
     original_text = ""
     for i, (run, prompt, (image, _)) in enumerate(zip(runs, prompts, probes)):
         ids = reference.prompt_ids(prompt)

@@ -97,12 +97,9 @@ def copy_tokenizer(folder: Path, backbone: str) -> None:
 
 def _tokenizer_length(folder: Path) -> int:
     """``len(tokenizer)`` of the tokenizer files in ``folder``."""
-    from ...runtime.vocab import open_vocab
+    from ...runtime.vocab import length, open_vocab
 
-    vocab = open_vocab(folder)
-    if vocab.kind == "bpe":
-        return vocab.tokenizer.get_vocab_size(with_added_tokens=True)
-    return vocab.tokenizer.sp.get_piece_size()
+    return length(open_vocab(folder))
 
 
 def make_clip(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 0) -> Path:
