@@ -106,6 +106,13 @@ class Llava:
 
 
 def _tokenizer_flags(folder: Path) -> tuple[bool, bool]:
+    """Whether the tokenizer adds BOS / EOS: a byte-level BPE says so by its post-processor (Llama 3 wraps every
+    text in <|begin_of_text|>, Qwen2 adds nothing), a SentencePiece LLaMA by ``tokenizer_config.json``."""
+    from ...runtime.vocab import kind_of, open_vocab
+
+    if kind_of(folder) == "bpe":
+        vocab = open_vocab(folder, "bpe")
+        return vocab.add_bos, vocab.add_eos
     file = folder / "tokenizer_config.json"
     data = json.loads(file.read_text()) if file.is_file() else {}
     return data.get("add_bos_token", True) is not False, bool(data.get("add_eos_token", False))
@@ -373,8 +380,8 @@ def _lm_metadata(llava: Llava, vocab: gguf_vocab.Vocab):
         w.add_rope_dimension_count(head_dim)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tok = llava.tokenizer
-        gguf_vocab.write_llama_vocab(w, vocab, pad=tok.pad, add_bos=tok.add_bos, add_eos=tok.add_eos,
-                                     chat_template=tok.chat_template)
+        gguf_vocab.write_vocab(w, llava.backbone.tokenizer, vocab, pad=tok.pad, add_bos=tok.add_bos,
+                               add_eos=tok.add_eos, chat_template=tok.chat_template)
 
     return write
 
@@ -412,7 +419,8 @@ def gguf_files(llava: Llava, gguf_options: GGUFOptions) -> list[GGUFFile]:
     files = []
     if llava.text is not None and not gguf_options.mmproj_only:
         rows = llava.source.info(LM + "model.embed_tokens.weight").shape[0]
-        vocab = gguf_vocab.llama(llava.tokenizer.folder, llava.tokenizer.added, rows)
+        vocab = gguf_vocab.vocabulary(llava.backbone.tokenizer, llava.tokenizer.folder, llava.tokenizer.added, rows,
+                                      pre=llava.backbone.gguf_pre)
         files.append(GGUFFile(f"{name}-{{type}}.gguf", llava.backbone.gguf_arch,
                               lm_rules(llava), _lm_metadata(llava, vocab)))
     files.append(GGUFFile(f"mmproj-{name}-{{type}}.gguf", "clip", mmproj_rules(llava), _mmproj_metadata(llava),

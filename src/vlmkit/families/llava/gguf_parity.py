@@ -203,7 +203,7 @@ def verify(original: Path, folder: Path, options: LoadOptions, probes, *, max_ne
         report.checks.append(compare_ids(f"prompt ids (probe {i + 1})", ids, _llama_ids(run), decode=decode))
         pixels_i, sizes = images.preprocess([image], reference.image_config)
         features = reference.image_features(pixels_i, sizes)
-        tokens = reference.greedy(ids, features, max_new_tokens)
+        tokens = reference.greedy(ids, features, max_new_tokens, templates.stop_ids(template, reference.vocab))
         original_text = original_text or decode(tokens)
         e2e = compare_ids(f"end to end: greedy tokens (probe {i + 1})", tokens, run.tokens, decode=decode)
         llama_features = torch.from_numpy(np.concatenate(run.image_embeddings))
