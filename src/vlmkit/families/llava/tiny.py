@@ -259,13 +259,15 @@ def make_base_llm(folder: Path, sizes: TinySizes = TinySizes(), *, backbone: str
                   dtype: torch.dtype = torch.float32) -> Path:
     """A plain LLM folder (the Vicuna a LoRA or projector was trained on; ``lmsys/vicuna-7b-v1.5`` is float16)."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(dtype) for k, v in _language_model(backbone, sizes, seed).items()}
+    copy_tokenizer(folder, backbone)
+    state = _language_model(backbone, sizes, seed)
+    _untrained_rows(state, _tokenizer_length(folder))
+    state = {k: v.to(dtype) for k, v in state.items()}
     _save_safetensors_shards(state, folder, 1 << 30)
     row = ROWS[backbone]
     _write_json(folder / "config.json", {"architectures": [row.plain_architecture], "model_type": row.hf_model_type,
                                          **_text_config(backbone, sizes), "torch_dtype": dtypes.name(dtypes.code(dtype))})
     _generation_config(folder, backbone)
-    copy_tokenizer(folder, backbone)
     return folder
 
 
@@ -286,13 +288,17 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama",
               rank: int = 4, alpha: int = 8, seed: int = 0, adapter_dtype: torch.dtype = torch.bfloat16,
-              non_lora_dtype: torch.dtype = torch.bfloat16, adapter_file: str = "adapter_model.safetensors") -> Path:
+              non_lora_dtype: torch.dtype = torch.bfloat16, adapter_file: str = "adapter_model.safetensors",
+              next_: bool = False) -> Path:
     """A LoRA fine-tune as LLaVA's ``train.py --lora_enable`` saves it, for the LLM at ``base``.
 
     The dtypes are the training run's, not the base's: ``finetune_lora.sh`` (``--bf16 True``)
     casts the peft model to bfloat16 and saves adapter and ``non_lora_trainables.bin`` so,
     beside a float16 Vicuna; ``--bits 4/8`` or fp32 runs leave float32 adapters. Older peft
     wrote ``adapter_model.bin`` (``liuhaotian/llava-v1.5-7b-lora``), newer ``.safetensors``.
+    ``next_``: a LLaVA-NeXT (anyres) run: its ``image_newline`` is trained too, so it is saved with the projector
+    in ``non_lora_trainables.bin`` (LLaVA-NeXT's ``get_peft_state_non_lora_maybe_zero_3``: every trainable
+    non-LoRA parameter); the tower stays the ``mm_vision_tower`` folder's.
     """
     from safetensors.torch import save_file
 
@@ -322,9 +328,11 @@ def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes
         "task_type": "CAUSAL_LM", "use_rslora": False,
     })
     projector = _projector(sizes, seed + 20)
+    if next_:
+        projector["model.image_newline"] = torch.randn(sizes.hidden, generator=g) / sizes.hidden**0.5
     torch.save({"base_model.model." + k: v.to(non_lora_dtype) for k, v in projector.items()},
                folder / "non_lora_trainables.bin")
-    config = llava_config(backbone, sizes, clip, next_=False)
+    config = llava_config(backbone, sizes, clip, next_=next_)
     config.update({"_name_or_path": str(base), "model_type": ROWS[backbone].original_model_types[-1]})
     _write_json(folder / "config.json", config)
     return folder
