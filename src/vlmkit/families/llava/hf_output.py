@@ -57,8 +57,15 @@ def _bpe_tokenizer(folder: Path, legacy: bool):
     """A byte-level BPE tokenizer (Qwen2, Llama 3) as the folder ships it, ``<image>`` added as a special token
     (then ``<pad>`` where it names no pad token), as the transformers conversion scripts do."""
     from transformers import AddedToken, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    # AutoTokenizer reads config.json too and warns that model_type llava_qwen / llava_llama is not its own
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    finally:
+        hf_logging.set_verbosity(level)
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
