@@ -31,6 +31,7 @@ LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able 
 LLAMA3_PROMPT = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{LLAMA3_SYSTEM}<|eot_id|>"
                  f"<|start_header_id|>user<|end_header_id|>\n\n<image>\n{QUESTION}<|eot_id|>"
                  "<|start_header_id|>assistant<|end_header_id|>\n\n")
+META_LLAMA_3 = Path(__file__).resolve().parents[1] / "fixtures" / "templates" / "meta-llama-3-8b-instruct.jinja"
 # row -> (llama.cpp vocabulary fixture, prompt, BOS id of the release tokenizer, GGUF architecture and pre-tokenizer)
 RELEASES = {"qwen2": ("qwen2", QWEN_PROMPT, None, "qwen2", "qwen2"),
             "llama3": ("llama-bpe", LLAMA3_PROMPT, 128000, "llama", "llama-bpe")}
@@ -114,6 +115,13 @@ def test_prompt_ids_are_the_originals_on_both_sides(row, built, independent):
     expected = original_ids(independent[row], prompt, bos)
     if bos is not None:
         assert expected[:2] == [bos, bos]
+    if row == "llama3":  # the literal prompt is what Meta's chat template renders
+        import jinja2
+
+        meta = jinja2.Environment().from_string(META_LLAMA_3.read_text()).render(
+            messages=[{"role": "system", "content": LLAMA3_SYSTEM}, {"role": "user", "content": f"<image>\n{QUESTION}"}],
+            bos_token="<|begin_of_text|>", add_generation_prompt=True)
+        assert meta == prompt
     template = backbones.ROWS[row].default_template
     rendered = templates.render(template, [("user", templates.with_image(QUESTION)), ("assistant", None)])
     assert rendered == prompt
