@@ -12,7 +12,7 @@ from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.families.llava.checkpoint import open_original
 from vlmkit.options import LoadOptions
 from vlmkit.train import TrainConfig, train
-from vlmkit.train.model import IGNORE_INDEX
+from vlmkit.data import IGNORE_INDEX
 
 from .conftest import IMAGES, run, source_name, state_of
 
@@ -160,14 +160,14 @@ def test_an_interrupted_save_leaves_no_checkpoint(tmp_path, parts, records, monk
 
 
 def test_bad_data_fails_before_the_model_loads(tmp_path, parts, records, monkeypatch):
-    from vlmkit.train import run as run_module
+    from vlmkit.families.llava import train_model
 
     data = json.loads(records.read_text())
     data[1]["image"] = "missing.png"
     data[2]["conversations"] = data[2]["conversations"][:1]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    monkeypatch.setattr(run_module, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(train_model, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(VlmkitError) as e:
         run(tmp_path, parts, records=bad, name="bad", stage="pretrain")
     assert "'r1'" in e.value.message and "'r2'" in e.value.message and "missing.png" in e.value.message
@@ -176,13 +176,13 @@ def test_bad_data_fails_before_the_model_loads(tmp_path, parts, records, monkeyp
 
 
 def test_strict_data_refuses_what_the_original_trains_its_own_way(tmp_path, parts, records, monkeypatch):
-    from vlmkit.train import run as run_module
+    from vlmkit.families.llava import train_model
 
     data = json.loads(records.read_text())
     data[1]["conversations"].insert(0, {"from": "gpt", "value": "Welcome!"})  # the original drops this turn
     odd = tmp_path / "odd.json"
     odd.write_text(json.dumps(data))
-    monkeypatch.setattr(run_module, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(train_model, "build_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(VlmkitError) as e:
         run(tmp_path, parts, records=odd, name="strict", strict_data=True)
     assert "'r1'" in e.value.message and "leading_gpt" in e.value.message and "drops it" in e.value.message

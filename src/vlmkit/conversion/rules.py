@@ -269,6 +269,30 @@ class Custom(Op):
         return self.name
 
 
+def lora_merge(scale: float) -> Custom:
+    """``(W, lora_A, lora_B) -> W + scale * B @ A`` as peft's ``merge_and_unload`` computes it.
+
+    peft upcasts float16/bfloat16 adapters to float32, computes the delta in float32 and adds
+    it to the base weight in float32; so here, from the tensors as stored (any float dtypes).
+    The float32 sum is rounded once, to the target's dtype (the base's unless ``--dtype``): the
+    merged result of the base loaded in that dtype bit for bit whenever the base's values are exact
+    in it, e.g. the base's own dtype or float32. (Loading a float32 base in float16 rounds it
+    first, so there ``--dtype float16`` can differ by one float16 step.)
+    """
+
+    def merge(tensors):
+        w, a, b = tensors
+        return [w.float() + scale * (b.float() @ a.float())]
+
+    def shapes(s):
+        w, a, b = s
+        if a[1] != w[1] or b[0] != w[0] or a[0] != b[1]:
+            raise ValueError(f"LoRA factors {a} / {b} do not fit the weight {w}")
+        return [w]
+
+    return Custom(f"merge LoRA (scale {scale:g})", merge, shapes, n_in=3, n_out=1, mixed_dtypes=True)
+
+
 def op_label(op: Op) -> str:
     """Short text for plans: ``concat(dim=0)``, ``permute(1, 0)``, ``rows 32000->32064``."""
     if isinstance(op, Concat):

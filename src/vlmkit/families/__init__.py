@@ -120,6 +120,7 @@ def require(path: Path, capability: str, config: dict | None = None) -> Found:
         names = ", ".join(FAMILIES)
         raise ConfigError(f"{path}: vlmkit cannot {wanted}: no family it knows ({names}) recognises it",
                           hint="`vlmkit inspect` shows what it is")
-    able = "; ".join(CAPABILITIES[c] for c in found.abilities()) or "nothing more"
-    raise ConfigError(f"{path}: a {found.name} checkpoint ({found.form} form); vlmkit cannot {wanted}: it can {able}",
+    able = "; ".join(CAPABILITIES[c] for c in found.abilities())
+    able = f"it can {able}" if able else "it can do nothing else with it"
+    raise ConfigError(f"{path}: a {found.name} checkpoint ({found.form} form); vlmkit cannot {wanted}: {able}",
                       hint="`vlmkit inspect` shows what it is")

@@ -1,16 +1,15 @@
 """Fine-tuning LLaVA as its authors do, on the well-kept stack (transformers ``Trainer``, peft, accelerate, DeepSpeed).
 
 * ``config``     — :class:`TrainConfig`, the run as one value, and the stages (:data:`STAGES`);
-* ``model``      — the trainable LLaVA built from any original checkpoint form (or a plain LLM + CLIP);
+* ``model``      — building and loading the model to train under ZeRO-3, reading it back (``gathered``);
 * ``setup``      — freezing per stage, LoRA targets, LLaVA's optimizer groups;
 * ``collate``    — batches from ``vlmkit.data`` (the one tokenisation) and ``runtime.images``;
 * ``sampler``    — LLaVA's ``group_by_modality_length`` sampler;
 * ``deepspeed``  — ZeRO presets, validated with DeepSpeed's own parser before anything loads;
 * ``trainer``    — ``LlavaTrainer``: sampler, optimizer groups, atomic checkpoints, tokens/s;
 * ``progress``   — progress bar, JSONL log, TensorBoard, loss plot;
-* ``outputs``    — what LLaVA's ``train.py`` writes (``mm_projector.bin``; adapter + ``non_lora_trainables.bin``);
 * ``run``        — :func:`train`, the order of a run;
-* ``merge``      — :func:`merge_lora`, streaming, into the original or the llava-hf layout;
+* ``merge``      — :func:`merge_lora`, through the run's family (into its original or the transformers layout);
 * ``cli``        — ``add_train_commands`` for the ``vlmkit`` command.
 
 Example:

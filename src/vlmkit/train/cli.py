@@ -145,14 +145,11 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_merge(args) -> int:
     from ..console import progress_bar
     from ..conversion.plan import human_bytes
-    from .merge import check_pair, merge_lora
-    from ..tensors import resolve
+    from .merge import merge_lora
 
-    note = check_pair(resolve(args.adapter), resolve(args.base))
-    if note:
-        print(f"note: {note}", file=sys.stderr)
     result = merge_lora(args.adapter, args.base, args.output, format=args.format, options=LoadOptions.from_args(args),
-                        force=args.force, progress=None if args.quiet else progress_bar("merging"))
+                        force=args.force, progress=None if args.quiet else progress_bar("merging"),
+                        announce=lambda note: print(f"note: {note}", file=sys.stderr))
     print(f"wrote {args.output} ({args.format} layout): {len(result.plan.targets)} tensors, "
           f"{human_bytes(result.plan.bytes_out)}; run it: vlmkit chat {args.output} --image IMAGE --prompt '...'")
     return 0

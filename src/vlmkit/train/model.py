@@ -1,300 +1,25 @@
-"""The model LLaVA trains: its language model with the vision tower and projector inside, built from parts.
+"""Building, loading and reading back a model under training, with or without ZeRO-3.
 
-The original (``llava/model/llava_arch.py``) makes ``LlavaLlamaForCausalLM`` a subclass of
-``LlamaForCausalLM`` with ``model.vision_tower.vision_tower`` (CLIP) and ``model.mm_projector``
-added, and splices the image features into the input embeddings in
-``prepare_inputs_labels_for_multimodal``. This module builds the same thing for any backbone
-transformers has (a subclass made on the fly, as the original makes one per backbone), so
-parameter names are the original's and the outputs are named as LLaVA writes them:
-``model.mm_projector.0.weight``, ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
-
-Weights come from ``families.llava.checkpoint`` (any original form, one namespace), or from a
-plain language model plus a CLIP folder with a fresh projector (stage 1 from scratch, as
-``pretrain.sh``). Under ZeRO-3 the model is built partitioned (``deepspeed.zero.Init``) and every
-tensor is loaded inside ``GatheredParameters(..., modifier_rank=0)``: loading a partial checkpoint
-into partitioned parameters is what fails with "size mismatch ... torch.Size([0])" in LLaVA
-issue #1619.
+The family builds its model (its ``training`` capability) with these: under ZeRO-3 the model is
+built partitioned (``deepspeed.zero.Init``) and every tensor is loaded inside
+``GatheredParameters(..., modifier_rank=0)``: loading a partial checkpoint into partitioned
+parameters is what fails with "size mismatch ... torch.Size([0])" in LLaVA issue #1619. The
+outputs and checkpoints read the parameters back the same way (``gathered``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
-from ..families.llava import checkpoint as llava_checkpoint
-from ..families.llava.checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
-from ..families.llava.convert import _lora_merge
-from ..families.llava.reference import OriginalLlava, _projector
-from ..options import LoadOptions
-from ..runtime import images as image_ops
-from ..runtime.tokens import IMAGE_TOKEN_INDEX
-from ..tensors import open_source
-
-IGNORE_INDEX = -100
-PROJECTOR_PREFIX = "model.mm_projector."
-LLM_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+Reader = Callable[[], torch.Tensor]  # reads one tensor when called: weights are in memory once, in the model
 
 
-class VisionTower(nn.Module):
-    """``CLIPVisionTower`` holding ``CLIPVisionModel`` as ``vision_tower``, so that names read as the original's
-    ``model.vision_tower.vision_tower.vision_model.*`` (transformers 5's ``CLIPVisionModel`` itself has lost
-    the ``vision_model.`` level, so one more holder puts it back)."""
-
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.vision_tower = nn.Module()
-        self.vision_tower.vision_model = clip
-
-
-class LlavaTraining:
-    """The multimodal half of ``LlavaLlamaForCausalLM``; mixed into the backbone's ``*ForCausalLM``.
-
-    ``self.llava`` (set by :func:`build_model`) is the original checkpoint description: its
-    ``config`` dict (``mm_vision_select_layer``, ``tokenizer_model_max_length`` ...) and vision config.
-    """
-
-    llava: OriginalCheckpoint
-    train_vision: bool = False
-
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """CLIP hidden state at ``mm_vision_select_layer`` (patches only), through ``mm_projector``."""
-        tower = self.model.vision_tower.vision_tower.vision_model
-        config = self.llava.config
-        dtype = next(self.model.mm_projector.parameters()).dtype
-        # the original's CLIPVisionTower.forward is always no_grad; --train-vision lets gradients through
-        grad = torch.enable_grad() if self.train_vision else torch.no_grad()
-        with grad:
-            out = tower(pixel_values.to(dtype), output_hidden_states=True)
-            features = out.hidden_states[config["mm_vision_select_layer"]]
-            if config.get("mm_vision_select_feature", "patch") == "patch":
-                features = features[:, 1:]
-        return self.model.mm_projector(features)
-
-    def image_features(self, pixel_values, image_sizes) -> list[torch.Tensor]:
-        """One ``[T_i, hidden]`` tensor per image, arranged as the original (anyres grids included).
-
-        The arrangement is ``reference.OriginalLlava.image_features`` itself, run with gradients.
-        """
-        view = SimpleNamespace(ckpt=self.llava, config=self.llava.config, encode_images=self.encode_images,
-                               image_config=self.image_config,
-                               image_newline=getattr(self.model, "image_newline", None))
-        return OriginalLlava.image_features.__wrapped__(view, pixel_values, image_sizes)
-
-    @functools.cached_property
-    def image_config(self) -> image_ops.ImageConfig:
-        return image_ops.ImageConfig.from_original(self.llava.config, self.llava.preprocessor)
-
-    def splice(self, input_ids, attention_mask, labels, images, image_sizes):
-        """``prepare_inputs_labels_for_multimodal`` for training: embeddings, mask and labels, right-padded.
-
-        Padding (``attention_mask`` False) is removed, each ``-200`` is replaced by its image's
-        features (labels -100 there), sequences are cut at ``tokenizer_model_max_length`` and padded
-        on the right with zeros. A record without an image consumes the batch's dummy image with a
-        zero-length slice, so every process runs the tower on every step (as the original; ZeRO-3
-        would hang otherwise).
-        """
-        features = self.image_features(images, image_sizes) if images is not None else None
-        embed = self.get_input_embeddings()
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if labels is None:
-            labels = torch.full_like(input_ids, IGNORE_INDEX)
-        seqs, seq_labels, k = [], [], 0
-        for ids, mask, lab in zip(input_ids, attention_mask.bool(), labels):
-            ids, lab = ids[mask], lab[mask]
-            marks = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-            if not marks:
-                extra = features[k][0:0] if features is not None else None
-                k += 1
-                pieces = [embed(ids)] + ([extra] if extra is not None else [])
-                seqs.append(torch.cat(pieces))
-                seq_labels.append(lab)
-                continue
-            bounds = [-1] + marks + [len(ids)]
-            text = [ids[bounds[i] + 1:bounds[i + 1]] for i in range(len(bounds) - 1)]
-            text_labels = [lab[bounds[i] + 1:bounds[i + 1]] for i in range(len(bounds) - 1)]
-            text_embeds = torch.split(embed(torch.cat(text)), [len(t) for t in text])
-            pieces, piece_labels = [], []
-            for i in range(len(marks) + 1):
-                pieces.append(text_embeds[i])
-                piece_labels.append(text_labels[i])
-                if i < len(marks):
-                    feature = features[k]
-                    k += 1
-                    pieces.append(feature.to(text_embeds[i].dtype))
-                    piece_labels.append(torch.full((feature.shape[0],), IGNORE_INDEX, dtype=lab.dtype, device=lab.device))
-            seqs.append(torch.cat(pieces))
-            seq_labels.append(torch.cat(piece_labels))
-        limit = self.llava.config.get("tokenizer_model_max_length")
-        if limit:
-            seqs, seq_labels = [s[:limit] for s in seqs], [s[:limit] for s in seq_labels]
-        width = max(len(s) for s in seqs)
-        batch = len(seqs)
-        out = seqs[0].new_zeros((batch, width, seqs[0].shape[-1]))
-        out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-        out_mask = torch.zeros((batch, width), dtype=attention_mask.dtype, device=attention_mask.device)
-        for i, (s, lab) in enumerate(zip(seqs, seq_labels)):
-            out[i, :len(s)] = s
-            out_labels[i, :len(s)] = lab
-            out_mask[i, :len(s)] = True
-        return out, out_mask, out_labels
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, images=None, image_sizes=None,
-                inputs_embeds=None, **kwargs):
-        if inputs_embeds is None:
-            inputs_embeds, attention_mask, labels = self.splice(input_ids, attention_mask, labels, images, image_sizes)
-        self.last_tokens = int(attention_mask.sum()) if attention_mask is not None else inputs_embeds.shape[:2].numel()
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        kwargs["use_cache"] = False
-        return super().forward(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-
-
-@functools.cache
-def training_class(base: type) -> type:
-    """``Llava<Backbone>ForCausalLM``: the backbone's class with the multimodal half mixed in."""
-    return type(f"Llava{base.__name__}", (LlavaTraining, base), {"__module__": __name__})
-
-
-# ------------------------------------------------------------------------------------------ starting points
-
-
-@dataclass(frozen=True)
-class NewModel:
-    """How to make a LLaVA from a plain language model (``pretrain.sh``'s model arguments)."""
-
-    projector_type: str = "mlp2x_gelu"
-    select_layer: int = -2
-    select_feature: str = "patch"
-    image_aspect_ratio: str = "pad"
-
-
-def is_plain_llm(path: Path) -> bool:
-    """A transformers causal LM folder (Vicuna, Mistral ...), not a LLaVA."""
-    config = path / "config.json"
-    if not config.exists():
-        return False
-    data = json.loads(config.read_text())
-    return any(a in LLM_ARCHITECTURES for a in data.get("architectures") or []) and "mm_vision_tower" not in data
-
-
-def compose(path: Path, options: LoadOptions, new: NewModel) -> OriginalCheckpoint:
-    """A plain language model + ``--vision-tower`` as an original checkpoint with no projector yet.
-
-    The config is what LLaVA's ``initialize_vision_modules`` writes into the model's config.
-
-    Raises:
-        ConfigError: no ``--vision-tower``, or an unknown architecture.
-    """
-    config = json.loads((path / "config.json").read_text())
-    arch = next(a for a in config["architectures"] if a in LLM_ARCHITECTURES)
-    backbone = LLM_ARCHITECTURES[arch]
-    if not options.vision_tower:
-        raise ConfigError(f"{path} is a plain language model ({arch}): a LLaVA made from it needs a vision tower",
-                          hint="pass --vision-tower PATH (a CLIP folder, e.g. clip-vit-large-patch14-336)")
-    llava_arch = {"llama": "LlavaLlamaForCausalLM", "mistral": "LlavaMistralForCausalLM",
-                  "qwen2": "LlavaQwenForCausalLM"}[backbone]
-    config = {**config, "architectures": [llava_arch],
-              "model_type": {"llama": "llava_llama", "mistral": "llava_mistral", "qwen2": "llava_qwen"}[backbone],
-              "_name_or_path": str(path), "mm_vision_tower": str(options.vision_tower), "use_mm_proj": True,
-              "mm_projector_type": new.projector_type, "mm_vision_select_layer": new.select_layer,
-              "mm_vision_select_feature": new.select_feature, "mm_patch_merge_type": "flat",
-              "image_aspect_ratio": new.image_aspect_ratio, "mm_use_im_start_end": False,
-              "mm_use_im_patch_token": False}
-    llava_checkpoint._check_multimodal_fields(path, config)
-    tower_folder = llava_checkpoint._tower_folder(path, config, options, inside=False)
-    source = llava_checkpoint.CombinedSource([("", open_source(path)),
-                                              ("", llava_checkpoint._tower_source(tower_folder.folder))],
-                                             path=path)
-    vision_config, preprocessor, assumptions = llava_checkpoint._vision_config(source, tower_folder, options)
-    config["mm_hidden_size"] = vision_config["hidden_size"]
-    return OriginalCheckpoint(path, "llm", config, source, path, backbone, vision_config, preprocessor,
-                              assumptions=assumptions)
-
-
-def open_start(path: Path, options: LoadOptions, new: NewModel) -> OriginalCheckpoint:
-    """The checkpoint training starts from: an original LLaVA (any form) or a plain LLM + CLIP.
-
-    Raises:
-        ConfigError / CheckpointError: naming the file and the flag that fixes it.
-    """
-    if llava_checkpoint.form_of(path) is not None:
-        return llava_checkpoint.open_original(path, options)
-    if is_plain_llm(path):
-        return compose(path, options, new)
-    config = path / "config.json"
-    architectures = json.loads(config.read_text()).get("architectures") if config.exists() else None
-    if architectures and any(a.startswith("Llava") for a in architectures):
-        raise ConfigError(f"{path}: a transformers {architectures[0]} folder; `vlmkit train` trains the original "
-                          "LLaVA layout", hint="train from the original checkpoint (or a Vicuna + CLIP) and convert "
-                                                "the result with `vlmkit convert`")
-    raise CheckpointError(f"{path}: neither an original LLaVA checkpoint nor a plain language model folder "
-                          f"(architectures {architectures or 'missing'})", hint="`vlmkit inspect` shows what it is")
-
-
-# ------------------------------------------------------------------------------------------ building
-
-
-def _text_config(ckpt: OriginalCheckpoint):
-    from transformers import AutoConfig
-
-    fields = {k: v for k, v in ckpt.config.items() if k not in MULTIMODAL_FIELDS}
-    config = AutoConfig.for_model(ckpt.backbone, **fields)
-    config.use_cache = False
-    return config
-
-
-def _vision_model(ckpt: OriginalCheckpoint) -> nn.Module:
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    return CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in ckpt.vision_config.items() if k != "model_type"}))
-
-
-def build_model(ckpt: OriginalCheckpoint, *, dtype: torch.dtype = torch.float32, zero3: dict | None = None,
-                init_projector: Path | None = None, train_vision: bool = False, seed: int = 0) -> nn.Module:
-    """The trainable LLaVA with the checkpoint's weights.
-
-    Args:
-        ckpt: where the weights come from (``open_start``).
-        dtype: parameter dtype (fp32 on CPU; the trainer's autocast handles bf16/fp16).
-        zero3: the DeepSpeed config when ZeRO-3 partitions the parameters at construction.
-        init_projector: an ``mm_projector.bin`` to start the projector from (``--pretrain_mm_mlp_adapter``).
-        train_vision: let gradients through the vision tower.
-        seed: seed of a fresh projector's initialisation.
-
-    Raises:
-        CheckpointError: a tensor is missing or has the wrong shape (named, with the file).
-    """
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-    from transformers.initialization import no_init_weights
-
-    text_config = _text_config(ckpt)
-    cls = training_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)])
-    partitioned = _zero_init(zero3)
-    with partitioned:
-        with no_init_weights():  # every weight but a fresh projector comes from the checkpoint
-            model = cls(text_config)
-            model.model.vision_tower = VisionTower(_vision_model(ckpt))
-        torch.manual_seed(seed)  # nn.Linear's own initialisation, as build_vision_projector
-        model.model.mm_projector = _projector(ckpt, text_config.hidden_size)
-        if ckpt.is_next:
-            model.model.image_newline = nn.Parameter(torch.zeros(text_config.hidden_size))
-    model.llava = ckpt
-    model.train_vision = train_vision
-    state = _weights(ckpt, model, init_projector)
-    _load(model, state, ckpt, partitioned=zero3 is not None)
-    return model.to(dtype)
-
-
-def _zero_init(zero3: dict | None):
+def zero_init(zero3: dict | None):
+    """The context a model is built in: partitioned at construction under ZeRO-3, else nothing."""
     if zero3 is None:
         return contextlib.nullcontext()
     import deepspeed
@@ -305,86 +30,12 @@ def _zero_init(zero3: dict | None):
     return deepspeed.zero.Init(config_dict_or_path=deepspeed_config() or zero3)
 
 
-def _shape(param: torch.Tensor) -> tuple[int, ...]:
+def gathered_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape (a ZeRO-3 partition's own shape is [0])."""
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
-Reader = Callable[[], torch.Tensor]
-
-
-def _weights(ckpt: OriginalCheckpoint, model: nn.Module, init_projector: Path | None) -> dict[str, Reader]:
-    """name -> a reader of its tensor (LoRA merged in as the original builder does), for every parameter.
-
-    Every name and shape is checked from the headers before any weight is read; ``_load`` then reads
-    one tensor at a time, so the weights are in memory once (in the model), not twice.
-    """
-    source = ckpt.source
-    names = set(source.keys())
-    wanted = dict(model.named_parameters())
-    readers: dict[str, Reader] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    merge = _lora_merge(ckpt.lora.scale) if ckpt.lora else None  # the converter's op: W + scale * B @ A
-    for name in wanted:
-        if name in names:
-            module = name[:-len(".weight")] if name.endswith(".weight") else None
-            if module and f"{module}.lora_A.weight" in names:
-                readers[name] = functools.partial(_merged, source, merge, name, module)
-            else:
-                readers[name] = functools.partial(source.read, name)
-            shapes[name] = tuple(source.info(name).shape)
-    if init_projector is not None:
-        projector = read_projector(init_projector, {n: _shape(p) for n, p in wanted.items()
-                                                    if n.startswith(PROJECTOR_PREFIX)})
-        readers.update({n: functools.partial(projector.__getitem__, n) for n in projector})
-        shapes.update({n: tuple(t.shape) for n, t in projector.items()})
-    missing = [n for n in wanted if n not in readers and not n.startswith(PROJECTOR_PREFIX)
-               and n != "model.image_newline"]
-    if missing:
-        raise CheckpointError(f"{ckpt.path}: {len(missing)} weight(s) of the model are not in the checkpoint, e.g. "
-                              f"'{missing[0]}'", hint="is --model-base / --vision-tower the model it was trained with?")
-    fresh = [n for n in wanted if n not in readers]
-    if fresh and ckpt.form != "llm":
-        raise CheckpointError(f"{ckpt.path}: the checkpoint has no '{fresh[0]}'",
-                              hint="pass --init-projector mm_projector.bin (the stage-1 output)")
-    for name, shape in shapes.items():
-        if shape != _shape(wanted[name]):
-            raise CheckpointError(f"{ckpt.path}: '{name}' is {list(shape)}, the model expects "
-                                  f"{list(_shape(wanted[name]))}", hint="the config and the weights disagree")
-    return readers
-
-
-def _merged(source, merge, name: str, module: str) -> torch.Tensor:
-    [tensor] = merge([source.read(name), source.read(f"{module}.lora_A.weight"), source.read(f"{module}.lora_B.weight")])
-    return tensor
-
-
-def read_projector(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """An ``mm_projector.bin`` as LLaVA's ``initialize_vision_modules`` reads it (keys containing ``mm_projector``).
-
-    Read through vlmkit's restricted unpickler; every mismatch is named before training starts.
-
-    Raises:
-        CheckpointError: missing keys or shapes that differ from the model's projector.
-    """
-    source = open_source(path)
-    found = {}
-    for key in source.keys():
-        if "mm_projector." in key:
-            found[PROJECTOR_PREFIX + key.split("mm_projector.", 1)[1]] = key
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise CheckpointError(f"{path}: no projector tensor for '{missing[0]}' (it has {sorted(source.keys())[:4]})",
-                              hint="pass the mm_projector.bin of a stage-1 run with the same --projector-type")
-    problems = [f"'{found[n]}' is {list(source.info(found[n]).shape)}, the model's projector needs {list(s)}"
-                for n, s in expected.items() if tuple(source.info(found[n]).shape) != s]
-    if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems),
-                              hint="the projector was trained for another language model or vision tower "
-                                   "(mm_hidden_size / hidden_size differ)")
-    return {n: source.read(found[n]) for n in expected}
-
-
-def _load(model: nn.Module, state: dict[str, Reader], ckpt: OriginalCheckpoint, *, partitioned: bool) -> None:
+def load(model: nn.Module, state: dict[str, Reader], *, partitioned: bool) -> None:
     """Read each tensor into its parameter; under ZeRO-3 one module at a time inside ``GatheredParameters``,
     read by rank 0 only (it scatters the partitions)."""
     params = dict(model.named_parameters())
@@ -408,3 +59,16 @@ def _load(model: nn.Module, state: dict[str, Reader], ckpt: OriginalCheckpoint, 
                 with torch.no_grad():
                     for name, p in own:
                         p.copy_(state[name]())
+
+
+def gathered(params: list[tuple[str, nn.Parameter]]):
+    """``(name, cpu tensor)`` for each parameter, gathered from the ZeRO-3 partitions when there are some."""
+    for name, param in params:
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                tensor = param.data.detach().cpu().clone()
+        else:
+            tensor = param.detach().cpu().clone()
+        yield name, tensor

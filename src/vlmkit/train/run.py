@@ -5,7 +5,10 @@
 2. the starting checkpoint opened from its headers, and the data checked with ``vlmkit data
    check`` (every record tokenised by the training's own code, every image opened): a bad dataset
    fails in seconds, naming the records, before any weight is read;
-3. then the model is built and trained by ``LlavaTrainer``, and the outputs written (``outputs``).
+3. then the model is built and trained by ``LlavaTrainer``, and the outputs written.
+
+What the start *is* (its weights, the model built from them, the files a run leaves) is the
+family's: ``families.require(start, "training")`` and its ``training`` composition.
 
 Example:
     >>> result = train(TrainConfig(model="llava-v1.5-7b", data="wukong.jsonl", image_folder="images",
@@ -25,13 +28,13 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..errors import ConfigError, OutputError
 from ..options import LoadOptions
 from ..tensors import resolve
 from . import deepspeed as ds_config
-from . import outputs, progress, setup
+from . import progress, setup
 from .config import TrainConfig, describe
-from .model import NewModel, build_model, open_start
 from .trainer import STAGING, LlavaTrainer, latest_checkpoint
 
 RUN_FILE = "vlmkit-run.json"
@@ -118,25 +121,6 @@ def _precision(name: str) -> tuple[bool, bool]:
     return name == "bf16", name == "fp16"
 
 
-def _data_model(ckpt, start: Path, options: LoadOptions, config: TrainConfig):
-    """Tokenizer, template and length: ``vlmkit.data``'s model, for an original checkpoint or a new LLaVA."""
-    from ..data import DataModel, OriginalEncoder, load_data_model
-    from ..data.model import DEFAULT_MAX_LENGTH
-    from ..runtime.templates import get_template
-
-    if ckpt.form != "llm":
-        return load_data_model(start, options, max_length=config.max_length)
-    template = options.template
-    if template is None:
-        raise ConfigError(f"{start} is a plain language model: its conversation template is not recorded anywhere",
-                          hint="pass --template (llava_v1 for Vicuna, mistral_instruct for Mistral)")
-    vision = ckpt.vision_config
-    side = vision["image_size"] // vision["patch_size"]
-    length = config.max_length or DEFAULT_MAX_LENGTH
-    return DataModel(start, "original", get_template(template).name, OriginalEncoder.from_folder(start), length,
-                     "--max-length" if config.max_length else "default (LLaVA's training scripts)", side * side)
-
-
 def _check_data(config: TrainConfig, data_model) -> None:
     from ..data import DataError, check
     from ..data.check import render
@@ -211,29 +195,21 @@ def train(config: TrainConfig, *, callbacks: list | None = None,
     options = LoadOptions(vision_tower=config.vision_tower, model_base=config.model_base, template=stage_template,
                           seed=config.seed)
     start = resolve(config.model)
-    ckpt = open_start(start, options, NewModel(config.projector_type, config.vision_select_layer,
-                                               image_aspect_ratio=config.image_aspect_ratio))
-    if ckpt.form == "lora" and config.lora:
-        raise ConfigError(f"{start} is a LoRA adapter: a new adapter would be trained on a merged model that is on no "
-                          "disk, and could not be merged later", hint=f"merge it first: vlmkit merge-lora {start} "
-                                                                      f"--base BASE merged/, then train from merged/")
-    data_model = _data_model(ckpt, start, options, config)
+    found = families.require(start, "training")
+    composition = found.family.training(found, options, config)  # the family's start, model and outputs
+    composition.check()  # the start opened from its headers
+    data_model = composition.data_model()
     say(f"{describe(config)}; template {data_model.template}, max length {data_model.max_length}")
-    name = run_dir.name.lower()
-    if config.lora and not ("lora" in name and "llava" in name):
-        say(f"note: LLaVA's load_pretrained_model takes the LoRA path only when the folder name holds 'llava' and "
-            f"'lora' (e.g. llava-v1.5-7b-wukong-lora); {run_dir.name!r} does not (vlmkit does not mind)")
+    for note in composition.notes(run_dir):
+        say(note)
     _check_data(config, data_model)
-    base = outputs.trained_base(ckpt, start, config.model_base)
-    fingerprint = outputs.base_fingerprint(ckpt.source)
+    base = composition.trained_base()
+    fingerprint = composition.fingerprint()
     args = _arguments(config, run_dir, deepspeed, bf16, fp16)
     _ = args.device  # initialises the process group (and DeepSpeed's) before a partitioned model is built
     _claim(run_dir, config)
-    ckpt.config = {**ckpt.config, "tokenizer_model_max_length": data_model.max_length,
-                   "tokenizer_padding_side": "right"}
     zero3 = deepspeed if ds_config.zero_stage(deepspeed) == 3 else None
-    model = build_model(ckpt, zero3=zero3, init_projector=Path(config.init_projector) if config.init_projector else None,
-                        train_vision=config.train_vision, seed=config.seed)
+    model = composition.build(max_length=data_model.max_length, zero3=zero3)
     llava_module = model
     if zero3 is not None:
         parts = sum(1 for p in model.parameters() if hasattr(p, "ds_id"))
@@ -266,8 +242,8 @@ def train(config: TrainConfig, *, callbacks: list | None = None,
     losses = [(e["step"], e["loss"]) for e in log if "loss" in e]
     summary = {"steps": trainer.state.global_step, "final_loss": losses[-1][1] if losses else None,
                "trainable_parameters": trained, "tokens": trainer.state.num_input_tokens_seen}
-    files = outputs.write(model, ckpt, config, run_dir,
-                          max_length=data_model.max_length, base=base, fingerprint=fingerprint, summary=summary)
+    files = composition.write(model, run_dir, max_length=data_model.max_length, base=base, fingerprint=fingerprint,
+                              summary=summary)
     if _is_main():
         progress.plot(run_dir / progress.LOG, run_dir / progress.PLOT, title=f"{config.stage} loss ({run_dir.name})")
     return TrainResult(run_dir, files, trainer.state.global_step, losses, summary)

@@ -119,7 +119,7 @@ class LlavaTrainer(Trainer):
         """The trainable parameters only (frozen ones never change), gathered under ZeRO-3."""
         from safetensors.torch import save_file
 
-        from .outputs import gathered
+        from .model import gathered
 
         output_dir = output_dir or self.args.output_dir
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

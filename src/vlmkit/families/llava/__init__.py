@@ -9,9 +9,11 @@ Recognised by ``config.json`` (``LlavaLlamaForCausalLM`` / ``LlavaMistralForCaus
 * ``convert``     — the conversion rules to transformers' Llava / LlavaNext;
 * ``hf_output``   — config, tokenizer, image processor and chat template of the output;
 * ``reference``   — the original forward pass, for ``vlmkit verify`` and for running originals;
+* ``image_path``  — tower, projector, anyres and splice: the one image path of the reference and training;
 * ``backend``     — chat and serve: the original through ``reference``, a transformers folder through transformers;
 * ``data``        — what ``vlmkit data`` needs of an original checkpoint (tokenizer, template, image features);
 * ``templates``   — the original cli's template choice by model name, else the backbone's default;
+* ``train_model`` — the model ``vlmkit train`` trains and its start (+ ``train_outputs``, ``train_merge``);
 * ``tiny``        — tiny random checkpoints in the real layouts (tests, demo, benchmarks).
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...options import LoadOptions
-from .checkpoint import form_of, open_original
+from .checkpoint import form_of, is_plain_llm, open_original
 
 NAME = "llava"
 ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaQwenForCausalLM")
@@ -35,10 +37,11 @@ FORMS: dict[str, tuple[str, ...]] = {
     "transformers": ("gguf", "chat_backend", "data_model", "vllm_view", "card_kind"),
     "projector_file": ("gguf",),          # llava_surgery.py's llava.projector (+ --vision-tower): the mmproj
     "gguf": ("card_kind",),               # what --to gguf writes: the model + its LLaVA mmproj (or the mmproj alone)
+    "plain_llm": ("training",),           # a Vicuna / Mistral folder: `vlmkit train --vision-tower` makes a LLaVA of it
 }
 
 __all__ = ["NAME", "ARCHITECTURES", "FORMS", "recognise", "describe", "conversion", "open_original", "verify",
-           "chat_backend", "data_model"]
+           "chat_backend", "data_model", "training"]
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
@@ -51,6 +54,8 @@ def recognise(path: Path, config: dict | None) -> str | None:
         return "transformers"
     if _is_gguf(path):
         return "gguf"
+    if path.is_dir() and is_plain_llm(config):
+        return "plain_llm"
     return None
 
 
@@ -93,6 +98,18 @@ def data_model(found, options: LoadOptions, *, max_length: int | None):
     from .data import data_model as original
 
     return original(found, options, max_length=max_length)
+
+
+def training(found, options: LoadOptions, config=None):
+    """``vlmkit train`` / ``merge-lora``: the composition of a LLaVA to train from ``found`` (see ``train_model.py``).
+
+    Args:
+        config: the run (``vlmkit.train.TrainConfig``); None for ``merge-lora``.
+    """
+    # not a module named training.py: importing it would replace this function on the package
+    from .train_model import Composition
+
+    return Composition(found, options, config)
 
 
 def describe(found) -> dict:

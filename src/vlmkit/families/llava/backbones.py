@@ -84,7 +84,7 @@ ROWS: dict[str, Backbone] = {row.name: row for row in (
     # Llama 3 (lmms-lab/llama3-llava-next-8b): the same class and model_type as LLaVA-1.5's LLaMA (llava_llama.py),
     # told apart only by its tokenizer (a byte-level BPE tokenizer.json, no tokenizer.model). Template
     # llava_llama_3; llama.cpp writes it as "llama" (q/k permuted) with a gpt2 / "llama-bpe" vocabulary.
-    Backbone("llama3", ("LlavaLlamaForCausalLM",), ("llava_llama", "llava"), "LlamaForCausalLM", "llama",
+    Backbone("llama3", ("LlavaLlamaForCausalLM",), ("llava_llama",), "LlamaForCausalLM", "llama",
              "bpe", "llava_llama_3", gguf_arch="llama", permute_qk=True, gguf_vocab="gpt2", gguf_pre="llama-bpe", name_rule=False,
              tiny={"text": {"vocab_size": 128256, "bos_token_id": 128000, "eos_token_id": 128009,
                             "rope_theta": 500000.0, "max_position_embeddings": 8192, "pretraining_tp": 1,
@@ -131,6 +131,18 @@ def of_model_type(hf_model_type: str | None, folder: Path | None = None) -> Back
     from ...runtime.vocab import kind_of
 
     rows = [row for row in ROWS.values() if row.hf_model_type == hf_model_type]
+    if len(rows) > 1 and folder is not None:
+        kind = kind_of(folder)
+        rows = [row for row in rows if row.tokenizer == kind] or rows
+    return rows[0] if rows else None
+
+
+def of_plain(config: dict, folder: Path | None = None) -> Backbone | None:
+    """The row of a plain language model's ``config.json`` (``plain_architecture``: ``train`` from a Vicuna), if any;
+    rows sharing the architecture (LlamaForCausalLM: Vicuna and Llama 3) are told apart by ``folder``'s tokenizer."""
+    from ...runtime.vocab import kind_of
+
+    rows = [row for row in ROWS.values() if row.plain_architecture in (config.get("architectures") or [])]
     if len(rows) > 1 and folder is not None:
         kind = kind_of(folder)
         rows = [row for row in rows if row.tokenizer == kind] or rows

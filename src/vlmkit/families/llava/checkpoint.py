@@ -6,7 +6,8 @@ this module, without loading anything:
 * full: ``model.*``, ``lm_head.weight``, ``model.mm_projector.*`` (+ for NeXT
   ``model.image_newline`` and the tower under ``model.vision_tower.vision_tower.*``);
 * projector-only (stage 1): ``mm_projector.bin`` + the base LLM (``--model-base``);
-* LoRA: the base LLM + ``non_lora_trainables.bin`` (which overrides it) + the adapter.
+* LoRA: the base LLM + ``non_lora_trainables.bin`` (which overrides it) + the adapter;
+* plain LLM (training's start from scratch): a transformers causal LM + a CLIP folder, no projector yet.
 
 Whatever the form, the result is the namespace of a full checkpoint, with the CLIP
 tower under ``model.vision_tower.vision_tower.vision_model.*`` and LoRA factors beside
@@ -56,7 +57,7 @@ class OriginalCheckpoint:
     """An original LLaVA checkpoint of any form, ready to convert or to run."""
 
     path: Path
-    form: str  # "full" | "projector" | "lora"
+    form: str  # "full" | "projector" | "lora" | "plain_llm" (training's new LLaVA)
     config: dict  # the original config.json
     source: TensorSource  # the full-checkpoint namespace (see module docstring)
     tokenizer_folder: Path
@@ -103,6 +104,12 @@ def form_of(path: Path) -> str | None:
     return None
 
 
+def is_plain_llm(config: dict | None) -> bool:
+    """A transformers causal LM's config (Vicuna, Mistral ...), not a LLaVA's: what a new LLaVA starts from."""
+    config = config or {}
+    return backbones.of_plain(config) is not None and "mm_vision_tower" not in config
+
+
 def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
     """Open an original checkpoint of any form; checks everything that can be checked without data.
 
@@ -141,6 +148,22 @@ def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
     _check_tower(path, config, vision_config)
     return OriginalCheckpoint(path, form, config, source, tokenizer_folder, backbone, vision_config, preprocessor,
                               lora, notes, assumptions)
+
+
+def open_composed(path: Path, config: dict, options: LoadOptions, backbone: backbones.Backbone) -> OriginalCheckpoint:
+    """A plain language model + the vision tower ``config`` names: form ``plain_llm``, no projector yet.
+
+    Args:
+        config: the LLaVA config made for it (``train_model.compose``); ``mm_hidden_size`` comes from the tower.
+        backbone: the language model's row.
+    """
+    _check_multimodal_fields(path, config)
+    tower = _tower_folder(path, config, options, inside=False)
+    source = CombinedSource([("", open_source(path)), ("", _tower_source(tower.folder))], path=path)
+    vision_config, preprocessor, assumptions = _vision_config(source, tower, options)
+    config = {**config, "mm_hidden_size": vision_config["hidden_size"]}
+    return OriginalCheckpoint(path, "plain_llm", config, source, path, backbone.name, vision_config, preprocessor,
+                              assumptions=assumptions)
 
 
 def _check_multimodal_fields(path: Path, config: dict) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ...lazy import torch
 
-from ...conversion import Conversion, Custom, ResizeRows, Rule, create, drop, rename, transform
+from ...conversion import Conversion, ResizeRows, Rule, create, drop, lora_merge, rename, transform
 from ...errors import ConfigError
 from ...options import LoadOptions
 from ...tensors import TensorSource
@@ -51,30 +51,6 @@ class EmbeddingDistribution:
         mu = total / rows
         # w^T C = w^T E - (sum of w) mu
         return mu + (projected - w.sum(1, keepdim=True) * mu) * (1e-5 / rows) ** 0.5
-
-
-def _lora_merge(scale: float) -> Custom:
-    """``W + scale * B @ A`` as peft's ``merge_and_unload`` computes it in the original builder.
-
-    peft upcasts float16/bfloat16 adapters to float32, computes the delta in float32 and adds
-    it to the base weight in float32; so here, from the tensors as stored (any float dtypes).
-    The float32 sum is rounded once, to the target's dtype (the base's unless ``--dtype``): the
-    builder's result (base loaded in that dtype) bit for bit whenever the base's values are exact
-    in it, e.g. the base's own dtype or float32. (Loading a float32 base in float16 rounds it
-    first, so there ``--dtype float16`` can differ from the builder by one float16 step.)
-    """
-
-    def merge(tensors):
-        w, a, b = tensors
-        return [w.float() + scale * (b.float() @ a.float())]
-
-    def shapes(s):
-        w, a, b = s
-        if a[1] != w[1] or b[0] != w[0] or a[0] != b[1]:
-            raise ValueError(f"LoRA factors {a} / {b} do not fit the weight {w}")
-        return [w]
-
-    return Custom(f"merge LoRA (scale {scale:g})", merge, shapes, n_in=3, n_out=1, mixed_dtypes=True)
 
 
 def _projector_rules(ckpt: OriginalCheckpoint, hidden: int) -> tuple[list[Rule], str]:
@@ -116,7 +92,7 @@ def rules_for(ckpt: OriginalCheckpoint, vocab_rows: int, seed: int) -> tuple[lis
     init = EmbeddingDistribution(ckpt.source, embed)
     projector, act = _projector_rules(ckpt, hidden)
     lora = [transform([module + ".weight", module + ".lora_A.weight", module + ".lora_B.weight"],
-                      "language_model." + module + ".weight", _lora_merge(ckpt.lora.scale))
+                      "language_model." + module + ".weight", lora_merge(ckpt.lora.scale))
             for module in (ckpt.lora.modules if ckpt.lora else [])]
     rules = [
         drop("model.layers.{layer}.self_attn.rotary_emb.inv_freq", why="recomputed from rope_theta at load"),

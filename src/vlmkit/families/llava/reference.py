@@ -1,7 +1,8 @@
 """The ORIGINAL LLaVA forward pass, assembled from transformers parts as ``llava_arch.py`` does.
 
 This is the reference ``vlmkit verify`` measures conversions against, and the model that
-runs original checkpoints directly. It follows the original code step by step:
+runs original checkpoints directly. It follows the original code step by step (the image
+steps are ``image_path``'s functions, the ones training runs too):
 
 * the CLIP tower's hidden state at ``mm_vision_select_layer`` (no post-layernorm),
   ``patch`` dropping the CLS position;
@@ -25,22 +26,9 @@ from torch import nn
 
 from ...runtime import images
 from ...runtime.generation import with_cache
-from ...runtime.tokens import IMAGE_TOKEN_INDEX
 from ...runtime.vocab import length, open_vocab
+from . import image_path
 from .checkpoint import MULTIMODAL_FIELDS, TOWER, OriginalCheckpoint
-
-
-def _projector(ckpt: OriginalCheckpoint, hidden: int) -> nn.Module:
-    width = ckpt.config.get("mm_hidden_size", ckpt.vision_config["hidden_size"])
-    depth = ckpt.projector_depth
-    if depth == 0:
-        return nn.Identity()
-    if ckpt.config.get("mm_projector_type", "linear") == "linear":
-        return nn.Linear(width, hidden)
-    layers: list[nn.Module] = [nn.Linear(width, hidden)]
-    for _ in range(1, depth):
-        layers += [nn.GELU(), nn.Linear(hidden, hidden)]
-    return nn.Sequential(*layers)
 
 
 class OriginalLlava(nn.Module):
@@ -99,7 +87,7 @@ class OriginalLlava(nn.Module):
         tower.eval()
 
         hidden = text_config.hidden_size
-        projector = _projector(ckpt, hidden)
+        projector = image_path.projector(ckpt, hidden)
         prefix = "model.mm_projector."
         proj_state = {n[len(prefix):]: source.read(n).to(dtype) for n in names if n.startswith(prefix)}
         if isinstance(projector, nn.Linear) and "0.weight" in proj_state:  # mlp1x_gelu keeps the Sequential index
@@ -112,49 +100,19 @@ class OriginalLlava(nn.Module):
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W]`` -> projected features ``[N, T, hidden]`` (CLIP layer, patch selection, projector)."""
-        out = self.vision_tower(pixel_values.to(self.compute_dtype), output_hidden_states=True)
-        features = out.hidden_states[self.config["mm_vision_select_layer"]]
-        if self.config.get("mm_vision_select_feature", "patch") == "patch":
-            features = features[:, 1:]
-        return self.projector(features)
+        """``[N, 3, H, W]`` -> projected features ``[N, T, hidden]`` (``image_path.encode_images``)."""
+        return image_path.encode_images(self.vision_tower, self.projector, pixel_values, self.config, self.compute_dtype)
 
     @torch.no_grad()
     def image_features(self, pixel_values, image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """One ``[T_i, hidden]`` tensor per image, arranged as ``prepare_inputs_labels_for_multimodal`` does.
+        """One ``[T_i, hidden]`` tensor per image (``image_path.image_features``).
 
         Args:
             pixel_values: from ``runtime.images.preprocess`` ([B,3,H,W], or [B,1+n,3,H,W] / a list for anyres).
             image_sizes: original (width, height) of each image.
         """
-        if not self.ckpt.is_next:
-            return list(self.encode_images(pixel_values))
-        merge = self.config.get("mm_patch_merge_type", "flat")
-        side = self.ckpt.vision_config["image_size"] // self.ckpt.vision_config["patch_size"]
-        result = []
-        for crops, size in zip(pixel_values, image_sizes):
-            f = self.encode_images(crops)
-            if merge == "flat":
-                result.append(f.flatten(0, 1))
-                continue
-            if f.shape[0] == 1:
-                single = f[0]
-                if "unpad" in merge:
-                    single = torch.cat([single, self.image_newline[None]], 0)
-                result.append(single)
-                continue
-            base, grid = f[0], f[1:]
-            npw, nph = images.anyres_grid_shape(size, self.image_config.grid_pinpoints, self.ckpt.vision_config["image_size"])
-            grid = grid.view(nph, npw, side, side, -1)
-            if "unpad" in merge:
-                grid = grid.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # C, rows, cols
-                grid = images.unpad_features(grid, size)
-                newline = self.image_newline[:, None, None].expand(*grid.shape[:-1], 1)
-                grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
-            else:
-                grid = grid.permute(0, 2, 1, 3, 4).contiguous().flatten(0, 3)
-            result.append(torch.cat([base, grid], 0))
-        return result
+        return image_path.image_features(self.ckpt, self.encode_images, pixel_values, image_sizes,
+                                         image_config=self.image_config, image_newline=self.image_newline)
 
     # ------------------------------------------------------------------ text
 
@@ -166,23 +124,11 @@ class OriginalLlava(nn.Module):
 
     @torch.no_grad()
     def embed(self, ids: list[int], features: list[torch.Tensor]) -> torch.Tensor:
-        """Input embeddings ``[L, hidden]`` with image features spliced at each -200."""
+        """Input embeddings ``[L, hidden]`` with image features spliced at each -200 (``image_path.splice``)."""
         table = self.language_model.get_input_embeddings()
-        ids_t = torch.tensor(ids)
-        marks = (ids_t == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-        if len(marks) != len(features):
-            from ...errors import VlmkitError
-
-            raise VlmkitError(f"the prompt has {len(marks)} image placeholder(s) but {len(features)} image(s) were given")
-        pieces, start = [], 0
-        for mark, feature in zip(marks + [len(ids)], features + [None]):
-            pieces.append(table(ids_t[start:mark].to(table.weight.device)))
-            if feature is not None:
-                pieces.append(feature.to(table.weight.dtype))
-            start = mark + 1
-        embeds = torch.cat(pieces, 0)
-        limit = self.config.get("tokenizer_model_max_length")
-        return embeds[:limit] if limit else embeds
+        embeds, _ = image_path.splice(table, torch.tensor(ids, device=table.weight.device), features,
+                                      limit=self.config.get("tokenizer_model_max_length"))
+        return embeds
 
     @torch.no_grad()
     def logits(self, ids: list[int], features: list[torch.Tensor]) -> torch.Tensor:

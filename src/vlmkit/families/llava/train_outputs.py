@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
-from ..families.llava.checkpoint import TOWER, OriginalCheckpoint
-from ..tensors import TensorSource
-from .config import TrainConfig
+from ... import __version__
+from ...tensors import TensorSource
+from ...train.config import TrainConfig
+from ...train.model import gathered
+from .checkpoint import TOWER, OriginalCheckpoint
 
 RECORD = "vlmkit-train.json"
 FINGERPRINT_MATRIX = "model.layers.0.self_attn.q_proj.weight"
@@ -59,19 +60,6 @@ def base_fingerprint(source: TensorSource) -> str:
 def trained_base(ckpt: OriginalCheckpoint, start: Path, model_base: str | None) -> str:
     """The folder whose language model the run starts from (what ``--model-base`` must be for the outputs)."""
     return str(model_base) if ckpt.form in ("projector",) and model_base else str(start)
-
-
-def gathered(params: list[tuple[str, nn.Parameter]]):
-    """``(name, cpu tensor)`` for each parameter, gathered from the ZeRO-3 partitions when there are some."""
-    for name, param in params:
-        if hasattr(param, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param]):
-                tensor = param.data.detach().cpu().clone()
-        else:
-            tensor = param.detach().cpu().clone()
-        yield name, tensor
 
 
 def llava_config(ckpt: OriginalCheckpoint, config: TrainConfig, max_length: int, base: str) -> dict:
@@ -162,8 +150,8 @@ def _lora(model: nn.Module, tmp: Path, main: bool, base: str) -> None:
 
 
 def _full(model: nn.Module, ckpt: OriginalCheckpoint, tmp: Path, main: bool, train_vision: bool) -> None:
-    from ..tensors.base import TORCH_TO_CODE
-    from ..tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
+    from ...tensors.base import TORCH_TO_CODE
+    from ...tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
 
     params = [(n, p) for n, p in model.named_parameters() if train_vision or not n.startswith(TOWER[:-len("vision_model.")])]
     specs = [TensorSpec(n, tuple(getattr(p, "ds_shape", p.shape)), TORCH_TO_CODE[p.dtype]) for n, p in params]
