@@ -109,8 +109,6 @@ def backbone_of(config: dict, folder: Path, tokenizer_folder: Path | None = None
     Raises:
         ConfigError: neither field names a known backbone; the message names both fields and the rows.
     """
-    from ...runtime.vocab import kind_of
-
     rows = [row for row in ROWS.values() if set(config.get("architectures") or []) & set(row.original_architectures)]
     if not rows:
         rows = [row for row in ROWS.values() if config.get("model_type") in row.original_model_types]
@@ -119,30 +117,27 @@ def backbone_of(config: dict, folder: Path, tokenizer_folder: Path | None = None
                           f"{config.get('architectures')} / model_type {config.get('model_type')!r}",
                           hint=f"known: {', '.join(ARCHITECTURES)} (model_type "
                                f"{', '.join(t for row in ROWS.values() for t in row.original_model_types)})")
-    if len(rows) > 1:  # the first row is the one a folder without tokenizer files gets (the released 1.5 layout)
-        kind = kind_of(tokenizer_folder or folder)
-        rows = [row for row in rows if row.tokenizer == kind] or rows
-    return rows[0]
+    return _by_tokenizer(rows, tokenizer_folder or folder)
 
 
 def of_model_type(hf_model_type: str | None, folder: Path | None = None) -> Backbone | None:
     """The row of a transformers folder's language model (``text_config.model_type``), if any; rows sharing the
     model type (llama: LLaMA/Vicuna and Llama 3) are told apart by the kind of the tokenizer in ``folder``."""
-    from ...runtime.vocab import kind_of
-
-    rows = [row for row in ROWS.values() if row.hf_model_type == hf_model_type]
-    if len(rows) > 1 and folder is not None:
-        kind = kind_of(folder)
-        rows = [row for row in rows if row.tokenizer == kind] or rows
-    return rows[0] if rows else None
+    return _by_tokenizer([row for row in ROWS.values() if row.hf_model_type == hf_model_type], folder)
 
 
 def of_plain(config: dict, folder: Path | None = None) -> Backbone | None:
     """The row of a plain language model's ``config.json`` (``plain_architecture``: ``train`` from a Vicuna), if any;
     rows sharing the architecture (LlamaForCausalLM: Vicuna and Llama 3) are told apart by ``folder``'s tokenizer."""
+    return _by_tokenizer([row for row in ROWS.values() if row.plain_architecture in (config.get("architectures") or [])],
+                         folder)
+
+
+def _by_tokenizer(rows: list[Backbone], folder: Path | None) -> Backbone | None:
+    """The one of ``rows`` whose tokenizer kind is that of ``folder``'s files; the first row when they do not tell
+    (no folder, no tokenizer files: the released LLaVA-1.5 layout of a LoRA run)."""
     from ...runtime.vocab import kind_of
 
-    rows = [row for row in ROWS.values() if row.plain_architecture in (config.get("architectures") or [])]
     if len(rows) > 1 and folder is not None:
         kind = kind_of(folder)
         rows = [row for row in rows if row.tokenizer == kind] or rows
