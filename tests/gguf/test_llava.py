@@ -142,8 +142,9 @@ def _edited(src, dst, edit) -> object:
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c.update(mm_projector_type="linear"), "mm_projector_type 'linear'; llama.cpp's LLaVA graph"),
     (lambda c: c.update(mm_vision_select_feature="cls_patch"), "keeps the CLS position; clip.cpp always drops it"),
+    # a Qwen checkpoint (now written as llama.cpp's qwen2) beside a SentencePiece tokenizer: the tokenizer it needs
     (lambda c: c.update(architectures=["LlavaQwenForCausalLM"], model_type="llava_qwen"),
-     "llama.cpp has an architecture 'qwen2' but vlmkit's GGUF export does not write it yet"),
+     "no tokenizer vlmkit can read: it needs a byte-level BPE tokenizer.json"),
 ])
 def test_original_checkpoints_llama_cpp_cannot_run(parts, tmp_path, edit, message):
     src = _edited(parts["v15"], tmp_path / "llava-v1.5-edited", edit)

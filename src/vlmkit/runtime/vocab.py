@@ -207,6 +207,19 @@ def open_vocab(folder: str | Path, kind: str | None = None, *, legacy: bool | No
     return BpeVocab(folder)
 
 
+def length(vocab: Vocab) -> int:
+    """``len(tokenizer)``: the vocabulary with its added tokens (the next id ``add_tokens`` would give)."""
+    if vocab.kind == "bpe":
+        return vocab.tokenizer.get_vocab_size(with_added_tokens=True)
+    tokenizer = vocab.tokenizer
+    return max([tokenizer.sp.get_piece_size() - 1, *(t.id for t in tokenizer.added_tokens.values())]) + 1
+
+
+def kind_of(folder: str | Path) -> str | None:
+    """The kind of tokenizer in ``folder`` ("sentencepiece" first, then "bpe"; None: neither)."""
+    return next((k for k, (_, found) in _NEEDS.items() if found(Path(folder))), None)
+
+
 # kind -> (what the folder needs, whether it has it)
 _NEEDS = {"sentencepiece": ("a SentencePiece tokenizer.model", lambda folder: (folder / "tokenizer.model").is_file()),
           "bpe": ("a byte-level BPE tokenizer.json", _is_byte_level_bpe)}

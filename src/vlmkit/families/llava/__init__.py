@@ -195,7 +195,7 @@ FORMS_BUILT = ("next", "lora", "projector")  # tiny layouts besides one LLaVA-1.
 
 def variants() -> tuple[str, ...]:
     """The tiny models ``make_tiny`` builds: a LLaVA-1.5 folder per backbone row that has a tiny config
-    (``backbones.ROWS``), then LLaVA-NeXT (1.6-mistral), a LoRA fine-tune and a projector pre-training run."""
+    (``backbones.ROWS``; a LLaVA-NeXT folder in its release's layout for the NeXT-repository rows), then LLaVA-NeXT (1.6-mistral), a LoRA fine-tune and a projector pre-training run."""
     from .backbones import ROWS
 
     return tuple(name for name, row in ROWS.items() if row.tiny) + FORMS_BUILT
@@ -218,6 +218,9 @@ def make_tiny(folder: Path, variant: str | None = None) -> Path:
     if variant == "projector":
         tiny.make_base_llm(folder / "vicuna-tiny")
         return tiny.make_projector_only(folder / "llava-v1.5-tiny-pretrain", clip)
+    rows = tiny.ROWS
+    if variant in rows and rows[variant].tiny.get("release"):  # a LLaVA-NeXT-repository release: a NeXT checkpoint
+        return tiny.make_llava_next(folder / f"{rows[variant].tiny['release']}-tiny", clip, backbone=variant)
     if variant in variants():  # a backbone row
         return tiny.make_llava15(folder / f"llava-v1.5-{variant}-tiny", clip, backbone=variant)
     raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")

@@ -37,12 +37,13 @@ class OriginalBackend:
         self.model = OriginalLlava.load(ckpt, dtype=dtype, device=options.device)
         self.device = options.device
         self.template = template_for(ckpt, options)
-        self.tokenizer = self.model.tokenizer
-        self.eos_token_ids = {self.tokenizer.eos_token_id}
+        self.vocab = self.model.vocab
+        self.eos_token_ids = set(templates.stop_ids(self.template, self.vocab))
         self.max_context = ckpt.config.get("tokenizer_model_max_length") or ckpt.config.get("max_position_embeddings")
         self.image_max_pixels = images.DEFAULT_MAX_PIXELS
         self.marker = IMAGE_TOKEN_INDEX
-        self.filler = self.tokenizer.unk_token_id
+        # any id fills the image slots before the features replace them; Qwen2 and Llama 3 have no unk
+        self.filler = next((i for i in (self.vocab.unk_id, self.vocab.pad_id, self.vocab.eos_id) if i is not None), 0)
         self.preprocessing = repr(self.model.image_config)
 
     def prompt_ids(self, turns: list[Turn]) -> list[int]:
@@ -64,7 +65,7 @@ class OriginalBackend:
         return out.logits, cache
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.vocab.decode(ids, skip_special=True)
 
 
 class TransformersBackend:

@@ -38,7 +38,7 @@ MULTIMODAL_FIELDS = {
     "mm_patch_merge_type", "image_grid_pinpoints", "freeze_mm_mlp_adapter", "tune_mm_mlp_adapter",
     "tune_mm_vision_resampler", "unfreeze_mm_vision_tower", "use_mm_proj", "mm_projector_lr", "mm_vision_tower_lr",
     "image_crop_resolution", "image_split_resolution", "tokenizer_model_max_length", "tokenizer_padding_side",
-    "mm_resampler_type", "mm_mask_type", "s2", "s2_scales", "architectures", "model_type", "_name_or_path",
+    "mm_resampler_type", "mm_mask_type", "mm_spatial_pool_mode", "mm_tunable_parts", "s2", "s2_scales", "architectures", "model_type", "_name_or_path",
     "transformers_version", "torch_dtype", "dtype", "max_length", "pretraining_tp", "use_cache",
 }
 PROJECTOR = re.compile(r"^mlp(\d+)x_gelu$")
@@ -122,7 +122,6 @@ def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
                               "mm_projector.bin or adapter_config.json + non_lora_trainables.bin)")
     config = read_json(path / "config.json")
     _check_multimodal_fields(path, config)
-    backbone = backbones.backbone_of(config, path).name
     notes: list[str] = []
     lora = None
     if form == "full":
@@ -135,6 +134,7 @@ def open_original(path: Path, options: LoadOptions) -> OriginalCheckpoint:
             llm = CombinedSource([("", llm), ("", projector)], path=path)
         else:
             llm, lora = _with_lora(path, llm, notes)
+    backbone = backbones.backbone_of(config, path, tokenizer_folder).name
     kind, kind_note = siglip.tower_kind(config.get("mm_vision_tower") or config.get("vision_tower"))
     notes += [n for n in (kind_note,) if n]
     if kind == "siglip":  # LLaVA-NeXT's SigLIP tower: its own config rule, always inside the checkpoint here

@@ -99,8 +99,11 @@ def rules_for(ckpt: OriginalCheckpoint, vocab_rows: int, seed: int) -> tuple[lis
         drop(TOWER + "embeddings.position_ids", why="a buffer transformers recomputes"),
         drop(UNUSED_CLIP + "{rest:path}", why="only CLIP's vision tower is part of LLaVA"),
         *lora,
-        transform(embed, "language_model.model.embed_tokens.weight", ResizeRows(rows, vocab_rows, init, seed)),
-        transform("lm_head.weight", "language_model.lm_head.weight", ResizeRows(rows, vocab_rows, init, seed + 1)),
+        *([transform(embed, "language_model.model.embed_tokens.weight", ResizeRows(rows, vocab_rows, init, seed)),
+           transform("lm_head.weight", "language_model.lm_head.weight", ResizeRows(rows, vocab_rows, init, seed + 1))]
+          if vocab_rows != rows else  # Qwen: <image> fits in the padded rows
+          [rename(embed, "language_model.model.embed_tokens.weight"),
+           rename("lm_head.weight", "language_model.lm_head.weight")]),
         *projector,
         rename("model.image_newline", "image_newline"),
         rename(TOWER + "{rest:path}", "vision_tower.vision_model.{rest:path}"),

@@ -106,6 +106,13 @@ class Llava:
 
 
 def _tokenizer_flags(folder: Path) -> tuple[bool, bool]:
+    """Whether the tokenizer adds BOS / EOS: a byte-level BPE says so by its post-processor (Llama 3 wraps every
+    text in <|begin_of_text|>, Qwen2 adds nothing), a SentencePiece LLaMA by ``tokenizer_config.json``."""
+    from ...runtime.vocab import kind_of, open_vocab
+
+    if kind_of(folder) == "bpe":
+        vocab = open_vocab(folder, "bpe")
+        return vocab.add_bos, vocab.add_eos
     file = folder / "tokenizer_config.json"
     data = json.loads(file.read_text()) if file.is_file() else {}
     return data.get("add_bos_token", True) is not False, bool(data.get("add_eos_token", False))
@@ -175,7 +182,7 @@ def from_transformers(path: Path, options: LoadOptions, gguf_options: GGUFOption
     return Llava(
         path, source, config.vision_config, config.vision_feature_layer, config.vision_feature_select_strategy,
         config.projector_hidden_act, mean, std, text=config.text_config,
-        backbone=backbones.of_model_type(config.text_config.model_type),
+        backbone=backbones.of_model_type(config.text_config.model_type, tokenizer_folder),
         tokenizer=Tokenizer(tokenizer_folder, _added_tokens(path), pad, add_bos, add_eos, template),
         # transformers lists canvases as (height, width); clip.cpp, like the original, reads (width, height)
         pinpoints=[[w, h] for h, w in config.image_grid_pinpoints] if is_next else None,
@@ -394,8 +401,8 @@ def _lm_metadata(llava: Llava, vocab: gguf_vocab.Vocab):
         w.add_rope_dimension_count(head_dim)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tok = llava.tokenizer
-        gguf_vocab.write_llama_vocab(w, vocab, pad=tok.pad, add_bos=tok.add_bos, add_eos=tok.add_eos,
-                                     chat_template=tok.chat_template)
+        gguf_vocab.write_vocab(w, llava.backbone.tokenizer, vocab, pad=tok.pad, add_bos=tok.add_bos,
+                               add_eos=tok.add_eos, chat_template=tok.chat_template)
 
     return write
 
@@ -433,7 +440,8 @@ def gguf_files(llava: Llava, gguf_options: GGUFOptions) -> list[GGUFFile]:
     files = []
     if llava.text is not None and not gguf_options.mmproj_only:
         rows = llava.source.info(LM + "model.embed_tokens.weight").shape[0]
-        vocab = gguf_vocab.llama(llava.tokenizer.folder, llava.tokenizer.added, rows)
+        vocab = gguf_vocab.vocabulary(llava.backbone.tokenizer, llava.tokenizer.folder, llava.tokenizer.added, rows,
+                                      pre=llava.backbone.gguf_pre)
         files.append(GGUFFile(f"{name}-{{type}}.gguf", llava.backbone.gguf_arch,
                               lm_rules(llava), _lm_metadata(llava, vocab)))
     files.append(GGUFFile(f"mmproj-{name}-{{type}}.gguf", "clip", mmproj_rules(llava), _mmproj_metadata(llava),

@@ -196,14 +196,14 @@ def verify(original: Path, folder: Path, options: LoadOptions, probes, *, max_ne
         "against the original tower run in llama.cpp's defective CLS-last order (#25814)" if defect
         else "against the original tower + projector")
     report.checks.append(check)
-    decode = reference.tokenizer.decode
+    decode = reference.vocab.decode
     original_text = ""
     for i, (run, prompt, (image, _)) in enumerate(zip(runs, prompts, probes)):
         ids = reference.prompt_ids(prompt)
         report.checks.append(compare_ids(f"prompt ids (probe {i + 1})", ids, _llama_ids(run), decode=decode))
         pixels_i, sizes = images.preprocess([image], reference.image_config)
         features = reference.image_features(pixels_i, sizes)
-        tokens = reference.greedy(ids, features, max_new_tokens)
+        tokens = reference.greedy(ids, features, max_new_tokens, templates.stop_ids(template, reference.vocab))
         original_text = original_text or decode(tokens)
         e2e = compare_ids(f"end to end: greedy tokens (probe {i + 1})", tokens, run.tokens, decode=decode)
         llama_features = torch.from_numpy(np.concatenate(run.image_embeddings))

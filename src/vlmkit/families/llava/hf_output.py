@@ -18,6 +18,7 @@ from ...errors import ConfigError
 from ...options import LoadOptions, deep_merge
 from ...runtime import images, templates, tokens
 from . import templates as llava_templates
+from ...runtime.vocab import open_vocab
 from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
 
 IMAGE_TOKEN = "<image>"
@@ -50,6 +51,32 @@ def image_processor(cfg: images.ImageConfig, kind: str) -> tuple[object, list[li
         raise ConfigError(f"hf_image_processor: aspect={cfg.aspect!r} cannot be done by kind={kind!r}",
                           hint=f"use kind {[k for k, (_, _, a) in PROCESSORS.items() if cfg.aspect in a]}")
     return images.hf_image_processor(cfg, PROCESSORS[kind][1])
+
+
+def _bpe_tokenizer(folder: Path, legacy: bool):
+    """A byte-level BPE tokenizer (Qwen2, Llama 3) as the folder ships it, ``<image>`` added as a special token
+    (then ``<pad>`` where it names no pad token), as the transformers conversion scripts do."""
+    from transformers import AddedToken, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer reads config.json too and warns that model_type llava_qwen / llava_llama is not its own
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    finally:
+        hf_logging.set_verbosity(level)
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
+    return tokenizer
+
+
+# the converted folder's tokenizer by the backbone row's tokenizer kind: (original folder, legacy) -> tokenizer
+CONVERTED_TOKENIZERS = {
+    "sentencepiece": lambda folder, legacy: tokens.build_converted_tokenizer(folder, legacy=legacy, pad_token=PAD_TOKEN),
+    "bpe": _bpe_tokenizer,
+}
 
 
 def padded_vocab(rows: int, added: int) -> int:
@@ -85,11 +112,16 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
     from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaNextConfig
 
     legacy = original_tokenizer_legacy(ckpt.tokenizer_folder)
-    tokenizer = tokens.build_converted_tokenizer(ckpt.tokenizer_folder, legacy=legacy, pad_token=PAD_TOKEN)
+    tokenizer = CONVERTED_TOKENIZERS[ckpt.row.tokenizer](ckpt.tokenizer_folder, legacy)
     tokenizer.padding_side = "left"  # generation pads on the left, as the llava-hf releases do
     rows = ckpt.source.info("model.embed_tokens.weight").shape[0]
-    added = len(tokenizer) - rows if len(tokenizer) > rows else 2
-    vocab = padded_vocab(rows, added)
+    if ckpt.row.tokenizer == "bpe" and len(tokenizer) <= rows:
+        # Qwen's rows are padded past its tokenizer: <image> takes a spare row and nothing is resized, as
+        # transformers' convert_llava_next_weights_to_hf.py does for the Qwen releases
+        vocab = rows
+    else:
+        added = len(tokenizer) - rows if len(tokenizer) > rows else 2
+        vocab = padded_vocab(rows, added)
     template = template_for(ckpt, options)
 
     text = {k: v for k, v in ckpt.config.items() if k not in MULTIMODAL_FIELDS}
@@ -137,7 +169,9 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
         chat_template=templates.marker(template) + templates.chat_template(template, legacy_tokenizer=legacy),
         num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
     )
-    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+    # generation ends where the original's does: the template's stop ids (Qwen's <|im_end|>, Llama 3's <|eot_id|>)
+    stops = sorted(templates.stop_ids(template, open_vocab(ckpt.tokenizer_folder, ckpt.row.tokenizer)))
+    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
                   "pad_token_id": tokenizer.pad_token_id}
     return Target(hf_config, tokenizer, processor, generation, template)
 

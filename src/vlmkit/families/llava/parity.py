@@ -50,8 +50,10 @@ def _collapse_image_runs(ids: list[int], image_token: int) -> list[int]:
     return out
 
 
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
+def _until_eos(ids: list[int], stop: frozenset[int]) -> list[int]:
+    """``ids`` up to and with the first stop id."""
+    end = next((i for i, token in enumerate(ids) if token in stop), None)
+    return ids if end is None else ids[:end + 1]
 
 
 def verify(original: Path, converted: Path, options: LoadOptions, probes: list[Probe], *,
@@ -74,6 +76,7 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[P
 
     # --- the original ------------------------------------------------------------
     reference = OriginalLlava.load(ckpt, dtype=torch.float32)
+    stop = templates.stop_ids(template, reference.vocab)
     ref = []
     for probe in probes:
         image = images.load_image(probe.image)
@@ -83,10 +86,10 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[P
         features = reference.image_features(pixels, sizes)
         ref.append({"image": image, "pixels": pixels, "ids": ids,
                     "logits": reference.logits(ids, features) if not ref else None,
-                    "tokens": reference.greedy(ids, features, max_new_tokens)})
-    vocab = reference.tokenizer.vocab_size
-    eos = reference.tokenizer.eos_token_id
-    decode = reference.tokenizer.decode
+                    "tokens": reference.greedy(ids, features, max_new_tokens, stop)})
+    # the original's logits: len(tokenizer) columns (reference._rows_kept); the converted model may keep more rows
+    vocab = reference.language_model.config.vocab_size
+    decode = reference.vocab.decode
     del reference
     gc.collect()
 
@@ -124,11 +127,11 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[P
     for i in range(len(probes)):
         inputs = first if i == 0 else inputs_for([i])
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        single.append(_until_eos(out[0, inputs["input_ids"].shape[1]:].tolist(), eos))
+        single.append(_until_eos(out[0, inputs["input_ids"].shape[1]:].tolist(), stop))
     report.checks.append(compare_ids("greedy tokens", ref[0]["tokens"], single[0], decode=decode))
     batch = inputs_for(list(range(len(probes))))
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    batched = [_until_eos(row[batch["input_ids"].shape[1]:].tolist(), eos) for row in out]
+    batched = [_until_eos(row[batch["input_ids"].shape[1]:].tolist(), stop) for row in out]
     agree = [b == r["tokens"] and b == s for b, r, s in zip(batched, ref, single)]
     report.checks.append(Check(
         "batched generation", all(agree),

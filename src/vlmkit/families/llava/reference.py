@@ -11,7 +11,9 @@ steps are ``image_path``'s functions, the ones training runs too):
   aspect ratio, an ``image_newline`` at the end of every row (``spatial_unpad``);
 * image features spliced where the prompt has ``IMAGE_TOKEN_INDEX`` (-200) in the
   input embeddings, truncated at ``tokenizer_model_max_length``;
-* greedy decoding with a KV cache from those embeddings.
+* greedy decoding with a KV cache from those embeddings, until one of the template's stop ids;
+* the builder's ``resize_token_embeddings(len(tokenizer))``: a checkpoint whose rows outnumber its
+  tokenizer (Qwen's padded 151,936 rows, 151,646 tokens) runs with the first ``len(tokenizer)`` rows.
 
 LoRA checkpoints are merged with peft, as the original builder does (an independent
 path from the converter's own merge op).
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from ...runtime.generation import with_cache
-from ...runtime.vocab import open_vocab
+from ...runtime.vocab import length, open_vocab
 from . import image_path, siglip
 from .checkpoint import MULTIMODAL_FIELDS, TOWER, OriginalCheckpoint
 
@@ -42,8 +44,7 @@ class OriginalLlava(nn.Module):
         self.image_newline = nn.Parameter(image_newline, requires_grad=False) if image_newline is not None else None
         self.compute_dtype = next(language_model.parameters()).dtype
         self.image_config = image_path.image_config(ckpt)
-        self.vocab = open_vocab(ckpt.tokenizer_folder)
-        self.tokenizer = self.vocab.tokenizer
+        self.vocab = open_vocab(ckpt.tokenizer_folder, ckpt.row.tokenizer)
 
     # ------------------------------------------------------------------ loading
 
@@ -55,11 +56,16 @@ class OriginalLlava(nn.Module):
         source = ckpt.source
         names = source.keys()
         text_fields = {k: v for k, v in ckpt.config.items() if k not in MULTIMODAL_FIELDS}
+        rows = _rows_kept(ckpt, source.info("model.embed_tokens.weight").shape[0])
+        text_fields["vocab_size"] = rows
         text_config = AutoConfig.for_model(ckpt.row.hf_model_type, **text_fields)
         with no_init_weights():
             lm = AutoModelForCausalLM.from_config(text_config)
         wanted = set(lm.state_dict())
         state = {n: source.read(n).to(dtype) for n in names if n in wanted}
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in state:
+                state[name] = state[name][:rows]
         missing = wanted - set(state)
         if missing:
             from ...errors import CheckpointError
@@ -133,19 +139,31 @@ class OriginalLlava(nn.Module):
         return self.language_model(inputs_embeds=embeds).logits[0]
 
     @torch.no_grad()
-    def greedy(self, ids: list[int], features: list[torch.Tensor], max_new_tokens: int) -> list[int]:
-        """Greedy decoding from the spliced embeddings with a KV cache; stops at EOS."""
+    def greedy(self, ids: list[int], features: list[torch.Tensor], max_new_tokens: int,
+               stop: frozenset[int] | None = None) -> list[int]:
+        """Greedy decoding from the spliced embeddings with a KV cache; stops at one of ``stop`` (the template's
+        ``runtime.templates.stop_ids``; default the tokenizer's EOS ids)."""
         embeds = self.embed(ids, features)[None]
         out, cache = with_cache(self.language_model, None, inputs_embeds=embeds)
-        eos = self.tokenizer.eos_token_id
+        stop = self.vocab.eos_ids if stop is None else stop
         new: list[int] = []
         for _ in range(max_new_tokens):
             token = int(out.logits[0, -1].argmax())
             new.append(token)
-            if token == eos:
+            if token in stop:
                 break
             out, cache = with_cache(self.language_model, cache, input_ids=torch.tensor([[token]]))
         return new
+
+
+def _rows_kept(ckpt: OriginalCheckpoint, rows: int) -> int:
+    """The embedding rows the original builder runs with: ``load_pretrained_model`` adds ``<im_patch>``
+    (``mm_use_im_patch_token``, default True) and ``<im_start>``/``<im_end>`` (``mm_use_im_start_end``) to the
+    tokenizer, then ``resize_token_embeddings(len(tokenizer))``. Only the shrinking is followed: rows past the
+    checkpoint's would be freshly drawn, never the same twice."""
+    tokens = length(open_vocab(ckpt.tokenizer_folder, ckpt.row.tokenizer))
+    tokens += int(bool(ckpt.config.get("mm_use_im_patch_token", True))) + 2 * int(bool(ckpt.config.get("mm_use_im_start_end")))
+    return min(rows, tokens)
 
 
 def _merge_lora(lm: nn.Module, ckpt: OriginalCheckpoint) -> nn.Module:

@@ -38,5 +38,7 @@ def get_model_name_from_path(path: str) -> str:
 
 def template_of(path: Path, backbone: Backbone) -> str | None:
     """The original cli's choice for ``path``, else the backbone's default (None: no template is known)."""
+    if not backbone.name_rule:
+        return backbone.default_template
     chosen = choose_template(get_model_name_from_path(str(path)))
     return chosen if chosen != AUTO_SELECT_DEFAULT else backbone.default_template

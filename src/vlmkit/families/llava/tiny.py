@@ -21,6 +21,7 @@ the real 32,000 tokens.
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from dataclasses import dataclass
@@ -89,6 +90,16 @@ def copy_tokenizer(folder: Path, backbone: str) -> None:
     for f in tokenizer_folder(backbone).iterdir():
         if f.name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
             shutil.copyfile(f, folder / f.name)
+        elif f.name == "tokenizer.json.gz":  # byte-level BPE: stored gzipped (tests/fixtures/make_bpe_tokenizer_assets.py)
+            with gzip.open(f) as src, open(folder / "tokenizer.json", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def _tokenizer_length(folder: Path) -> int:
+    """``len(tokenizer)`` of the tokenizer files in ``folder``."""
+    from ...runtime.vocab import length, open_vocab
+
+    return length(open_vocab(folder))
 
 
 def make_clip(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 0) -> Path:
@@ -186,6 +197,12 @@ def llava_config(backbone: str, sizes: TinySizes, clip: Path, *, next_: bool) ->
             "tokenizer_model_max_length": 4096,
             "tokenizer_padding_side": "right",
         })
+    if next_ and row.tiny.get("release"):
+        # LLaVA-NeXT repository's train.py (ModelArguments / the release configs): the extra fields it records;
+        # mm_use_im_patch_token False as its scripts pass it (the builder's default when absent would be True)
+        config.update({"mm_spatial_pool_mode": "bilinear", "mm_tunable_parts":
+                       "mm_vision_tower,mm_mlp_adapter,mm_language_model", "mm_projector_lr": None,
+                       "mm_vision_tower_lr": 2e-06, "mm_resampler_type": None, "transformers_version": "4.40.0.dev0"})
     return config
 
 
@@ -220,24 +237,37 @@ def make_llava_next(folder: Path, clip: Path, sizes: TinySizes = TinySizes(), *,
         if name.startswith("vision_model.") and not name.endswith("position_ids"):
             # fine-tuned tower: perturb it so that using the original CLIP weights would be caught
             state["model.vision_tower.vision_tower." + name] = tensor + 0.01 * torch.randn(tensor.shape, generator=g)
+    copy_tokenizer(folder, backbone)
+    _untrained_rows(state, _tokenizer_length(folder))
     _save_safetensors_shards(state, folder, max_shard_size)
     _write_json(folder / "config.json", llava_config(backbone, sizes, clip, next_=True))
     _generation_config(folder, backbone)
-    copy_tokenizer(folder, backbone)
     return folder
+
+
+def _untrained_rows(state: dict[str, torch.Tensor], tokens: int) -> None:
+    """Qwen's vocabulary is padded past its tokenizer (151,936 rows, 151,646 tokens): the padding rows never see a
+    token, so they keep their initialisation (std ``initializer_range`` 0.02) while trained rows grow."""
+    g = torch.Generator().manual_seed(7)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = state[name].shape[0]
+        if rows > tokens:
+            state[name][tokens:] = torch.randn(rows - tokens, state[name].shape[1], generator=g) * 0.02
 
 
 def make_base_llm(folder: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama", seed: int = 0,
                   dtype: torch.dtype = torch.float32) -> Path:
     """A plain LLM folder (the Vicuna a LoRA or projector was trained on; ``lmsys/vicuna-7b-v1.5`` is float16)."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(dtype) for k, v in _language_model(backbone, sizes, seed).items()}
+    copy_tokenizer(folder, backbone)
+    state = _language_model(backbone, sizes, seed)
+    _untrained_rows(state, _tokenizer_length(folder))
+    state = {k: v.to(dtype) for k, v in state.items()}
     _save_safetensors_shards(state, folder, 1 << 30)
     row = ROWS[backbone]
     _write_json(folder / "config.json", {"architectures": [row.plain_architecture], "model_type": row.hf_model_type,
                                          **_text_config(backbone, sizes), "torch_dtype": dtypes.name(dtypes.code(dtype))})
     _generation_config(folder, backbone)
-    copy_tokenizer(folder, backbone)
     return folder
 
 
@@ -258,13 +288,17 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes(), *, backbone: str = "llama",
               rank: int = 4, alpha: int = 8, seed: int = 0, adapter_dtype: torch.dtype = torch.bfloat16,
-              non_lora_dtype: torch.dtype = torch.bfloat16, adapter_file: str = "adapter_model.safetensors") -> Path:
+              non_lora_dtype: torch.dtype = torch.bfloat16, adapter_file: str = "adapter_model.safetensors",
+              next_: bool = False) -> Path:
     """A LoRA fine-tune as LLaVA's ``train.py --lora_enable`` saves it, for the LLM at ``base``.
 
     The dtypes are the training run's, not the base's: ``finetune_lora.sh`` (``--bf16 True``)
     casts the peft model to bfloat16 and saves adapter and ``non_lora_trainables.bin`` so,
     beside a float16 Vicuna; ``--bits 4/8`` or fp32 runs leave float32 adapters. Older peft
     wrote ``adapter_model.bin`` (``liuhaotian/llava-v1.5-7b-lora``), newer ``.safetensors``.
+    ``next_``: a LLaVA-NeXT (anyres) run: its ``image_newline`` is trained too, so it is saved with the projector
+    in ``non_lora_trainables.bin`` (LLaVA-NeXT's ``get_peft_state_non_lora_maybe_zero_3``: every trainable
+    non-LoRA parameter); the tower stays the ``mm_vision_tower`` folder's.
     """
     from safetensors.torch import save_file
 
@@ -294,9 +328,11 @@ def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes
         "task_type": "CAUSAL_LM", "use_rslora": False,
     })
     projector = _projector(sizes, seed + 20)
+    if next_:
+        projector["model.image_newline"] = torch.randn(sizes.hidden, generator=g) / sizes.hidden**0.5
     torch.save({"base_model.model." + k: v.to(non_lora_dtype) for k, v in projector.items()},
                folder / "non_lora_trainables.bin")
-    config = llava_config(backbone, sizes, clip, next_=False)
+    config = llava_config(backbone, sizes, clip, next_=next_)
     config.update({"_name_or_path": str(base), "model_type": ROWS[backbone].original_model_types[-1]})
     _write_json(folder / "config.json", config)
     return folder

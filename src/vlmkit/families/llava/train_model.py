@@ -156,7 +156,7 @@ def compose(path: Path, options: LoadOptions, new: NewModel) -> OriginalCheckpoi
         ConfigError: no ``--vision-tower``, or an unknown architecture.
     """
     config = json.loads((path / "config.json").read_text())
-    row = of_plain(config)
+    row = of_plain(config, path)
     if not options.vision_tower:
         raise ConfigError(f"{path} is a plain language model ({row.plain_architecture}): a LLaVA made from it needs "
                           "a vision tower",
