@@ -133,8 +133,8 @@ def tokenizer(ckpt: OriginalCheckpoint):
     return tok
 
 
-def conversion(ckpt: OriginalCheckpoint, options: LoadOptions) -> Conversion:
-    """``vlmkit convert --to hf`` of a OneVision checkpoint: tensors, config, tokenizer, processor, chat template."""
+def target(ckpt: OriginalCheckpoint, options: LoadOptions):
+    """``(hf config, tokenizer, template, generation config)`` of the converted folder, before any tensor is read."""
     tok = tokenizer(ckpt)
     rows = ckpt.source.info("model.embed_tokens.weight").shape[0]
     if len(tok) - 2 > rows:
@@ -148,6 +148,19 @@ def conversion(ckpt: OriginalCheckpoint, options: LoadOptions) -> Conversion:
     stops = sorted(templates.stop_ids(template, open_vocab(ckpt.tokenizer_folder, ckpt.row.tokenizer)))
     generation = {"bos_token_id": tok.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
                   "pad_token_id": tok.pad_token_id}
+    return config, tok, template, generation
+
+
+def chat_template(ckpt: OriginalCheckpoint, template: str) -> str:
+    """The converted folder's chat template: the original ``template`` (its name in a Jinja comment, for
+    ``vlmkit inspect`` and the runtime), with the legacy flag ``hf_output.target_for`` reads."""
+    legacy = hf_output.original_tokenizer_legacy(ckpt.tokenizer_folder)
+    return templates.marker(template) + templates.chat_template(template, legacy_tokenizer=legacy)
+
+
+def conversion(ckpt: OriginalCheckpoint, options: LoadOptions) -> Conversion:
+    """``vlmkit convert --to hf`` of a OneVision checkpoint: tensors, config, tokenizer, processor, chat template."""
+    config, tok, template, generation = target(ckpt, options)
     tower = ckpt.vision_config
     files = _processor_files(ckpt, tok, template, (tower["image_size"] // tower["patch_size"]) ** 2)
     dtype = options.dtype or (ckpt.lora.base_dtype if ckpt.lora else None)
@@ -162,9 +175,7 @@ def _processor_files(ckpt: OriginalCheckpoint, tok, template: str, base_tokens: 
     fields = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": base_tokens,
               "vision_feature_select_strategy": "full", "vision_aspect_ratio": ckpt.config["image_aspect_ratio"],
               "image_token": hf_output.IMAGE_TOKEN, "video_token": VIDEO_TOKEN}
-    # the Jinja comment names the original template, for `vlmkit inspect` and the runtime
-    legacy = hf_output.original_tokenizer_legacy(ckpt.tokenizer_folder)  # as hf_output.target_for reads it
-    chat = templates.marker(template) + templates.chat_template(template, legacy_tokenizer=legacy)
+    chat = chat_template(ckpt, template)
 
     def write(folder: Path) -> None:
         tok.save_pretrained(folder)
