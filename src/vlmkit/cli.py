@@ -96,7 +96,8 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     _probe_arguments(p)
     add_load_arguments(p)
     gguf = p.add_argument_group("--to gguf")
-    gguf.add_argument("--text-only", action="store_true", help="CLIP: write only the text tower")
+    gguf.add_argument("--text-only", action="store_true",
+                      help="CLIP: write only the text tower; LLaVA: only the language model (no mmproj)")
     gguf.add_argument("--vision-only", action="store_true", help="CLIP: write only the vision tower")
     gguf.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"),
                       help="image mean written to the GGUF (default: the model's preprocessor)")

@@ -501,3 +501,77 @@ def test_converted_tensors_and_config_give_the_reference_logits(tmp_path):
     assert got.shape[0] == want.shape[0]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_ov(tmp_path_factory):
+    """The registry's tiny OneVision release (Qwen2 on its real vocabulary, SigLIP inside) and its --config file."""
+    from vlmkit.families import llava
+
+    folder = tmp_path_factory.mktemp("ov-e2e")
+    path = llava.make_tiny(folder, "onevision")
+    heads = folder / "heads.json"
+    heads.write_text(json.dumps(llava.tiny_options(folder, "onevision")["config"]))
+    return path, heads
+
+
+def test_convert_and_verify_a_onevision_checkpoint_end_to_end(tiny_ov, tmp_path):
+    from ..conftest import run_cli
+
+    path, heads = tiny_ov
+    out = tmp_path / "hf"
+    r = run_cli("convert", path, out, "--to", "hf", "--config", heads, "--quiet")
+    assert r.code == 0, r.err
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
+    # transformers' OneVision script: <image>, <video> appended to Qwen2's 151,646 tokens; rows + 2 padded to 64
+    assert (config["image_token_index"], config["video_token_index"]) == (151646, 151647)
+    assert config["text_config"]["vocab_size"] == math.ceil((151936 + 2) / 64) * 64
+    assert config["text_config"]["rope_parameters"]["rope_theta"] == 1000000.0  # the checkpoint's, not Qwen2's default
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert processor["processor_class"] == "LlavaOnevisionProcessor" and processor["vision_aspect_ratio"] == "anyres_max_9"
+
+    photo = Path(__file__).parent.parent / "fixtures" / "images" / "chelsea.png"  # 451 x 300: not square
+    r = run_cli("verify", path, out, "--config", heads, "--image", photo, "--prompt", "What is in the picture?",
+                "--image", photo, "--prompt", "Describe it.", "--max-new-tokens", "6")
+    assert "[FAIL]" not in r.out, r.out
+    for check in ("pixel values", "input ids", "logits", "greedy tokens", "batched generation"):
+        assert f"[pass] {check}" in r.out, r.out
+    assert "rows 151646..151999 masked" in r.out  # §4.5: the original's logits have 151,646 columns
+    assert "CONDITIONAL PASS" in r.out  # the tiny tower's head count comes from --config, and says so
+    greedy = next(line for line in r.out.splitlines() if "original greedy text:" in line).split(": ", 2)[-1]
+
+    # vlmkit chat on the original: the reference's greedy answer
+    r = run_cli("chat", path, "--config", heads, "--image", photo, "--prompt", "What is in the picture?",
+                "--temperature", "0", "--max-new-tokens", "6")
+    assert r.code == 0, r.err
+    assert repr(r.out.strip("\n")) == greedy or repr(r.out.rstrip("\n")) == greedy, (r.out, greedy)
+
+
+def test_gguf_text_only_writes_the_qwen2_language_model(tiny_ov, tmp_path):
+    import gguf
+
+    from ..conftest import run_cli
+
+    path, heads = tiny_ov
+    out = tmp_path / "gguf"
+    r = run_cli("convert", path, out, "--to", "gguf", "--text-only", "--config", heads, "--quiet")
+    assert r.code == 0, r.err
+    written = sorted(p.name for p in out.glob("*.gguf"))
+    assert written == ["llava-onevision-qwen2-7b-ov-tiny-f16.gguf"]  # no mmproj (§8)
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(out / written[0]).fields.items()}
+    assert fields["general.architecture"] == "qwen2"
+    assert (fields["tokenizer.ggml.model"], fields["tokenizer.ggml.pre"]) == ("gpt2", "qwen2")
+    assert fields["tokenizer.ggml.tokens"][151646] == "<image>"
+
+
+def test_verify_notes_the_video_differences_a_release_config_asks_for():
+    from vlmkit.families.llava import onevision
+
+    config = json.loads(RELEASE.read_text())
+    ckpt = SimpleNamespace(config=config)
+    assert not [n for n in onevision.differences(ckpt) if n.startswith("video")]  # bilinear, one_token: as transformers
+    notes = onevision.differences(SimpleNamespace(config={**config, "mm_spatial_pool_mode": "average",
+                                                          "mm_newline_position": "grid"}))
+    assert any("'average'" in n for n in notes) and any("'grid'" in n for n in notes)

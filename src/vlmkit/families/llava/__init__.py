@@ -190,7 +190,10 @@ def card_kind(found):
 # merges a LoRA adapter into the base weights (W + s.B@A has no inverse).
 REVERSIBLE = False
 GENERATES = True
-FORMS_BUILT = ("next", "lora", "projector")  # tiny layouts besides one LLaVA-1.5 folder per backbone
+FORMS_BUILT = ("next", "lora", "projector")
+# built by make_tiny but not walked (tests/test_registry_walk.py): its verify is a CONDITIONAL PASS (the tiny SigLIP's
+# head count is an assumption from --config) and its --to gguf a refusal of the mmproj (--text-only writes the LM)
+UNWALKED = ("onevision",)  # tiny layouts besides one LLaVA-1.5 folder per backbone
 
 
 def variants() -> tuple[str, ...]:
@@ -209,6 +212,8 @@ def make_tiny(folder: Path, variant: str | None = None) -> Path:
     from . import tiny
 
     variant = variant or variants()[0]
+    if variant == "onevision":  # SigLIP inside, no CLIP folder beside it
+        return tiny.make_onevision(folder / f"{tiny.ONEVISION_RELEASE}-tiny")
     clip = tiny.make_clip(folder / "clip-vit-tiny-patch14")
     if variant == "next":
         return tiny.make_llava_next(folder / "llava-v1.6-mistral-tiny", clip)
@@ -223,11 +228,15 @@ def make_tiny(folder: Path, variant: str | None = None) -> Path:
         return tiny.make_llava_next(folder / f"{rows[variant].tiny['release']}-tiny", clip, backbone=variant)
     if variant in variants():  # a backbone row
         return tiny.make_llava15(folder / f"llava-v1.5-{variant}-tiny", clip, backbone=variant)
-    raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")
+    raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants() + UNWALKED)}")
 
 
 def tiny_options(folder: Path, variant: str | None = None) -> dict:
     """The loading options (``LoadOptions`` keywords) the model ``make_tiny(folder, variant)`` built needs: the base
     LLM of a LoRA or projector run (vlmkit takes it from ``--model-base`` only, never from the training-time path
     the run's config names)."""
+    if variant == "onevision":  # the tiny SigLIP is no released tower: its head count is not in any file
+        from .tiny import TinySizes
+
+        return {"config": {"vision_config": {"num_attention_heads": TinySizes().vision_heads}}}
     return {"model_base": str(folder / "vicuna-tiny")} if variant in ("lora", "projector") else {}

@@ -126,6 +126,10 @@ def expected_tensors(hf_config) -> dict[str, tuple[int, ...]]:
 def conversion(path: Path, options: LoadOptions) -> Conversion:
     """The conversion of an original LLaVA checkpoint (any form) to a transformers folder."""
     ckpt = open_original(path, options)
+    from . import onevision
+
+    if onevision.is_onevision(ckpt):  # transformers' LlavaOnevision: its own config, tokenizer and processor
+        return onevision.conversion(ckpt, options)
     target = hf_output.target_for(ckpt, options)
     rows = target.hf_config.text_config.vocab_size
     _check_vocabulary(ckpt, target)

@@ -120,7 +120,7 @@ def _tokenizer_flags(folder: Path) -> tuple[bool, bool]:
 
 def from_original(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -> Llava:
     """An original checkpoint: the ``--to hf`` conversion's own plan, read as the first stage."""
-    from . import convert, hf_output
+    from . import convert, hf_output, onevision
     from .checkpoint import open_original
 
     if not gguf_options.text_only and (path / "config.json").is_file():
@@ -132,25 +132,28 @@ def from_original(path: Path, options: LoadOptions, gguf_options: GGUFOptions) -
         raise ConfigError(f"{path}/config.json: mm_projector_type {kind!r}; llama.cpp's LLaVA graph (projector type "
                           f"'{PROJECTOR_TYPE}') runs Linear -> GELU -> Linear, i.e. mlp2x_gelu only",
                           hint="this projector cannot run in llama.cpp; convert with --to hf instead")
-    target = hf_output.target_for(ckpt, options)
-    rows = target.hf_config.text_config.vocab_size
-    convert._check_vocabulary(ckpt, target)
-    rules, act = convert.rules_for(ckpt, rows, options.seed)
-    first = Conversion(ckpt.source, rules, expected=convert.expected_tensors(target.hf_config))
+    if onevision.is_onevision(ckpt):  # only --text-only gets here (check_image_path): the Qwen2 language model
+        hf, tok, template, _ = onevision.target(ckpt, options)
+        first, chat, act = onevision.tensors(ckpt, hf, seed=options.seed), onevision.chat_template(ckpt, template), "gelu"
+    else:
+        target = hf_output.target_for(ckpt, options)
+        rows = target.hf_config.text_config.vocab_size
+        convert._check_vocabulary(ckpt, target)
+        rules, act = convert.rules_for(ckpt, rows, options.seed)
+        first = Conversion(ckpt.source, rules, expected=convert.expected_tensors(target.hf_config))
+        hf, tok, template, chat = target.hf_config, target.tokenizer, target.template, target.processor.chat_template
     source = PlannedSource(plan_for(first), ckpt.source)
-    hf = target.hf_config
-    tok = target.tokenizer
     add_bos, add_eos = _tokenizer_flags(ckpt.tokenizer_folder)
     mean, std = clip_gguf.image_stats(ckpt.preprocessor, gguf_options, f"{path} (vision tower preprocessor)")
     return Llava(
         path, source, hf.vision_config, hf.vision_feature_layer, hf.vision_feature_select_strategy, act, mean, std,
         text=hf.text_config, backbone=ckpt.row,
         tokenizer=Tokenizer(ckpt.tokenizer_folder, dict(tok.get_added_vocab()), tok.pad_token_id, add_bos, add_eos,
-                            target.processor.chat_template),
+                            chat),
         pinpoints=[list(p) for p in images.ImageConfig.from_original(ckpt.config, ckpt.preprocessor).grid_pinpoints]
         if ckpt.is_next else None,
         merge_type=ckpt.config.get("mm_patch_merge_type") if ckpt.is_next else None,
-        template=target.template, notes=list(ckpt.notes), assumptions=list(ckpt.assumptions),
+        template=template, notes=list(ckpt.notes), assumptions=list(ckpt.assumptions),
         what=f"original {ckpt.form} checkpoint, {ckpt.backbone} backbone")
 
 
@@ -267,12 +270,8 @@ def check_image_path(path: Path, config: dict) -> None:
                       hint="convert with --to hf instead: llama.cpp cannot run this image path")
 
 
-def check_runnable(llava: Llava) -> None:
-    """Refuse what llama.cpp's LLaVA graph cannot run, before anything is read.
-
-    Raises:
-        ConfigError: naming the field, the value and what llama.cpp runs.
-    """
+def _check_vision(llava: Llava) -> None:
+    """The mmproj's side of ``check_runnable``."""
     where = llava.path
     if llava.projector_act != "gelu" or not all(f"{PROJECTOR}linear_{i}.weight" in llava.source.keys() for i in (1, 2)):
         raise ConfigError(f"{where}: the projector is not Linear -> GELU -> Linear (activation "
@@ -289,6 +288,18 @@ def check_runnable(llava: Llava) -> None:
     if not -n - 1 <= llava.feature_layer <= n or llava.run_layers < 1:
         raise ConfigError(f"{where}: vision_feature_layer {llava.feature_layer} is outside the tower's {n} layers")
     clip_gguf.use_gelu(llava.vision.hidden_act, f"{where}: vision tower")
+
+
+def check_runnable(llava: Llava, *, text_only: bool = False) -> None:
+    """Refuse what llama.cpp's LLaVA graph cannot run, before anything is read (``text_only``: the language model's
+    side only).
+
+    Raises:
+        ConfigError: naming the field, the value and what llama.cpp runs.
+    """
+    where = llava.path
+    if not text_only:
+        _check_vision(llava)
     if llava.text is None:
         return
     check_backbone(llava.backbone, llava.text.model_type, where)
@@ -434,8 +445,11 @@ def _mmproj_metadata(llava: Llava):
 
 
 def gguf_files(llava: Llava, gguf_options: GGUFOptions) -> list[GGUFFile]:
-    """The language-model file (unless there is none or ``mmproj_only``) and the mmproj file."""
-    check_runnable(llava)
+    """The language-model file (unless there is none or ``mmproj_only``) and the mmproj file (unless ``text_only``:
+    the language model alone, e.g. OneVision's Qwen2, whose image path llama.cpp cannot run)."""
+    if gguf_options.text_only and llava.text is None:
+        raise ConfigError(f"{llava.path}: --text-only, but it holds no language model (a projector file)")
+    check_runnable(llava, text_only=gguf_options.text_only)
     name = re.sub(r"[^\w.-]+", "-", llava.path.resolve().name.removesuffix(".projector"))
     files = []
     if llava.text is not None and not gguf_options.mmproj_only:
@@ -444,8 +458,9 @@ def gguf_files(llava: Llava, gguf_options: GGUFOptions) -> list[GGUFFile]:
                                       pre=llava.backbone.gguf_pre)
         files.append(GGUFFile(f"{name}-{{type}}.gguf", llava.backbone.gguf_arch,
                               lm_rules(llava), _lm_metadata(llava, vocab)))
-    files.append(GGUFFile(f"mmproj-{name}-{{type}}.gguf", "clip", mmproj_rules(llava), _mmproj_metadata(llava),
-                          types=clip_gguf.type_rules(("v",))))
+    if not gguf_options.text_only:
+        files.append(GGUFFile(f"mmproj-{name}-{{type}}.gguf", "clip", mmproj_rules(llava), _mmproj_metadata(llava),
+                              types=clip_gguf.type_rules(("v",))))
     return files
 
 

@@ -10,7 +10,10 @@ original does without saying it (``docs/design/families-next.md`` §2, §5): the
 swapped into transformers' (height, width) order, which makes every canvas choice the original's.
 The image processor writes SigLIP's mean/std explicitly (the class defaults are CLIP's).
 
-The tokenizer, chat template and processor wrapper come with the Qwen2 row's BPE path.
+The folder's tokenizer is the checkpoint's own with ``<image>`` and ``<video>`` added as special tokens and the
+vocabulary grown to rows + 2, padded to 64, as transformers' ``convert_llava_onevision_weights_to_hf.py`` does
+(``docs/design/families-next.md`` §4.5; the new rows drawn as ``convert.EmbeddingDistribution`` says); the chat
+template is the original's (``qwen_1_5`` for the released models) and the processor is ``LlavaOnevisionProcessor``.
 """
 
 from __future__ import annotations
@@ -18,15 +21,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ... import dtypes
 from ...conversion import Conversion
 from ...errors import ConfigError
-from . import anyres_max, convert, image_path, layout
+from ...options import LoadOptions
+from ...runtime import templates
+from ...runtime.vocab import open_vocab
+from . import anyres_max, convert, hf_output, image_path, layout
 from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
 
 ARCHITECTURE = "LlavaOnevisionForConditionalGeneration"
+VIDEO_TOKEN = "<video>"
 
 
-def hf_config(ckpt: OriginalCheckpoint, *, image_token_index: int, video_token_index: int):
+def is_onevision(ckpt: OriginalCheckpoint) -> bool:
+    """A checkpoint whose transformers class is LlavaOnevision: the SigLIP tower (``hf_config`` then refuses, by
+    name, what transformers' OneVision does not do)."""
+    return ckpt.vision_config.get("model_type") == "siglip_vision_model"
+
+
+def hf_config(ckpt: OriginalCheckpoint, *, image_token_index: int, video_token_index: int, vocab_size: int | None = None,
+              pad_token_id: int | None = None):
     """The ``LlavaOnevisionConfig`` of the checkpoint.
 
     Raises:
@@ -48,8 +63,11 @@ def hf_config(ckpt: OriginalCheckpoint, *, image_token_index: int, video_token_i
         problems.append("add_faster_video true (transformers has no slow/fast frame tokens)")
     if problems:
         raise ConfigError(f"{ckpt.path}/config.json: not convertible to {ARCHITECTURE}: {'; '.join(problems)}")
-    known = set(AutoConfig.for_model(ckpt.row.hf_model_type).to_dict())
-    text = {k: v for k, v in config.items() if k in known and k not in MULTIMODAL_FIELDS}
+    # every language-model field, as hf_output.target_for passes them: transformers 5 turns the original's
+    # rope_theta into rope_parameters (a filter on Qwen2Config's own keys would lose it)
+    text = {k: v for k, v in config.items()
+            if k not in MULTIMODAL_FIELDS and k not in ("model_type", "architectures", "_name_or_path")}
+    text |= {k: v for k, v in (("vocab_size", vocab_size), ("pad_token_id", pad_token_id)) if v is not None}
     text_config = AutoConfig.for_model(ckpt.row.hf_model_type, **text)
     vision = SiglipVisionConfig(**{k: v for k, v in ckpt.vision_config.items() if k != "model_type"})
     canvases = image_path.image_config(ckpt).grid_pinpoints
@@ -58,6 +76,23 @@ def hf_config(ckpt: OriginalCheckpoint, *, image_token_index: int, video_token_i
         video_token_index=video_token_index, projector_hidden_act="gelu", vision_feature_select_strategy="full",
         vision_feature_layer=-1, vision_aspect_ratio=ratio, image_grid_pinpoints=[[h, w] for w, h in canvases],
         multimodal_projector_bias=True, tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+
+
+def differences(ckpt: OriginalCheckpoint) -> list[str]:
+    """What transformers' OneVision does differently from the original for this checkpoint
+    (``docs/design/families-next.md`` §3.3; the unpad rounding is LLaVA-NeXT's note), as verify notes."""
+    config = ckpt.config
+    notes = ["image_grid_pinpoints written as (height, width), as transformers reads them: every canvas choice "
+             "is the original's, but the list differs from llava-hf's published one"]
+    pool = config.get("mm_spatial_pool_mode", "bilinear")
+    if pool != "bilinear":
+        notes.append(f"video (not verified): the original pools frames with mm_spatial_pool_mode {pool!r}, "
+                     "transformers always bilinearly: video features differ")
+    newline = config.get("mm_newline_position", "one_token")
+    if newline != "one_token":
+        notes.append(f"video (not verified): the original places newlines by mm_newline_position {newline!r}, "
+                     "transformers one after all frames: video token sequences differ")
+    return notes
 
 
 def image_processor(ckpt: OriginalCheckpoint):
@@ -85,20 +120,122 @@ def expected_tensors(config) -> dict[str, tuple[int, ...]]:
             if not (config.tie_word_embeddings and new == "language_model.lm_head.weight")}
 
 
-def tensors(ckpt: OriginalCheckpoint, config, *, seed: int = 0) -> Conversion:
-    """The tensors (and ``config.json`` + ``preprocessor_config.json``) of the converted folder."""
+def tokenizer(ckpt: OriginalCheckpoint):
+    """The checkpoint's tokenizer with ``<image>`` and ``<video>`` added as special tokens (the OneVision script's)."""
+    from transformers import AddedToken
+
+    if ckpt.row.tokenizer != "bpe":
+        raise ConfigError(f"{ckpt.tokenizer_folder}: a {ckpt.backbone} tokenizer; transformers' OneVision is "
+                          "converted with its byte-level BPE (Qwen2) tokenizer")
+    tok = hf_output.CONVERTED_TOKENIZERS["bpe"](ckpt.tokenizer_folder, False)
+    tok.add_tokens([AddedToken(VIDEO_TOKEN, special=True, normalized=False)], special_tokens=True)
+    tok.padding_side = "left"  # generation pads on the left, as the llava-hf releases do
+    return tok
+
+
+def target(ckpt: OriginalCheckpoint, options: LoadOptions):
+    """``(hf config, tokenizer, template, generation config)`` of the converted folder, before any tensor is read."""
+    tok = tokenizer(ckpt)
+    rows = ckpt.source.info("model.embed_tokens.weight").shape[0]
+    if len(tok) - 2 > rows:
+        raise ConfigError(f"{ckpt.tokenizer_folder}: the tokenizer has {len(tok) - 2} tokens but the model's "
+                          f"embedding has {rows} rows", hint="use the tokenizer the model was trained with")
+    vocab = hf_output.padded_vocab(rows, max(2, len(tok) - rows))
+    config = hf_config(ckpt, image_token_index=tok.convert_tokens_to_ids(hf_output.IMAGE_TOKEN),
+                       video_token_index=tok.convert_tokens_to_ids(VIDEO_TOKEN), vocab_size=vocab,
+                       pad_token_id=tok.pad_token_id)
+    template = hf_output.template_for(ckpt, options)
+    stops = sorted(templates.stop_ids(template, open_vocab(ckpt.tokenizer_folder, ckpt.row.tokenizer)))
+    generation = {"bos_token_id": tok.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+                  "pad_token_id": tok.pad_token_id}
+    return config, tok, template, generation
+
+
+def chat_template(ckpt: OriginalCheckpoint, template: str) -> str:
+    """The converted folder's chat template: the original ``template`` (its name in a Jinja comment, for
+    ``vlmkit inspect`` and the runtime), with the legacy flag ``hf_output.target_for`` reads."""
+    legacy = hf_output.original_tokenizer_legacy(ckpt.tokenizer_folder)
+    return templates.marker(template) + templates.chat_template(template, legacy_tokenizer=legacy)
+
+
+def conversion(ckpt: OriginalCheckpoint, options: LoadOptions) -> Conversion:
+    """``vlmkit convert --to hf`` of a OneVision checkpoint: tensors, config, tokenizer, processor, chat template."""
+    config, tok, template, generation = target(ckpt, options)
+    tower = ckpt.vision_config
+    files = _processor_files(ckpt, tok, template, (tower["image_size"] // tower["patch_size"]) ** 2)
+    dtype = options.dtype or (ckpt.lora.base_dtype if ckpt.lora else None)
+    return tensors(ckpt, config, seed=options.seed, dtype=dtype, processor_files=files, generation=generation,
+                   summary=f"template {template}")
+
+
+def _processor_files(ckpt: OriginalCheckpoint, tok, template: str, base_tokens: int):
+    """Writes what ``LlavaOnevisionProcessor.save_pretrained`` writes for images and text: the tokenizer, the chat
+    template, ``processor_config.json``. Written field by field because transformers will not build the
+    processor without torchvision (its video processor needs it; the image path does not): see ``processor``."""
+    fields = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": base_tokens,
+              "vision_feature_select_strategy": "full", "vision_aspect_ratio": ckpt.config["image_aspect_ratio"],
+              "image_token": hf_output.IMAGE_TOKEN, "video_token": VIDEO_TOKEN}
+    chat = chat_template(ckpt, template)
+
+    def write(folder: Path) -> None:
+        tok.save_pretrained(folder)
+        (folder / "chat_template.jinja").write_text(chat)
+        (folder / "processor_config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+    return write
+
+
+def processor(folder: Path):
+    """transformers' ``LlavaOnevisionProcessor`` of a converted folder, for images and text: through
+    ``AutoProcessor`` where torchvision is installed, else built from the folder's own files with no video
+    processor (transformers' constructor insists on one only to type-check it)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaOnevisionProcessor
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(folder)
+
+    class ImagesOnly(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, name, argument):
+            return None if name == "video_processor" and argument is None else \
+                super().check_argument_for_proper_class(name, argument)
+
+    fields = json.loads((Path(folder) / "processor_config.json").read_text())
+    fields.pop("processor_class", None)
+    return ImagesOnly(image_processor=AutoImageProcessor.from_pretrained(folder, backend="pil"),
+                      tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None,
+                      chat_template=(Path(folder) / "chat_template.jinja").read_text(), **fields)
+
+
+def tensors(ckpt: OriginalCheckpoint, config, *, seed: int = 0, dtype: str | None = None, processor_files=None,
+            generation: dict | None = None, summary: str = "") -> Conversion:
+    """The tensors and ``config.json`` + ``preprocessor_config.json`` of the converted folder; with
+    ``processor_files`` and ``generation`` (``conversion``) the tokenizer, processor and generation config too."""
     rules, act = convert.rules_for(ckpt, config.text_config.vocab_size, seed)
     if act != "gelu":
         raise ConfigError(f"{ckpt.path}/config.json: mm_projector_type {ckpt.config.get('mm_projector_type')!r}; "
                           "transformers' OneVision projector is Linear -> GELU -> Linear (mlp2x_gelu)")
-    processor = image_processor(ckpt)
+    images_only = image_processor(ckpt)
 
     def write(folder: Path) -> None:
         data = config.to_dict()
         data["architectures"] = [ARCHITECTURE]
+        data["torch_dtype"] = dtypes.config_name(dtype or ckpt.source.info("model.embed_tokens.weight").dtype)
+        data.pop("dtype", None)
         (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        processor.save_pretrained(folder)
+        if generation is not None:
+            (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if processor_files is not None:
+            processor_files(folder)
+        # transformers 5 nests the image processor in processor_config.json; 4.x and vLLM read this file
+        images_only.save_pretrained(folder)
 
-    return Conversion(ckpt.source, rules, expected=expected_tensors(config), write_extras=write,
-                      summary=f"LLaVA-OneVision ({ckpt.form} checkpoint, {ckpt.backbone} backbone)",
+    return Conversion(ckpt.source, rules, expected=expected_tensors(config), write_extras=write, dtype=dtype,
+                      summary=f"LLaVA-OneVision ({ckpt.form} checkpoint, {ckpt.backbone} backbone"
+                              + "".join(f"; {n}" for n in [summary, *ckpt.notes] if n) + ")",
                       assumptions=list(ckpt.assumptions))

@@ -20,6 +20,7 @@ from ...options import LoadOptions
 from ...runtime import images, templates
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
 from ...parity import Check, Report, compare_ids, compare_tensors
+from . import onevision
 from .checkpoint import open_original
 from .hf_output import template_for
 from .reference import OriginalLlava
@@ -99,9 +100,14 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[P
 
     hf_logging.disable_progress_bar()
 
-    processor = AutoProcessor.from_pretrained(converted)
+    ov = onevision.is_onevision(ckpt)
+    processor = onevision.processor(converted) if ov else AutoProcessor.from_pretrained(converted)
     processor.tokenizer.padding_side = "left"
     model = AutoModelForImageTextToText.from_pretrained(converted, dtype=torch.float32).eval()
+    # §4.5: the original runs with len(tokenizer) rows; the rows past them (the checkpoint's untrained padding,
+    # the conversion's new <image>/<video> rows) never win a greedy step of the original, so none may here
+    rows = model.get_output_embeddings().weight.shape[0]
+    masked = {"suppress_tokens": list(range(vocab, rows))} if rows > vocab else {}
     stored = _stored_dtype(converted)
     tol = TOLERANCES.get(stored, TOLERANCES["F32"])
     image_token = model.config.image_token_index
@@ -126,11 +132,11 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[P
     single = []
     for i in range(len(probes)):
         inputs = first if i == 0 else inputs_for([i])
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **masked)
         single.append(_until_eos(out[0, inputs["input_ids"].shape[1]:].tolist(), stop))
     report.checks.append(compare_ids("greedy tokens", ref[0]["tokens"], single[0], decode=decode))
     batch = inputs_for(list(range(len(probes))))
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **masked)
     batched = [_until_eos(row[batch["input_ids"].shape[1]:].tolist(), stop) for row in out]
     agree = [b == r["tokens"] and b == s for b, r, s in zip(batched, ref, single)]
     report.checks.append(Check(
@@ -140,9 +146,14 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[P
         "" if all(agree) else f"rows differing: {[i for i, a in enumerate(agree) if not a]}",
     ))
     report.notes.append(f"original greedy text: {decode(ref[0]['tokens'])!r}")
-    if ckpt.is_next:
+    if masked:
+        report.notes.append(f"logits compared on the original's {vocab} columns; greedy tokens with the converted "
+                            f"model's rows {vocab}..{rows - 1} masked (untrained padding and the added tokens)")
+    if ckpt.is_next or ov:
         report.notes.append("transformers unpads with int(round(x, 7)), the original with int(x): "
                             "they can differ by one row for rare image sizes")
+    if ov:
+        report.notes.extend(onevision.differences(ckpt))
     return report
 
 

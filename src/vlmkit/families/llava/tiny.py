@@ -336,3 +336,41 @@ def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes
     config.update({"_name_or_path": str(base), "model_type": ROWS[backbone].original_model_types[-1]})
     _write_json(folder / "config.json", config)
     return folder
+
+
+ONEVISION_RELEASE = "llava-onevision-qwen2-7b-ov"
+
+
+def make_onevision(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 0) -> Path:
+    """An original LLaVA-OneVision checkpoint as ``lmms-lab/llava-onevision-qwen2-7b-ov`` ships it, at toy sizes:
+    Qwen2 on the real vocabulary (rows padded past the tokenizer), a SigLIP tower saved after the original's
+    ``load_model`` deleted its last layer (no head), ``anyres_max_9`` + ``spatial_unpad`` + ``image_newline``, the
+    release's 6 x 6 pinpoint list in multiples of the tower's size. The tower's name is not a released one, so its
+    head count comes from ``--config`` (``tiny_options``)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {**_language_model("qwen2", sizes, seed), **_projector(sizes, seed)}
+    g = torch.Generator().manual_seed(seed + 2)
+    state["model.image_newline"] = torch.randn(sizes.hidden, generator=g) / sizes.hidden**0.5
+    torch.manual_seed(seed + 3)
+    tower = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=sizes.vision_hidden, intermediate_size=sizes.vision_intermediate, patch_size=sizes.patch,
+        num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads, image_size=sizes.image_size,
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6))
+    del tower.encoder.layers[-1:]
+    for name, tensor in tower.state_dict().items():
+        if not name.startswith("head.") and not name.endswith("position_ids"):
+            state["model.vision_tower.vision_tower.vision_model." + name] = tensor.contiguous()
+    copy_tokenizer(folder, "qwen2")
+    _untrained_rows(state, _tokenizer_length(folder))
+    _save_safetensors_shards(state, folder, 4_000_000)
+    s = sizes.image_size
+    config = {**llava_config("qwen2", sizes, folder, next_=True),
+              "_name_or_path": f"lmms-lab/{ONEVISION_RELEASE}", "image_aspect_ratio": "anyres_max_9",
+              "image_grid_pinpoints": [[i * s, j * s] for i in range(1, 7) for j in range(1, 7)],
+              "mm_vision_tower": f"my-org/siglip-tiny-patch{sizes.patch}-{s}", "mm_vision_select_layer": -2,
+              "mm_newline_position": "one_token", "tokenizer_model_max_length": 32768}
+    _write_json(folder / "config.json", config)
+    _generation_config(folder, "qwen2")
+    return folder
