@@ -20,7 +20,12 @@ Adding a family is adding its package here and its name to ``FAMILIES``. A famil
     chat_backend(found, options) -> a runtime backend          (chat, serve)
     data_model(found, options, *, max_length) -> data.model.DataModel
     training(found, options, ...)                              (train)
+    vllm_view(found), card_kind(found), score(found, options, image, texts)
+and, for the registry walk (tests/test_registry_walk.py): ``variants()``, ``make_tiny(folder, variant)``,
+``tiny_options(folder, variant)``, ``REVERSIBLE``, ``GENERATES``.
 
+A capability function never shares its name with a submodule of its package (importing the submodule
+would replace the function): the GGUF writer is ``gguf_export.py``, the tiny builders ``tiny.py``.
 Family packages are imported on first use, so ``import vlmkit.families`` costs nothing.
 """
 
