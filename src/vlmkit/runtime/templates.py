@@ -422,3 +422,8 @@ def read_chat_template(folder: Path) -> str | None:
         if isinstance(template, str):
             return template
     return None
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """Write ``template`` where transformers 5 saves a processor's chat template (``chat_template.jinja``)."""
+    (Path(folder) / "chat_template.jinja").write_text(template, encoding="utf-8")

@@ -179,7 +179,7 @@ def _processor_files(ckpt: OriginalCheckpoint, tok, template: str, base_tokens: 
 
     def write(folder: Path) -> None:
         tok.save_pretrained(folder)
-        (folder / "chat_template.jinja").write_text(chat)
+        templates.write_chat_template(folder, chat)
         (folder / "processor_config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
     return write
@@ -209,7 +209,7 @@ def processor(folder: Path):
     fields.pop("processor_class", None)
     return ImagesOnly(image_processor=AutoImageProcessor.from_pretrained(folder, backend="pil"),
                       tokenizer=AutoTokenizer.from_pretrained(folder), video_processor=None,
-                      chat_template=(Path(folder) / "chat_template.jinja").read_text(), **fields)
+                      chat_template=templates.read_chat_template(folder), **fields)
 
 
 def tensors(ckpt: OriginalCheckpoint, config, *, seed: int = 0, dtype: str | None = None, processor_files=None,
