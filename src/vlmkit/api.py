@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from . import limits
+from .errors import ConfigError
 from .options import LoadOptions, read_json
 
 if TYPE_CHECKING:  # torch and the readers load with the first call, not with `import vlmkit`
@@ -50,9 +51,16 @@ def prepare(source: str | Path, options: LoadOptions | None = None) -> engine.Co
     options = options or LoadOptions()
     path = resolve(source)
     found = families.find(path)
-    if families.can(found, "conversion"):
+    if not families.can(found, "conversion"):
+        return engine.identity(open_source(path))
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    try:
         return found.family.conversion(found, options)
-    return engine.identity(open_source(path))
+    except StrictDataclassClassValidationError as error:  # transformers 5 checks each config it is handed
+        cause = error.__cause__ or error
+        raise ConfigError(f"{path}: transformers refuses the model config vlmkit derives from it: {cause}",
+                          hint="fix that field in the checkpoint's config.json, or override it with --config") from None
 
 
 def convert(source: str | Path, destination: str | Path, *, options: LoadOptions | None = None,
