@@ -42,14 +42,20 @@ def inspect(path: str | Path) -> dict:
     return inspect_checkpoint(path)
 
 
-def prepare(source: str | Path, options: LoadOptions | None = None) -> engine.Conversion:
-    """The conversion of ``source``: its family's, or the identity (re-shard, re-type) when none claims it."""
+def prepare(source: str | Path, options: LoadOptions | None = None, *, hash_sources: bool = False) -> engine.Conversion:
+    """The conversion of ``source``: its family's, or the identity (re-shard, re-type) when none claims it.
+
+    ``hash_sources``: start hashing the source's files for the manifest now, beside the planning (a
+    conversion that will run; not a dry run).
+    """
     from . import families
-    from .conversion import engine
+    from .conversion import engine, source_hashes
     from .tensors import open_source, resolve
 
     options = options or LoadOptions()
     path = resolve(source)
+    if hash_sources:
+        source_hashes.prefetch(path, options.vision_tower, options.model_base)
     found = families.find(path)
     if not families.can(found, "conversion"):
         return engine.identity(open_source(path))
@@ -81,7 +87,7 @@ def convert(source: str | Path, destination: str | Path, *, options: LoadOptions
 
     max_shard_size = engine.DEFAULT_MAX_SHARD if max_shard_size is None else limits.MAX_SHARD_SIZE.check(max_shard_size)
     options = options or LoadOptions(**load_options)
-    conversion = prepare(source, options)
+    conversion = prepare(source, options, hash_sources=not dry_run)
     return engine.run(conversion, destination, dtype=options.dtype, max_shard_size=max_shard_size, force=force,
                       dry_run=dry_run, progress=progress, provenance=output.provenance(options))
 

@@ -183,7 +183,7 @@ def _convert(args) -> int:
 
         raise ConfigError(f"--{gguf_flags[0].replace('_', '-')} applies to --to gguf only", hint="add --to gguf")
     options = LoadOptions.from_args(args)
-    conversion = api.prepare(args.source, options)
+    conversion = api.prepare(args.source, options, hash_sources=not args.dry_run)
     if conversion.summary and not args.json:
         print(conversion.summary, file=sys.stderr)
     for assumption in [] if args.json or args.dry_run else conversion.assumptions:  # --dry-run's plan lists them

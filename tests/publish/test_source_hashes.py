@@ -102,3 +102,31 @@ def test_conversion_hashes_the_source_in_the_background_and_records_it(tmp_path,
     for f in manifest["source"]["files"]:
         assert f["sha256"] == hashlib.sha256(Path(f["path"]).read_bytes()).hexdigest()
     assert json.loads((cache / source_hashes.CACHE_FILE).read_text())  # the next run finds them
+
+
+def test_a_conversion_hashes_its_files_from_the_start_each_once_and_a_dry_run_none(tmp_path, cache, monkeypatch):
+    """The CLI starts hashing the checkpoint's and the tower's weight files before planning (not training state,
+    not configs); the manifest's hashes reuse those; a dry run hashes nothing."""
+    from vlmkit.families.llava import tiny as llava_tiny
+
+    from ..conftest import run_cli
+
+    clip = llava_tiny.make_clip(tmp_path / "clip-tiny")
+    model = llava_tiny.make_llava15(tmp_path / "llava-v1.5-tiny", clip)
+    (model / "training_args.bin").write_bytes(b"not weights")
+    from vlmkit.families.llava import convert
+
+    read, events = counting(monkeypatch), []
+    start, plan = source_hashes.start, convert.conversion
+    monkeypatch.setattr(source_hashes, "start", lambda files: events.append(("hash", len(files))) or start(files))
+    monkeypatch.setattr(convert, "conversion", lambda *a: events.append(("plan",)) or plan(*a))
+    assert run_cli("convert", model, tmp_path / "dry", "--vision-tower", clip, "--dry-run", "--quiet").code == 0
+    assert read == [] and events == [("plan",)]
+    events.clear()
+    assert run_cli("convert", model, tmp_path / "out", "--vision-tower", clip, "--quiet").code == 0
+    weights = sorted(p.absolute() for folder in (model, clip) for p in folder.iterdir()
+                     if p.suffix in (".safetensors", ".bin") and p.name != "training_args.bin")
+    assert events[:2] == [("hash", len(weights)), ("plan",)]  # the checkpoint's and the tower's weights, then planning
+    assert sorted(read) == weights  # each once, though started early and asked for again by the manifest
+    manifest = json.loads((tmp_path / "out" / output.MANIFEST).read_text())
+    assert {Path(f["path"]) for f in manifest["source"]["files"]} <= set(weights)

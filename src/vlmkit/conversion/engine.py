@@ -21,7 +21,8 @@ from typing import Callable, Protocol
 
 from ..lazy import torch
 
-from ..tensors import DTYPES, TensorSource
+from ..tensors import DTYPES, TensorSource, stored_at
+from ..tensors.safetensors_io import FileBytes
 from . import output
 from .plan import Plan, Step, compile_plan
 from .rules import Rule, rename
@@ -137,7 +138,7 @@ def run(
         extras = cleanup.enter_context(concurrent.futures.ThreadPoolExecutor(max_workers=1))
         extras_done = extras.submit(conversion.write_extras, tmp) if conversion.write_extras else None
         with SafetensorsWriter(tmp, shards, conversion.metadata) as writer:
-            for step, tensors in _stream(plan, source, cast=True):
+            for step, tensors in _stream(plan, source, cast=True, moves=True):
                 for target, tensor in zip(step.targets, tensors):
                     writer.write(target.name, tensor)
                 if bar is not None:
@@ -188,11 +189,25 @@ class _Failed:
         self.error = error
 
 
-def _stream(plan: Plan, source: TensorSource, *, cast: bool = False, depth: int = READ_AHEAD):
+def moved_bytes(step: Step, source: TensorSource) -> FileBytes | None:
+    """Where the bytes of a step that only moves a tensor (no op, no cast) lie, for the writer to copy
+    them file to file; None when the step changes them or the reader cannot say."""
+    if step.ops or len(step.sources) != 1 or len(step.targets) != 1:
+        return None
+    (src,), (dst,) = step.sources, step.targets
+    if src.dtype != dst.dtype or tuple(src.shape) != tuple(dst.shape):
+        return None
+    where = stored_at(source, src.name)
+    return None if where is None else FileBytes(where[0], where[1], src.nbytes, dst.dtype, tuple(dst.shape))
+
+
+def _stream(plan: Plan, source: TensorSource, *, cast: bool = False, moves: bool = False, depth: int = READ_AHEAD):
     """Yield (step, output tensors) while a reader thread prepares up to ``depth`` steps ahead.
 
     The reader reads each step's sources, applies its ops and (``cast``) casts to the target
-    dtypes; a bounded queue holds what it finished. An error in the reader is raised here,
+    dtypes; a bounded queue holds what it finished. With ``moves``, a step that only moves a
+    tensor yields its ``FileBytes`` instead, unread (``SafetensorsWriter`` copies them file to
+    file). An error in the reader is raised here,
     in the caller; when the caller stops early (an error while writing, Ctrl-C), the reader
     is told to stop and joined before this returns, so no thread outlives the conversion.
     """
@@ -214,8 +229,12 @@ def _stream(plan: Plan, source: TensorSource, *, cast: bool = False, depth: int 
             for step in steps:
                 if stop.is_set():
                     return
-                tensors = apply_step(step, [source.read(i.name) for i in step.sources])
-                if cast:
+                moved = moved_bytes(step, source) if moves else None
+                if moved is not None:
+                    tensors = [moved]
+                else:
+                    tensors = apply_step(step, [source.read(i.name) for i in step.sources])
+                if cast and moved is None:
                     tensors = cast_tensors(tensors, [DTYPES[t.dtype] for t in step.targets])
                 if not put((step, tensors)):
                     return

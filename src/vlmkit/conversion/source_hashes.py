@@ -6,19 +6,24 @@ Three ways, cheapest first:
   (every weight file): the name of the blob is its sha256 (the Hub checked it on download);
 - a file hashed before, unchanged since, is looked up in ``source-hashes.json`` under the vlmkit cache
   (``$VLMKIT_CACHE``, else ``~/.cache/vlmkit``), keyed by path, inode, size and mtime_ns;
-- the rest is hashed in a background thread started with the conversion, so its reads overlap the
-  conversion's own (and share the page cache) instead of reading a multi-GB source a second time after it.
+- the rest is hashed in a background thread started as soon as the conversion knows its files, so its
+  reads overlap the conversion's planning and bring the files into the page cache the conversion copies
+  from, instead of reading a multi-GB source a second time after it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
+import queue
 import re
 import threading
 import uuid
 from pathlib import Path
+
+from ..tensors import hash_file_range
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 CACHE_FILE = "source-hashes.json"
@@ -26,9 +31,7 @@ CACHE_FILE = "source-hashes.json"
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
+    hash_file_range(digest, path, 0, path.stat().st_size)  # from the page cache, no copy
     return digest.hexdigest()
 
 
@@ -72,33 +75,73 @@ def _save_cache(new: dict[str, str]) -> None:
         pass
 
 
+_lock = threading.Lock()
+_queue: queue.Queue = queue.Queue()
+_digests: dict[str, concurrent.futures.Future] = {}  # _key(file) -> its sha256, once per process
+_worker: threading.Thread | None = None
+
+
+def _digest(path: Path) -> str:
+    key = _key(path)
+    digest = hub_blob_sha256(path) or _load_cache().get(key)
+    if digest is None:
+        digest = sha256_file(path)
+        _save_cache({key: digest})
+    return digest
+
+
+def _work() -> None:
+    while True:
+        path, future = _queue.get()
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(_digest(path))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+                future.set_exception(e)
+
+
+def start(files) -> dict[Path, concurrent.futures.Future]:
+    """Hash ``files`` in one background thread, in order, each version of a file once per process.
+
+    A conversion starts it as soon as it knows its files (``prefetch``: before the seconds spent
+    importing transformers and planning, on the core they leave idle); reading the files then also
+    brings them into the page cache, from which the conversion copies them. The thread is a daemon:
+    a command that fails first does not wait for it.
+    """
+    global _worker
+    futures = {}
+    with _lock:
+        if _worker is None:
+            _worker = threading.Thread(target=_work, name="vlmkit-source-hashes", daemon=True)
+            _worker.start()
+        for f in sorted({Path(f).absolute() for f in files}):
+            try:
+                key = _key(f)
+            except OSError as e:  # raised by result(), where the caller asks
+                futures[f] = concurrent.futures.Future()
+                futures[f].set_exception(e)
+                continue
+            if key not in _digests:
+                _digests[key] = concurrent.futures.Future()
+                _queue.put((f, _digests[key]))
+            futures[f] = _digests[key]
+    return futures
+
+
+def prefetch(*paths) -> None:
+    """Start hashing the weight files under ``paths`` (files or folders; others ignored): see ``start``."""
+    from ..tensors import weight_files
+
+    start([f for p in paths if p is not None and Path(p).exists() for f in weight_files(Path(p))])
+
+
 class SourceHashes:
-    """Hashes ``files`` in a background thread from construction; ``result()`` waits for them."""
+    """The sha256 of ``files``, hashed in the background (``start``); ``result()`` waits for them."""
 
     def __init__(self, files: list[Path]):
         self.files = sorted({Path(f).absolute() for f in files})
-        self._hashes: dict[Path, str] = {}
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="vlmkit-source-hashes", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            cache, new = _load_cache(), {}
-            for f in self.files:
-                key = _key(f)
-                digest = hub_blob_sha256(f) or cache.get(key)
-                if digest is None:
-                    digest = new[key] = sha256_file(f)
-                self._hashes[f] = digest
-            if new:
-                _save_cache(new)
-        except BaseException as e:  # handed to the thread that asks for the result
-            self._error = e
+        self._futures = start(self.files)
 
     def result(self) -> dict[Path, str]:
-        """``{absolute path: sha256}`` of every file; re-raises what the hashing thread met (an unreadable file)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return dict(self._hashes)
+        """``{absolute path: sha256}`` of every file; re-raises what the hashing met (an unreadable file)."""
+        return {f: future.result() for f, future in self._futures.items()}

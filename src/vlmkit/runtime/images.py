@@ -381,6 +381,12 @@ def unpad_features(tensor: torch.Tensor, original_size_wh: tuple[int, int]) -> t
 
 
 # ---------------------------------------------------------------------------------------------- transformers
+def hf_pinpoints(cfg: ImageConfig) -> list[list[int]] | None:
+    """An anyres checkpoint's pinpoints as transformers reads them, (height, width): each original pair swapped
+    (see ``hf_image_processor``); None unless anyres."""
+    return [[h, w] for w, h in cfg.grid_pinpoints] if cfg.aspect == "anyres" else None
+
+
 def hf_image_processor(cfg: ImageConfig, class_name: str) -> tuple[Any, list[list[int]] | None]:
     """The transformers 5 image processor whose ``pixel_values`` equal :func:`preprocess`'s.
 
@@ -413,9 +419,8 @@ def hf_image_processor(cfg: ImageConfig, class_name: str) -> tuple[Any, list[lis
     import transformers
 
     extra: dict[str, Any] = {"do_pad": cfg.aspect == "pad"}  # pad-to-square with int(mean*255)
-    pinpoints = None
-    if cfg.aspect == "anyres":
-        pinpoints = [[h, w] for w, h in cfg.grid_pinpoints]
+    pinpoints = hf_pinpoints(cfg)
+    if pinpoints is not None:
         extra = {"do_pad": True, "image_grid_pinpoints": pinpoints}
     processor = getattr(transformers, class_name)(
         size={"shortest_edge": cfg.size}, crop_size={"height": cfg.crop[0], "width": cfg.crop[1]},

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import CheckpointError, HubError
+from ._pages import hash_file_range
 from .base import DTYPES, FLOAT_CODES, TensorInfo, TensorSource, dtype_code, element_size
 from .safetensors_io import INDEX_NAME as SAFETENSORS_INDEX
 from .safetensors_io import SafetensorsSource
@@ -18,7 +23,7 @@ from .torch_io import TorchSource
 
 __all__ = [
     "DTYPES", "FLOAT_CODES", "TensorInfo", "TensorSource", "dtype_code", "element_size",
-    "open_source", "resolve", "GGUFSource", "SafetensorsSource", "TorchSource",
+    "open_source", "resolve", "row_reader", "weight_files", "stored_at", "hash_file_range", "GGUFSource", "SafetensorsSource", "TorchSource",
 ]
 
 
@@ -101,6 +106,42 @@ def open_source(path: str | Path) -> TensorSource:
         raise CheckpointError(f"{path}: holds {len(ggufs)} GGUF files; name the one to read",
                               hint=f"e.g. {ggufs[0]}")
     raise CheckpointError(f"{path}: no weights found (*.safetensors, *.bin, *.pt, *.pth or *.gguf)")
+
+
+def row_reader(source: TensorSource, name: str) -> Callable[[int, int], "torch.Tensor"]:
+    """A function ``(start, stop) -> rows [start, stop)`` of tensor ``name``, for passes over a big matrix.
+
+    Readers that know where a tensor's bytes lie (safetensors; ``.bin`` files stored uncompressed)
+    read only the rows asked for, so a pass over a 262 MB embedding holds one slice at a time;
+    views (combined, renamed sources) say which reader holds the name (``locate``). Any other
+    reader is read whole once and sliced.
+    """
+    while hasattr(source, "locate"):
+        source, name = source.locate(name)
+    if hasattr(source, "read_rows"):
+        return lambda start, stop: source.read_rows(name, start, stop)
+    whole = source.read(name)
+    return lambda start, stop: whole[start:stop]
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The files that may hold weights at a local ``path``: the file itself, or a folder's safetensors, pickles
+    (not training state) and GGUF files; no header is read."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.iterdir() if p.is_file() and (
+        p.suffix in (".safetensors", ".gguf") or (p.suffix in PICKLE_SUFFIXES and not NOT_WEIGHTS.match(p.name))))
+
+
+def stored_at(source: TensorSource, name: str) -> tuple[Path, int] | None:
+    """``(file, offset)`` where tensor ``name``'s bytes lie exactly as a safetensors file stores them
+    (contiguous, little-endian), when its reader knows: then they can be copied file to file as they are."""
+    while hasattr(source, "locate"):
+        source, name = source.locate(name)
+    where = getattr(source, "stored_at", None)
+    return where(name) if where is not None else None
 
 
 def _open_file(path: Path) -> TensorSource:

@@ -1,4 +1,4 @@
-"""Give memory-mapped pages back to the OS once a tensor has been copied out; read byte ranges.
+"""Give memory-mapped pages back to the OS once a tensor has been copied out; read, copy and hash byte ranges.
 
 A file mapping keeps every page it touched in the process's resident set until it
 is unmapped. Readers that must map a whole file (torch's zip checkpoints, gguf-py's
@@ -58,3 +58,51 @@ def pread_exact(fd: int, nbytes: int, offset: int, file: Path, name: str) -> tor
             raise CheckpointError(f"{file}: unexpected end of file reading '{name}'")
         done += n
     return buf
+
+
+_WINDOW = 64 * 1024 * 1024  # bytes mapped at a time: the mapping's pages count in the resident set while mapped
+
+
+def hash_file_range(digest, file: Path, offset: int, nbytes: int) -> None:
+    """Feed ``nbytes`` of ``file`` from ``offset`` into ``digest`` (a hashlib object) without copying them.
+
+    The bytes are hashed where they lie in the page cache, through a read-only mapping of one
+    window at a time: no buffer to fill (and zero) and no copy, which halves the memory traffic of
+    hashing a multi-GB file. hashlib lets go of the GIL while it hashes.
+
+    Raises:
+        CheckpointError: the file ends before ``offset + nbytes``.
+    """
+    if nbytes <= 0:
+        return
+    if os.stat(file).st_size < offset + nbytes:
+        raise CheckpointError(f"{file}: unexpected end of file (needs {offset + nbytes} bytes)")
+    with open(file, "rb") as f:
+        end = offset + nbytes
+        position = offset
+        while position < end:
+            start = position - position % mmap.ALLOCATIONGRANULARITY
+            length = min(end, start + _WINDOW) - start
+            with mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ, offset=start) as mapped:
+                mapped.madvise(mmap.MADV_SEQUENTIAL)
+                with memoryview(mapped) as view:
+                    digest.update(view[position - start:])
+            position = start + length
+
+
+def copy_file_range(source_fd: int, destination_fd: int, offset: int, nbytes: int, file: Path, name: str) -> None:
+    """Copy ``nbytes`` from ``offset`` of the source to the destination's current position, inside the kernel.
+
+    One copy from page cache to page cache, as ``cp`` makes; no user-space buffer.
+
+    Raises:
+        CheckpointError: the source ends first (naming the file and the tensor).
+        OSError: the kernel or filesystem cannot copy between these files (EXDEV, EINVAL, ENOSYS,
+            EOPNOTSUPP, ...); the destination's position may have moved by what was copied.
+    """
+    done = 0
+    while done < nbytes:
+        n = os.copy_file_range(source_fd, destination_fd, nbytes - done, offset + done)
+        if n == 0:
+            raise CheckpointError(f"{file}: unexpected end of file reading '{name}'")
+        done += n

@@ -212,6 +212,25 @@ class TorchSource:
             _pages.release(view.data_ptr(), view.numel() * view.element_size())
         return tensor
 
+    def stored_at(self, name: str) -> tuple[Path, int] | None:
+        """Where a tensor stored uncompressed, contiguous and little-endian starts in its file (else None)."""
+        offset = self._offsets.get(name)
+        return None if offset is None else (self._infos[name].file, offset)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of dim 0: only their bytes where the tensor lies contiguously in the file."""
+        view, info = self._tensors[name], self._infos[name]
+        offset = self._offsets.get(name)
+        stop = min(stop, info.shape[0])
+        if offset is None:
+            return view[start:stop].clone()
+        row = info.nbytes // info.shape[0]
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        data = _pages.pread_exact(fd, (stop - start) * row, offset + start * row, info.file, name)
+        return data.view(view.dtype).reshape(stop - start, *view.shape[1:])
+
     def close(self) -> None:
         self._tensors.clear()
         for fd in self._fds.values():

@@ -47,6 +47,10 @@ class CombinedSource:
         source, inner = self._where[name]
         return source.read(inner)
 
+    def locate(self, name: str) -> tuple[TensorSource, str]:
+        """The part that holds ``name``, and the name there."""
+        return self._where[name]
+
     def close(self) -> None:
         for _, source in self.parts:
             source.close()
@@ -72,6 +76,10 @@ class RenamedSource:
 
     def read(self, name: str) -> torch.Tensor:
         return self.source.read(self._inner[name])
+
+    def locate(self, name: str) -> tuple[TensorSource, str]:
+        """The source that holds ``name``, and the name there."""
+        return self.source, self._inner[name]
 
     def close(self) -> None:
         self.source.close()

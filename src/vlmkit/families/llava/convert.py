@@ -18,7 +18,7 @@ from ...lazy import torch
 from ...conversion import Conversion, ResizeRows, Rule, create, drop, lora_merge, rename, transform
 from ...errors import ConfigError
 from ...options import LoadOptions
-from ...tensors import TensorSource
+from ...tensors import TensorSource, row_reader
 from . import hf_output, layout
 from .checkpoint import TOWER, UNUSED_CLIP, OriginalCheckpoint, open_original
 from .hf_output import PAD_TOKEN, Target
@@ -40,12 +40,13 @@ class EmbeddingDistribution:
         self.source, self.name = source, name
 
     def __call__(self, existing: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-        e = self.source.read(self.name)
-        rows = e.shape[0]
+        rows, width = self.source.info(self.name).shape
+        read = row_reader(self.source, self.name)
         w = torch.randn((n, rows), generator=generator)
-        total, projected = torch.zeros(e.shape[1]), torch.zeros(n, e.shape[1])
-        for start in range(0, rows, 4096):  # in slices: never a float copy of the whole matrix
-            chunk = e[start:start + 4096].float()
+        total, projected = torch.zeros(width), torch.zeros(n, width)
+        # in slices read one at a time: the lm_head's step holds no second copy of the embeddings
+        for start in range(0, rows, 4096):
+            chunk = read(start, start + 4096).float()
             total += chunk.sum(0)
             projected += w[:, start:start + 4096] @ chunk
         mu = total / rows

@@ -8,10 +8,12 @@ tower's, and ``--config`` (a transformers Llava/LlavaNext config) overrides any 
 from __future__ import annotations
 
 import json
+import functools
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ... import dtypes
 from ...errors import ConfigError
@@ -28,13 +30,21 @@ PAD_VOCAB_TO = 64  # the transformers conversion scripts' pad_to_multiple_of
 
 @dataclass
 class Target:
-    """Everything about the output that is known before any tensor is read."""
+    """Everything about the output that is known before any tensor is read.
+
+    The processor is built when first used (writing the folder): importing transformers'
+    processing code costs seconds, which a conversion spends while its tensors stream.
+    """
 
     hf_config: object
     tokenizer: object
-    processor: object
+    build_processor: Callable[[], object] = field(repr=False)
     generation_config: dict
     template: str
+
+    @functools.cached_property
+    def processor(self):
+        return self.build_processor()
 
 
 # transformers' processor per LLaVA kind: its class, its image processor (the PIL backend, bit-identical
@@ -47,10 +57,14 @@ PROCESSORS = {"llava": ("LlavaProcessor", "LlavaImageProcessorPil", ("pad", "squ
 def image_processor(cfg: images.ImageConfig, kind: str) -> tuple[object, list[list[int]] | None]:
     """The transformers image processor of a LLaVA ``kind`` for the original preprocessing ``cfg``
     (see ``runtime.images.hf_image_processor``), refused where that kind cannot reproduce it."""
+    check_processor_kind(cfg, kind)
+    return images.hf_image_processor(cfg, PROCESSORS[kind][1])
+
+
+def check_processor_kind(cfg: images.ImageConfig, kind: str) -> None:
     if kind not in PROCESSORS or cfg.aspect not in PROCESSORS[kind][2]:
         raise ConfigError(f"hf_image_processor: aspect={cfg.aspect!r} cannot be done by kind={kind!r}",
                           hint=f"use kind {[k for k, (_, _, a) in PROCESSORS.items() if cfg.aspect in a]}")
-    return images.hf_image_processor(cfg, PROCESSORS[kind][1])
 
 
 def _bpe_tokenizer(folder: Path, legacy: bool):
@@ -145,9 +159,9 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
             raise ConfigError(f"{ckpt.path}/config.json: anyres with mm_patch_merge_type {merge!r}: transformers' "
                               "LlavaNext only implements spatial_unpad (with image_newline)")
         processor_kind = "llava_next"
-    image_proc, pinpoints = image_processor(image_cfg, processor_kind)
+    check_processor_kind(image_cfg, processor_kind)
     if ckpt.is_next:
-        derived.update(image_grid_pinpoints=pinpoints, use_image_newline_parameter=True)
+        derived.update(image_grid_pinpoints=images.hf_pinpoints(image_cfg), use_image_newline_parameter=True)
     else:
         patches = (ckpt.vision_config["image_size"] // ckpt.vision_config["patch_size"]) ** 2
         derived["image_seq_length"] = patches + (1 if select == "cls_patch" else 0)
@@ -160,20 +174,22 @@ def target_for(ckpt: OriginalCheckpoint, options: LoadOptions) -> Target:
         merged.pop(key, None)
     hf_config = (LlavaNextConfig if ckpt.is_next else LlavaConfig)(**merged)
 
-    processor_cls = getattr(transformers, PROCESSORS[processor_kind][0])
-    processor = processor_cls(
-        image_processor=image_proc, tokenizer=tokenizer,
-        patch_size=ckpt.vision_config["patch_size"],
-        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
-        # the Jinja comment names the original template, for `vlmkit inspect` and the runtime
-        chat_template=templates.marker(template) + templates.chat_template(template, legacy_tokenizer=legacy),
-        num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
-    )
+    def build_processor():
+        processor_cls = getattr(transformers, PROCESSORS[processor_kind][0])
+        return processor_cls(
+            image_processor=image_processor(image_cfg, processor_kind)[0], tokenizer=tokenizer,
+            patch_size=ckpt.vision_config["patch_size"],
+            vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+            # the Jinja comment names the original template, for `vlmkit inspect` and the runtime
+            chat_template=templates.marker(template) + templates.chat_template(template, legacy_tokenizer=legacy),
+            num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+        )
+
     # generation ends where the original's does: the template's stop ids (Qwen's <|im_end|>, Llama 3's <|eot_id|>)
     stops = sorted(templates.stop_ids(template, open_vocab(ckpt.tokenizer_folder, ckpt.row.tokenizer)))
     generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
                   "pad_token_id": tokenizer.pad_token_id}
-    return Target(hf_config, tokenizer, processor, generation, template)
+    return Target(hf_config, tokenizer, build_processor, generation, template)
 
 
 def write(folder: Path, ckpt: OriginalCheckpoint, target: Target, dtype: str | None = None) -> None:
