@@ -235,7 +235,7 @@ def _expected_answer(path: Path, heads: Path, question: str, max_new_tokens: int
     before = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     after = f"\n{question}<|im_end|>\n<|im_start|>assistant\n"
     embed = model.language_model.get_input_embeddings()
-    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}  # qwen_1_5's separator, the tokenizer's EOS
     with torch.no_grad():
         seq = torch.cat([embed(torch.tensor(tok(before).input_ids)), torch.tensor(features, dtype=torch.float32),
                          embed(torch.tensor(tok(after).input_ids))])
@@ -243,7 +243,7 @@ def _expected_answer(path: Path, heads: Path, question: str, max_new_tokens: int
         for _ in range(max_new_tokens):
             token = int(model.language_model(inputs_embeds=seq[None]).logits[0, -1].argmax())
             answer.append(token)
-            if token == stop:
+            if token in stop:
                 break
             seq = torch.cat([seq, embed(torch.tensor([token]))])
     return answer

@@ -190,7 +190,8 @@ def _reference_video(reference: OriginalLlava, template: str, probes: list[Probe
     ids = reference.prompt_ids(prompt)
     return {"frames": len(frames), "prompt": probes[0].prompt, "max_new_tokens": max_new_tokens,
             "pixels": torch.from_numpy(reference.image_config.frames(frames)), "ids": ids,
-            "logits": reference.logits(ids, [features]), "tokens": reference.greedy(ids, [features], max_new_tokens, stop)}
+            "logits": reference.logits(ids, [features]),
+            "tokens": reference.greedy(ids, [features], max_new_tokens, stop)}
 
 
 def _video_checks(ckpt, converted: Path, processor, model, video: dict, tol: dict, vocab: int, masked: dict,
