@@ -188,6 +188,8 @@ def _convert(args) -> int:
         print(conversion.summary, file=sys.stderr)
     for assumption in [] if args.json or args.dry_run else conversion.assumptions:  # --dry-run's plan lists them
         print(f"warning: assumed {assumption}", file=sys.stderr)
+    for warning in [] if args.json else conversion.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     result = engine.run(conversion, args.destination, dtype=options.dtype, max_shard_size=args.max_shard_size,
                         force=args.force, dry_run=args.dry_run,
                         progress=None if args.quiet or args.json else progress_bar("converting"),
@@ -283,6 +285,9 @@ def cmd_verify(args) -> int:
 def _chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an original LLaVA checkpoint, a transformers Llava/LlavaNext folder, or a hub id")
     p.add_argument("--image", action="append", default=[], help="image for the first question (repeatable)")
+    p.add_argument("--video", action="append", nargs="+", default=[], metavar="FRAME",
+                   help="the frames of one video, in order, for the first question: one visual input "
+                        "(LLaVA-OneVision / LLaVA-Video originals; repeatable)")
     p.add_argument("--prompt", help="ask one question and exit (default: interactive chat)")
     p.add_argument("--system", help="system prompt replacing the template's")
     p.add_argument("--temperature", type=limits.TEMPERATURE.arg, default=0.2,
@@ -294,7 +299,8 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("chat", "chat with a model about images: one answer with --prompt, else an interactive conversation",
          ["vlmkit chat llava-1.5-7b-hf/ --image cat.png --prompt 'What is this?' --temperature 0",
-          "vlmkit chat llava-v1.5-7b/ --vision-tower clip-vit-large-patch14-336/ --image cat.png"])
+          "vlmkit chat llava-v1.5-7b/ --vision-tower clip-vit-large-patch14-336/ --image cat.png",
+          "vlmkit chat LLaVA-Video-7B-Qwen2/ --video f1.png f2.png f3.png --prompt 'What happens?'"])
 def cmd_chat(args) -> int:
     from .runtime.model import load
 
@@ -303,7 +309,7 @@ def cmd_chat(args) -> int:
     sampling = dict(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                     seed=options.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    images = list(args.image)
+    images, videos = list(args.image), list(args.video)
     interactive = args.prompt is None
     if interactive:
         print(f"vlmkit chat: {args.model} (template {model.template}); an empty line or Ctrl-D ends", file=sys.stderr)
@@ -319,8 +325,8 @@ def cmd_chat(args) -> int:
             print("ASSISTANT: ", end="", flush=True)
         else:
             question = args.prompt
-        messages.append({"role": "user", "content": question, "images": images})
-        images = []  # the images belong to the first question, as in LLaVA's cli
+        messages.append({"role": "user", "content": question, "images": images, "videos": videos})
+        images, videos = [], []  # the images belong to the first question, as in LLaVA's cli
         answer = ""
         for piece in model.stream(messages, **sampling):
             answer += piece

@@ -570,8 +570,8 @@ def test_verify_notes_the_video_differences_a_release_config_asks_for():
     from vlmkit.families.llava import onevision
 
     config = json.loads(RELEASE.read_text())
-    ckpt = SimpleNamespace(config=config)
+    ckpt = SimpleNamespace(config=config, path="ckpt")
     assert not [n for n in onevision.differences(ckpt) if n.startswith("video")]  # bilinear, one_token: as transformers
     notes = onevision.differences(SimpleNamespace(config={**config, "mm_spatial_pool_mode": "average",
-                                                          "mm_newline_position": "grid"}))
+                                                          "mm_newline_position": "grid"}, path="ckpt"))
     assert any("'average'" in n for n in notes) and any("'grid'" in n for n in notes)

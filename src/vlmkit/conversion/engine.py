@@ -48,6 +48,8 @@ class Conversion:
         summary: one line shown before converting (what was recognised).
         assumptions: values no source file states that the conversion rests on, each with where it
             came from; listed by the plan, the CLI and the manifest.
+        warnings: what the converted model computes differently from the source (e.g. an input kind the
+            target class handles otherwise), each naming the source field; printed by the CLI.
     """
 
     source: TensorSource
@@ -59,6 +61,7 @@ class Conversion:
     summary: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     assumptions: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def identity(source: TensorSource) -> Conversion:

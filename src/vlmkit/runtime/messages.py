@@ -6,8 +6,13 @@ Accepted forms (the transformers / OpenAI shape, or plain strings):
     [{"role": "user", "content": [{"type": "image", "image": "cat.png"},
                                   {"type": "text", "text": "What is this?"}]}]
 
-An image is a path, ``bytes`` or a PIL image. Roles are ``system``, ``user`` and
-``assistant``; a system message may only come first.
+An image is a path, ``bytes`` or a PIL image. A video is the list of its frames (each an image), in
+order, as a ``{"type": "video", "video": [frames]}`` part or under ``"videos"``: the model reads it as one
+visual input with one placeholder, as LLaVA-OneVision / LLaVA-Video do (vlmkit decodes no video files):
+
+    [{"role": "user", "content": "What happens?", "videos": [["f1.png", "f2.png", "f3.png"]]}]
+
+Roles are ``system``, ``user`` and ``assistant``; a system message may only come first.
 """
 
 from __future__ import annotations
@@ -30,6 +35,29 @@ ROLES = ("system", "user", "assistant")
 
 class MessageError(VlmkitError):
     """A message is malformed (unknown role, misplaced system message, bad content part)."""
+
+
+@dataclass(frozen=True)
+class Video:
+    """One video as its frames, in order; in a turn's ``images`` it takes one placeholder like an image."""
+
+    frames: tuple
+
+
+def video(frames, where: str) -> Video:
+    """``frames`` (a list of images) as a :class:`Video`.
+
+    Raises:
+        MessageError: naming ``where``: not a non-empty list of frames (e.g. a video file's path).
+    """
+    if isinstance(frames, Video):
+        return frames
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise MessageError(f"{where}: a video is a non-empty list of its frames (paths, bytes or PIL images), not "
+                           f"{type(frames).__name__}",
+                           hint="vlmkit reads no video files: extract frames first, e.g. "
+                                "ffmpeg -i clip.mp4 -vf fps=1 frame%03d.png")
+    return Video(tuple(frames))
 
 
 @dataclass
@@ -74,8 +102,11 @@ def _parts(index: int, content) -> tuple[str, list]:
                 raise MessageError(f"messages[{index}].content[{j}]: an image part needs 'image' (a path, bytes or "
                                    "a PIL image)")
             images.append(image)
+        elif kind == "video":
+            images.append(video(part.get("video", part.get("frames")), f"messages[{index}].content[{j}]"))
         else:
-            raise MessageError(f"messages[{index}].content[{j}]: unknown part type {kind!r}; use 'text' or 'image'")
+            raise MessageError(f"messages[{index}].content[{j}]: unknown part type {kind!r}; use 'text', 'image' "
+                               "or 'video'")
     return " ".join(t for t in texts if t), images
 
 
@@ -100,6 +131,7 @@ def normalise(messages) -> list[Turn]:
             raise MessageError(f"messages[{i}]: a system message may only come first")
         text, images = _parts(i, message.get("content", ""))
         images += list(message.get("images") or [])
+        images += [video(v, f"messages[{i}].videos[{k}]") for k, v in enumerate(message.get("videos") or [])]
         if images and role != "user":
             raise MessageError(f"messages[{i}]: only user messages may carry images")
         turns.append(Turn(role, text, images))
@@ -122,8 +154,9 @@ def image_bytes_or_path(image):
 
 
 def template_messages(turns: list[Turn]) -> list[tuple[str, str | None]]:
-    """(role, text) pairs for ``templates.render``, with ``<image>\\n`` before a user text per image as the
-    original LLaVA cli does, and the open assistant turn last."""
+    """(role, text) pairs for ``templates.render``, with ``<image>\\n`` before a user text per image (and per
+    video: LLaVA-Video's one ``<image>`` for all frames) as the original LLaVA cli does, and the open assistant
+    turn last."""
     out = []
     for t in turns:
         text = with_image(t.text, len(t.images)) if t.images else t.text

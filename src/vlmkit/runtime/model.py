@@ -3,6 +3,8 @@
 Example:
     >>> model = vlmkit.load("llava-v1.5-7b", vision_tower="clip-vit-large-patch14-336")   # doctest: +SKIP
     >>> model.chat([{"role": "user", "content": "What is this?", "images": ["cat.png"]}]).text
+    >>> video = vlmkit.load("LLaVA-Video-7B-Qwen2")                                        # doctest: +SKIP
+    >>> video.chat("What happens?", videos=[["f1.png", "f2.png", "f3.png"]]).text        # frames of one video
     >>> for piece in model.stream("Describe it.", images=["cat.png"]):
     ...     print(piece, end="")
 """
@@ -20,7 +22,7 @@ from .. import families
 from ..options import LoadOptions, check_device
 from ..tensors import resolve
 from .generation import PrefixCache, Prompt, SamplingParams, TextStream, assemble, batch_stream, stream_tokens
-from .messages import Turn, image_bytes_or_path, image_digest, normalise
+from .messages import MessageError, Turn, Video, image_bytes_or_path, image_digest, normalise, video
 
 IMAGE_CACHE_SIZE = 32
 
@@ -57,21 +59,33 @@ class ChatModel:
     # ------------------------------------------------------------------ prompts
 
     def _image_features(self, image) -> tuple[str, torch.Tensor]:
-        image = image_bytes_or_path(image)
-        key = image_digest(image) + self.backend.preprocessing
+        """An image's (or a ``Video``'s) cache key and features."""
+        if isinstance(image, Video):
+            read = getattr(self.backend, "video_features", None)
+            if read is None:
+                raise MessageError("video frames were given, but this model reads images only",
+                                   hint="give the frames as images, or use an original LLaVA-OneVision / "
+                                        "LLaVA-Video checkpoint")
+            frames = [image_bytes_or_path(f) for f in image.frames]
+            key, compute = "video:" + ":".join(image_digest(f) for f in frames), lambda: read(frames)
+        else:
+            image = image_bytes_or_path(image)
+            key, compute = image_digest(image), lambda: self.backend.image_features(image)
+        key += self.backend.preprocessing
         if key in self._features:
             self._features.move_to_end(key)
         else:
-            self._features[key] = self.backend.image_features(image)
+            self._features[key] = compute()
             if len(self._features) > IMAGE_CACHE_SIZE:
                 self._features.popitem(last=False)
         return key, self._features[key]
 
-    def prompt(self, messages, images=None) -> Prompt:
+    def prompt(self, messages, images=None, videos=None) -> Prompt:
         """The positions the model will read for ``messages`` (text ids and image features)."""
         turns = normalise(messages)
-        if images:
-            turns[-1] = Turn(turns[-1].role, turns[-1].text, list(turns[-1].images) + list(images))
+        extra = list(images or []) + [video(v, f"videos[{k}]") for k, v in enumerate(videos or [])]
+        if extra:
+            turns[-1] = Turn(turns[-1].role, turns[-1].text, list(turns[-1].images) + extra)
         ids = self.backend.prompt_ids(turns)
         pairs = [self._image_features(image) for t in turns for image in t.images]
         return assemble(ids, self.backend.marker, [f for _, f in pairs], [k for k, _ in pairs], self.backend.filler)
@@ -82,10 +96,10 @@ class ChatModel:
         stop = kwargs.pop("stop", None) or ()
         return SamplingParams(stop=(stop,) if isinstance(stop, str) else tuple(stop), **kwargs)
 
-    def stream_reply(self, messages, *, images=None, **sampling) -> Iterator[str | Reply]:
+    def stream_reply(self, messages, *, images=None, videos=None, **sampling) -> Iterator[str | Reply]:
         """Yield text pieces as they come, then the final ``Reply``."""
         params = self._params(**sampling)
-        prompt = self.prompt(messages, images)
+        prompt = self.prompt(messages, images, videos)
         reply = ReplyBuilder(self.backend, prompt, params)
         for token in stream_tokens(self.backend, prompt, params, self.prefix_cache):
             delta = reply.push(token)
@@ -98,21 +112,23 @@ class ChatModel:
             yield tail
         yield reply.result()
 
-    def stream(self, messages, *, images=None, **sampling) -> Iterator[str]:
+    def stream(self, messages, *, images=None, videos=None, **sampling) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated."""
-        for item in self.stream_reply(messages, images=images, **sampling):
+        for item in self.stream_reply(messages, images=images, videos=videos, **sampling):
             if isinstance(item, str):
                 yield item
 
-    def chat(self, messages, *, images=None, **sampling) -> Reply:
+    def chat(self, messages, *, images=None, videos=None, **sampling) -> Reply:
         """Answer the conversation ``messages`` (see ``runtime.messages`` for the accepted forms).
 
         Args:
-            messages: a string, or a list of {"role", "content"[, "images"]} messages.
+            messages: a string, or a list of {"role", "content"[, "images", "videos"]} messages.
             images: images added to the last message (paths, bytes or PIL images).
+            videos: videos added to the last message after its images, each the list of its frames (images), read
+                as one visual input (LLaVA-OneVision / LLaVA-Video originals).
             **sampling: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``seed``, ``stop``.
         """
-        *_, reply = self.stream_reply(messages, images=images, **sampling)
+        *_, reply = self.stream_reply(messages, images=images, videos=videos, **sampling)
         return reply
 
     def generate(self, conversations: list, **sampling) -> list[Reply]:

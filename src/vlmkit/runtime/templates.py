@@ -295,6 +295,10 @@ def render(template: str | Template, messages: Sequence[tuple[str, str | None]])
 # the prompt does not start with BOS). Writing "<s>" into the text would change the next ids
 # for a non-legacy tokenizer ("<s>A" -> [1, "A"], not [1, "▁A"]).
 IMAGE_TEXT = {True: f"{IMAGE_TOKEN}\n", False: f"{IMAGE_TOKEN} \n"}  # keyed by legacy_tokenizer
+# A {"type": "video"} item (LLaVA-OneVision's processor: "<video>", expanded to the pooled frames' features) stands
+# where the original puts its one "<image>" for all frames, after the message's images (byte-level BPE: no
+# legacy fix needed, see above).
+VIDEO_TEXT = "<video>\n"
 
 
 def _literal(text: str) -> str:
@@ -321,9 +325,9 @@ def chat_template(template_name: str, *, legacy_tokenizer: bool) -> str:
     """A Jinja chat template for a converted model's processor that gives the original's token ids.
 
     Messages are in transformers' format (role "system" / "user" / "assistant"; content a string
-    or a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` items). Images come
-    first in a message, one "<image>\\n" each, then its texts joined by a space; a leading system
-    message replaces the template's system prompt; ``add_generation_prompt`` opens the assistant
+    or a list of ``{"type": "image"}`` / ``{"type": "video"}`` / ``{"type": "text", "text": ...}`` items). Images
+    come first in a message, one "<image>\\n" each, then one "<video>\\n" per video, then its texts joined by a
+    space; a leading system message replaces the template's system prompt; ``add_generation_prompt`` opens the assistant
     turn. Tokenised in one call with BOS added by the tokenizer, the result equals
     ``tokenizer_image_token(render(...))`` with each -200 replaced by the ``<image>`` id (see
     ``IMAGE_TEXT`` for why non-legacy tokenizers need "<image> \\n").
@@ -361,6 +365,8 @@ def chat_template(template_name: str, *, legacy_tokenizer: bool) -> str:
         "{%- if message['content'] is string -%}{%- set text = message['content'] -%}\n",
         "{%- else -%}{%- set text = " + _literal(IMAGE_TEXT[True])
         + " * (message['content'] | selectattr('type', 'equalto', 'image') | list | length)"
+        + " + " + _literal(VIDEO_TEXT)
+        + " * (message['content'] | selectattr('type', 'equalto', 'video') | list | length)"
         + " + (message['content'] | " + texts + ") -%}{%- endif -%}\n",
         "{%- set text = text" + fix_image + " -%}\n",
         "{%- if message['role'] == 'user' -%}\n",

@@ -193,7 +193,7 @@ GENERATES = True
 FORMS_BUILT = ("next", "lora", "projector")
 # built by make_tiny but not walked (tests/test_registry_walk.py): its verify is a CONDITIONAL PASS (the tiny SigLIP's
 # head count is an assumption from --config) and its --to gguf a refusal of the mmproj (--text-only writes the LM)
-UNWALKED = ("onevision",)  # tiny layouts besides one LLaVA-1.5 folder per backbone
+UNWALKED = ("onevision", "video")  # tiny layouts besides one LLaVA-1.5 folder per backbone
 
 
 def variants() -> tuple[str, ...]:
@@ -214,6 +214,8 @@ def make_tiny(folder: Path, variant: str | None = None) -> Path:
     variant = variant or variants()[0]
     if variant == "onevision":  # SigLIP inside, no CLIP folder beside it
         return tiny.make_onevision(folder / f"{tiny.ONEVISION_RELEASE}-tiny")
+    if variant == "video":  # LLaVA-Video: the OneVision layout with its video fields
+        return tiny.make_llava_video(folder / f"{tiny.VIDEO_RELEASE}-tiny")
     clip = tiny.make_clip(folder / "clip-vit-tiny-patch14")
     if variant == "next":
         return tiny.make_llava_next(folder / "llava-v1.6-mistral-tiny", clip)
@@ -235,7 +237,7 @@ def tiny_options(folder: Path, variant: str | None = None) -> dict:
     """The loading options (``LoadOptions`` keywords) the model ``make_tiny(folder, variant)`` built needs: the base
     LLM of a LoRA or projector run (vlmkit takes it from ``--model-base`` only, never from the training-time path
     the run's config names)."""
-    if variant == "onevision":  # the tiny SigLIP is no released tower: its head count is not in any file
+    if variant in ("onevision", "video"):  # the tiny SigLIP is no released tower: its head count is not in any file
         from .tiny import TinySizes
 
         return {"config": {"vision_config": {"num_attention_heads": TinySizes().vision_heads}}}

@@ -122,3 +122,9 @@ class ImageConfig:
 
     def per_image(self, img: Image.Image) -> np.ndarray:
         return process(img, self.grid_pinpoints, size=self.size, mean=self.mean, std=self.std, rescale=self.rescale)
+
+    def frames(self, frames: Sequence[Image.Image]) -> np.ndarray:
+        """A video's frames as the original feeds them (``image_processor.preprocess(frames)``: no anyres, each
+        frame squashed to ``size`` x ``size``): ``[F, 3, size, size]``."""
+        return np.stack([siglip_preprocess(f, size=self.size, mean=self.mean, std=self.std, rescale=self.rescale)
+                         for f in frames])

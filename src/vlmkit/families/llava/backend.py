@@ -56,6 +56,10 @@ class OriginalBackend:
         return self.model.image_features(pixels.to(self.device) if isinstance(pixels, torch.Tensor) else pixels,
                                          sizes)[0]
 
+    def video_features(self, frames: list) -> torch.Tensor:
+        """One video given as its frames: one placeholder, the original's pooled frame features."""
+        return self.model.video_features([images.load_image(f, max_pixels=self.image_max_pixels) for f in frames])
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.language_model.get_input_embeddings()(ids.to(self.device))
 

@@ -81,16 +81,29 @@ def hf_config(ckpt: OriginalCheckpoint, *, image_token_index: int, video_token_i
 def differences(ckpt: OriginalCheckpoint) -> list[str]:
     """What transformers' OneVision does differently from the original for this checkpoint
     (``docs/design/families-next.md`` §3.3; the unpad rounding is LLaVA-NeXT's note), as verify notes."""
-    config = ckpt.config
     notes = ["image_grid_pinpoints written as (height, width), as transformers reads them: every canvas choice "
              "is the original's, but the list differs from llava-hf's published one"]
-    pool = config.get("mm_spatial_pool_mode", "bilinear")
-    if pool != "bilinear":
-        notes.append(f"video (not verified): the original pools frames with mm_spatial_pool_mode {pool!r}, "
-                     "transformers always bilinearly: video features differ")
-    newline = config.get("mm_newline_position", "one_token")
-    if newline != "one_token":
-        notes.append(f"video (not verified): the original places newlines by mm_newline_position {newline!r}, "
+    try:
+        notes += [f"video: {n}" for n in image_path.video_config(ckpt).notes]
+    except ConfigError:
+        pass  # video_differences says why
+    return notes + video_differences(ckpt)
+
+
+def video_differences(ckpt: OriginalCheckpoint) -> list[str]:
+    """Where transformers' OneVision video path (``get_video_features``: frames pooled bilinearly to
+    ``ceil(side / 2)``, one ``image_newline`` after all frames) computes something else than the original does for
+    this checkpoint's ``config.json``, each naming the field; empty when they agree."""
+    try:
+        video = image_path.video_config(ckpt)
+    except ConfigError as e:
+        return [f"video: the original cannot read this checkpoint's video fields ({e})"]
+    notes = []
+    if video.pool_mode != "bilinear":
+        notes.append(f"video: the original pools frames with mm_spatial_pool_mode {video.pool_mode!r}, transformers "
+                     "always bilinearly: video features differ")
+    if video.newline_position != "one_token":
+        notes.append(f"video: the original places newlines by mm_newline_position {video.newline_position!r}, "
                      "transformers one after all frames: video token sequences differ")
     return notes
 
@@ -106,6 +119,17 @@ def image_processor(ckpt: OriginalCheckpoint):
         image_mean=list(cfg.mean), image_std=list(cfg.std), rescale_factor=cfg.rescale, resample=3,
         size={"height": cfg.size, "width": cfg.size}, image_grid_pinpoints=[[h, w] for w, h in cfg.grid_pinpoints],
         do_pad=True, do_resize=True, do_rescale=True, do_normalize=True, do_convert_rgb=True)
+
+
+def video_processor_fields(ckpt: OriginalCheckpoint) -> dict:
+    """``video_preprocessor_config.json``: ``LlavaOnevisionVideoProcessor`` with the original's frame preprocessing
+    (each frame squashed to the tower's size, bicubic, SigLIP's mean/std). Written field by field (the class needs
+    torchvision) and never left to the class defaults, which are CLIP's mean/std."""
+    cfg = image_path.image_config(ckpt)
+    return {"video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor",
+            "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True,
+            "do_sample_frames": False, "size": {"height": cfg.size, "width": cfg.size}, "resample": 3,
+            "rescale_factor": cfg.rescale, "image_mean": list(cfg.mean), "image_std": list(cfg.std)}
 
 
 def expected_tensors(config) -> dict[str, tuple[int, ...]]:
@@ -164,8 +188,10 @@ def conversion(ckpt: OriginalCheckpoint, options: LoadOptions) -> Conversion:
     tower = ckpt.vision_config
     files = _processor_files(ckpt, tok, template, (tower["image_size"] // tower["patch_size"]) ** 2)
     dtype = options.dtype or (ckpt.lora.base_dtype if ckpt.lora else None)
-    return tensors(ckpt, config, seed=options.seed, dtype=dtype, processor_files=files, generation=generation,
-                   summary=f"template {template}")
+    conversion = tensors(ckpt, config, seed=options.seed, dtype=dtype, processor_files=files, generation=generation,
+                         summary=f"template {template}")
+    conversion.warnings.extend(video_differences(ckpt))  # images convert faithfully; videos would not
+    return conversion
 
 
 def _processor_files(ckpt: OriginalCheckpoint, tok, template: str, base_tokens: int):
@@ -221,6 +247,7 @@ def tensors(ckpt: OriginalCheckpoint, config, *, seed: int = 0, dtype: str | Non
         raise ConfigError(f"{ckpt.path}/config.json: mm_projector_type {ckpt.config.get('mm_projector_type')!r}; "
                           "transformers' OneVision projector is Linear -> GELU -> Linear (mlp2x_gelu)")
     images_only = image_processor(ckpt)
+    video_processor = video_processor_fields(ckpt)
 
     def write(folder: Path) -> None:
         data = config.to_dict()
@@ -234,6 +261,7 @@ def tensors(ckpt: OriginalCheckpoint, config, *, seed: int = 0, dtype: str | Non
             processor_files(folder)
         # transformers 5 nests the image processor in processor_config.json; 4.x and vLLM read this file
         images_only.save_pretrained(folder)
+        (folder / "video_preprocessor_config.json").write_text(json.dumps(video_processor, indent=2) + "\n")
 
     return Conversion(ckpt.source, rules, expected=expected_tensors(config), write_extras=write, dtype=dtype,
                       summary=f"LLaVA-OneVision ({ckpt.form} checkpoint, {ckpt.backbone} backbone"

@@ -9,6 +9,8 @@ steps are ``image_path``'s functions, the ones training runs too):
 * the ``mm_projector`` (Linear, or Linear-GELU-Linear... for ``mlpNx_gelu``);
 * NeXT: the base image's features first, then the crops' grid, unpadded to the image's
   aspect ratio, an ``image_newline`` at the end of every row (``spatial_unpad``);
+* a video (LLaVA-OneVision, LLaVA-Video): its frames pooled and newline'd as ``mm_spatial_pool_mode`` /
+  ``mm_newline_position`` say (``image_path.video_features``), one placeholder for the whole video;
 * image features spliced where the prompt has ``IMAGE_TOKEN_INDEX`` (-200) in the
   input embeddings, truncated at ``tokenizer_model_max_length``;
 * greedy decoding with a KV cache from those embeddings, until one of the template's stop ids;
@@ -115,6 +117,19 @@ class OriginalLlava(nn.Module):
         """
         return image_path.image_features(self.ckpt, self.encode_images, pixel_values, image_sizes,
                                          image_config=self.image_config, image_newline=self.image_newline)
+
+    @torch.no_grad()
+    def video_features(self, frames: list) -> torch.Tensor:
+        """One video's ``[N, hidden]`` features from its frames (PIL images, in order), as the original computes
+        them for ``modalities=["video"]`` (``image_path.video_features``).
+
+        Raises:
+            ConfigError: the checkpoint's video fields are ones the original refuses or vlmkit does not reproduce.
+        """
+        video = image_path.video_config(self.ckpt)
+        pixels = torch.from_numpy(self.image_config.frames(frames)).to(next(self.language_model.parameters()).device)
+        return image_path.video_features(self.ckpt, self.encode_images, pixels, video=video,
+                                         image_newline=self.image_newline)
 
     # ------------------------------------------------------------------ text
 

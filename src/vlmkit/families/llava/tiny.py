@@ -374,3 +374,25 @@ def make_onevision(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 
     _write_json(folder / "config.json", config)
     _generation_config(folder, "qwen2")
     return folder
+
+
+VIDEO_RELEASE = "LLaVA-Video-7B-Qwen2"
+# What LLaVA-NeXT's video training leaves in config.json (scripts/video/train/SO400M_Qwen2_7B_ov_to_video_am9.sh:
+# --mm_newline_position grid --mm_spatial_pool_stride 2 --add_time_instruction True --force_sample True; train.py
+# writes them with its ModelArguments defaults: mm_spatial_pool_mode "bilinear", add_faster_video False,
+# faster_token_stride 10), over the OneVision checkpoint it starts from. The release's own config.json was not
+# available offline: these are the fields its training script writes.
+VIDEO_FIELDS = {"mm_newline_position": "grid", "mm_spatial_pool_mode": "bilinear", "mm_spatial_pool_stride": 2,
+                "add_faster_video": False, "faster_token_stride": 10, "add_time_instruction": True,
+                "force_sample": True}
+
+
+def make_llava_video(folder: Path, sizes: TinySizes = TinySizes(image_size=70), *, seed: int = 0) -> Path:
+    """An original LLaVA-Video checkpoint as ``lmms-lab/LLaVA-Video-7B-Qwen2`` ships it, at toy sizes: the OneVision
+    layout (:func:`make_onevision`) with the video fields of ``VIDEO_FIELDS``. The default tower sees 5 x 5 patches,
+    an odd side as the release's 27 x 27: bilinear pooling then gives 3 x 3 per frame, average and max 2 x 2."""
+    make_onevision(folder, sizes, seed=seed)
+    config = json.loads((folder / "config.json").read_text())
+    config.update({"_name_or_path": f"lmms-lab/{VIDEO_RELEASE}", **VIDEO_FIELDS})
+    _write_json(folder / "config.json", config)
+    return folder
