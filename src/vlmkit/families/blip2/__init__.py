@@ -58,10 +58,10 @@ def conversion(found, options: LoadOptions):
 
 def describe(found) -> dict:
     from ...tensors.safe_pickle import peek_state_dict
-    from .checkpoint import _lavis_file, lm_kind
+    from .checkpoint import lavis_file, lm_kind
 
     path = found.path
-    tensors = peek_state_dict(_lavis_file(path))
+    tensors = peek_state_dict(lavis_file(path))
     kind = lm_kind(tensors)
     layers = {n.split(".")[4] for n in tensors if n.startswith("Qformer.bert.encoder.layer.")}
     return {"blip2 form": form_of(path), "language model": kind.title,

@@ -67,7 +67,7 @@ class OriginalBlip2:
         return sorted({int(m.group(1)) for n in self.source.keys() if (m := pattern.match(n))})
 
 
-def _lavis_file(path: Path) -> Path | None:
+def lavis_file(path: Path) -> Path | None:
     """The LAVIS ``.pth`` a path names: the file itself, or the only pickle in a folder."""
     if path.is_file():
         return path if path.suffix in PICKLES else None
@@ -77,17 +77,50 @@ def _lavis_file(path: Path) -> Path | None:
     return None
 
 
-def lm_kind(names) -> LanguageModel | None:
-    """The language model's row from LAVIS's key names: a Q-Former, query tokens and a projection to an LM."""
+# What tells LAVIS's three Q-Former models apart by the keys a state dict holds. The ``blip2``, ``instructblip`` and
+# ``blip2_retrieval`` recognisers all ask ``lavis_model``, so no file is recognised by two of them.
+WORDS = "Qformer.bert.embeddings.word_embeddings.weight"
+STAGE1_HEAD = "Qformer.cls."  # the stage-1 captioning head: Blip2Qformer's; InstructBLIP sets it to None
+# the projection into a language model -> the families whose model has it (Blip2OPT / Blip2T5; Blip2VicunaInstruct /
+# Blip2T5Instruct); Blip2Qformer has none
+LANGUAGE_PROJECTIONS = {"opt_proj.weight": ("blip2",), "t5_proj.weight": ("blip2", "instructblip"),
+                        "llm_proj.weight": ("instructblip",)}
+# Blip2Qformer (blip2_qformer.py): the text side and both retrieval heads
+STAGE1 = ("vision_proj.weight", "text_proj.weight", "itm_head.weight", WORDS)
+
+
+def lavis_model(names) -> str | None:
+    """Which family a LAVIS state dict belongs to, from its key names alone (None: none of them).
+
+    * ``blip2_retrieval``: no projection into a language model, and Blip2Qformer's text side and heads;
+    * ``instructblip``: the Q-Former reads the instruction: its word embeddings kept and no stage-1 head
+      (``blip2_*_instruct.py``: ``resize_token_embeddings``, ``Qformer.cls = None``), and ``llm_proj`` or ``t5_proj``;
+    * ``blip2``: ``opt_proj`` / ``t5_proj`` and a Q-Former that reads no text: no word embeddings (``Blip2OPT`` /
+      ``Blip2T5`` set them to None) or, in the releases saved from a stage-1 initialised model, the ``Qformer.cls``
+      head beside them.
+    """
     names = set(names)
     if "query_tokens" not in names or not any(n.startswith("Qformer.bert.") for n in names):
         return None
-    return of_projection(names)
+    projections = [p for p in LANGUAGE_PROJECTIONS if p in names]
+    if not projections:
+        return "blip2_retrieval" if all(n in names for n in STAGE1) else None
+    if len(projections) > 1:
+        return None
+    reads_instruction = WORDS in names and not any(n.startswith(STAGE1_HEAD) for n in names)
+    family = "instructblip" if reads_instruction else "blip2"
+    return family if family in LANGUAGE_PROJECTIONS[projections[0]] else None
+
+
+def lm_kind(names) -> LanguageModel | None:
+    """The language model's row of a BLIP-2 OPT / T5 state dict from its key names (``lavis_model``), or None."""
+    names = set(names)
+    return of_projection(names) if lavis_model(names) == "blip2" else None
 
 
 def form_of(path: Path) -> str | None:
     """``"full"`` / ``"parts"`` when ``path`` is a LAVIS BLIP-2 OPT/T5 checkpoint, else None. Reads no tensor data."""
-    file = _lavis_file(path)
+    file = lavis_file(path)
     tensors = peek_state_dict(file) if file is not None else None
     kind = lm_kind(tensors or ())
     if kind is None:
@@ -102,7 +135,7 @@ def open_original(path: Path, options: LoadOptions) -> OriginalBlip2:
     Raises:
         CheckpointError / ConfigError: naming the missing part or file and the flag that supplies it.
     """
-    file = _lavis_file(path)
+    file = lavis_file(path)
     if file is None:
         raise CheckpointError(f"{path}: not a LAVIS BLIP-2 checkpoint (a .pth holding query_tokens, "
                               "Qformer.bert.* and opt_proj / t5_proj)")
@@ -120,20 +153,20 @@ def open_original(path: Path, options: LoadOptions) -> OriginalBlip2:
         if not options.vision_tower:
             raise ConfigError(f"{file} holds no visual encoder (visual_encoder.*): LAVIS loads EVA ViT-g from "
                               "eva_vit_g.pth first", hint="pass --vision PATH (eva_vit_g.pth, or a state dict of it)")
-        parts.append(("", _vit_source(resolve(options.vision_tower))))
+        parts.append(("", vit_source(resolve(options.vision_tower))))
     lm_folder = _lm_folder(file, lm, main, options)
     has_lm = any(n.startswith(lm.original_prefix) for n in main.keys())
     if has_lm:
         notes.append(f"{file.name} holds the language model's weights; {lm_folder.name} gives its config and tokenizer")
     else:
-        parts.append(("", _lm_source(lm_folder, lm)))
+        parts.append(("", language_model_source(lm_folder, lm.original_prefix, lm.headless)))
     source = CombinedSource([("", main), *parts], path=file) if parts else main
     lm_config = read_json(lm_folder / "config.json")
     form = "full" if not parts else "parts"
     return OriginalBlip2(file, form, lm, source, lm_folder, lm_config, notes)
 
 
-def _vit_source(path: Path) -> TensorSource:
+def vit_source(path: Path) -> TensorSource:
     """eva_vit_g.pth's tensors under ``visual_encoder.``; tensors LAVIS's ViT has no module for are kept aside."""
     source = open_source(path)
     if not any(n in ("cls_token", "pos_embed") for n in source.keys()):
@@ -146,23 +179,33 @@ def _vit_source(path: Path) -> TensorSource:
 def _lm_folder(file: Path, lm: LanguageModel, main: TensorSource, options: LoadOptions) -> Path:
     proj = main.info(f"{lm.original_projection}.weight").shape[0]
     known = lm.known.get(proj, f"the {lm.title} model whose width is {proj}")
+    return language_model_folder(file, options, lm.model_types, f"{lm.title} ({lm.original_projection})",
+                                 f"a local folder of {known} (LAVIS loads it from the hub)",
+                                 weights_inside=any(n.startswith(lm.original_prefix) for n in main.keys()))
+
+
+def language_model_folder(file: Path, options: LoadOptions, model_types: tuple[str, ...], trained_with: str,
+                          known: str, *, weights_inside: bool) -> Path:
+    """The ``--language-model`` folder of a LAVIS checkpoint: its config.json and tokenizer, which no ``.pth`` holds,
+    and its weights unless the checkpoint holds them. ``trained_with``: the model and its projection, in words;
+    ``known``: the folder LAVIS's config names (hints)."""
     if not options.model_base:
-        raise ConfigError(f"{file}: the language model's tokenizer and config are in no LAVIS checkpoint "
-                          f"(LAVIS loads {known} from the hub)",
-                          hint=f"pass --language-model PATH (a local folder of {known}: config.json + tokenizer"
-                               f"{'' if any(n.startswith(lm.original_prefix) for n in main.keys()) else ' + weights'})")
+        raise ConfigError(f"{file}: the language model's tokenizer and config are in no LAVIS checkpoint",
+                          hint=f"pass --language-model PATH: {known} (config.json + tokenizer"
+                               f"{'' if weights_inside else ' + weights'})")
     folder = resolve(options.model_base)
     if not (folder / "config.json").exists():
-        raise ConfigError(f"--language-model {folder}: no config.json", hint=f"pass the transformers folder of {known}")
+        raise ConfigError(f"--language-model {folder}: no config.json", hint=f"pass {known}")
     model_type = read_json(folder / "config.json").get("model_type")
-    if model_type not in lm.model_types:
+    if model_type not in model_types:
         raise ConfigError(f"--language-model {folder}: model_type {model_type!r}, but {file.name} was trained with "
-                          f"{lm.title} ({lm.original_projection})", hint=f"pass the folder of {known}")
+                          f"{trained_with}", hint=f"pass {known}")
     return folder
 
 
-def _lm_source(folder: Path, lm: LanguageModel) -> TensorSource:
-    """The transformers folder's weights under ``opt_model.`` / ``t5_model.`` as LAVIS's module holds them."""
+def language_model_source(folder: Path, prefix: str, headless: tuple[str, str] | None = None) -> TensorSource:
+    """The ``--language-model`` folder's weights under ``prefix`` (``opt_model.``, ``llm_model.``, ...), as LAVIS's
+    module holds them. ``headless``: (start, where) of names saved from the base model (see ``language_models``)."""
     try:
         source = open_source(folder)
     except CheckpointError as e:
@@ -170,8 +213,8 @@ def _lm_source(folder: Path, lm: LanguageModel) -> TensorSource:
                           hint="the checkpoint has no language model inside, so the folder must hold its weights") from None
     mapping = {}
     for name in source.keys():
-        if lm.headless and name.startswith(lm.headless[0]):  # saved from the base model (OPTModel: older hub files)
-            mapping[name] = lm.original_prefix + lm.headless[1] + name
+        if headless and name.startswith(headless[0]):  # saved from the base model (OPTModel: older hub files)
+            mapping[name] = prefix + headless[1] + name
         else:
-            mapping[name] = lm.original_prefix + name
+            mapping[name] = prefix + name
     return RenamedSource(source, mapping)

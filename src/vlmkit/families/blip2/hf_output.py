@@ -18,12 +18,11 @@ replaces with the Q-Former's projected outputs.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ... import dtypes
+from ...conversion.hf_files import write_hf_files
 from ...errors import ConfigError
 from ...options import LoadOptions, deep_merge
 from .checkpoint import QFORMER_LAYER, VIT_BLOCK, OriginalBlip2
@@ -87,7 +86,7 @@ def qformer_fields(ckpt: OriginalBlip2) -> dict:
             "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
 
 
-def _check_depth(ckpt: OriginalBlip2, fields: dict, override: dict, what: str, source: str) -> None:
+def check_depth(ckpt: OriginalBlip2, fields: dict, override: dict, what: str, source: str) -> None:
     """``--config`` may change what no shape tells (heads), never what the weights fix (depth, widths)."""
     for key in ("num_hidden_layers", "hidden_size", "intermediate_size"):
         if key in override and override[key] != fields[key]:
@@ -107,14 +106,13 @@ def language_config(ckpt: OriginalBlip2, tokenizer) -> tuple[dict, bool]:
 
 
 def target_for(ckpt: OriginalBlip2, options: LoadOptions) -> Target:
-    from transformers import AutoConfig, AutoTokenizer, Blip2Config, Blip2Processor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers import AutoTokenizer, Blip2Config, Blip2Processor
 
     override = options.config or {}
     vision = vision_fields(ckpt)
     qformer = qformer_fields(ckpt)
-    _check_depth(ckpt, vision, override.get("vision_config") or {}, "vision_config", "visual_encoder.blocks.*")
-    _check_depth(ckpt, qformer, override.get("qformer_config") or {}, "qformer_config", "Qformer.bert.encoder.layer.*")
+    check_depth(ckpt, vision, override.get("vision_config") or {}, "vision_config", "visual_encoder.blocks.*")
+    check_depth(ckpt, qformer, override.get("qformer_config") or {}, "qformer_config", "Qformer.bert.encoder.layer.*")
     # the padding side generation needs (a decoder-only model: left), saved with the tokenizer
     side = ckpt.lm.padding_side
     tokenizer = AutoTokenizer.from_pretrained(ckpt.lm_folder, **({"padding_side": side} if side else {}))
@@ -128,41 +126,60 @@ def target_for(ckpt: OriginalBlip2, options: LoadOptions) -> Target:
                           hint="use the tokenizer the language model was trained with")
     derived = {"vision_config": vision, "qformer_config": qformer, "text_config": text,
                "num_query_tokens": ckpt.shape("query_tokens")[1], "image_token_index": image_token}
+    hf_config = merged_config(Blip2Config, derived, override)
+    check_projection(ckpt, ckpt.lm.original_projection, hf_config)
+    size = hf_config.vision_config.image_size
+    processor = Blip2Processor(image_processor=lavis_image_processor(size), tokenizer=tokenizer,
+                               num_query_tokens=hf_config.num_query_tokens)
+    return Target(hf_config, tokenizer, processor, generation_config(hf_config, ckpt.lm.causal), size, tie)
+
+
+def merged_config(config_class, derived: dict, override: dict):
+    """``config_class`` (``Blip2Config``, ``InstructBlipConfig``) of the derived fields with ``--config`` over them;
+    the text config is the language model's own class, by its ``model_type``."""
+    from transformers import AutoConfig
+
     merged = deep_merge(derived, override)
     text_fields = dict(merged["text_config"])
     merged["text_config"] = AutoConfig.for_model(text_fields.pop("model_type"), **text_fields)
     for key in ("model_type", "architectures", "transformers_version"):
         merged.pop(key, None)
-    hf_config = Blip2Config(**merged)
-    projection = ckpt.lm.original_projection
+    return config_class(**merged)
+
+
+def check_projection(ckpt, projection: str, hf_config) -> None:
+    """LAVIS's projection into the language model must end at that model's width."""
     width = ckpt.shape(f"{projection}.weight")[0]
     if width != hf_config.text_config.hidden_size:
         raise ConfigError(f"{ckpt.path.name}: {projection} maps to width {width} but the language model in "
                           f"{ckpt.lm_folder} is {hf_config.text_config.hidden_size} wide",
                           hint="--language-model must be the model this checkpoint was trained with")
-    size = hf_config.vision_config.image_size
-    image_processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=CLIP_MEAN,
-                                            image_std=CLIP_STD, resample=3, do_convert_rgb=True)
-    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                               num_query_tokens=hf_config.num_query_tokens)
+
+
+def lavis_image_processor(size: int):
+    """LAVIS's eval preprocessing (``blip_image_eval``) as transformers' BLIP image processor: a bicubic resize to the
+    square ``size``, CLIP mean and std."""
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                                 resample=3, do_convert_rgb=True)
+
+
+def generation_config(hf_config, causal: bool) -> dict:
+    """generation_config.json: the language model's special ids (and a seq2seq model's decoder start)."""
     lm = hf_config.text_config
     generation = {"bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id, "pad_token_id": lm.pad_token_id}
-    if not ckpt.lm.causal:
+    if not causal:
         generation["decoder_start_token_id"] = lm.decoder_start_token_id if lm.decoder_start_token_id is not None \
             else lm.pad_token_id
-    return Target(hf_config, tokenizer, processor, generation, size, tie)
+    return generation
 
 
 def write(folder: Path, target: Target, stored_dtype: str) -> None:
     """config.json (with the language model's real tie flag), generation_config.json, the processor files."""
     config = target.hf_config.to_dict()
-    config["architectures"] = ["Blip2ForConditionalGeneration"]
-    config["torch_dtype"] = dtypes.config_name(stored_dtype)  # the key 4.x and vLLM read
-    config.pop("dtype", None)
     # transformers 5's T5Config always says tie_word_embeddings=True (and keeps the real flag as
     # scale_decoder_outputs); 4.x and vLLM read the flag itself, so write what the model is.
     config["text_config"]["tie_word_embeddings"] = target.tie_lm_head
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps(target.generation_config, indent=2) + "\n")
-    target.processor.save_pretrained(folder)
-    target.processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, as published repos have
+    write_hf_files(folder, config, "Blip2ForConditionalGeneration", stored_dtype, target.processor,
+                   target.generation_config)

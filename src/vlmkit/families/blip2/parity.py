@@ -25,6 +25,8 @@ from ...parity import Check, Report, compare_ids, compare_tensors
 from ...runtime import images
 from . import hf_output
 from .checkpoint import open_original
+from .convert import lm_embedding
+from .language_models import HF_PREFIX
 from .reference import OriginalBlip2Model, lavis_eval_pixels
 
 # float32 on both sides. transformers normalises the ViT output with eps 1e-6 where LAVIS's
@@ -74,36 +76,50 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[t
     del reference
     gc.collect()
 
-    # --- the converted folder, through transformers alone ---------------------------------
-    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+    tol = TOLERANCES[cast_to(converted, HF_PREFIX + ckpt.lm.embedding, ckpt.source.info(lm_embedding(ckpt)).dtype)]
+
+    def logits_check(model, processor, first) -> list[Check]:
+        with torch.no_grad():
+            text_in = processor(images=ref[0]["image"], text=logit_text[0] + ckpt.lm.forward_suffix,
+                                return_tensors="pt")
+            kwargs = {}
+            if logit_text[1] is not None:
+                labels = processor.tokenizer(logit_text[1], return_tensors="pt").input_ids
+                kwargs["labels"] = labels.masked_fill(labels == processor.tokenizer.pad_token_id, -100)
+            logits = model(**text_in, **kwargs).logits[0]
+        return [compare_tensors("logits", ref[0]["logits"], logits, atol=tol["logits"], min_cosine=tol["cosine"])]
+
+    # LAVIS's min_length=1 (see reference.greedy)
+    extra = {"min_new_tokens": ckpt.lm.min_new_tokens} if ckpt.lm.min_new_tokens else {}
+    check_converted(report, "Blip2ForConditionalGeneration", converted, ref, [p for _, p in probes], tol=tol,
+                    causal=ckpt.lm.causal, eos=eos, decode=decode, middle=logits_check,
+                    generate={"do_sample": False, **extra}, max_new_tokens=max_new_tokens)
+    return report
+
+
+def check_converted(report: Report, model_class: str, converted: Path, ref: list[dict], prompts: list[str], *,
+                    tol: dict, causal: bool, eos: int, decode, middle, generate: dict, max_new_tokens: int) -> None:
+    """The converted folder, through transformers alone (``model_class``), against LAVIS's results ``ref`` (one dict a
+    probe: image, pixels, ids, tokens): pixel values, input ids, the checks ``middle(model, processor, first)``
+    returns (logits, ...), greedy tokens and the padded batch. BLIP-2's and InstructBLIP's ``verify`` share it."""
+    import transformers
+    from transformers import AutoProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     processor = AutoProcessor.from_pretrained(converted)
-    model = Blip2ForConditionalGeneration.from_pretrained(converted, dtype=torch.float32).eval()
-    tol = TOLERANCES[_cast_to(ckpt, converted)]
+    model = getattr(transformers, model_class).from_pretrained(converted, dtype=torch.float32).eval()
     image_token = model.config.image_token_index
-    prompts = [p for _, p in probes]
 
     first = processor(images=ref[0]["image"], text=prompts[0], return_tensors="pt")
     report.checks.append(compare_tensors("pixel values", ref[0]["pixels"], first["pixel_values"], atol=tol["pixels"]))
     ids = [i for i in first["input_ids"][0].tolist() if i != image_token]
     report.checks.append(compare_ids("input ids", ref[0]["ids"], ids, decode=decode))
-    with torch.no_grad():
-        text_in = processor(images=ref[0]["image"], text=logit_text[0] + ckpt.lm.forward_suffix, return_tensors="pt")
-        kwargs = {}
-        if logit_text[1] is not None:
-            labels = processor.tokenizer(logit_text[1], return_tensors="pt").input_ids
-            kwargs["labels"] = labels.masked_fill(labels == processor.tokenizer.pad_token_id, -100)
-        logits = model(**text_in, **kwargs).logits[0]
-    report.checks.append(compare_tensors("logits", ref[0]["logits"], logits, atol=tol["logits"], min_cosine=tol["cosine"]))
-
-    # LAVIS's min_length=1 (see reference.greedy)
-    extra = {"min_new_tokens": ckpt.lm.min_new_tokens} if ckpt.lm.min_new_tokens else {}
+    report.checks.extend(middle(model, processor, first))
 
     def new_tokens(inputs, rows):
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-        start = inputs["input_ids"].shape[1] if ckpt.lm.causal else 1  # seq2seq: after the decoder start token
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate)
+        start = inputs["input_ids"].shape[1] if causal else 1  # seq2seq: after the decoder start token
         return [_until_eos(row[start:].tolist(), eos) for row in out[:rows]]
 
     single = [new_tokens(first if i == 0 else processor(images=r["image"], text=prompts[i], return_tensors="pt"), 1)[0]
@@ -119,18 +135,16 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[t
     ))
     report.notes.append(f"LAVIS greedy text: {decode(ref[0]['tokens'])!r}")
     report.notes.append("transformers normalises the ViT output with eps 1e-6, LAVIS's ln_vision with 1e-5")
-    return report
 
 
-def _cast_to(ckpt, converted: Path) -> str:
-    """The dtype the conversion cast the language model to ("F32" when it kept the checkpoint's own values)."""
+def cast_to(converted: Path, written: str, source_dtype: str) -> str:
+    """The dtype the conversion cast the language model to ("F32" when it kept the checkpoint's own values), from the
+    dtype of its embedding (``written`` in the folder; ``source_dtype`` in the checkpoint)."""
     from ...tensors import open_source
-    from .convert import lm_embedding
-    from .language_models import HF_PREFIX
 
     out = open_source(converted)
     try:
-        written = out.info(HF_PREFIX + ckpt.lm.embedding).dtype
+        dtype = out.info(written).dtype
     finally:
         out.close()
-    return written if written != ckpt.source.info(lm_embedding(ckpt)).dtype and written in TOLERANCES else "F32"
+    return dtype if dtype != source_dtype and dtype in TOLERANCES else "F32"

@@ -57,9 +57,9 @@ def describe(found) -> dict:
                 "image size": (config.get("vision_config") or {}).get("image_size"),
                 "embedding width": config.get("image_text_hidden_size")}
     from ...tensors.safe_pickle import peek_state_dict
-    from ..blip2.checkpoint import _lavis_file
+    from ..blip2.checkpoint import lavis_file
 
-    tensors = peek_state_dict(_lavis_file(found.path))
+    tensors = peek_state_dict(lavis_file(found.path))
     layers = {n.split(".")[4] for n in tensors if n.startswith("Qformer.bert.encoder.layer.")}
     return {"blip2 retrieval form": found.form, "query tokens": tensors["query_tokens"].shape[1],
             "q-former layers": len(layers), "embedding width": tensors["vision_proj.weight"].shape[0],

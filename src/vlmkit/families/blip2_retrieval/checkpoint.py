@@ -29,12 +29,8 @@ from ...errors import CheckpointError, ConfigError
 from ...tensors import TensorSource, open_source, resolve
 from ...tensors.safe_pickle import peek_state_dict
 from ...tensors.views import CombinedSource
-from ..blip2.checkpoint import VISION, _lavis_file, _vit_source
+from ..blip2.checkpoint import VISION, lavis_file, lavis_model, vit_source
 
-# what a stage-1 model has and a BLIP-2 OPT / T5 or InstructBLIP checkpoint does not
-STAGE1 = ("query_tokens", "vision_proj.weight", "text_proj.weight", "itm_head.weight",
-          "Qformer.bert.embeddings.word_embeddings.weight")
-LANGUAGE_PROJECTIONS = ("opt_proj.", "t5_proj.", "llm_proj.")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
@@ -56,14 +52,14 @@ class OriginalRetrieval:
 
 
 def is_stage1(names) -> bool:
-    """LAVIS's key names of a ``Blip2Qformer``: Q-Former with its text side, both projections, the ITM head."""
-    names = set(names)
-    return all(n in names for n in STAGE1) and not any(n.startswith(LANGUAGE_PROJECTIONS) for n in names)
+    """LAVIS's key names of a ``Blip2Qformer``: Q-Former with its text side, both projections, the ITM head, and no
+    projection into a language model (``lavis_model``)."""
+    return lavis_model(names) == "blip2_retrieval"
 
 
 def form_of(path: Path) -> str | None:
     """``"full"`` / ``"parts"`` when ``path`` is a LAVIS stage-1 checkpoint, else None. Reads no tensor data."""
-    file = _lavis_file(path)
+    file = lavis_file(path)
     tensors = peek_state_dict(file) if file is not None else None
     if not tensors or not is_stage1(tensors):
         return None
@@ -76,7 +72,7 @@ def open_original(path: Path, options) -> OriginalRetrieval:
     Raises:
         CheckpointError / ConfigError: naming the missing part or file and the flag that supplies it.
     """
-    file = _lavis_file(path)
+    file = lavis_file(path)
     main = open_source(file) if file is not None else None
     if main is None or not is_stage1(main.keys()):
         raise CheckpointError(f"{path}: not a LAVIS BLIP-2 stage-1 checkpoint (a .pth holding query_tokens, "
@@ -95,7 +91,7 @@ def open_original(path: Path, options) -> OriginalRetrieval:
         if not options.vision_tower:
             raise ConfigError(f"{file} holds no visual encoder (visual_encoder.*): LAVIS trains it frozen and loads "
                               "EVA ViT-g from eva_vit_g.pth", hint="pass --vision PATH (eva_vit_g.pth)")
-        parts.append(("", _vit_source(resolve(options.vision_tower))))
+        parts.append(("", vit_source(resolve(options.vision_tower))))
     source = CombinedSource([("", main), *parts], path=file) if parts else main
     width, ln = source.info("visual_encoder.cls_token").shape[-1], source.info("ln_vision.weight").shape[0]
     if width != ln:

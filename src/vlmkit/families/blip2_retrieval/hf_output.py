@@ -16,14 +16,13 @@ tokens, so ``truncation=True`` cuts where LAVIS cuts (the published tokenizer sa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ... import dtypes
+from ...conversion.hf_files import write_hf_files
 from ...errors import ConfigError
 from ...options import LoadOptions, deep_merge
-from ..blip2.hf_output import CLIP_MEAN, CLIP_STD, _check_depth, qformer_fields, vision_fields
+from ..blip2.hf_output import check_depth, lavis_image_processor, qformer_fields, vision_fields
 from .checkpoint import OriginalRetrieval
 
 MAX_TXT_LEN = 32  # Blip2Qformer(max_txt_len=32): cfg.get("max_txt_len", 32), which no released config sets
@@ -54,13 +53,12 @@ def tokenizer_for(ckpt: OriginalRetrieval):
 
 def target_for(ckpt: OriginalRetrieval, options: LoadOptions) -> Target:
     from transformers import Blip2Config, Blip2Processor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     override = options.config or {}
     vision = vision_fields(ckpt)
     qformer = {**qformer_fields(ckpt), "use_qformer_text_input": True}
-    _check_depth(ckpt, vision, override.get("vision_config") or {}, "vision_config", "visual_encoder.blocks.*")
-    _check_depth(ckpt, qformer, override.get("qformer_config") or {}, "qformer_config", "Qformer.bert.encoder.layer.*")
+    check_depth(ckpt, vision, override.get("vision_config") or {}, "vision_config", "visual_encoder.blocks.*")
+    check_depth(ckpt, qformer, override.get("qformer_config") or {}, "qformer_config", "Qformer.bert.encoder.layer.*")
     width = ckpt.shape("vision_proj.weight")[0]
     if ckpt.shape("text_proj.weight")[0] != width or ckpt.shape("itm_head.weight")[0] != 2:
         raise ConfigError(f"{ckpt.path.name}: vision_proj is {width} wide, text_proj "
@@ -73,18 +71,10 @@ def target_for(ckpt: OriginalRetrieval, options: LoadOptions) -> Target:
         merged.pop(key, None)
     hf_config = Blip2Config(**merged)
     size = hf_config.vision_config.image_size
-    image_processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=CLIP_MEAN,
-                                            image_std=CLIP_STD, resample=3, do_convert_rgb=True)
-    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer_for(ckpt))
+    processor = Blip2Processor(image_processor=lavis_image_processor(size), tokenizer=tokenizer_for(ckpt))
     return Target(hf_config, processor, size)
 
 
 def write(folder: Path, target: Target, stored_dtype: str) -> None:
     """config.json and the processor files (tokenizer, preprocessor_config.json), as the published repositories."""
-    config = target.hf_config.to_dict()
-    config["architectures"] = ["Blip2ForImageTextRetrieval"]
-    config["torch_dtype"] = dtypes.config_name(stored_dtype)
-    config.pop("dtype", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    target.processor.save_pretrained(folder)
-    target.processor.image_processor.save_pretrained(folder)
+    write_hf_files(folder, target.hf_config.to_dict(), "Blip2ForImageTextRetrieval", stored_dtype, target.processor)

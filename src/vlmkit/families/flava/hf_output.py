@@ -10,13 +10,12 @@ the image at 8 x the patch grid, 112 for 224 / 16) with the folder's BERT tokeni
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ... import dtypes
+from ...conversion.hf_files import write_hf_files
 from ...errors import ConfigError
 from ...options import LoadOptions, deep_merge
 from .checkpoint import CODEBOOK, OriginalFlava
@@ -121,10 +120,4 @@ def target_for(ckpt: OriginalFlava, options: LoadOptions) -> Target:
 
 
 def write(folder: Path, target: Target, stored_dtype: str) -> None:
-    config = target.hf_config.to_dict()
-    config["architectures"] = ["FlavaForPreTraining"]
-    config["torch_dtype"] = dtypes.config_name(stored_dtype)
-    config.pop("dtype", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    target.processor.save_pretrained(folder)
-    target.processor.image_processor.save_pretrained(folder)
+    write_hf_files(folder, target.hf_config.to_dict(), "FlavaForPreTraining", stored_dtype, target.processor)

@@ -4,9 +4,11 @@ Recognised by its key names: a release ``.pth`` (``{"model": state_dict}``) with
 ``Qformer.bert.*`` *with* the Q-Former's word embeddings, and ``llm_proj`` (Vicuna) or ``t5_proj``
 (Flan-T5) without ``Qformer.cls`` (see ``checkpoint.py`` for how it differs from plain BLIP-2).
 The EVA ViT-g and the language model come apart, as in LAVIS (``--vision``, ``--language-model``),
-and the Q-Former's ``bert-base-uncased`` tokenizer from a folder beside the ``.pth``. The pieces:
+and the Q-Former's ``bert-base-uncased`` tokenizer from a folder beside the ``.pth``; a full state
+dict of the whole LAVIS model (form ``full``) holds both, and takes ``--language-model`` for the
+config and the tokenizer only. The pieces:
 
-* ``checkpoint`` — the release + its parts, presented as LAVIS's one namespace;
+* ``checkpoint`` — the release + its parts (or a full state dict), presented as LAVIS's one namespace;
 * ``convert``    — the rule table to transformers' ``InstructBlipForConditionalGeneration``;
 * ``hf_output``  — ``InstructBlipConfig``, generation config, ``InstructBlipProcessor`` (two tokenizers);
 * ``reference``  — LAVIS's forward (the Q-Former reading the instruction), for ``verify`` and chat;
@@ -31,8 +33,10 @@ NAME = "instructblip"
 # transformers' own class: what --to hf writes (and Salesforce/instructblip-* publish), read back by chat
 TRANSFORMERS_ARCHITECTURES = ("InstructBlipForConditionalGeneration",)
 
+_LAVIS = ("describe", "conversion", "verify", "chat_backend")
 FORMS: dict[str, tuple[str, ...]] = {
-    "parts": ("describe", "conversion", "verify", "chat_backend"),  # release .pth + --vision + --language-model
+    "parts": _LAVIS,  # release .pth + --vision + --language-model
+    "full": _LAVIS,   # model.state_dict() of the whole LAVIS model (--language-model for its config and tokenizer)
     "transformers": ("chat_backend",),
 }
 # reverse(rules) gives back every tensor that was not dropped, the 32,000 trained rows of Vicuna included
@@ -44,8 +48,9 @@ __all__ = ["NAME", "FORMS", "REVERSIBLE", "recognise", "describe", "conversion",
 
 
 def recognise(path: Path, config: dict | None) -> str | None:
-    if form_of(path) is not None:
-        return "parts"
+    form = form_of(path)
+    if form is not None:
+        return form
     if path.is_dir() and any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
         return "transformers"
     return None
@@ -53,16 +58,17 @@ def recognise(path: Path, config: dict | None) -> str | None:
 
 def describe(found) -> dict:
     from ...tensors.safe_pickle import peek_state_dict
-    from ..blip2.checkpoint import QFORMER_LAYER, VISION, _lavis_file
-    from .checkpoint import WORDS, lm_of
+    from ..blip2.checkpoint import QFORMER_LAYER, VISION, WORDS, lavis_file
+    from .checkpoint import lm_of
 
-    tensors = peek_state_dict(_lavis_file(found.path))
+    tensors = peek_state_dict(lavis_file(found.path))
     lm = lm_of(tensors)
     layers = {m.group(1) for n in tensors if (m := QFORMER_LAYER.match(n))}
     return {"instructblip form": found.form, "language model": lm.title,
             "query tokens": tensors["query_tokens"].shape[1],
             "q-former layers": len(layers), "q-former vocabulary": tensors[WORDS].shape[0],
-            "visual encoder inside": any(n.startswith(VISION) for n in tensors)}
+            "visual encoder inside": any(n.startswith(VISION) for n in tensors),
+            "language model inside": found.form == "full"}
 
 
 def conversion(found, options: LoadOptions):
@@ -94,15 +100,16 @@ GENERATES = True
 
 
 def variants() -> tuple[str, ...]:
-    """One tiny release per language model: Vicuna (causal) and Flan-T5 (encoder-decoder)."""
+    """One tiny release per language model, Vicuna (causal) and Flan-T5 (encoder-decoder), and a full state dict of
+    each (``-full``)."""
     from .tiny import VARIANTS
 
     return VARIANTS
 
 
 def make_tiny(folder: Path, variant: str | None = None) -> Path:
-    """A tiny InstructBLIP release in LAVIS's layout (``.pth`` + EVA ViT-g + the language model's folder, with
-    bert-base-uncased's tokenizer beside the ``.pth``) in ``folder``; returns the release ``.pth``."""
+    """A tiny InstructBLIP in LAVIS's layout (release ``.pth`` + EVA ViT-g, or a full state dict; the language
+    model's folder, bert-base-uncased's tokenizer beside the ``.pth``) in ``folder``; returns the ``.pth``."""
     from . import tiny
 
     return tiny.tiny(folder, variant)["release"]
@@ -113,6 +120,7 @@ def tiny_options(folder: Path, variant: str | None = None) -> dict:
     head counts no tensor shape holds (``--config``)."""
     from . import tiny
 
-    lm = "vicuna-tiny" if (variant or tiny.VARIANTS[0]) == "vicuna" else "flan-t5-tiny"
-    return {"vision_tower": str(folder / "eva" / "eva_vit_g.pth"), "model_base": str(folder / lm),
-            "config": tiny.SIZES.override()}
+    variant = variant or tiny.VARIANTS[0]
+    # a full state dict holds the ViT; --language-model gives the config and tokenizer its .pth cannot hold
+    vision = {} if variant.endswith("-full") else {"vision_tower": str(folder / "eva" / "eva_vit_g.pth")}
+    return {**vision, "model_base": str(folder / tiny.language_model_folder(variant)), "config": tiny.SIZES.override()}

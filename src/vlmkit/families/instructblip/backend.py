@@ -1,8 +1,8 @@
 """InstructBLIP's chat backend: the LAVIS release (through ``reference.py``) or a converted transformers folder.
 
-The language-model side is BLIP-2's, and so is the code: ``Blip2Backend``'s token embedding, decoder
-step (Vicuna, like OPT, is causal) and Flan-T5 encoder / decoder steps for the runtime's
-encoder-decoder batch are inherited. What differs is the image side: the Q-Former reads the
+The language-model side is BLIP-2's, and so is the code: ``Blip2Backend``'s loading, image features,
+token embedding, decoder step (Vicuna, like OPT, is causal) and Flan-T5 encoder / decoder steps for
+the runtime's encoder-decoder batch are inherited. What differs is the image side: the Q-Former reads the
 instruction, so an image's features depend on the prompt. ``ChatModel`` asks for the prompt's ids
 before the image's features (``ChatModel.prompt``), so ``prompt_ids`` records the text the Q-Former
 will read and folds it into ``preprocessing``, the key the feature cache and the prefix cache use:
@@ -18,58 +18,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from ... import dtypes
-from ...errors import ConfigError, VlmkitError
-from ...runtime import images
-from ..blip2.backend import Blip2Backend
 from ...runtime.messages import Turn
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
+from ..blip2.backend import Blip2Backend
 
 
 class InstructBlipBackend(Blip2Backend):
-    """InstructBLIP with Vicuna (causal) or Flan-T5 (encoder-decoder)."""
+    """InstructBLIP with Vicuna (causal) or Flan-T5 (encoder-decoder): ``Blip2Backend`` with its own loaders, whose
+    image features read the instruction, and its own prompt."""
 
     kind = "instructblip"
+    title = "InstructBLIP"
+    transformers_class = "InstructBlipForConditionalGeneration"
+    asks = "instruction"
 
-    def __init__(self, path: Path, options, *, original: bool = False):  # Blip2Backend's __init__ is not used
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        self.device = options.device
-        if original:
-            self._load_original(path, options)
-        else:
-            self._load_transformers(path, options)
-        config = self.language_model.config
-        self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    def _language_settings(self) -> None:
+        self.encoder_decoder = bool(getattr(self.language_model.config, "is_encoder_decoder", False))
         # LAVIS's min_length=1 as transformers counts it: a causal LM given inputs_embeds only counts from 0
         self.min_new_tokens = 0 if self.encoder_decoder else 1
         self.template = "instructblip (the instruction as given)"
-        self.max_context = getattr(config, "max_position_embeddings", None)
-        self.decoder_start_token_id = getattr(config, "decoder_start_token_id", None)
-        self.image_max_pixels = images.DEFAULT_MAX_PIXELS
         self.instruction = ""
-        self.preprocessing = self._preprocessing
+        self.image_preprocessing = self.preprocessing  # what prompt_ids adds the instruction to
 
-    def _load_transformers(self, path: Path, options) -> None:
-        from transformers import AutoProcessor, InstructBlipForConditionalGeneration
-
-        self.processor = AutoProcessor.from_pretrained(path)
-        model = InstructBlipForConditionalGeneration.from_pretrained(
-            path, dtype=dtypes.torch_dtype(options.dtype)).to(options.device).eval()
-        self.tokenizer = self.processor.tokenizer
-        eos = model.generation_config.eos_token_id
-        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
-        self.marker = self.filler = model.config.image_token_id
-        self._preprocessing = repr(self.processor.image_processor.to_dict())
-        self.language_model = model.language_model
+    def _from_transformers(self, model) -> None:
         self._ids = lambda text: self.tokenizer(text).input_ids
 
-        def features(pil, instruction):
+        def features(pil):
             pixels = self.processor.image_processor(images=[pil], return_tensors="pt")["pixel_values"]
-            text = self.processor.qformer_tokenizer(instruction, truncation=True, return_tensors="pt")  # LAVIS: 128
+            # LAVIS cuts the instruction to 128 tokens
+            text = self.processor.qformer_tokenizer(self.instruction, truncation=True, return_tensors="pt")
             out = model.get_image_features(pixel_values=pixels.to(self.device, model.dtype),
                                            qformer_input_ids=text.input_ids.to(self.device),
                                            qformer_attention_mask=text.attention_mask.to(self.device))
@@ -83,10 +60,6 @@ class InstructBlipBackend(Blip2Backend):
         from .checkpoint import open_original
         from .reference import OriginalInstructBlipModel, lavis_eval_pixels
 
-        if options.dtype not in (None, "F32"):
-            raise ConfigError(f"{path}: an original InstructBLIP checkpoint runs in float32 (as LAVIS on the CPU); "
-                              f"--dtype {options.dtype} applies to converted folders",
-                              hint="leave out --dtype, or convert it (vlmkit convert ... --dtype) and run the folder")
         ckpt = open_original(path, options)
         cfg = hf_output.target_for(ckpt, options).hf_config
         model = OriginalInstructBlipModel.load(ckpt, cfg.vision_config.to_dict(),
@@ -95,22 +68,15 @@ class InstructBlipBackend(Blip2Backend):
         self.eos_token_ids = {model.eos_token_id}
         # the placeholder never reaches the LM; the filler is looked up, then overwritten: any trained row
         self.marker, self.filler = IMAGE_TOKEN_INDEX, model.eos_token_id
-        self._preprocessing = f"LAVIS blip_image_eval {model.image_size}"
+        self.preprocessing = f"LAVIS blip_image_eval {model.image_size}"
         self.language_model = model.language_model
         self._ids = model.prompt_ids
-        self._features = lambda pil, instruction: model.query_embeds(
-            lavis_eval_pixels(pil, model.image_size).to(self.device), instruction)[0]
+        self._features = lambda pil: model.query_embeds(
+            lavis_eval_pixels(pil, model.image_size).to(self.device), self.instruction)[0]
 
     def prompt_ids(self, turns: list[Turn]) -> list[int]:
-        n_images = sum(len(t.images) for t in turns)
-        if n_images > 1 or (n_images == 1 and not turns[0].images):
-            raise VlmkitError("InstructBLIP reads one image, given with the first instruction")
+        n_images = self._image_count(turns)
         self.instruction = " ".join(t.text for t in turns if t.text and t.role in ("user", "assistant"))
         # the Q-Former reads the instruction: the features (and their cache key) depend on it
-        self.preprocessing = f"{self._preprocessing}; Q-Former text {self.instruction!r}"
+        self.preprocessing = f"{self.image_preprocessing}; Q-Former text {self.instruction!r}"
         return ([self.marker] if n_images else []) + self._ids(self.instruction)
-
-    def image_features(self, image) -> torch.Tensor:
-        pil = images.load_image(image, max_pixels=self.image_max_pixels)
-        with torch.no_grad():
-            return self._features(pil, self.instruction)

@@ -13,11 +13,17 @@ LAVIS builds the model from four sources, and so does this module, without readi
   ``t5_proj``, loaded last, so that what it holds wins (a fine-tune with ``freeze_vit: False``
   carries its own ``visual_encoder.*``).
 
-What tells it from plain BLIP-2 (``families.blip2``): ``llm_proj`` (Blip2OPT/Blip2T5 have
-``opt_proj`` / ``t5_proj``), or ``t5_proj`` together with the Q-Former's word embeddings and no
-``Qformer.cls`` (InstructBLIP keeps the text side because the Q-Former reads the instruction, and
-sets ``Qformer.cls`` to None before anything is saved; a BLIP-2 file has either no word embeddings
-(Blip2T5 sets them to None) or the stage-1 ``Qformer.cls`` head beside them).
+A full state dict (``model.state_dict()`` of the whole ``Blip2VicunaInstruct`` / ``Blip2T5Instruct``,
+form ``"full"``) holds the ViT (``visual_encoder.*``) and the language model too (``llm_model.*``,
+Vicuna resized to 32,001 rows, ``[PAD]``'s included; ``t5_model.*`` with T5's tied copies): no
+``--vision``, and the file's weights win over ``--language-model``'s, which still gives the config
+and the tokenizer (no ``.pth`` holds them), as for plain BLIP-2's full form.
+
+What tells it from plain BLIP-2 and from the retrieval model is the keys present
+(``families.blip2.checkpoint.lavis_model``, which all three recognisers ask): the Q-Former's word
+embeddings without the stage-1 ``Qformer.cls`` head (InstructBLIP keeps the text side because the
+Q-Former reads the instruction, and sets ``Qformer.cls`` to None before anything is saved; a BLIP-2
+file has either no word embeddings or that head beside them), and ``llm_proj`` or ``t5_proj``.
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ from ...errors import CheckpointError, ConfigError
 from ...options import LoadOptions, read_json
 from ...tensors import TensorSource, open_source, resolve
 from ...tensors.safe_pickle import peek_state_dict
-from ...tensors.views import CombinedSource, RenamedSource
-from ..blip2.checkpoint import VISION, _lavis_file, _vit_source
+from ...tensors.views import CombinedSource
+from ..blip2.checkpoint import (VISION, language_model_folder, language_model_source, lavis_file, lavis_model,
+                                vit_source)
 
-WORDS = "Qformer.bert.embeddings.word_embeddings.weight"
 QFORMER_TOKENIZER_DIR = "bert-base-uncased"  # the name LAVIS loads it by, as a folder beside the .pth
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
@@ -64,7 +70,8 @@ LANGUAGE_MODELS = {
 class OriginalInstructBlip:
     """An original InstructBLIP checkpoint, ready to convert or to run."""
 
-    path: Path  # the release .pth
+    path: Path  # the .pth
+    form: str  # "parts" (a release: its ViT and language model apart) | "full" (everything in one state dict)
     lm: LanguageModel
     # LAVIS's namespace: visual_encoder.*, ln_vision.*, Qformer.bert.*, query_tokens, llm_proj / t5_proj,
     # llm_model.* / t5_model.*
@@ -86,41 +93,43 @@ class OriginalInstructBlip:
 
 
 def lm_of(names) -> LanguageModel | None:
-    """The language model of an InstructBLIP state dict from its key names, or None (see the module docstring)."""
+    """The language model of an InstructBLIP state dict from its key names (``lavis_model``), or None."""
     names = set(names)
-    if "query_tokens" not in names or WORDS not in names:
+    if lavis_model(names) != "instructblip":
         return None
-    if "llm_proj.weight" in names:
-        return LANGUAGE_MODELS["vicuna"]
-    if "t5_proj.weight" in names and not any(n.startswith("Qformer.cls.") for n in names):
-        return LANGUAGE_MODELS["t5"]
-    return None
+    return next(lm for lm in LANGUAGE_MODELS.values() if f"{lm.projection}.weight" in names)
+
+
+def _holds_language_model(names, lm: LanguageModel) -> bool:
+    # the rotary buffers LAVIS's LLaMA saves are in a trimmed release too (the runner keeps every buffer)
+    return any(n.startswith(lm.prefix) and not n.endswith(".inv_freq") for n in names)
 
 
 def form_of(path: Path) -> str | None:
-    """``"parts"`` when ``path`` is an InstructBLIP release ``.pth`` (or the folder holding it), else None."""
-    file = _lavis_file(path)
+    """``"full"`` (the ViT and the language model inside) / ``"parts"`` when ``path`` is an InstructBLIP checkpoint
+    (or the folder holding it), else None. Reads no tensor data."""
+    file = lavis_file(path)
     tensors = peek_state_dict(file) if file is not None else None
-    return "parts" if lm_of(tensors or ()) is not None else None
+    lm = lm_of(tensors or ())
+    if lm is None:
+        return None
+    inside = _holds_language_model(tensors, lm) and any(n.startswith(VISION) for n in tensors)
+    return "full" if inside else "parts"
 
 
 def open_original(path: Path, options: LoadOptions) -> OriginalInstructBlip:
-    """Open an InstructBLIP release with its parts; checks what can be checked without data.
+    """Open an InstructBLIP checkpoint with its parts; checks what can be checked without data.
 
     Raises:
         CheckpointError / ConfigError: naming the missing part or file and the flag that supplies it.
     """
-    file = _lavis_file(path)
+    file = lavis_file(path)
     main = open_source(file) if file is not None else None
     lm = lm_of(main.keys()) if main is not None else None
     if lm is None:
         raise CheckpointError(f"{path}: not a LAVIS InstructBLIP checkpoint (a .pth holding query_tokens, "
                               "Qformer.bert.* with word embeddings and llm_proj / t5_proj)",
                               hint="`vlmkit inspect` lists what it holds")
-    if any(n.startswith(lm.prefix) and not n.endswith(".inv_freq") for n in main.keys()):
-        raise CheckpointError(f"{file}: holds the language model's weights ({lm.prefix}*); vlmkit converts the "
-                              "released form, whose language model is frozen and saved apart",
-                              hint=f"pass the trimmed .pth LAVIS releases and --language-model ({lm.known})")
     notes: list[str] = []
     parts: list[tuple[str, TensorSource]] = []
     if any(n.startswith(VISION) for n in main.keys()):
@@ -129,11 +138,19 @@ def open_original(path: Path, options: LoadOptions) -> OriginalInstructBlip:
         raise ConfigError(f"{file} holds no visual encoder (visual_encoder.*): LAVIS loads EVA ViT-g from "
                           "eva_vit_g.pth first", hint="pass --vision PATH (eva_vit_g.pth, or a state dict of it)")
     else:
-        parts.append(("", _vit_source(resolve(options.vision_tower))))
-    folder = _lm_folder(file, lm, main, options)
-    parts.append(("", _lm_source(folder, lm)))
-    source = CombinedSource([("", main), *parts], path=file)
-    return OriginalInstructBlip(file, lm, source, folder, read_json(folder / "config.json"),
+        parts.append(("", vit_source(resolve(options.vision_tower))))
+    inside = _holds_language_model(main.keys(), lm)
+    width = main.info(f"{lm.projection}.weight").shape[0]
+    folder = language_model_folder(file, options, lm.model_types, f"{lm.title} ({lm.projection})",
+                                   f"{lm.known}, {width} wide", weights_inside=inside)
+    if inside:
+        notes.append(f"{file.name} holds the language model's weights, which win over --language-model's: "
+                     f"{folder.name} gives its config and tokenizer")
+    else:
+        parts.append(("", language_model_source(folder, lm.prefix)))
+    source = CombinedSource([("", main), *parts], path=file) if parts else main
+    form = "full" if not parts else "parts"
+    return OriginalInstructBlip(file, form, lm, source, folder, read_json(folder / "config.json"),
                                 qformer_tokenizer_folder(file), notes)
 
 
@@ -146,29 +163,3 @@ def qformer_tokenizer_folder(file: Path) -> Path:
                       "no LAVIS file (LAVIS downloads it)",
                       hint=f"copy bert-base-uncased's vocab.txt (or tokenizer.json) and tokenizer_config.json into "
                            f"{file.parent / QFORMER_TOKENIZER_DIR}/")
-
-
-def _lm_folder(file: Path, lm: LanguageModel, main: TensorSource, options: LoadOptions) -> Path:
-    width = main.info(f"{lm.projection}.weight").shape[0]
-    if not options.model_base:
-        raise ConfigError(f"{file}: InstructBLIP's {lm.title} is in no LAVIS release (it is frozen and saved apart)",
-                          hint=f"pass --language-model PATH: {lm.known}, {width} wide (config.json, tokenizer, weights)")
-    folder = resolve(options.model_base)
-    if not (folder / "config.json").exists():
-        raise ConfigError(f"--language-model {folder}: no config.json", hint=f"pass {lm.known}")
-    model_type = read_json(folder / "config.json").get("model_type")
-    if model_type not in lm.model_types:
-        raise ConfigError(f"--language-model {folder}: model_type {model_type!r}, but {file.name} was trained with "
-                          f"{lm.title} ({lm.projection})", hint=f"pass {lm.known}")
-    return folder
-
-
-def _lm_source(folder: Path, lm: LanguageModel) -> TensorSource:
-    """The language model folder's weights under ``llm_model.`` / ``t5_model.``, as LAVIS's module holds them."""
-    try:
-        source = open_source(folder)
-    except CheckpointError as e:
-        raise ConfigError(f"--language-model {folder}: no weights ({e.message})",
-                          hint="InstructBLIP releases hold no language model, so the folder must hold its weights") \
-            from None
-    return RenamedSource(source, {name: lm.prefix + name for name in source.keys()})

@@ -6,14 +6,15 @@ The EVA ViT-g rules (with the fused ``cat(q_bias, zeros, v_bias)``) are plain BL
 from ``families.blip2.convert``. Unlike BLIP-2's, InstructBLIP's Q-Former keeps its text side
 (word and position embeddings, each layer's text feed-forward): it reads the instruction.
 
-The two rows Vicuna's embedding and output layer gain (``[PAD]``, id 32000, which LAVIS adds with
-``resize_token_embeddings`` and never saves, and transformers' ``<image>``, id 32001) are written as
-the mean of the 32,000 trained rows, in both. Why: LAVIS's own row is a random draw of whatever
-transformers version resized it (no file holds it), so any value is a choice; the mean is
+The two rows Vicuna's embedding and output layer gain from a release (``[PAD]``, id 32000, which LAVIS
+adds with ``resize_token_embeddings`` and never releases, and transformers' ``<image>``, id 32001) are
+written as the mean of the 32,000 trained rows, in both. Why: LAVIS's own row is a random draw of whatever
+transformers version resized it (no release holds it), so any value is a choice; the mean is
 deterministic, and as an output row it can never win a greedy step (its logit is the mean of the
 trained tokens' logits, so at most their maximum, and an argmax tie goes to the lower, trained id).
 As an input row it is never read: ``[PAD]`` positions are masked and ``<image>`` positions are
-replaced by the Q-Former's outputs.
+replaced by the Q-Former's outputs. A full state dict holds LAVIS's ``[PAD]`` row (32,001 rows): it
+is kept, and only ``<image>`` is new (the mean of the 32,001).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def conversion(path, options: LoadOptions) -> Conversion:
     keep = frozenset({"query_tokens"})  # InstructBlip's _keep_in_fp32_modules
     stored = options.dtype or ckpt.source.info(ckpt.prefix + ckpt.lm.embedding).dtype  # the bulk: the LM's
     cfg = target.hf_config
-    rows = (f"; embedding {target.trained_rows} -> {target.rows} rows ([PAD], <image>: the mean of the trained rows)"
+    new = ("[PAD]", "<image>")[target.trained_rows - target.rows:]  # a full state dict holds [PAD]'s row
+    rows = (f"; embedding {target.trained_rows} -> {target.rows} rows ({', '.join(new)}: the mean of the trained rows)"
             if target.rows != target.trained_rows else "")
     summary = (f"InstructBLIP {ckpt.lm.title} (image {target.image_size}px, {cfg.num_query_tokens} queries, "
                f"Q-Former {cfg.qformer_config.num_hidden_layers} layers reading the instruction{rows})"

@@ -11,22 +11,24 @@ InstructBLIP's own:
   EOS and UNK all ``</s>`` (so a prompt starts with id 2, not 1), left padding and truncation;
   then transformers' ``<image>`` placeholder (id 32001). LAVIS resized the LLM to 32,001 rows
   (``resize_token_embeddings(len(llm_tokenizer))``), transformers needs one more row for
-  ``<image>``: the output has 32,002 rows; see ``convert.py`` for what the two new rows hold;
+  ``<image>``: the output has 32,002 rows; see ``convert.py`` for what the new rows hold (a
+  release has 32,000 rows of the language model's folder, a full state dict LAVIS's 32,001);
 * Flan-T5: ``dense_act_fn="gelu"`` (``blip2_t5_instruct.py``) and ``bos_token_id=1`` (as
   transformers' conversion script sets it); ``<image>`` takes one of T5's spare rows (32100 of 32128).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ... import dtypes
+from ...conversion.hf_files import write_hf_files
 from ...errors import ConfigError
-from ...options import LoadOptions, deep_merge
-from ..blip2.hf_output import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, _check_depth, qformer_fields, vision_fields
-from .checkpoint import WORDS, OriginalInstructBlip
+from ...options import LoadOptions
+from ..blip2.checkpoint import WORDS
+from ..blip2.hf_output import (IMAGE_TOKEN, check_depth, check_projection, generation_config, lavis_image_processor,
+                               merged_config, qformer_fields, vision_fields)
+from .checkpoint import OriginalInstructBlip
 
 PAD_TOKEN = "[PAD]"  # blip2_vicuna_instruct.py: llm_tokenizer.add_special_tokens({'pad_token': '[PAD]'})
 VICUNA_SPECIAL = "</s>"  # ... and bos_token, eos_token, unk_token all '</s>'
@@ -97,22 +99,23 @@ def text_fields(ckpt: OriginalInstructBlip, tokenizer, rows: int) -> dict:
 
 
 def target_for(ckpt: OriginalInstructBlip, options: LoadOptions) -> Target:
-    from transformers import AutoConfig, InstructBlipConfig, InstructBlipProcessor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers import InstructBlipConfig, InstructBlipProcessor
 
     override = options.config or {}
     vision, qformer = vision_fields(ckpt), qformer_fields(ckpt)
-    _check_depth(ckpt, vision, override.get("vision_config") or {}, "vision_config", "visual_encoder.blocks.*")
-    _check_depth(ckpt, qformer, override.get("qformer_config") or {}, "qformer_config", "Qformer.bert.encoder.layer.*")
+    check_depth(ckpt, vision, override.get("vision_config") or {}, "vision_config", "visual_encoder.blocks.*")
+    check_depth(ckpt, qformer, override.get("qformer_config") or {}, "qformer_config", "Qformer.bert.encoder.layer.*")
     tokenizer = vicuna_tokenizer(ckpt) if ckpt.lm.causal else _t5_tokenizer(ckpt)
     trained = ckpt.shape(ckpt.prefix + ckpt.lm.embedding)[0]
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if ckpt.lm.causal:
-        if image_token != trained + 1:  # [PAD] = trained, <image> = trained + 1
+        # [PAD] = the tokenizer's length, <image> the id after it. LAVIS's resized embedding holds [PAD]'s row (a full
+        # state dict: image_token rows); the language model's own folder does not (a release: image_token - 1 rows)
+        if trained not in (image_token - 1, image_token):
             raise ConfigError(f"{ckpt.lm_folder}: the tokenizer has {image_token - 1} tokens and the embedding "
                               f"{trained} rows; LAVIS gives [PAD] the row after the tokenizer's last",
                               hint="use the tokenizer the language model was trained with (Vicuna v1.1: 32,000 tokens)")
-        rows = trained + 2
+        rows = image_token + 1
     elif image_token >= trained:
         raise ConfigError(f"{ckpt.lm_folder}: the tokenizer has {image_token} tokens and the embedding {trained} rows: "
                           f"no spare row for {IMAGE_TOKEN}", hint="use the tokenizer the language model was trained with")
@@ -120,41 +123,20 @@ def target_for(ckpt: OriginalInstructBlip, options: LoadOptions) -> Target:
         rows = trained
     derived = {"vision_config": vision, "qformer_config": qformer, "text_config": text_fields(ckpt, tokenizer, rows),
                "num_query_tokens": ckpt.shape("query_tokens")[1], "image_token_index": image_token}
-    merged = deep_merge(derived, override)
-    text = dict(merged["text_config"])
-    merged["text_config"] = AutoConfig.for_model(text.pop("model_type"), **text)
-    for key in ("model_type", "architectures", "transformers_version"):
-        merged.pop(key, None)
-    hf_config = InstructBlipConfig(**merged)
-    width = ckpt.shape(f"{ckpt.lm.projection}.weight")[0]
-    if width != hf_config.text_config.hidden_size:
-        raise ConfigError(f"{ckpt.path.name}: {ckpt.lm.projection} maps to width {width} but the language model in "
-                          f"{ckpt.lm_folder} is {hf_config.text_config.hidden_size} wide",
-                          hint="--language-model must be the model this checkpoint was trained with")
+    hf_config = merged_config(InstructBlipConfig, derived, override)
+    check_projection(ckpt, ckpt.lm.projection, hf_config)
     size = hf_config.vision_config.image_size
-    image_processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=CLIP_MEAN,
-                                            image_std=CLIP_STD, resample=3, do_convert_rgb=True)
-    processor = InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+    processor = InstructBlipProcessor(image_processor=lavis_image_processor(size), tokenizer=tokenizer,
                                       qformer_tokenizer=qformer_tokenizer(ckpt),
                                       num_query_tokens=hf_config.num_query_tokens)
-    lm = hf_config.text_config
-    generation = {"bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id, "pad_token_id": lm.pad_token_id}
-    if not ckpt.lm.causal:
-        generation["decoder_start_token_id"] = lm.decoder_start_token_id if lm.decoder_start_token_id is not None \
-            else lm.pad_token_id
     tie = bool(ckpt.lm_config.get("tie_word_embeddings", not ckpt.lm.causal))  # LLaMA's default: untied
-    return Target(hf_config, processor, generation, size, trained, rows, tie)
+    return Target(hf_config, processor, generation_config(hf_config, ckpt.lm.causal), size, trained, rows, tie)
 
 
 def write(folder: Path, target: Target, stored_dtype: str) -> None:
     """config.json, generation_config.json and the processor's files (both tokenizers)."""
     config = target.hf_config.to_dict()
-    config["architectures"] = ["InstructBlipForConditionalGeneration"]
-    config["torch_dtype"] = dtypes.config_name(stored_dtype)  # the key 4.x and vLLM read
-    config.pop("dtype", None)
     # transformers 5's T5Config always reports tied; write the language model's own flag (Flan-T5: untied)
     config["text_config"]["tie_word_embeddings"] = target.tie_lm_head
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps(target.generation_config, indent=2) + "\n")
-    target.processor.save_pretrained(folder)
-    target.processor.image_processor.save_pretrained(folder)  # preprocessor_config.json, as published repos have
+    write_hf_files(folder, config, "InstructBlipForConditionalGeneration", stored_dtype, target.processor,
+                   target.generation_config)

@@ -29,7 +29,7 @@ import torch
 from ...options import LoadOptions
 from ...parity import Check, Report, compare_ids, compare_tensors
 from ...runtime import images
-from ..blip2.parity import TOLERANCES
+from ..blip2.parity import TOLERANCES, cast_to, check_converted
 from . import hf_output
 from .checkpoint import open_original
 from .reference import OriginalInstructBlipModel, lavis_eval_pixels
@@ -37,16 +37,12 @@ from .reference import OriginalInstructBlipModel, lavis_eval_pixels
 GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0}
 
 
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
-
-
 def verify(original: Path, converted: Path, options: LoadOptions, probes: list[tuple[Path, str]], *,
            max_new_tokens: int = 8) -> Report:
     """Run LAVIS's forward and the converted model on the same probes and report every difference.
 
     Args:
-        original: the LAVIS release ``.pth`` (``options`` as for convert: ``--vision``, ``--language-model``).
+        original: the LAVIS ``.pth``, a release or a full state dict (``options`` as for convert).
         converted: the transformers folder.
         probes: (image, instruction) pairs; the first is measured in detail, all are generated in one batch.
         max_new_tokens: greedy tokens to compare.
@@ -74,72 +70,34 @@ def verify(original: Path, converted: Path, options: LoadOptions, probes: list[t
     del reference
     gc.collect()
 
-    # --- the converted folder, through transformers alone ---------------------------------
-    from transformers import AutoProcessor, InstructBlipForConditionalGeneration
-    from transformers.utils import logging as hf_logging
+    tol = TOLERANCES[cast_to(converted, "language_model." + ckpt.lm.embedding,
+                             ckpt.source.info(ckpt.prefix + ckpt.lm.embedding).dtype)]
 
-    hf_logging.disable_progress_bar()
-    processor = AutoProcessor.from_pretrained(converted)
-    model = InstructBlipForConditionalGeneration.from_pretrained(converted, dtype=torch.float32).eval()
-    tol = TOLERANCES[_cast_to(ckpt, converted)]
-    image_token = model.config.image_token_index
-    prompts = [p for _, p in probes]
-
-    first = processor(images=ref[0]["image"], text=prompts[0], return_tensors="pt")
-    report.checks.append(compare_tensors("pixel values", ref[0]["pixels"], first["pixel_values"], atol=tol["pixels"]))
-    ids = [i for i in first["input_ids"][0].tolist() if i != image_token]
-    report.checks.append(compare_ids("input ids", ref[0]["ids"], ids, decode=decode))
-    report.checks.append(compare_ids("q-former ids", ref[0]["qformer_ids"], first["qformer_input_ids"][0].tolist(),
-                                     decode=decode_q))
-    with torch.no_grad():
-        if ckpt.lm.causal:
-            logits = model(**first).logits[0]
-        else:
-            labels = processor.tokenizer("\n", return_tensors="pt").input_ids
-            logits = model(**first, labels=labels.masked_fill(labels == processor.tokenizer.pad_token_id, -100)).logits[0]
-    trained = ref[0]["logits"].shape[-1]
-    report.checks.append(compare_tensors("logits", ref[0]["logits"], logits[:, :trained], atol=tol["logits"],
-                                         min_cosine=tol["cosine"]))
-    if logits.shape[-1] > trained and ckpt.lm.causal:
-        margin = float((logits[:, trained:].max(-1).values - logits[:, :trained].max(-1).values).max())
-        report.checks.append(Check(
-            "untrained rows", margin <= 0, {"rows": logits.shape[-1] - trained, "max_margin": margin},
-            "[PAD] / <image> logit <= the best trained token's, at every position",
-            "" if margin <= 0 else "an untrained row can win a greedy step"))
+    def instruction_checks(model, processor, first) -> list[Check]:
+        checks = [compare_ids("q-former ids", ref[0]["qformer_ids"], first["qformer_input_ids"][0].tolist(),
+                              decode=decode_q)]
+        with torch.no_grad():
+            if ckpt.lm.causal:
+                logits = model(**first).logits[0]
+            else:
+                labels = processor.tokenizer("\n", return_tensors="pt").input_ids
+                labels = labels.masked_fill(labels == processor.tokenizer.pad_token_id, -100)
+                logits = model(**first, labels=labels).logits[0]
+        trained = ref[0]["logits"].shape[-1]
+        checks.append(compare_tensors("logits", ref[0]["logits"], logits[:, :trained], atol=tol["logits"],
+                                      min_cosine=tol["cosine"]))
+        if logits.shape[-1] > trained and ckpt.lm.causal:
+            margin = float((logits[:, trained:].max(-1).values - logits[:, :trained].max(-1).values).max())
+            checks.append(Check(
+                "untrained rows", margin <= 0, {"rows": logits.shape[-1] - trained, "max_margin": margin},
+                "[PAD] / <image> logit <= the best trained token's, at every position",
+                "" if margin <= 0 else "an untrained row can win a greedy step"))
+        return checks
 
     extra = {"min_new_tokens": min_new} if min_new else {}  # LAVIS's min_length=1 (see reference.greedy)
-
-    def new_tokens(inputs, rows):
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, **GREEDY, **extra)
-        start = inputs["input_ids"].shape[1] if ckpt.lm.causal else 1  # T5: after the decoder start token
-        return [_until_eos(row[start:].tolist(), eos) for row in out[:rows]]
-
-    single = [new_tokens(first if i == 0 else processor(images=r["image"], text=prompts[i], return_tensors="pt"), 1)[0]
-              for i, r in enumerate(ref)]
-    report.checks.append(compare_ids("greedy tokens", ref[0]["tokens"], single[0], decode=decode))
-    batch = processor(images=[r["image"] for r in ref], text=prompts, return_tensors="pt", padding=True)
-    batched = new_tokens(batch, len(ref))
-    agree = [b == r["tokens"] and b == s for b, r, s in zip(batched, ref, single)]
-    report.checks.append(Check(
-        "batched generation", all(agree), {"batch": len(ref), "rows_equal": sum(agree)},
-        "each padded batch row = its unbatched generation = LAVIS's",
-        "" if all(agree) else f"rows differing: {[i for i, a in enumerate(agree) if not a]}",
-    ))
-    report.notes.append(f"LAVIS greedy text: {decode(ref[0]['tokens'])!r}")
-    report.notes.append("transformers normalises the ViT output with eps 1e-6, LAVIS's ln_vision with 1e-5")
+    check_converted(report, "InstructBlipForConditionalGeneration", converted, ref, [p for _, p in probes], tol=tol,
+                    causal=ckpt.lm.causal, eos=eos, decode=decode, middle=instruction_checks,
+                    generate={**GREEDY, **extra}, max_new_tokens=max_new_tokens)
     if not ckpt.lm.causal:
         report.notes.append("LAVIS runs Flan-T5 in bfloat16 on a GPU; this comparison is float32, as LAVIS on the CPU")
     return report
-
-
-def _cast_to(ckpt, converted: Path) -> str:
-    """The dtype the conversion cast the language model to ("F32" when it kept the checkpoint's own values)."""
-    from ...tensors import open_source
-
-    out = open_source(converted)
-    try:
-        written = out.info("language_model." + ckpt.lm.embedding).dtype
-    finally:
-        out.close()
-    return written if written != ckpt.source.info(ckpt.prefix + ckpt.lm.embedding).dtype and written in TOLERANCES \
-        else "F32"

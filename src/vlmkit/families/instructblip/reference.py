@@ -22,9 +22,10 @@ written here from ``blip2_vicuna_instruct.py`` / ``blip2_t5_instruct.py`` and ``
   ``cat(projected queries, embedded prompt)``, the decoder starts from ``decoder_start_token_id``;
   ``dense_act_fn="gelu"`` as LAVIS sets it.
 
-LAVIS resizes Vicuna to 32,001 rows for ``[PAD]`` and never saves the new row (a random draw of
-the transformers version that resized it). The reference has no such row: it runs the 32,000
-trained rows, so its logits have 32,000 columns and its greedy steps choose among trained tokens.
+LAVIS resizes Vicuna to 32,001 rows for ``[PAD]`` and never releases the new row (a random draw of
+the transformers version that resized it). For a release the reference has no such row: it runs the
+32,000 trained rows, so its logits have 32,000 columns and its greedy steps choose among trained
+tokens. A full state dict (``model.state_dict()``) holds the row, and the reference runs all 32,001.
 
 Precision: LAVIS runs the ViT under fp16 autocast and Flan-T5 in bfloat16 on a GPU, and the whole
 model in float32 on the CPU (``load_model_and_preprocess`` calls ``model.float()`` there); this
@@ -263,6 +264,8 @@ class OriginalInstructBlipModel(nn.Module):
         fields = {k: v for k, v in ckpt.lm_config.items() if k not in ("architectures", "transformers_version")}
         if not ckpt.lm.causal:
             fields["dense_act_fn"] = "gelu"  # blip2_t5_instruct.py: t5_config.dense_act_fn = "gelu"
+        # the rows the weights have: a full state dict holds LAVIS's resized Vicuna ([PAD]'s row), a release none
+        fields["vocab_size"] = ckpt.shape(ckpt.prefix + ckpt.lm.embedding)[0]
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         with no_init_weights():
             lm = (LlamaForCausalLM if ckpt.lm.causal else T5ForConditionalGeneration)(config)

@@ -17,7 +17,16 @@ sizes and with fixed seeds:
   (32,000 tokens; ``llava.tiny.make_base_llm``), or a Flan-T5 folder (``blip2.tiny``);
 * a ``bert-base-uncased``-style tokenizer folder for the Q-Former: the ``flava`` family's tiny
   uncased WordPiece vocabulary (BERT's special-token layout, not its 30,522-token vocabulary, which
-  is not available offline), placed beside the release ``.pth`` as ``bert-base-uncased/``.
+  is not available offline), placed beside the release ``.pth`` as ``bert-base-uncased/``;
+* variants ``vicuna-full`` / ``t5-full``: a user's ``torch.save(model.state_dict(), ...)`` of the whole
+  ``Blip2VicunaInstruct`` / ``Blip2T5Instruct`` (a bare state dict): the release's keys plus
+  ``visual_encoder.*`` (eva_vit_g.pth's tensors, as ``init_vision_encoder`` loads them) and the language
+  model as the module holds it: ``llm_model.*`` with the embedding and ``lm_head`` resized to 32,001
+  rows (``resize_token_embeddings(len(llm_tokenizer))``: the ``[PAD]`` row drawn as transformers
+  initialises new rows, normal with std 0.02) and the rotary buffers, or ``t5_model.*`` with T5's tied
+  copies (``encoder.`` / ``decoder.embed_tokens``). All float32, as LAVIS leaves the model on the CPU
+  (``load_model_and_preprocess`` calls ``model.float()``); the language model's folder is built as
+  for the release (its tokenizer and config are what ``--language-model`` gives).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from ..blip2 import tiny as blip2_tiny
 from ..blip2.tiny import TinySizes
 from .checkpoint import QFORMER_TOKENIZER_DIR
 
-VARIANTS = ("vicuna", "t5")
+VARIANTS = ("vicuna", "t5", "vicuna-full", "t5-full")
 SIZES = TinySizes()  # Vicuna: llava.tiny's LLaMA is 64 wide, as blip2.tiny's language models
 
 
@@ -96,14 +105,54 @@ def make_release(folder: Path, lm: str, language_model: Path, *, seed: int = 1) 
     return folder / name
 
 
+def full_state(lm: str, qformer_rows: int, language_model: Path, *, seed: int = 1) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` of the whole LAVIS model (see the module docstring)."""
+    from ...tensors import open_source
+    from .checkpoint import LANGUAGE_MODELS
+
+    lm_config = json.loads((language_model / "config.json").read_text())
+    state = {"visual_encoder." + k: v for k, v in blip2_tiny.eva_vit_state(SIZES).items()}  # eva_vit_g.pth's
+    state.update(release_state(lm, qformer_rows, lm_config, seed=seed))
+    source = open_source(language_model)
+    try:
+        weights = {name: source.read(name) for name in source.keys()}
+    finally:
+        source.close()
+    if lm == "vicuna":  # resize_token_embeddings(len(llm_tokenizer)): [PAD] gets a new row in both
+        g = torch.Generator().manual_seed(seed + 7)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            weights[name] = torch.cat([weights[name], torch.randn(1, weights[name].shape[1], generator=g) * 0.02])
+    prefix = LANGUAGE_MODELS["vicuna" if lm == "vicuna" else "t5"].prefix
+    state.update({prefix + name: tensor for name, tensor in weights.items()})
+    return state
+
+
+def make_full(folder: Path, lm: str, language_model: Path, *, seed: int = 1) -> Path:
+    """``folder/blip2_*_instruct_state_dict.pth`` (a bare state dict) + ``folder/bert-base-uncased/``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = make_qformer_tokenizer(folder / QFORMER_TOKENIZER_DIR)
+    path = folder / f"blip2_{lm}_instruct_state_dict.pth"
+    torch.save(full_state(lm, rows, language_model, seed=seed), path)
+    return path
+
+
 def tiny(folder: Path, variant: str | None = None) -> dict[str, Path]:
-    """Every part of a tiny InstructBLIP (``variant``: ``vicuna`` (default) or ``t5``): release, eva, lm, config."""
+    """Every part of a tiny InstructBLIP (``variant``: one of ``VARIANTS``, ``vicuna`` by default): release (the
+    ``.pth``), eva (none for a full state dict), lm, config."""
     variant = variant or VARIANTS[0]
     if variant not in VARIANTS:
         raise ValueError(f"InstructBLIP has no tiny variant {variant!r} (known: {', '.join(VARIANTS)})")
+    lm_name, _, full = variant.partition("-")
     folder.mkdir(parents=True, exist_ok=True)
     override = folder / "tiny-heads.json"
     override.write_text(json.dumps(SIZES.override()))
-    lm = make_language_model(folder / ("vicuna-tiny" if variant == "vicuna" else "flan-t5-tiny"), variant)
-    return {"release": make_release(folder / "lavis", variant, lm), "eva": blip2_tiny.make_eva_vit(
+    lm = make_language_model(folder / language_model_folder(variant), lm_name)
+    if full:
+        return {"release": make_full(folder / "lavis", lm_name, lm), "language_model": lm, "config": override}
+    return {"release": make_release(folder / "lavis", lm_name, lm), "eva": blip2_tiny.make_eva_vit(
         folder / "eva" / "eva_vit_g.pth", SIZES), "language_model": lm, "config": override}
+
+
+def language_model_folder(variant: str) -> str:
+    """The name of the language model's folder ``tiny(folder, variant)`` builds."""
+    return "vicuna-tiny" if variant.startswith("vicuna") else "flan-t5-tiny"
