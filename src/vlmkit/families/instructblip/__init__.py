@@ -39,9 +39,6 @@ FORMS: dict[str, tuple[str, ...]] = {
     "full": _LAVIS,   # model.state_dict() of the whole LAVIS model (--language-model for its config and tokenizer)
     "transformers": ("chat_backend",),
 }
-# reverse(rules) gives back every tensor that was not dropped, the 32,000 trained rows of Vicuna included
-REVERSIBLE = True
-
 # the contract's ``tiny(folder, variant)`` capability is ``tiny.tiny``: a function named ``tiny`` here would be
 # replaced by the ``tiny`` submodule as soon as anything imports it
 __all__ = ["NAME", "FORMS", "REVERSIBLE", "recognise", "describe", "conversion", "verify", "chat_backend", "variants"]
