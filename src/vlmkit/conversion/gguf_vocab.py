@@ -170,12 +170,21 @@ def write_llama_vocab(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None,
     writer.add_token_list(vocab.tokens)
     writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
+    _write_specials(writer, vocab, pad=pad, add_bos=add_bos, add_eos=add_eos, chat_template=chat_template)
+
+
+def _write_specials(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None, add_bos: bool, add_eos: bool,
+                    chat_template: str | None) -> None:
+    """The keys after the token lists, common to both writers: the special ids, whether to add BOS / EOS
+    (and SEP, for a BPE pair template that has one), the chat template."""
     for value, add in ((vocab.bos, writer.add_bos_token_id), (vocab.eos, writer.add_eos_token_id),
                        (vocab.unk, writer.add_unk_token_id), (pad, writer.add_pad_token_id)):
         if value is not None:
             add(value)
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(add_eos)
+    if vocab.add_sep is not None:
+        writer.add_add_sep_token(vocab.add_sep)
     if chat_template:
         writer.add_chat_template(chat_template)
 
@@ -261,16 +270,7 @@ def write_gpt2_vocab(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None, 
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
-    for value, add in ((vocab.bos, writer.add_bos_token_id), (vocab.eos, writer.add_eos_token_id),
-                       (vocab.unk, writer.add_unk_token_id), (pad, writer.add_pad_token_id)):
-        if value is not None:
-            add(value)
-    writer.add_add_bos_token(add_bos)
-    writer.add_add_eos_token(add_eos)
-    if vocab.add_sep is not None:
-        writer.add_add_sep_token(vocab.add_sep)
-    if chat_template:
-        writer.add_chat_template(chat_template)
+    _write_specials(writer, vocab, pad=pad, add_bos=add_bos, add_eos=add_eos, chat_template=chat_template)
 
 
 # tokenizer kind (runtime.vocab; a LLaVA backbone row names it) -> (reader, writer)
