@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convert_stream import drop_caches, llava_7b_shapes, synthesise_bin, timed
+from convert_stream import drop_caches, llava_7b_shapes, synthesise_bin, timed, vit_layer_specs
 from vlmkit.families.llava import tiny
 from vlmkit.tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
 
@@ -44,16 +44,7 @@ def clip_l336_specs(scale: float) -> list[TensorSpec]:
              TensorSpec("vision_model.pre_layrnorm.bias", (v,), "F16")]
     for tower, width, ff, layers in (("vision_model", v, vf, 24), ("text_model", t, tf, 12)):
         for i in range(layers):
-            p = f"{tower}.encoder.layers.{i}."
-            for n in "qkv":
-                specs += [TensorSpec(p + f"self_attn.{n}_proj.weight", (width, width), "F16"),
-                          TensorSpec(p + f"self_attn.{n}_proj.bias", (width,), "F16")]
-            specs += [TensorSpec(p + "self_attn.out_proj.weight", (width, width), "F16"),
-                      TensorSpec(p + "self_attn.out_proj.bias", (width,), "F16")]
-            for n in ("layer_norm1", "layer_norm2"):
-                specs += [TensorSpec(p + f"{n}.weight", (width,), "F16"), TensorSpec(p + f"{n}.bias", (width,), "F16")]
-            specs += [TensorSpec(p + "mlp.fc1.weight", (ff, width), "F16"), TensorSpec(p + "mlp.fc1.bias", (ff,), "F16"),
-                      TensorSpec(p + "mlp.fc2.weight", (width, ff), "F16"), TensorSpec(p + "mlp.fc2.bias", (width,), "F16")]
+            specs += vit_layer_specs(f"{tower}.encoder.layers.{i}.", width, ff, "F16")
     specs += [TensorSpec("vision_model.post_layernorm.weight", (v,), "F16"),
               TensorSpec("vision_model.post_layernorm.bias", (v,), "F16"),
               TensorSpec("text_model.embeddings.token_embedding.weight", (49408, t), "F16"),

@@ -64,6 +64,17 @@ def llava_7b_shapes(scale: float = 1.0) -> list[TensorSpec]:
     return specs
 
 
+def vit_layer_specs(prefix: str, width: int, ff: int, dtype: str) -> list[TensorSpec]:
+    """One ViT encoder layer's tensors (CLIP's and SigLIP's share the names): q/k/v/out projections with
+    biases, the two layer norms, the MLP; ``prefix`` ends with the layer's dot."""
+    shapes = [(f"self_attn.{n}.{k}", (width, width) if k == "weight" else (width,))
+              for n in ("q_proj", "k_proj", "v_proj", "out_proj") for k in ("weight", "bias")]
+    shapes += [(f"{n}.{k}", (width,)) for n in ("layer_norm1", "layer_norm2") for k in ("weight", "bias")]
+    shapes += [("mlp.fc1.weight", (ff, width)), ("mlp.fc1.bias", (ff,)), ("mlp.fc2.weight", (width, ff)),
+               ("mlp.fc2.bias", (width,))]
+    return [TensorSpec(prefix + name, shape, dtype) for name, shape in shapes]
+
+
 def synthesise(folder: Path, specs: list[TensorSpec], shard_size: int) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)

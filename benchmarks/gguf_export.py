@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from convert_llava import make_clip
-from convert_stream import drop_caches, timed
+from convert_stream import drop_caches, timed, vit_layer_specs
 from vlmkit.families.llava import tiny
 from vlmkit.tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
 
@@ -67,16 +67,7 @@ def llava_specs(scale: float) -> tuple[list[TensorSpec], dict]:
               TensorSpec(tower + "embeddings.position_embedding.weight", (577, v), "BF16"),
               TensorSpec(tower + "pre_layrnorm.weight", (v,), "BF16"), TensorSpec(tower + "pre_layrnorm.bias", (v,), "BF16")]
     for i in range(24):
-        p = f"{tower}encoder.layers.{i}."
-        for n in "qkv":
-            specs += [TensorSpec(p + f"self_attn.{n}_proj.weight", (v, v), "BF16"),
-                      TensorSpec(p + f"self_attn.{n}_proj.bias", (v,), "BF16")]
-        specs += [TensorSpec(p + "self_attn.out_proj.weight", (v, v), "BF16"),
-                  TensorSpec(p + "self_attn.out_proj.bias", (v,), "BF16")]
-        for n in ("layer_norm1", "layer_norm2"):
-            specs += [TensorSpec(p + f"{n}.weight", (v,), "BF16"), TensorSpec(p + f"{n}.bias", (v,), "BF16")]
-        specs += [TensorSpec(p + "mlp.fc1.weight", (vf, v), "BF16"), TensorSpec(p + "mlp.fc1.bias", (vf,), "BF16"),
-                  TensorSpec(p + "mlp.fc2.weight", (v, vf), "BF16"), TensorSpec(p + "mlp.fc2.bias", (v,), "BF16")]
+        specs += vit_layer_specs(f"{tower}encoder.layers.{i}.", v, vf, "BF16")
     specs += [TensorSpec(tower + "post_layernorm.weight", (v,), "BF16"),
               TensorSpec(tower + "post_layernorm.bias", (v,), "BF16"),
               TensorSpec("multi_modal_projector.linear_1.weight", (h, v), "BF16"),
