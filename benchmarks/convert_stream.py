@@ -42,9 +42,18 @@ LLAVA_RULES = [
 ]
 
 
+def scaled_head(size: int, scale: float) -> int:
+    """A head size scaled by ``scale``: even and at least 2 (RoPE rotates pairs of dimensions). The scalers keep
+    the head counts and scale the head sizes, so a scaled width is always whole heads (4096 x 0.35 = 1433 wide
+    was not: 11 heads of 130.3) and the config they write is one transformers accepts."""
+    return max(2, int(size * scale) // 2 * 2)
+
+
 def llava_7b_shapes(scale: float = 1.0) -> list[TensorSpec]:
-    """LLaVA-1.5-7B's tensors: LLaMA-2-7B (32 layers, 4096 wide, 11008 MLP, 32000 vocab) + projector."""
-    h, ff, vision = (int(x * scale) for x in (4096, 11008, 1024))
+    """LLaVA-1.5-7B's tensors: LLaMA-2-7B (32 layers, 32 heads of 128, 11008 MLP, 32000 vocab) + projector from
+    CLIP-L (16 heads of 64), at ``scale`` of every head size; the MLP keeps LLaMA's ratio to the width."""
+    h, vision = 32 * scaled_head(128, scale), 16 * scaled_head(64, scale)
+    ff = 11008 * h // 4096
     vocab = 32000  # the real tokenizer's, at every scale
     specs = [TensorSpec("model.embed_tokens.weight", (vocab, h), "BF16")]
     for i in range(32):
