@@ -412,6 +412,13 @@ def cmd_serve(args) -> int:
     from .serve import engines
 
     engines.check_flags(args)  # engine flags that do not apply to --engine are refused, never ignored
+    if args.replicas is not None or args.ray_address is not None:
+        # Ray's workers load the model, and Ray retries a worker that fails: a model none can load (no such path,
+        # not a model) ends serve here with load's own error, before a Ray cluster starts
+        from . import families
+        from .tensors import resolve
+
+        families.require(resolve(args.model), "chat_backend")
     if engines.uses_front(args):  # another engine, or Ray Serve replicas, behind the same front
         return engines.run(args, settings, options)
 
