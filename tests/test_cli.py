@@ -150,6 +150,18 @@ def test_train_refuses_loading_flags_it_has_no_use_for(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def _help(command: str) -> str:
+    from vlmkit.cli import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices[command].format_help()
+
+
+def test_train_help_does_not_offer_the_loading_flags_it_refuses():
+    offered = _help("train").split()
+    assert not {"--dtype", "--device", "--config"} & {word.rstrip(",") for word in offered}, offered
+    assert {"--vision-tower", "--model-base", "--template", "--seed"} <= {word.rstrip(",") for word in offered}
+
+
 # ------------------------------------------------------------------ one set of range checks
 
 @pytest.mark.parametrize("args, flag", [

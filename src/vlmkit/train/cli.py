@@ -84,10 +84,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--dataloader-workers", type=int, default=0)
-    add_load_arguments(p)
+    add_load_arguments(p, UNUSED_OPTIONS)  # those train refuses are not offered by --help
 
 
-# loading options train has no use for: refused with the flag to use instead, never ignored
+# loading options train has no use for: not in --help, refused with the flag to use instead, never ignored
 UNUSED_OPTIONS = {
     "dtype": "training computes in --precision (auto, fp32, bf16, fp16) and writes what the model is stored in",
     "device": "training runs on every GPU the launcher gives it (CUDA_VISIBLE_DEVICES, torchrun), else the CPU",
