@@ -97,8 +97,8 @@ def refuse_unused(args: argparse.Namespace, command: str, unused: dict[str, str]
     """
     for name, why in unused.items():
         if getattr(args, name, None) is not None:
-            raise ConfigError(f"--{name} does not apply to vlmkit {command}: {why}",
-                              hint=f"remove --{name}")
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to vlmkit {command}: {why}", hint=f"remove {flag}")
 
 
 def read_json(file: Path, *, what: str = "") -> dict:

@@ -139,7 +139,14 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
                    help="original LLaVA layout (default) or the published llava-hf layout with processor")
     p.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_load_arguments(p)
+    add_load_arguments(p, MERGE_UNUSED)
+
+
+# loading options merge-lora has no use for: not in --help, refused with the reason, never ignored
+MERGE_UNUSED = {
+    "device": "the merge streams the tensors from file to file on the CPU, as convert does",
+    "model_base": "the base the run was trained on is --base",
+}
 
 
 def cmd_merge(args) -> int:
@@ -147,6 +154,7 @@ def cmd_merge(args) -> int:
     from ..conversion.plan import human_bytes
     from .merge import merge_lora
 
+    refuse_unused(args, "merge-lora", MERGE_UNUSED)
     result = merge_lora(args.adapter, args.base, args.output, format=args.format, options=LoadOptions.from_args(args),
                         force=args.force, progress=None if args.quiet else progress_bar("merging"),
                         announce=lambda note: print(f"note: {note}", file=sys.stderr))
