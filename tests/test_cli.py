@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -151,7 +152,8 @@ def test_train_refuses_loading_flags_it_has_no_use_for(tmp_path):
 
 
 def _offered(*command: str) -> set[str]:
-    """The words of ``vlmkit COMMAND --help`` (``("data", "tokenize")`` for a sub-command's)."""
+    """The options ``vlmkit COMMAND --help`` lists (``("data", "tokenize")`` for a sub-command's): the flag that
+    starts each option line (other help texts may name a flag, e.g. merge-lora's --base names LLaVA's --model-base)."""
     import argparse
 
     from vlmkit.cli import build_parser
@@ -159,7 +161,7 @@ def _offered(*command: str) -> set[str]:
     parser = build_parser()
     for name in command:
         parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
-    return {word.rstrip(",") for word in parser.format_help().split()}
+    return set(re.findall(r"^\s+(--[\w-]+)", parser.format_help(), re.M))
 
 
 def test_train_help_does_not_offer_the_loading_flags_it_refuses():
