@@ -29,14 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convert_stream import drop_caches, llava_7b_shapes, synthesise_bin, timed
+from convert_stream import drop_caches, llava_7b_shapes, scaled_head, synthesise_bin, timed, vit_layer_specs
 from vlmkit.families.llava import tiny
 from vlmkit.tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
 
 
 def clip_l336_specs(scale: float) -> list[TensorSpec]:
-    """openai/clip-vit-large-patch14-336: ViT-L/14 at 336 (24 x 1024) + text tower (12 x 768), fp16."""
-    v, vf, t, tf = (max(8, int(x * scale)) for x in (1024, 4096, 768, 3072))
+    """openai/clip-vit-large-patch14-336: ViT-L/14 at 336 (24 layers, 16 heads of 64) + text tower (12 layers,
+    12 heads of 64), MLPs 4 x the width, fp16; ``scale`` scales the head sizes (``scaled_head``)."""
+    v, t = 16 * scaled_head(64, scale), 12 * scaled_head(64, scale)
+    vf, tf = 4 * v, 4 * t
     specs = [TensorSpec("vision_model.embeddings.class_embedding", (v,), "F16"),
              TensorSpec("vision_model.embeddings.patch_embedding.weight", (v, 3, 14, 14), "F16"),
              TensorSpec("vision_model.embeddings.position_embedding.weight", (577, v), "F16"),
@@ -44,16 +46,7 @@ def clip_l336_specs(scale: float) -> list[TensorSpec]:
              TensorSpec("vision_model.pre_layrnorm.bias", (v,), "F16")]
     for tower, width, ff, layers in (("vision_model", v, vf, 24), ("text_model", t, tf, 12)):
         for i in range(layers):
-            p = f"{tower}.encoder.layers.{i}."
-            for n in "qkv":
-                specs += [TensorSpec(p + f"self_attn.{n}_proj.weight", (width, width), "F16"),
-                          TensorSpec(p + f"self_attn.{n}_proj.bias", (width,), "F16")]
-            specs += [TensorSpec(p + "self_attn.out_proj.weight", (width, width), "F16"),
-                      TensorSpec(p + "self_attn.out_proj.bias", (width,), "F16")]
-            for n in ("layer_norm1", "layer_norm2"):
-                specs += [TensorSpec(p + f"{n}.weight", (width,), "F16"), TensorSpec(p + f"{n}.bias", (width,), "F16")]
-            specs += [TensorSpec(p + "mlp.fc1.weight", (ff, width), "F16"), TensorSpec(p + "mlp.fc1.bias", (ff,), "F16"),
-                      TensorSpec(p + "mlp.fc2.weight", (width, ff), "F16"), TensorSpec(p + "mlp.fc2.bias", (width,), "F16")]
+            specs += vit_layer_specs(f"{tower}.encoder.layers.{i}.", width, ff, "F16")
     specs += [TensorSpec("vision_model.post_layernorm.weight", (v,), "F16"),
               TensorSpec("vision_model.post_layernorm.bias", (v,), "F16"),
               TensorSpec("text_model.embeddings.token_embedding.weight", (49408, t), "F16"),
@@ -75,11 +68,11 @@ def make_clip(folder: Path, scale: float) -> None:
             values = np.asarray(rng.standard_normal(spec.shape, dtype=np.float32) * 0.02)
             writer.write(spec.name, torch.from_numpy(values).half())
     v, t = specs[0].shape[0], specs[-4].shape[0]
-    vision = {"hidden_size": v, "intermediate_size": max(8, int(4096 * scale)),
-              "num_hidden_layers": 24, "num_attention_heads": max(1, v // 64), "image_size": 336, "patch_size": 14,
+    vision = {"hidden_size": v, "intermediate_size": 4 * v,
+              "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
               "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-    text = {"hidden_size": t, "intermediate_size": max(8, int(3072 * scale)), "num_hidden_layers": 12,
-            "num_attention_heads": max(1, t // 64), "vocab_size": 49408, "projection_dim": 768}
+    text = {"hidden_size": t, "intermediate_size": 4 * t, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "vocab_size": 49408, "projection_dim": 768}
     (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPModel"], "model_type": "clip",
                                                     "projection_dim": 768, "vision_config": vision, "text_config": text}))
     (folder / "preprocessor_config.json").write_text(json.dumps({
@@ -90,9 +83,10 @@ def make_clip(folder: Path, scale: float) -> None:
 def make_llava(folder: Path, clip: Path, scale: float) -> None:
     specs = llava_7b_shapes(scale)
     synthesise_bin(folder, specs, int(2e9))
-    h = specs[0].shape[1]
-    sizes = tiny.TinySizes(hidden=h, intermediate=specs[6].shape[0], layers=32, heads=max(1, h // 128),
-                           kv_heads=max(1, h // 128), vision_hidden=max(8, int(1024 * scale)))
+    shapes = {spec.name: spec.shape for spec in specs}
+    h, vision = shapes["model.mm_projector.0.weight"]
+    sizes = tiny.TinySizes(hidden=h, intermediate=shapes["model.layers.0.mlp.up_proj.weight"][0], layers=32, heads=32,
+                           kv_heads=32, vision_hidden=vision)
     config = tiny.llava_config("llama", sizes, clip, next_=False)
     config.update(torch_dtype="float16", mm_vision_tower="openai/clip-vit-large-patch14-336")
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from convert_llava import make_clip, make_llava
-from convert_stream import drop_caches, synthesise, timed
+from convert_stream import drop_caches, scaled_head, synthesise, timed, vit_layer_specs
 from vlmkit.tensors.safetensors_io import TensorSpec
 
 RELEASE = Path(__file__).parent.parent / "tests" / "fixtures" / "configs" / "llava-onevision-qwen2-7b-ov.json"
@@ -37,9 +37,9 @@ TOWER = "model.vision_tower.vision_tower.vision_model."
 
 def onevision_7b_shapes(scale: float) -> tuple[list[TensorSpec], dict]:
     """The release's tensors (bf16) at ``scale`` of every width (head counts kept, head sizes scaled)."""
-    head = max(2, int(128 * scale))
+    head = scaled_head(128, scale)
     h, kv, ff, vocab = 28 * head, 4 * head, max(8, int(18944 * scale)), 152064
-    vhead = max(2, int(72 * scale))
+    vhead = scaled_head(72, scale)
     v, vff = 16 * vhead, max(8, int(4304 * scale))
     specs = [TensorSpec("model.embed_tokens.weight", (vocab, h), "BF16")]
     for i in range(28):
@@ -61,14 +61,7 @@ def onevision_7b_shapes(scale: float) -> tuple[list[TensorSpec], dict]:
               TensorSpec(TOWER + "embeddings.patch_embedding.bias", (v,), "BF16"),
               TensorSpec(TOWER + "embeddings.position_embedding.weight", (729, v), "BF16")]
     for i in range(26):  # the original deletes the 27th layer before training and saving
-        p = f"{TOWER}encoder.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            specs += [TensorSpec(p + f"self_attn.{n}.weight", (v, v), "BF16"),
-                      TensorSpec(p + f"self_attn.{n}.bias", (v,), "BF16")]
-        for n in ("layer_norm1", "layer_norm2"):
-            specs += [TensorSpec(p + f"{n}.weight", (v,), "BF16"), TensorSpec(p + f"{n}.bias", (v,), "BF16")]
-        specs += [TensorSpec(p + "mlp.fc1.weight", (vff, v), "BF16"), TensorSpec(p + "mlp.fc1.bias", (vff,), "BF16"),
-                  TensorSpec(p + "mlp.fc2.weight", (v, vff), "BF16"), TensorSpec(p + "mlp.fc2.bias", (v,), "BF16")]
+        specs += vit_layer_specs(f"{TOWER}encoder.layers.{i}.", v, vff, "BF16")
     specs += [TensorSpec(TOWER + "post_layernorm.weight", (v,), "BF16"),
               TensorSpec(TOWER + "post_layernorm.bias", (v,), "BF16"),
               TensorSpec("model.mm_projector.0.weight", (h, v), "BF16"),

@@ -42,9 +42,18 @@ LLAVA_RULES = [
 ]
 
 
+def scaled_head(size: int, scale: float) -> int:
+    """A head size scaled by ``scale``: even and at least 2 (RoPE rotates pairs of dimensions). The scalers keep
+    the head counts and scale the head sizes, so a scaled width is always whole heads (4096 x 0.35 = 1433 wide
+    was not: 11 heads of 130.3) and the config they write is one transformers accepts."""
+    return max(2, int(size * scale) // 2 * 2)
+
+
 def llava_7b_shapes(scale: float = 1.0) -> list[TensorSpec]:
-    """LLaVA-1.5-7B's tensors: LLaMA-2-7B (32 layers, 4096 wide, 11008 MLP, 32000 vocab) + projector."""
-    h, ff, vision = (int(x * scale) for x in (4096, 11008, 1024))
+    """LLaVA-1.5-7B's tensors: LLaMA-2-7B (32 layers, 32 heads of 128, 11008 MLP, 32000 vocab) + projector from
+    CLIP-L (16 heads of 64), at ``scale`` of every head size; the MLP keeps LLaMA's ratio to the width."""
+    h, vision = 32 * scaled_head(128, scale), 16 * scaled_head(64, scale)
+    ff = 11008 * h // 4096
     vocab = 32000  # the real tokenizer's, at every scale
     specs = [TensorSpec("model.embed_tokens.weight", (vocab, h), "BF16")]
     for i in range(32):
@@ -62,6 +71,17 @@ def llava_7b_shapes(scale: float = 1.0) -> list[TensorSpec]:
               TensorSpec("model.mm_projector.2.bias", (h,), "BF16"),
               TensorSpec("lm_head.weight", (vocab, h), "BF16")]
     return specs
+
+
+def vit_layer_specs(prefix: str, width: int, ff: int, dtype: str) -> list[TensorSpec]:
+    """One ViT encoder layer's tensors (CLIP's and SigLIP's share the names): q/k/v/out projections with
+    biases, the two layer norms, the MLP; ``prefix`` ends with the layer's dot."""
+    shapes = [(f"self_attn.{n}.{k}", (width, width) if k == "weight" else (width,))
+              for n in ("q_proj", "k_proj", "v_proj", "out_proj") for k in ("weight", "bias")]
+    shapes += [(f"{n}.{k}", (width,)) for n in ("layer_norm1", "layer_norm2") for k in ("weight", "bias")]
+    shapes += [("mlp.fc1.weight", (ff, width)), ("mlp.fc1.bias", (ff,)), ("mlp.fc2.weight", (width, ff)),
+               ("mlp.fc2.bias", (width,))]
+    return [TensorSpec(prefix + name, shape, dtype) for name, shape in shapes]
 
 
 def synthesise(folder: Path, specs: list[TensorSpec], shard_size: int) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from convert_llava import make_clip
-from convert_stream import drop_caches, timed
+from convert_stream import drop_caches, scaled_head, timed, vit_layer_specs
 from vlmkit.families.llava import tiny
 from vlmkit.tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
 
@@ -45,9 +45,11 @@ VOCAB = 32064  # 32000 + <image> + <pad>, padded to a multiple of 64 as the llav
 
 
 def llava_specs(scale: float) -> tuple[list[TensorSpec], dict]:
-    """TinyLlama-1.1B + CLIP-L/336 tower + mlp2x_gelu projector, published llava-hf names, bf16."""
-    h, ff, kv = (max(64, int(x * scale)) for x in (2048, 5632, 256))
-    v, vf = max(64, int(1024 * scale)), max(64, int(4096 * scale))
+    """TinyLlama-1.1B (32 heads / 4 KV heads of 64) + CLIP-L/336 tower (16 heads of 64) + mlp2x_gelu projector,
+    published llava-hf names, bf16; ``scale`` scales the head sizes, the MLPs keep their ratio to the width."""
+    head = scaled_head(64, scale)
+    h, kv, v = 32 * head, 4 * head, 16 * head
+    ff, vf = 5632 * h // 2048, 4 * v
     lm, tower = "language_model.model.", "vision_tower.vision_model."
     specs = [TensorSpec(lm + "embed_tokens.weight", (VOCAB, h), "BF16")]
     for i in range(22):
@@ -67,24 +69,15 @@ def llava_specs(scale: float) -> tuple[list[TensorSpec], dict]:
               TensorSpec(tower + "embeddings.position_embedding.weight", (577, v), "BF16"),
               TensorSpec(tower + "pre_layrnorm.weight", (v,), "BF16"), TensorSpec(tower + "pre_layrnorm.bias", (v,), "BF16")]
     for i in range(24):
-        p = f"{tower}encoder.layers.{i}."
-        for n in "qkv":
-            specs += [TensorSpec(p + f"self_attn.{n}_proj.weight", (v, v), "BF16"),
-                      TensorSpec(p + f"self_attn.{n}_proj.bias", (v,), "BF16")]
-        specs += [TensorSpec(p + "self_attn.out_proj.weight", (v, v), "BF16"),
-                  TensorSpec(p + "self_attn.out_proj.bias", (v,), "BF16")]
-        for n in ("layer_norm1", "layer_norm2"):
-            specs += [TensorSpec(p + f"{n}.weight", (v,), "BF16"), TensorSpec(p + f"{n}.bias", (v,), "BF16")]
-        specs += [TensorSpec(p + "mlp.fc1.weight", (vf, v), "BF16"), TensorSpec(p + "mlp.fc1.bias", (vf,), "BF16"),
-                  TensorSpec(p + "mlp.fc2.weight", (v, vf), "BF16"), TensorSpec(p + "mlp.fc2.bias", (v,), "BF16")]
+        specs += vit_layer_specs(f"{tower}encoder.layers.{i}.", v, vf, "BF16")
     specs += [TensorSpec(tower + "post_layernorm.weight", (v,), "BF16"),
               TensorSpec(tower + "post_layernorm.bias", (v,), "BF16"),
               TensorSpec("multi_modal_projector.linear_1.weight", (h, v), "BF16"),
               TensorSpec("multi_modal_projector.linear_1.bias", (h,), "BF16"),
               TensorSpec("multi_modal_projector.linear_2.weight", (h, h), "BF16"),
               TensorSpec("multi_modal_projector.linear_2.bias", (h,), "BF16")]
-    dims = {"hidden": h, "intermediate": ff, "kv_heads": max(1, kv // 64), "heads": max(1, h // 64),
-            "vision": v, "vision_intermediate": vf}
+    dims = {"hidden": h, "intermediate": ff, "kv_heads": 4, "heads": 32, "vision": v, "vision_intermediate": vf,
+            "vision_heads": 16}
     return specs, dims
 
 
@@ -102,7 +95,7 @@ def make_llava(folder: Path, scale: float) -> None:
             "vocab_size": VOCAB, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001}
     vision = {"model_type": "clip_vision_model", "hidden_size": d["vision"], "intermediate_size": d["vision_intermediate"],
-              "num_hidden_layers": 24, "num_attention_heads": max(1, d["vision"] // 64), "image_size": 336,
+              "num_hidden_layers": 24, "num_attention_heads": d["vision_heads"], "image_size": 336,
               "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
     config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": text,
               "vision_config": vision, "image_token_index": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu",

@@ -166,3 +166,12 @@ def bpe_folder(name: str, dst: Path) -> Path:
         config["chat_template"] = fields["tokenizer.chat_template"]
     (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return dst
+
+
+def bpe_folders(root: Path) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
+    """The Qwen2 and Llama-3 folders (``bpe_folder``) under ``root``, and each one's ``{token text: id}`` read from
+    the fixture's GGUF token list (the expectations' ids: not from the tokenizer under test)."""
+    folders = {name: bpe_folder(name, root / name) for name in ("qwen2", "llama-bpe")}
+    ids = {name: {t: i for i, t in enumerate(gguf_vocabulary(gguf_file(name, folder / "source"))
+                                              ["tokenizer.ggml.tokens"])} for name, folder in folders.items()}
+    return folders, ids

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -148,6 +149,44 @@ def test_train_refuses_loading_flags_it_has_no_use_for(tmp_path):
     for flag, value in (("--dtype", "float16"), ("--device", "cpu"), ("--config", tmp_path / "c.json")):
         _one_line_error(run_cli(*base, flag, value), flag, "does not apply to vlmkit train")
     assert not (tmp_path / "run").exists()
+
+
+def _offered(*command: str) -> set[str]:
+    """The options ``vlmkit COMMAND --help`` lists (``("data", "tokenize")`` for a sub-command's): the flag that
+    starts each option line (other help texts may name a flag, e.g. merge-lora's --base names LLaVA's --model-base)."""
+    import argparse
+
+    from vlmkit.cli import build_parser
+
+    parser = build_parser()
+    for name in command:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return set(re.findall(r"^\s+(--[\w-]+)", parser.format_help(), re.M))
+
+
+def test_train_help_does_not_offer_the_loading_flags_it_refuses():
+    offered = _offered("train")
+    assert not {"--dtype", "--device", "--config"} & offered, offered
+    assert {"--vision-tower", "--model-base", "--template", "--seed"} <= offered
+
+
+@pytest.mark.parametrize("command, refused", [
+    (("convert", "{src}", "{out}"), ("--device",)),
+    (("merge-lora", "{src}", "--base", "{src}", "{out}"), ("--device", "--model-base")),
+    (("data", "tokenize", "{src}", "--model", "{src}", "--out", "{out}"), ("--device", "--dtype")),
+    (("data", "check", "{src}", "--model", "{src}"), ("--device", "--dtype")),
+])
+def test_commands_that_place_no_model_on_a_device_refuse_device_and_do_not_offer_it(tmp_path, command, refused):
+    # the flag is refused before anything is read, so no model is needed (the paths do not exist)
+    args = [a.format(src=tmp_path / "in", out=tmp_path / "out") for a in command]
+    name = command[:2] if command[0] == "data" else command[:1]
+    values = {"--device": ("cuda", "meta"), "--dtype": ("float16",), "--model-base": (tmp_path / "in",)}
+    for flag in refused:
+        for value in values[flag]:
+            _one_line_error(run_cli(*args, flag, value), f"{flag} does not apply to vlmkit {' '.join(name)}")
+    assert not (tmp_path / "out").exists()
+    offered = _offered(*name)
+    assert not set(refused) & offered and "--vision-tower" in offered, offered
 
 
 # ------------------------------------------------------------------ one set of range checks

@@ -19,7 +19,7 @@ from . import limits
 from ._version import __version__
 from .errors import VlmkitError
 from .console import progress_bar
-from .options import LoadOptions, add_load_arguments
+from .options import LoadOptions, add_load_arguments, refuse_unused
 
 COMMANDS = []
 
@@ -77,6 +77,10 @@ def cmd_inspect(args) -> int:
 
 # ------------------------------------------------------------------------ convert
 
+# loading options convert has no use for: not in --help, refused with the reason, never ignored
+CONVERT_UNUSED = {"device": "converting streams the tensors from file to file on the CPU, and --verify runs "
+                            "both models on the CPU in float32"}
+
 
 def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="checkpoint file, folder or hub id")
@@ -94,7 +98,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-to-hub", metavar="REPO_ID",
                    help="after converting (and verifying, if asked), upload the folder as `vlmkit push` does")
     _probe_arguments(p)
-    add_load_arguments(p)
+    add_load_arguments(p, CONVERT_UNUSED)
     gguf = p.add_argument_group("--to gguf")
     gguf.add_argument("--text-only", action="store_true",
                       help="CLIP: write only the text tower; LLaVA: only the language model (no mmproj)")
@@ -115,6 +119,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
           "vlmkit convert clip-vit-large-patch14/ clip-gguf/ --to gguf --vision-only --dtype f32",
           "vlmkit convert llava-v1.5-7b/ llava-hf/ --verify --push-to-hub me/llava-1.5-7b-hf"])
 def cmd_convert(args) -> int:
+    refuse_unused(args, "convert", CONVERT_UNUSED)
     if args.push_to_hub:  # the token and the repository id before any byte is converted
         from .publish.push import check_target
 
@@ -418,6 +423,13 @@ def cmd_serve(args) -> int:
     from .serve import engines
 
     engines.check_flags(args)  # engine flags that do not apply to --engine are refused, never ignored
+    if args.replicas is not None or args.ray_address is not None:
+        # Ray's workers load the model, and Ray retries a worker that fails: a model none can load (no such path,
+        # not a model) ends serve here with load's own error, before a Ray cluster starts
+        from . import families
+        from .tensors import resolve
+
+        families.require(resolve(args.model), "chat_backend")
     if engines.uses_front(args):  # another engine, or Ray Serve replicas, behind the same front
         return engines.run(args, settings, options)
 

@@ -97,8 +97,8 @@ def refuse_unused(args: argparse.Namespace, command: str, unused: dict[str, str]
     """
     for name, why in unused.items():
         if getattr(args, name, None) is not None:
-            raise ConfigError(f"--{name} does not apply to vlmkit {command}: {why}",
-                              hint=f"remove --{name}")
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to vlmkit {command}: {why}", hint=f"remove {flag}")
 
 
 def read_json(file: Path, *, what: str = "") -> dict:
@@ -118,22 +118,30 @@ def deep_merge(derived: dict, override: dict) -> dict:
     return out
 
 
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+def add_load_arguments(parser: argparse.ArgumentParser, unused: dict[str, str] | None = None) -> None:
+    """The loading options on ``parser``; those in ``unused`` (the command's ``refuse_unused`` table) are not
+    offered by ``--help`` but still parsed, so that the command refuses them with the reason when a script passes one."""
     group = parser.add_argument_group("model loading (same meaning in every command)")
-    group.add_argument("--dtype", help="float32, float16 or bfloat16 (also fp16, half, bf16 ...; default: as stored)")
-    group.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cpu)")
-    group.add_argument("--vision-tower", "--vision", dest="vision_tower", metavar="PATH",
-                       help="the vision encoder's weights/config (LLaVA: a CLIP folder replacing mm_vision_tower; "
-                            "BLIP-2: the EVA ViT-g checkpoint)")
-    group.add_argument("--model-base", "--language-model", dest="model_base", metavar="PATH",
-                       help="the base language model (LLaVA: for LoRA and projector-only checkpoints; "
-                            "BLIP-2: the OPT / Flan-T5 folder; BLIP-2 retrieval: the bert-base-uncased folder)")
-    group.add_argument("--template", help="conversation template overriding the detected one")
-    group.add_argument("--config", metavar="JSON", help="transformers config of the target overriding derived fields")
-    group.add_argument("--assume-clip-defaults", action="store_true",
-                       help="LLaVA: when the vision tower's config cannot be found, take OpenAI CLIP's values "
-                            "(64-wide heads, quick_gelu, eps 1e-5, CLIP normalisation) for what no tensor shape "
-                            "holds; each is listed as an assumption (default: refuse)")
-    group.add_argument("--seed", type=int, default=0,
-                       help="seed for anything random: new embedding rows when converting, sampling when chatting "
-                            "(default: 0)")
+
+    def option(*flags, **kwargs) -> None:
+        action = group.add_argument(*flags, **kwargs)
+        if action.dest in (unused or {}):
+            action.help = argparse.SUPPRESS
+
+    option("--dtype", help="float32, float16 or bfloat16 (also fp16, half, bf16 ...; default: as stored)")
+    option("--device", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    option("--vision-tower", "--vision", dest="vision_tower", metavar="PATH",
+           help="the vision encoder's weights/config (LLaVA: a CLIP folder replacing mm_vision_tower; "
+                "BLIP-2: the EVA ViT-g checkpoint)")
+    option("--model-base", "--language-model", dest="model_base", metavar="PATH",
+           help="the base language model (LLaVA: for LoRA and projector-only checkpoints; "
+                "BLIP-2: the OPT / Flan-T5 folder; BLIP-2 retrieval: the bert-base-uncased folder)")
+    option("--template", help="conversation template overriding the detected one")
+    option("--config", metavar="JSON", help="transformers config of the target overriding derived fields")
+    option("--assume-clip-defaults", action="store_true",
+           help="LLaVA: when the vision tower's config cannot be found, take OpenAI CLIP's values "
+                "(64-wide heads, quick_gelu, eps 1e-5, CLIP normalisation) for what no tensor shape "
+                "holds; each is listed as an assumption (default: refuse)")
+    option("--seed", type=int, default=0,
+           help="seed for anything random: new embedding rows when converting, sampling when chatting "
+                "(default: 0)")

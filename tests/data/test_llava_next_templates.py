@@ -23,7 +23,7 @@ from vlmkit.data.encoders import OriginalEncoder
 from vlmkit.data.records import Record, Turn
 from vlmkit.data.tokenize import RecordError, structure, tokenize
 
-from ..bpe_tokenizers import bpe_folder, gguf_file, gguf_vocabulary
+from ..bpe_tokenizers import bpe_folders
 
 IGNORE = -100
 META_LLAMA_3 = (Path(__file__).parent.parent / "fixtures" / "templates" / "meta-llama-3-8b-instruct.jinja").read_text()
@@ -37,12 +37,7 @@ LLAMA_3_SYSTEM = ("You are a helpful language and vision assistant. You are able
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bpe-data-next")
-    made = {name: bpe_folder(name, root / name) for name in ("qwen2", "llama-bpe")}
-    # Qwen2-Instruct / OneVision tokenizer_config.json: EOS <|im_end|> (the rebuilt Qwen1.5 base says <|endoftext|>)
-    ids = {name: {t: i for i, t in enumerate(gguf_vocabulary(gguf_file(name, made[name] / "source"))
-                                              ["tokenizer.ggml.tokens"])} for name in made}
-    return made, ids
+    return bpe_folders(tmp_path_factory.mktemp("bpe-data-next"))
 
 
 class Original:

@@ -43,3 +43,17 @@ def test_backbone_of_refuses_an_unknown_language_model():
     assert f"{FOLDER}/config.json" in message
     assert "LlavaMPTForCausalLM" in message and "'llava_mpt'" in message
     assert "LlavaLlamaForCausalLM" in e.value.hint and "LlavaMistralForCausalLM" in e.value.hint
+
+
+def test_each_gguf_row_names_the_vocabulary_writer_gguf_export_uses():
+    # --to gguf writes the vocabulary the row names (llama.cpp's tokenizer.ggml.model: "llama" for
+    # SentencePiece, "gpt2" for byte-level BPE, as its converter writes them), through gguf_vocab.KINDS
+    from vlmkit.conversion import gguf_vocab
+    from vlmkit.families.llava.backbones import ROWS
+
+    expected = {"sentencepiece": "llama", "bpe": "gpt2"}  # llama.cpp's converter: SentencePiece -> "llama"
+    for row in ROWS.values():
+        if row.gguf_arch is None:
+            continue
+        assert row.gguf_vocab == expected[row.tokenizer], row.name
+        assert row.gguf_vocab in gguf_vocab.KINDS, row.name

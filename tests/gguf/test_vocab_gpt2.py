@@ -52,7 +52,7 @@ def vlmkit_gguf(folder, name, out):
     """vlmkit's vocabulary in a vocab-only GGUF (the hyper-parameters llama.cpp needs to open it)."""
     config = json.loads((folder / "config.json").read_text())
     vocab = open_vocab(folder, "bpe")
-    table = gguf_vocab.vocabulary("bpe", folder, {}, config["vocab_size"], pre=name)
+    table = gguf_vocab.vocabulary("gpt2", folder, {}, config["vocab_size"], pre=name)
     writer = gguf.GGUFWriter(out, ARCH[name])
     writer.add_block_count(1)
     writer.add_context_length(config["max_position_embeddings"])
@@ -63,7 +63,7 @@ def vlmkit_gguf(folder, name, out):
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     chat_template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
-    gguf_vocab.write_vocab(writer, "bpe", table, pad=table.pad, add_bos=vocab.add_bos, add_eos=vocab.add_eos,
+    gguf_vocab.write_vocab(writer, "gpt2", table, pad=table.pad, add_bos=vocab.add_bos, add_eos=vocab.add_eos,
                            chat_template=chat_template)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -109,16 +109,16 @@ def test_llama_cpp_tokenizes_vlmkit_gguf_like_the_release(folders, tmp_path, nam
 
 def test_the_kind_picks_the_vocabulary_and_bad_input_is_one_error(folders):
     qwen = folders["qwen2"]
-    table = gguf_vocab.vocabulary("bpe", qwen, {"<image>": 151646}, 151936, pre="qwen2")
+    table = gguf_vocab.vocabulary("gpt2", qwen, {"<image>": 151646}, 151936, pre="qwen2")
     assert (table.tokens[151646], table.types[151646]) == (b"<image>", gguf.TokenType.CONTROL)  # a special addition
     assert (table.tokens[151647], table.types[151647]) == (b"[PAD151647]", gguf.TokenType.UNUSED)
     # Qwen1.5 names no BOS token: config.json's bos_token_id is written, as llama.cpp's converter does
     assert (table.bos, table.eos, table.pad, table.add_sep) == (151643, 151643, 151643, None)
-    with pytest.raises(ConfigError, match="no GGUF vocabulary writer for tokenizer kind 'wordpiece'"):
+    with pytest.raises(ConfigError, match="no GGUF vocabulary writer 'wordpiece'"):
         gguf_vocab.vocabulary("wordpiece", qwen, {}, 151936)
     with pytest.raises(ConfigError, match="needs llama.cpp's pre-tokenizer name"):
-        gguf_vocab.vocabulary("bpe", qwen, {}, 151936)
+        gguf_vocab.vocabulary("gpt2", qwen, {}, 151936)
     with pytest.raises(ConfigError, match="token id 151645 but the model's embedding has only 1000 rows"):
-        gguf_vocab.vocabulary("bpe", qwen, {}, 1000, pre="qwen2")
+        gguf_vocab.vocabulary("gpt2", qwen, {}, 1000, pre="qwen2")
     with pytest.raises(ConfigError, match="a byte-level BPE tokenizer.json"):
-        gguf_vocab.vocabulary("bpe", LLAMA_SPM, {}, 32000, pre="llama-bpe")
+        gguf_vocab.vocabulary("gpt2", LLAMA_SPM, {}, 32000, pre="llama-bpe")

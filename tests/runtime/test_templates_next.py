@@ -20,7 +20,7 @@ from vlmkit.runtime.templates import TEMPLATES, render, with_image
 from vlmkit.runtime.tokens import tokenizer_image_token
 from vlmkit.runtime.vocab import open_vocab
 
-from ..bpe_tokenizers import bpe_folder, gguf_file, gguf_vocabulary
+from ..bpe_tokenizers import bpe_folders
 from .test_templates import jinja_render, to_transformers
 
 META_LLAMA_3 = (Path(__file__).parent.parent / "fixtures" / "templates" / "meta-llama-3-8b-instruct.jinja").read_text()
@@ -109,11 +109,7 @@ def test_converted_chat_template_renders_the_same_text(name, conv):
 # ------------------------------------------------------------------------ ids with the real vocabularies
 @pytest.fixture(scope="module")
 def vocabs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bpe-next")
-    folders = {name: bpe_folder(name, root / name) for name in ("qwen2", "llama-bpe")}
-    ids = {name: {t: i for i, t in enumerate(gguf_vocabulary(gguf_file(name, folders[name] / "source"))
-                                              ["tokenizer.ggml.tokens"])} for name in folders}
-    return folders, ids
+    return bpe_folders(tmp_path_factory.mktemp("bpe-next"))
 
 
 def test_llava_llama_3_inference_ids_start_with_two_bos(vocabs):

@@ -58,6 +58,20 @@ def test_a_model_that_cannot_load_ends_serve_with_chat_s_error(which, truncated,
     assert "Traceback" not in serve.stderr and "still loading" not in serve.stderr
 
 
+@pytest.mark.parametrize("flags", [["--replicas", "2"], ["--ray-address", "head-node:6379"]])
+def test_ray_replicas_of_a_missing_model_end_serve_with_chat_s_error_before_ray_starts(monkeypatch, tmp_path, flags):
+    import vlmkit.serve.engines
+
+    started = []  # the Ray route is never reached: no cluster starts, whatever the outcome
+    monkeypatch.setattr(vlmkit.serve.engines, "run", lambda *args: started.append(args) or 0)
+    model = tmp_path / "no-such-model"
+    chat = run_cli("chat", model, "--prompt", "hi")
+    serve = run_cli("serve", model, *flags)
+    assert chat.code == 1 and _error_lines(chat.err), chat.err
+    assert serve.code == 1 and _error_lines(serve.err) == _error_lines(chat.err), serve.err
+    assert started == []
+
+
 @pytest.fixture
 def not_served(monkeypatch):
     """``vlmkit serve`` up to the point where it would bind (nothing listens: the tests bind loopback only)."""

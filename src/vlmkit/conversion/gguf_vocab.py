@@ -8,7 +8,8 @@
   conversion of that model), for folders without ``tokenizer.model``; ``llama`` picks one.
 * ``gpt2``: a byte-level BPE ``tokenizer.json`` (Qwen2, Llama 3) with its merges and the name of
   its pre-tokenizer, as llama.cpp's converter writes it (``tokenizer.ggml.model = "gpt2"``).
-* ``vocabulary`` / ``write_vocab`` pick the reader and writer by the tokenizer kind.
+* ``vocabulary`` / ``write_vocab`` pick the reader and writer by llama.cpp's name of the vocabulary
+  (``tokenizer.ggml.model``: "llama" or "gpt2"; a LLaVA backbone row's ``gguf_vocab``).
 * ``clip_bpe``: CLIP's 49,408 text tokens rebuilt from the original merges file, in the
   order of the ``vocab.json`` the CLIP repositories ship.
 """
@@ -170,12 +171,21 @@ def write_llama_vocab(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None,
     writer.add_token_list(vocab.tokens)
     writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
+    _write_specials(writer, vocab, pad=pad, add_bos=add_bos, add_eos=add_eos, chat_template=chat_template)
+
+
+def _write_specials(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None, add_bos: bool, add_eos: bool,
+                    chat_template: str | None) -> None:
+    """The keys after the token lists, common to both writers: the special ids, whether to add BOS / EOS
+    (and SEP, for a BPE pair template that has one), the chat template."""
     for value, add in ((vocab.bos, writer.add_bos_token_id), (vocab.eos, writer.add_eos_token_id),
                        (vocab.unk, writer.add_unk_token_id), (pad, writer.add_pad_token_id)):
         if value is not None:
             add(value)
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(add_eos)
+    if vocab.add_sep is not None:
+        writer.add_add_sep_token(vocab.add_sep)
     if chat_template:
         writer.add_chat_template(chat_template)
 
@@ -261,28 +271,19 @@ def write_gpt2_vocab(writer: gguf.GGUFWriter, vocab: Vocab, *, pad: int | None, 
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
-    for value, add in ((vocab.bos, writer.add_bos_token_id), (vocab.eos, writer.add_eos_token_id),
-                       (vocab.unk, writer.add_unk_token_id), (pad, writer.add_pad_token_id)):
-        if value is not None:
-            add(value)
-    writer.add_add_bos_token(add_bos)
-    writer.add_add_eos_token(add_eos)
-    if vocab.add_sep is not None:
-        writer.add_add_sep_token(vocab.add_sep)
-    if chat_template:
-        writer.add_chat_template(chat_template)
+    _write_specials(writer, vocab, pad=pad, add_bos=add_bos, add_eos=add_eos, chat_template=chat_template)
 
 
-# tokenizer kind (runtime.vocab; a LLaVA backbone row names it) -> (reader, writer)
-KINDS = {"sentencepiece": (llama, write_llama_vocab), "bpe": (gpt2, write_gpt2_vocab)}
+# llama.cpp's name of the vocabulary (tokenizer.ggml.model; a LLaVA backbone row's gguf_vocab) -> (reader, writer)
+KINDS = {"llama": (llama, write_llama_vocab), "gpt2": (gpt2, write_gpt2_vocab)}
 
 
 def vocabulary(kind: str, folder: Path, added: dict[str, int], rows: int, *, pre: str | None = None) -> Vocab:
-    """The GGUF vocabulary of the ``kind`` tokenizer in ``folder`` (``pre``: the BPE pre-tokenizer name)."""
+    """The ``kind`` GGUF vocabulary ("llama", "gpt2") of the tokenizer in ``folder`` (``pre``: the BPE
+    pre-tokenizer name)."""
     if kind not in KINDS:
-        raise ConfigError(f"no GGUF vocabulary writer for tokenizer kind {kind!r}",
-                          hint=f"known kinds: {', '.join(KINDS)}")
-    if kind == "bpe":
+        raise ConfigError(f"no GGUF vocabulary writer {kind!r}", hint=f"known: {', '.join(KINDS)}")
+    if kind == "gpt2":
         if not pre:
             raise ConfigError(f"{folder}: a BPE vocabulary needs llama.cpp's pre-tokenizer name",
                               hint="the backbone row names it (e.g. qwen2, llama-bpe)")
@@ -292,7 +293,7 @@ def vocabulary(kind: str, folder: Path, added: dict[str, int], rows: int, *, pre
 
 def write_vocab(writer: gguf.GGUFWriter, kind: str, vocab: Vocab, *, pad: int | None, add_bos: bool,
                 add_eos: bool, chat_template: str | None) -> None:
-    """``write_llama_vocab`` or ``write_gpt2_vocab``, by the tokenizer kind."""
+    """``write_llama_vocab`` or ``write_gpt2_vocab``, by the vocabulary's name (``KINDS``)."""
     KINDS[kind][1](writer, vocab, pad=pad, add_bos=add_bos, add_eos=add_eos, chat_template=chat_template)
 
 

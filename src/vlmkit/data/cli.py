@@ -132,10 +132,23 @@ def _check_arguments(p: argparse.ArgumentParser) -> None:
     _load_arguments(p)
 
 
+# loading options the data commands have no use for: not in --help, refused with the reason, never ignored
+UNUSED_OPTIONS = {
+    "device": "the data commands read the model's tokenizer, template and image settings, never its weights",
+    "dtype": "the data commands read the model's tokenizer, template and image settings, never its weights",
+}
+
+
 def _load_arguments(p: argparse.ArgumentParser) -> None:
     from ..options import add_load_arguments  # here, not at the top: `data convert` imports no model code
 
-    add_load_arguments(p)
+    add_load_arguments(p, UNUSED_OPTIONS)
+
+
+def _refuse_unused(args, command: str) -> None:
+    from ..options import refuse_unused
+
+    refuse_unused(args, f"data {command}", UNUSED_OPTIONS)
 
 
 def _data_model(args):
@@ -148,6 +161,7 @@ def _data_model(args):
 def cmd_check(args) -> int:
     from .check import check, render
 
+    _refuse_unused(args, "check")
     model = _data_model(args) if args.model else None
     report = check(args.data, image_folder=args.image_folder, model=model,
                    max_pixels=args.max_pixels, source_format=args.source_format,
@@ -190,6 +204,7 @@ def cmd_tokenize(args) -> int:
     from .show import highlight
     from .tokenize import RecordError
 
+    _refuse_unused(args, "tokenize")
     if args.ray_address and not args.ray:
         raise ConfigError("--ray-address is for --ray", hint="add --ray, or remove --ray-address")
     model = _data_model(args)

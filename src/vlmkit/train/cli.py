@@ -84,10 +84,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--dataloader-workers", type=int, default=0)
-    add_load_arguments(p)
+    add_load_arguments(p, UNUSED_OPTIONS)  # those train refuses are not offered by --help
 
 
-# loading options train has no use for: refused with the flag to use instead, never ignored
+# loading options train has no use for: not in --help, refused with the flag to use instead, never ignored
 UNUSED_OPTIONS = {
     "dtype": "training computes in --precision (auto, fp32, bf16, fp16) and writes what the model is stored in",
     "device": "training runs on every GPU the launcher gives it (CUDA_VISIBLE_DEVICES, torchrun), else the CPU",
@@ -139,7 +139,14 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
                    help="original LLaVA layout (default) or the published llava-hf layout with processor")
     p.add_argument("--force", action="store_true", help="replace an existing output (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_load_arguments(p)
+    add_load_arguments(p, MERGE_UNUSED)
+
+
+# loading options merge-lora has no use for: not in --help, refused with the reason, never ignored
+MERGE_UNUSED = {
+    "device": "the merge streams the tensors from file to file on the CPU, as convert does",
+    "model_base": "the base the run was trained on is --base",
+}
 
 
 def cmd_merge(args) -> int:
@@ -147,6 +154,7 @@ def cmd_merge(args) -> int:
     from ..conversion.plan import human_bytes
     from .merge import merge_lora
 
+    refuse_unused(args, "merge-lora", MERGE_UNUSED)
     result = merge_lora(args.adapter, args.base, args.output, format=args.format, options=LoadOptions.from_args(args),
                         force=args.force, progress=None if args.quiet else progress_bar("merging"),
                         announce=lambda note: print(f"note: {note}", file=sys.stderr))

@@ -31,8 +31,8 @@ class Backbone:
             rule give none; None: no template is known, ``--template`` is required.
         gguf_arch: llama.cpp's ``general.architecture``; None: ``--to gguf`` refuses this backbone.
         permute_qk: whether llama.cpp's converter permutes q/k rows into its RoPE order.
-        gguf_vocab: how the GGUF vocabulary is written ("llama": SentencePiece; "gpt2": byte-level BPE);
-            None with ``gguf_arch`` None.
+        gguf_vocab: how the GGUF vocabulary is written ("llama": SentencePiece; "gpt2": byte-level BPE), the key
+            of ``conversion.gguf_vocab.KINDS`` that ``--to gguf`` writes it with; None with ``gguf_arch`` None.
         gguf_pre: llama.cpp's pre-tokenizer name of a gpt2 vocabulary ("qwen2", "llama-bpe").
         name_rule: haotian-liu/LLaVA's cli picks the template from the model's name (``templates.AUTO_SELECT``);
             False for LLaVA-NeXT-repository checkpoints, whose tutorials name the template (``conv_template``).

@@ -412,7 +412,7 @@ def _lm_metadata(llava: Llava, vocab: gguf_vocab.Vocab):
         w.add_rope_dimension_count(head_dim)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tok = llava.tokenizer
-        gguf_vocab.write_vocab(w, llava.backbone.tokenizer, vocab, pad=tok.pad, add_bos=tok.add_bos,
+        gguf_vocab.write_vocab(w, llava.backbone.gguf_vocab, vocab, pad=tok.pad, add_bos=tok.add_bos,
                                add_eos=tok.add_eos, chat_template=tok.chat_template)
 
     return write
@@ -454,7 +454,7 @@ def gguf_files(llava: Llava, gguf_options: GGUFOptions) -> list[GGUFFile]:
     files = []
     if llava.text is not None and not gguf_options.mmproj_only:
         rows = llava.source.info(LM + "model.embed_tokens.weight").shape[0]
-        vocab = gguf_vocab.vocabulary(llava.backbone.tokenizer, llava.tokenizer.folder, llava.tokenizer.added, rows,
+        vocab = gguf_vocab.vocabulary(llava.backbone.gguf_vocab, llava.tokenizer.folder, llava.tokenizer.added, rows,
                                       pre=llava.backbone.gguf_pre)
         files.append(GGUFFile(f"{name}-{{type}}.gguf", llava.backbone.gguf_arch,
                               lm_rules(llava), _lm_metadata(llava, vocab)))
