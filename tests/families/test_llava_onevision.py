@@ -352,6 +352,22 @@ def test_open_a_onevision_checkpoint(tmp_path):
         open_original(_tiny_onevision(tmp_path / "ov-renamed", "google/siglip-so400m-patch14-384"), LoadOptions())
 
 
+def test_the_tower_values_no_file_states_come_from_config_and_are_listed_so(tmp_path):
+    """Activation and epsilon of an unreleased SigLIP: --config's where given (else the original's class defaults),
+    each assumption saying where its value came from."""
+    from vlmkit.families.llava.checkpoint import open_original
+    from vlmkit.options import LoadOptions
+
+    path = _tiny_onevision(tmp_path / "ov-tiny", "my-org/siglip-tiny-patch14-42")
+    ckpt = open_original(path, LoadOptions(config={"vision_config": {"num_attention_heads": 2}}))
+    assert (ckpt.vision_config["hidden_act"], ckpt.vision_config["layer_norm_eps"]) == ("gelu_pytorch_tanh", 1e-6)
+    assert "vision_config.layer_norm_eps = 1e-06 (LLaVA-NeXT's SigLipVisionConfig default)" in ckpt.assumptions
+    stated = {"num_attention_heads": 2, "image_size": 42, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
+    ckpt = open_original(path, LoadOptions(config={"vision_config": stated}))
+    assert (ckpt.vision_config["hidden_act"], ckpt.vision_config["layer_norm_eps"]) == ("gelu", 1e-5)
+    assert len(ckpt.assumptions) == 4 and all("(from --config)" in a for a in ckpt.assumptions), ckpt.assumptions
+
+
 # ------------------------------------------------------------------------------------------- the reference
 TINY_TOWER = 42  # tiny SigLIP: 42-pixel images, 14-pixel patches, 3 x 3 features per tile
 
@@ -575,3 +591,112 @@ def test_verify_notes_the_video_differences_a_release_config_asks_for():
     notes = onevision.differences(SimpleNamespace(config={**config, "mm_spatial_pool_mode": "average",
                                                           "mm_newline_position": "grid"}, path="ckpt"))
     assert any("'average'" in n for n in notes) and any("'grid'" in n for n in notes)
+
+
+# ------------------------------------------------------------------------------------------- the converted folder runs
+PHOTO = Path(__file__).parent.parent / "fixtures" / "images" / "chelsea.png"  # 451 x 300: not square
+QUESTIONS = ("What is in the picture?", "And its colours?")
+
+
+@pytest.fixture(scope="module")
+def converted_ov(tiny_ov, tmp_path_factory):
+    """``vlmkit convert --to hf`` of the tiny release (the tower's head count from its --config file)."""
+    from ..conftest import run_cli
+
+    path, heads = tiny_ov
+    out = tmp_path_factory.mktemp("ov-converted") / "hf"
+    r = run_cli("convert", path, out, "--to", "hf", "--config", heads, "--quiet")
+    assert r.code == 0, r.err
+    return out
+
+
+def _typed_conversation(monkeypatch, model, *flags) -> list[str]:
+    """``vlmkit chat MODEL --image PHOTO --temperature 0`` with the two QUESTIONS typed in: the two answers."""
+    import io
+
+    from ..conftest import run_cli
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(q + "\n" for q in QUESTIONS)))
+    r = run_cli("chat", model, "--image", PHOTO, "--temperature", "0", "--max-new-tokens", "6", *flags)
+    assert r.code == 0, r.err
+    # stdout: "USER: ASSISTANT: answer\n" per question, then the last "USER: " that read the end of input
+    answers = [part.rsplit("\nUSER: ", 1)[0] for part in r.out.split("ASSISTANT: ")[1:]]
+    assert len(answers) == 2, r.out
+    return answers
+
+
+def test_chat_on_the_converted_folder_answers_as_the_original(tiny_ov, converted_ov, monkeypatch):
+    """Two greedy turns about the non-square photo: the converted folder, run by transformers with its own processor
+    files and chat template, gives the tokens the original (run by the reference) gives, on the CLI and vlmkit.load."""
+    import vlmkit
+    from vlmkit import families
+
+    path, heads = tiny_ov
+    found = families.find(converted_ov)
+    assert (found.name, found.form) == ("llava", "transformers_onevision")
+    original = _typed_conversation(monkeypatch, path, "--config", heads)
+    assert original[0]
+    assert _typed_conversation(monkeypatch, converted_ov) == original
+
+    replies = {}
+    for name, model in (("original", vlmkit.load(path, config=json.loads(heads.read_text()))),
+                        ("converted", vlmkit.load(converted_ov))):
+        messages = [{"role": "user", "content": QUESTIONS[0], "images": [PHOTO]}]
+        first = model.chat(messages, temperature=0, max_new_tokens=6)
+        messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": QUESTIONS[1]}]
+        second = model.chat(messages, temperature=0, max_new_tokens=6)
+        replies[name] = [(r.tokens, r.prompt_tokens, r.image_tokens) for r in (first, second)]
+    assert replies["converted"] == replies["original"]
+    assert [r[0] for r in replies["original"]] and replies["original"][1][1] > replies["original"][0][1]
+
+
+def test_inspect_describes_the_original_and_the_converted_folder(tiny_ov, converted_ov):
+    from ..conftest import run_cli
+
+    for model, form in ((tiny_ov[0], "full"), (converted_ov, "transformers_onevision")):
+        r = run_cli("inspect", model)
+        assert r.code == 0, r.err
+        assert "family:  llava" in r.out and f"llava form: {form}" in r.out, r.out
+        assert "llava version: OneVision (anyres_max_9)" in r.out, r.out
+    # the converted folder: the trimmed tiny tower, and the template named in its chat template
+    assert "vision tower: siglip_vision_model, 2 layers, 56 pixels" in r.out and "template: qwen_1_5" in r.out, r.out
+
+
+def test_gguf_text_only_runs_in_llama_cpp_as_the_original_language_model(tiny_ov, tmp_path):
+    """``--to gguf --text-only``: llama.cpp loads the Qwen2 model, tokenises the qwen_1_5 prompt as the Qwen2
+    tokenizer rebuilt from llama.cpp's vocabulary does, and its greedy tokens are the original's (text only)."""
+    import llama_cpp
+    from tokenizers import Tokenizer
+
+    from vlmkit.families.llava.checkpoint import open_original
+    from vlmkit.families.llava.reference import OriginalLlava
+    from vlmkit.options import LoadOptions
+
+    from ..bpe_tokenizers import bpe_folder
+    from ..conftest import run_cli
+    from .test_llava_next_rows import QWEN_PROMPT
+
+    path, heads = tiny_ov
+    out = tmp_path / "gguf"
+    r = run_cli("convert", path, out, "--to", "gguf", "--text-only", "--dtype", "f32", "--config", heads, "--quiet")
+    assert r.code == 0, r.err
+    (model,) = out.glob("*.gguf")
+    prompt = QWEN_PROMPT.replace("<image>\n", "")  # conversation.py conv_qwen, a question without an image
+    qwen2 = Tokenizer.from_file(str(bpe_folder("qwen2", tmp_path / "qwen2") / "tokenizer.json"))
+    ids, im_end = qwen2.encode(prompt).ids, qwen2.token_to_id("<|im_end|>")  # qwen_1_5 stops at <|im_end|>
+
+    reference = OriginalLlava.load(open_original(path, LoadOptions(config=json.loads(heads.read_text()))))
+    want = reference.greedy(ids, [], 8, frozenset({im_end}))
+    del reference
+
+    llm = llama_cpp.Llama(str(model), n_ctx=256, logits_all=True, verbose=False)
+    try:
+        assert llm.tokenize(prompt.encode(), add_bos=True, special=True) == ids
+        llm.eval(ids)
+        got = []
+        while len(got) < 8 and (not got or got[-1] != im_end):
+            got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([got[-1]])
+    finally:
+        llm.close()
+    assert got == want and len(want) > 1

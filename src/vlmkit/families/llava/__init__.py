@@ -28,6 +28,8 @@ NAME = "llava"
 ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaQwenForCausalLM")
 # transformers' own LLaVA classes: what ``--to hf`` writes, read back by chat, serve and ``--to gguf``
 TRANSFORMERS_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+# what ``--to hf`` writes of a LLaVA-OneVision checkpoint: run by chat and serve, nothing else reads it back yet
+ONEVISION_ARCHITECTURE = "LlavaOnevisionForConditionalGeneration"
 
 _ORIGINAL = ("describe", "conversion", "gguf", "verify", "chat_backend", "data_model", "training")
 FORMS: dict[str, tuple[str, ...]] = {
@@ -35,6 +37,7 @@ FORMS: dict[str, tuple[str, ...]] = {
     "lora": _ORIGINAL,                    # adapter_config.json + non_lora_trainables.bin (+ the base)
     "projector": _ORIGINAL,               # mm_projector.bin of a pre-training stage (+ the language model)
     "transformers": ("gguf", "chat_backend", "data_model", "vllm_view", "card_kind"),
+    "transformers_onevision": ("describe", "chat_backend"),  # a converted OneVision folder (its processor: onevision.py)
     "projector_file": ("gguf",),          # llava_surgery.py's llava.projector (+ --vision-tower): the mmproj
     "gguf": ("card_kind",),               # what --to gguf writes: the model + its LLaVA mmproj (or the mmproj alone)
     "plain_llm": ("training",),           # a Vicuna / Mistral folder: `vlmkit train --vision-tower` makes a LLaVA of it
@@ -50,8 +53,11 @@ def recognise(path: Path, config: dict | None) -> str | None:
     form = form_of(path)
     if form is not None:
         return form
-    if any(a in TRANSFORMERS_ARCHITECTURES for a in (config or {}).get("architectures") or []):
+    architectures = (config or {}).get("architectures") or []
+    if any(a in TRANSFORMERS_ARCHITECTURES for a in architectures):
         return "transformers"
+    if ONEVISION_ARCHITECTURE in architectures:
+        return "transformers_onevision"
     if _is_gguf(path):
         return "gguf"
     if path.is_dir() and is_plain_llm(config):
@@ -85,10 +91,14 @@ def chat_backend(found, options: LoadOptions):
     transformers folder through transformers (``backend.py``)."""
     from .backend import OriginalBackend, TransformersBackend
 
-    if found.form == "transformers":
+    if found.form in ("transformers", "transformers_onevision"):
         from ...tensors import open_source
 
         open_source(found.path).close()  # vlmkit's readers check the weights (headers, sizes) as inspect does
+        if found.form == "transformers_onevision":  # transformers builds its processor only with torchvision
+            from .onevision import processor
+
+            return TransformersBackend(found.path, options, processor=processor(found.path))
         return TransformersBackend(found.path, options)
     return OriginalBackend(found.path, options)
 
@@ -118,8 +128,15 @@ def describe(found) -> dict:
 
     path, config = found.path, found.config
     info = {"llava form": found.form}
+    if found.form == "transformers_onevision":  # transformers' fields; `vlmkit inspect` adds the chat template
+        vision = config.get("vision_config") or {}
+        return info | {"llava version": f"OneVision ({config.get('vision_aspect_ratio')})",
+                       "vision tower": f"{vision.get('model_type')}, {vision.get('num_hidden_layers')} layers, "
+                                       f"{vision.get('image_size')} pixels"}
     if config:
-        info["llava version"] = "NeXT (anyres)" if config.get("image_aspect_ratio") == "anyres" else "1.5"
+        ratio = str(config.get("image_aspect_ratio"))
+        info["llava version"] = ("NeXT (anyres)" if ratio == "anyres" else
+                                 f"OneVision ({ratio})" if ratio.startswith("anyres_max") else "1.5")
         info["vision tower"] = config.get("mm_vision_tower")
         info["template"] = template_of(path, backbone_of(config, path)) or "none known (pass --template)"
     return info
@@ -190,15 +207,20 @@ def card_kind(found):
 # merges a LoRA adapter into the base weights (W + s.B@A has no inverse).
 REVERSIBLE = False
 GENERATES = True
-FORMS_BUILT = ("next", "lora", "projector")
-# built by make_tiny but not walked (tests/test_registry_walk.py): its verify is a CONDITIONAL PASS (the tiny SigLIP's
-# head count is an assumption from --config) and its --to gguf a refusal of the mmproj (--text-only writes the LM)
-UNWALKED = ("onevision", "video")  # tiny layouts besides one LLaVA-1.5 folder per backbone
+FORMS_BUILT = ("next", "lora", "projector", "onevision")  # tiny layouts besides one LLaVA-1.5 folder per backbone
+# variants whose image path llama.cpp cannot run: --to gguf refuses the mmproj and says why, --to gguf --text-only
+# writes the language model (the registry walk checks both)
+GGUF_TEXT_ONLY = ("onevision",)
+# built by make_tiny but not walked (tests/test_registry_walk.py): LLaVA-Video's verify FAILs its video probe by
+# design (transformers pools and places newlines otherwise than its config says; convert warns so)
+UNWALKED = ("video",)
 
 
 def variants() -> tuple[str, ...]:
     """The tiny models ``make_tiny`` builds: a LLaVA-1.5 folder per backbone row that has a tiny config
-    (``backbones.ROWS``; a LLaVA-NeXT folder in its release's layout for the NeXT-repository rows), then LLaVA-NeXT (1.6-mistral), a LoRA fine-tune and a projector pre-training run."""
+    (``backbones.ROWS``; a LLaVA-NeXT folder in its release's layout for the NeXT-repository rows), then LLaVA-NeXT
+    (1.6-mistral), a LoRA fine-tune, a projector pre-training run and a LLaVA-OneVision release (SigLIP inside: its
+    verify is a CONDITIONAL PASS on the tower values ``tiny_options``' --config states)."""
     from .backbones import ROWS
 
     return tuple(name for name, row in ROWS.items() if row.tiny) + FORMS_BUILT
@@ -230,15 +252,16 @@ def make_tiny(folder: Path, variant: str | None = None) -> Path:
         return tiny.make_llava_next(folder / f"{rows[variant].tiny['release']}-tiny", clip, backbone=variant)
     if variant in variants():  # a backbone row
         return tiny.make_llava15(folder / f"llava-v1.5-{variant}-tiny", clip, backbone=variant)
-    raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants() + UNWALKED)}")
+    raise ValueError(f"LLaVA has no tiny variant {variant!r}; variants: {', '.join(variants())}")
 
 
 def tiny_options(folder: Path, variant: str | None = None) -> dict:
     """The loading options (``LoadOptions`` keywords) the model ``make_tiny(folder, variant)`` built needs: the base
     LLM of a LoRA or projector run (vlmkit takes it from ``--model-base`` only, never from the training-time path
     the run's config names)."""
-    if variant in ("onevision", "video"):  # the tiny SigLIP is no released tower: its head count is not in any file
-        from .tiny import TinySizes
+    if variant in ("onevision", "video"):  # the tiny SigLIP is no released tower: what no file states, as its maker knows it
+        from .tiny import ONEVISION_TOWER, TinySizes
 
-        return {"config": {"vision_config": {"num_attention_heads": TinySizes().vision_heads}}}
+        return {"config": {"vision_config": {"num_attention_heads": TinySizes().vision_heads,
+                                             "image_size": TinySizes().image_size, **ONEVISION_TOWER}}}
     return {"model_base": str(folder / "vicuna-tiny")} if variant in ("lora", "projector") else {}

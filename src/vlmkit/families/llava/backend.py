@@ -1,5 +1,5 @@
 """How LLaVA runs: the original checkpoint (vlmkit's reference of the original forward) or a
-transformers ``Llava`` / ``LlavaNext`` folder.
+transformers ``Llava`` / ``LlavaNext`` / ``LlavaOnevision`` folder.
 
 Both give generation the same small surface (``runtime.generation.LanguageModel``) plus
 ``prompt_ids`` (the conversation as ids with one placeholder per image) and
@@ -73,17 +73,19 @@ class OriginalBackend:
 
 
 class TransformersBackend:
-    """A transformers ``Llava`` / ``LlavaNext`` folder (vlmkit's output, or a published llava-hf one)."""
+    """A transformers ``Llava`` / ``LlavaNext`` / ``LlavaOnevision`` folder (vlmkit's output, or a published llava-hf
+    one). ``processor``: the folder's processor where ``AutoProcessor`` cannot build it (OneVision without
+    torchvision: ``onevision.processor``)."""
 
     kind = "transformers"
 
-    def __init__(self, path: Path, options):
+    def __init__(self, path: Path, options, processor=None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         dtype = dtypes.torch_dtype(options.dtype)
-        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor = processor if processor is not None else AutoProcessor.from_pretrained(path)
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(options.device).eval()
         self.device = options.device
         self.tokenizer = self.processor.tokenizer

@@ -267,7 +267,8 @@ def check_image_path(path: Path, config: dict) -> None:
                       f"{config.get('mm_patch_merge_type')!r}): llama.cpp's multimodal tools have no anyres_max "
                       "down-scaling and no LLaVA graph unpads the tile grid or adds image_newline, so an mmproj "
                       "would not give the original's image tokens",
-                      hint="convert with --to hf instead: llama.cpp cannot run this image path")
+                      hint="convert with --to hf instead: llama.cpp cannot run this image path (--to gguf "
+                           "--text-only writes the language model alone)")
 
 
 def _check_vision(llava: Llava) -> None:

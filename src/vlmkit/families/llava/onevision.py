@@ -27,10 +27,10 @@ from ...errors import ConfigError
 from ...options import LoadOptions
 from ...runtime import templates
 from ...runtime.vocab import open_vocab
+from . import ONEVISION_ARCHITECTURE as ARCHITECTURE
 from . import anyres_max, convert, hf_output, image_path, layout
 from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
 
-ARCHITECTURE = "LlavaOnevisionForConditionalGeneration"
 VIDEO_TOKEN = "<video>"
 
 

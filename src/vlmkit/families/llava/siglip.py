@@ -94,8 +94,8 @@ def tower_config(name: str, source, prefix: str, vision_override: dict) -> tuple
     A released tower (``towers.SIGLIP_TOWERS``) gives both, checked against the checkpoint's tensor
     shapes. Another ``siglip`` name: the shapes give the widths, depth, patch and image size;
     ``num_attention_heads`` must come from ``--config`` (``vision_config``); activation and epsilon are
-    the original's class defaults, and SigLIP's 0.5/0.5 preprocessing the original's processor class
-    defaults; each is listed as an assumption.
+    ``--config``'s or the original's class defaults, the preprocessing the original's processor class
+    defaults at the tower's image size; each is listed as an assumption.
 
     Args:
         name: ``mm_vision_tower``.
@@ -130,15 +130,20 @@ def tower_config(name: str, source, prefix: str, vision_override: dict) -> tuple
     if image_size // facts["patch_size"] != side:
         raise ConfigError(f"--config vision_config.image_size {image_size} does not give the checkpoint's {side} "
                           f"patches per side", hint="give the tower's image_size")
+    given = {k: vision_override[k] for k in ("hidden_act", "layer_norm_eps") if k in vision_override}
     published = {**{k: ORIGINAL_DEFAULTS[k] for k in ("hidden_act", "layer_norm_eps", "attention_dropout")},
-                 **facts, "num_hidden_layers": facts["num_hidden_layers"] + 1, "image_size": image_size,
+                 **given, **facts, "num_hidden_layers": facts["num_hidden_layers"] + 1, "image_size": image_size,
                  "num_attention_heads": vision_override["num_attention_heads"]}
     assumptions.append(f"vision_config.num_attention_heads = {published['num_attention_heads']!r} (from --config)")
+    # the original preprocesses with SigLipImageProcessor() whatever the tower (siglip_encoder.py): mean/std 0.5,
+    # bicubic, 384 pixels; only its size is assumed to follow the tower's image_size
     assumptions.append(f"vision_config.image_size = {image_size!r} "
-                       + ("(from --config)" if "image_size" in vision_override else "(patches per side x patch size)"))
-    assumptions.append("vision_config.hidden_act / layer_norm_eps = LLaVA-NeXT's SigLipVisionConfig defaults "
-                       "(gelu_pytorch_tanh, 1e-6)")
-    assumptions.append("image preprocessing = LLaVA-NeXT's SigLipImageProcessor defaults (mean/std 0.5, bicubic)")
+                       + ("(from --config)" if "image_size" in vision_override else "(patches per side x patch size)")
+                       + ", also the image preprocessing's size (LLaVA-NeXT's SigLipImageProcessor: mean/std 0.5, "
+                         "bicubic)")
+    for key in ("hidden_act", "layer_norm_eps"):
+        source = "(from --config)" if key in given else "(LLaVA-NeXT's SigLipVisionConfig default)"
+        assumptions.append(f"vision_config.{key} = {published[key]!r} {source}")
     size = image_size
     preprocessor = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3, "rescale_factor": 1 / 255,
                     "size": {"height": size, "width": size}}

@@ -341,6 +341,10 @@ def make_lora(folder: Path, base: Path, clip: Path, sizes: TinySizes = TinySizes
 ONEVISION_RELEASE = "llava-onevision-qwen2-7b-ov"
 
 
+# the tiny OneVision tower's activation and epsilon (SigLIP so400m's): no file of the checkpoint states them
+ONEVISION_TOWER = {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+
+
 def make_onevision(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 0) -> Path:
     """An original LLaVA-OneVision checkpoint as ``lmms-lab/llava-onevision-qwen2-7b-ov`` ships it, at toy sizes:
     Qwen2 on the real vocabulary (rows padded past the tokenizer), a SigLIP tower saved after the original's
@@ -357,7 +361,7 @@ def make_onevision(folder: Path, sizes: TinySizes = TinySizes(), *, seed: int = 
     tower = SiglipVisionModel(SiglipVisionConfig(
         hidden_size=sizes.vision_hidden, intermediate_size=sizes.vision_intermediate, patch_size=sizes.patch,
         num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads, image_size=sizes.image_size,
-        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6))
+        **ONEVISION_TOWER))
     del tower.encoder.layers[-1:]
     for name, tensor in tower.state_dict().items():
         if not name.startswith("head.") and not name.endswith("position_ids"):

@@ -1,0 +1,48 @@
+"""``vlmkit serve`` on a converted LLaVA-OneVision folder: a streamed answer is the original checkpoint's."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from openai import OpenAI
+
+import vlmkit
+from vlmkit.families import llava
+
+from ..conftest import run_cli
+from .conftest import PHOTOS, Server
+
+CAT = PHOTOS / "chelsea.png"  # 451 x 300: anyres_max tiles, unpadding and a newline per row
+QUESTION = "What is in the picture?"
+
+
+def test_a_streamed_answer_is_the_originals(tmp_path):
+    original = llava.make_tiny(tmp_path, "onevision")
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps(llava.tiny_options(tmp_path, "onevision")["config"]))
+    converted = tmp_path / "hf"
+    r = run_cli("convert", original, converted, "--to", "hf", "--config", heads, "--quiet")
+    assert r.code == 0, r.err
+    # the original checkpoint, run by the reference of its forward pass
+    want = vlmkit.load(original, config=json.loads(heads.read_text())).chat(
+        [{"role": "user", "content": QUESTION, "images": [CAT]}], temperature=0, max_new_tokens=8)
+    assert want.text
+
+    server = Server(converted, "--max-tokens", "64")
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        url = "data:image/png;base64," + base64.b64encode(CAT.read_bytes()).decode()
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": QUESTION}]}]
+        chunks = list(client.chat.completions.create(model="tiny-llava", messages=messages, temperature=0,
+                                                     max_tokens=8, stream=True,
+                                                     stream_options={"include_usage": True}))
+    finally:
+        server.stop()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = next(c.usage for c in chunks if c.usage)
+    assert text == want.text
+    assert (usage.completion_tokens, usage.prompt_tokens) == (len(want.tokens), want.prompt_tokens)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [want.finish_reason]
