@@ -260,8 +260,9 @@ def tiny_options(folder: Path, variant: str | None = None) -> dict:
     LLM of a LoRA or projector run (vlmkit takes it from ``--model-base`` only, never from the training-time path
     the run's config names)."""
     if variant in ("onevision", "video"):  # the tiny SigLIP is no released tower: what no file states, as its maker knows it
-        from .tiny import ONEVISION_TOWER, TinySizes
+        from .tiny import ONEVISION_TOWER, VIDEO_SIZES, TinySizes
 
-        return {"config": {"vision_config": {"num_attention_heads": TinySizes().vision_heads,
-                                             "image_size": TinySizes().image_size, **ONEVISION_TOWER}}}
+        sizes = VIDEO_SIZES if variant == "video" else TinySizes()
+        return {"config": {"vision_config": {"num_attention_heads": sizes.vision_heads,
+                                             "image_size": sizes.image_size, **ONEVISION_TOWER}}}
     return {"model_base": str(folder / "vicuna-tiny")} if variant in ("lora", "projector") else {}

@@ -391,7 +391,10 @@ VIDEO_FIELDS = {"mm_newline_position": "grid", "mm_spatial_pool_mode": "bilinear
                 "force_sample": True}
 
 
-def make_llava_video(folder: Path, sizes: TinySizes = TinySizes(image_size=70), *, seed: int = 0) -> Path:
+VIDEO_SIZES = TinySizes(image_size=70)  # 5 x 5 patches: an odd side, as the release's 27 x 27
+
+
+def make_llava_video(folder: Path, sizes: TinySizes = VIDEO_SIZES, *, seed: int = 0) -> Path:
     """An original LLaVA-Video checkpoint as ``lmms-lab/LLaVA-Video-7B-Qwen2`` ships it, at toy sizes: the OneVision
     layout (:func:`make_onevision`) with the video fields of ``VIDEO_FIELDS``. The default tower sees 5 x 5 patches,
     an odd side as the release's 27 x 27: bilinear pooling then gives 3 x 3 per frame, average and max 2 x 2."""
