@@ -89,8 +89,8 @@ def card_kind(found):
 
 
 def score(found, options: LoadOptions):
-    """The loaded model, a ``runtime.scoring.Scorer``: image x texts -> ITM and ITC (``vlmkit score``, ``vlmkit serve``'s
-    ``/v1/score``; see ``scoring.py``)."""
+    """The loaded model, a ``runtime.scoring.Scorer``: image x texts -> ITM and ITC (``vlmkit score``,
+    ``vlmkit serve``'s ``/v1/score``; see ``scoring.py``)."""
     from .scoring import scorer
 
     return scorer(found, options)
