@@ -119,9 +119,9 @@ def score(image: str | Path, texts: list[str], model: str | Path, *, options: Lo
     ``itm``: the probability that the text matches (the ITM head); ``itc``: the contrastive similarity.
     ``model``: a family form that can score (BLIP-2 retrieval: a transformers folder or a LAVIS checkpoint).
     """
-    from . import families
-    from .tensors import resolve
+    from .runtime.images import load_image
+    from .runtime.scoring import load_scorer
 
     options = options or LoadOptions(**load_options)
-    found = families.require(resolve(model), "score")
-    return found.family.score(found, options, Path(image), list(texts))
+    picture = load_image(Path(image))  # a bad image fails before the model loads
+    return load_scorer(model, options=options).score(picture, list(texts))

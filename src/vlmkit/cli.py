@@ -346,7 +346,8 @@ def cmd_chat(args) -> int:
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an original LLaVA checkpoint, a transformers Llava/LlavaNext folder, or a hub id")
+    p.add_argument("model", help="a model vlmkit chats with (original checkpoint, transformers folder, hub id), or a "
+                                  "scoring model (BLIP-2 retrieval: POST /v1/score)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=limits.PORT.arg, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (default: "
@@ -395,7 +396,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
           "vlmkit serve model/ --host 0.0.0.0 --allowed-media-domains images.example.com",
           "vlmkit serve llava-1.5-7b-hf/ --engine vllm",
           "vlmkit serve llava-gguf/ --engine llama.cpp",
-          "vlmkit serve llava-1.5-7b-hf/ --replicas 2 --ray-address head-node:6379"])
+          "vlmkit serve llava-1.5-7b-hf/ --replicas 2 --ray-address head-node:6379",
+          "vlmkit serve blip2-itm-vit-g/ --max-queue 16"])
 def cmd_serve(args) -> int:
     from .runtime.images import DEFAULT_MAX_PIXELS
     from .runtime.model import load
@@ -434,6 +436,12 @@ def cmd_serve(args) -> int:
         return engines.run(args, settings, options)
 
     def load_model():
+        from . import families
+        from .runtime.scoring import is_scoring_model, load_scorer
+        from .tensors import resolve
+
+        if is_scoring_model(families.find(resolve(args.model))):  # a retrieval model answers POST /v1/score
+            return load_scorer(args.model, options=options)
         model = load(args.model, options=options)
         model.backend.image_max_pixels = settings.max_image_pixels
         return model

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,20 +24,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Forker:
+    """``fork_server.py`` for this test process, started on first use: forks a ``vlmkit serve`` per server."""
+
+    process: subprocess.Popen | None = None
+
+    @classmethod
+    def start(cls, argv: list[str], env: dict, log: Path) -> int:
+        if cls.process is None or cls.process.poll() is not None:
+            cls.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fork_server.py"))],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            atexit.register(cls.process.stdin.close)  # the fork server ends when its input does
+        cls.process.stdin.write(json.dumps({"argv": argv, "env": env, "log": str(log)}) + "\n")
+        cls.process.stdin.flush()
+        return int(cls.process.stdout.readline())
+
+
 class Server:
+    """``vlmkit serve MODEL --port <free> --served-model-name tiny-llava FLAGS``, healthy, until ``stop()``.
+
+    The process is a fork of ``fork_server.py`` running ``vlmkit.cli.main``: the same command as
+    ``python -m vlmkit.cli serve``, without importing torch and transformers again for each server.
+    """
+
     def __init__(self, model: Path, *flags: str, env: dict | None = None):
         import httpx2 as httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "vlmkit.cli", "serve", str(model), "--port",
-                                         str(self.port), "--served-model-name", "tiny-llava", *flags],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **(env or {})})
+        self.log = Path(tempfile.mkstemp(prefix="vlmkit-serve-", suffix=".log")[1])
+        argv = ["serve", str(model), "--port", str(self.port), "--served-model-name", "tiny-llava", *map(str, flags)]
+        self.pid = Forker.start(argv, {**os.environ, **(env or {})}, self.log)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
+            if not self.running():
+                raise RuntimeError(f"the server exited: {self.log.read_text()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -43,12 +68,25 @@ class Server:
         self.stop()
         raise RuntimeError("the server did not become healthy within 120 s")
 
-    def stop(self):
-        self.process.terminate()
+    def running(self) -> bool:
         try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self):
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self.running():
+                break
+        self.log.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

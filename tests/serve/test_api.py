@@ -285,7 +285,7 @@ def test_no_pages_that_load_scripts_from_a_cdn(server):
     assert httpx.get(server.url + "/openapi.json").status_code == 200
 
 
-ROUTES = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "unknown"}
+ROUTES = {"/v1/chat/completions", "/v1/score", "/v1/models", "/health", "/metrics", "unknown"}
 
 
 def routes_in_metrics(url: str, headers: dict | None = None) -> set[str]:

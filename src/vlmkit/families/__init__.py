@@ -20,7 +20,8 @@ Adding a family is adding its package here and its name to ``FAMILIES``. A famil
     chat_backend(found, options) -> a runtime backend          (chat, serve)
     data_model(found, options, *, max_length) -> data.model.DataModel
     training(found, options, ...)                              (train)
-    vllm_view(found), card_kind(found), score(found, options, image, texts)
+    vllm_view(found), card_kind(found)
+    score(found, options) -> runtime.scoring.Scorer             (vlmkit score, serve's /v1/score)
 and, for the registry walk (tests/test_registry_walk.py): ``variants()``, ``make_tiny(folder, variant)``,
 ``tiny_options(folder, variant)``, ``REVERSIBLE``, ``GENERATES``.
 
@@ -53,7 +54,7 @@ CAPABILITIES: dict[str, str] = {
     "training": "train from it",
     "vllm_view": "serve it with vLLM",
     "card_kind": "write its model card",
-    "score": "score images against texts (vlmkit score)",
+    "score": "score images against texts (vlmkit score, vlmkit serve's /v1/score)",
 }
 
 

@@ -1,11 +1,12 @@
 """``vlmkit serve``: an OpenAI-compatible HTTP API and a chat page over one model.
 
 Routes: ``POST /v1/chat/completions`` (streamed as server-sent events when asked),
-``GET /v1/models``, ``GET /health`` (503 until the model is loaded), ``GET /metrics``
-(Prometheus), ``GET /openapi.json`` (generated from the very models that validate), and
-the web page at ``/`` (no ``/docs``: FastAPI's pages load scripts from a CDN). Every error is a
-4xx/5xx with the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``; bad input
-never gives a 500.
+``POST /v1/score`` (a scoring model: one image against texts; the model a server holds either
+chats or scores, and the other route says so), ``GET /v1/models``, ``GET /health`` (503 until
+the model is loaded), ``GET /metrics`` (Prometheus), ``GET /openapi.json`` (generated from the
+very models that validate), and the web page at ``/`` (no ``/docs``: FastAPI's pages load scripts
+from a CDN). Every error is a 4xx/5xx with the OpenAI error body ``{"error": {"message", "type",
+"param", "code"}}``; bad input never gives a 500.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..errors import VlmkitError
 from ..runtime.generation import DEFAULT_PREFIX_CACHE_BYTES, ContextError, SamplingParams
 from ..runtime.images import DEFAULT_MAX_PIXELS, load_image
 from ..runtime.messages import MessageError, normalise
+from ..runtime.scoring import Scorer
 from . import protocol as p
 from .media import MediaError, MediaPolicy, fetch_image
 from .metrics import Metrics
@@ -181,12 +183,15 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
             engine's front elsewhere: ``serve.engines``), optionally ``problem() -> str | None`` for ``/health``.
     """
     metrics = Metrics()
-    state: dict = {"model": None, "scheduler": None, "error": None, "settled": threading.Event()}
+    state: dict = {"model": None, "scheduler": None, "scorer": None, "error": None, "settled": threading.Event()}
 
     def loader():
         try:
             model = load_model()
-            state["scheduler"] = scheduler_factory(model, settings, metrics)
+            if isinstance(model, Scorer):  # a retrieval model: /v1/score, no generation
+                state["scorer"] = ScoreQueue(model, max_queue=settings.max_queue)
+            else:
+                state["scheduler"] = scheduler_factory(model, settings, metrics)
             state["model"] = model
         except Exception as e:  # noqa: BLE001 - reported by /health; ``serve`` ends the process with it
             if not isinstance(e, VlmkitError):
@@ -259,13 +264,13 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
                          429: {"model": p.ErrorBody}, 503: {"model": p.ErrorBody}, 504: {"model": p.ErrorBody}})
     async def chat_completions(body: p.ChatCompletionRequest, request: Request):
         deadline = time.monotonic() + settings.request_timeout  # image downloads included
-        if body.model is not None and body.model not in (settings.model_name, *settings.model_aliases):
-            raise ApiError(404, f"the model {_shown(body.model)} does not exist: this server serves "
-                                f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+        _check_model(body.model, settings)
+        if state["scorer"] is not None:
+            raise ApiError(400, f"{settings.model_name!r} is a scoring model (image-text matching): it does not "
+                                "generate text; POST /v1/score with an image_url and texts", code="scoring_model")
         scheduler: Scheduler | None = state["scheduler"]
         if scheduler is None:
-            raise ApiError(503, "the model is still loading; retry when /health says ok", type="server_error",
-                           code="model_loading", headers={"Retry-After": "5"})
+            raise _loading()
         messages = await _messages(body, settings, deadline)
         params = _params(body, settings)
         loop = asyncio.get_running_loop()
@@ -301,6 +306,26 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
         finally:
             if not body.stream or job.finished:  # a stream's watch ends with the stream
                 watch.cancel()
+
+    @app.post("/v1/score", response_model=p.ScoreList,
+              responses={400: {"model": p.ErrorBody}, 401: {"model": p.ErrorBody}, 404: {"model": p.ErrorBody},
+                         413: {"model": p.ErrorBody}, 429: {"model": p.ErrorBody}, 503: {"model": p.ErrorBody},
+                         504: {"model": p.ErrorBody}})
+    async def score(body: p.ScoreRequest):
+        """A scoring model (image-text matching): the image against each text, as ``vlmkit score`` gives it."""
+        deadline = time.monotonic() + settings.request_timeout  # the image download included
+        _check_model(body.model, settings)
+        if state["scheduler"] is not None:
+            raise ApiError(400, f"{settings.model_name!r} generates text: it does not score image-text pairs; "
+                                "POST /v1/chat/completions", code="not_a_scoring_model")
+        scorer: ScoreQueue | None = state["scorer"]
+        if scorer is None:
+            raise _loading()
+        _, image = await _image(body.image_url.url, "image_url", settings, deadline)
+        rows = await scorer.score(image, body.texts, deadline)
+        return p.ScoreList(id=p.new_id("score"), created=p.now(), model=settings.model_name,
+                           data=[p.Score(index=i, text=r["text"], itm=r["itm"], itc=r["itc"])
+                                 for i, r in enumerate(rows)])
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -353,6 +378,44 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
             "reaches this port can use the model; set VLMKIT_API_KEY (or --api-key)")
 
 
+class ScoreQueue:
+    """A ``Scorer`` behind the server: one request scored at a time (in a worker thread, so the server keeps
+    answering), at most ``max_queue`` waiting (429 beyond), each within its deadline (504)."""
+
+    def __init__(self, scorer: Scorer, *, max_queue: int):
+        self.scorer, self.max_queue = scorer, max_queue
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+
+    async def score(self, image, texts: list[str], deadline: float) -> list[dict]:
+        if self.waiting >= self.max_queue:
+            raise ApiError(429, "the server is busy: its queue is full (--max-queue); retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        self.waiting += 1
+        try:
+            async with self.lock:
+                if time.monotonic() > deadline:
+                    raise ApiError(504, "the request timed out while queued (--request-timeout)",
+                                   type="timeout_error", code="timeout")
+                return await asyncio.to_thread(self.scorer.score, image, texts)
+        except VlmkitError as e:
+            raise ApiError(400, e.message) from None
+        finally:
+            self.waiting -= 1
+
+
+def _check_model(model: str | None, settings: ServeSettings) -> None:
+    """A request's ``model`` must be the served one (or its folder's name): else 404, as OpenAI answers."""
+    if model is not None and model not in (settings.model_name, *settings.model_aliases):
+        raise ApiError(404, f"the model {_shown(model)} does not exist: this server serves "
+                            f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+
+
+def _loading() -> ApiError:
+    return ApiError(503, "the model is still loading; retry when /health says ok", type="server_error",
+                    code="model_loading", headers={"Retry-After": "5"})
+
+
 def _shown(value) -> str:
     """A client's value in a message: its repr, cut to 60 characters."""
     text = repr(value)
@@ -378,15 +441,7 @@ async def _messages(body: p.ChatCompletionRequest, settings: ServeSettings, dead
             if count > settings.max_images:
                 raise ApiError(400, f"too many images: at most {settings.max_images} per request (--max-images)",
                                param=param, code="too_many_images")
-            try:
-                data = await fetch_image(part.image_url.url, settings.media, param, deadline)
-                await asyncio.to_thread(load_image, data, max_pixels=settings.max_image_pixels)
-            except MediaError as e:
-                raise ApiError(e.status, e.message, param=e.param, code=e.code,
-                               type="timeout_error" if e.status == 504 else "invalid_request_error") from None
-            except VlmkitError as e:
-                raise ApiError(400, e.message.replace("image bytes", "the image"), param=param,
-                               code="invalid_image") from None
+            data, _ = await _image(part.image_url.url, param, settings, deadline)
             images.append(data)
         out.append({"role": message.role, "content": " ".join(texts), "images": images})
     try:
@@ -394,6 +449,19 @@ async def _messages(body: p.ChatCompletionRequest, settings: ServeSettings, dead
     except MessageError as e:
         raise ApiError(400, e.message, param="messages") from None
     return out
+
+
+async def _image(url: str, param: str, settings: ServeSettings, deadline: float):
+    """(bytes, decoded image) of an image URL, fetched under the media policy by ``deadline`` and checked
+    (``--max-image-pixels``, integrity); an ``ApiError`` naming ``param`` when refused."""
+    try:
+        data = await fetch_image(url, settings.media, param, deadline)
+        return data, await asyncio.to_thread(load_image, data, max_pixels=settings.max_image_pixels)
+    except MediaError as e:
+        raise ApiError(e.status, e.message, param=e.param, code=e.code,
+                       type="timeout_error" if e.status == 504 else "invalid_request_error") from None
+    except VlmkitError as e:
+        raise ApiError(400, e.message.replace("image bytes", "the image"), param=param, code="invalid_image") from None
 
 
 def _params(body: p.ChatCompletionRequest, settings: ServeSettings) -> SamplingParams:

@@ -67,6 +67,35 @@ class ChatCompletionRequest(BaseModel):
     n: StrictInt = Field(default=1, ge=1, le=1, description="only 1 is supported")
 
 
+# /v1/score: what one request may ask (each text is one forward of the matching head with the image)
+MAX_SCORE_TEXTS = 32
+MAX_SCORE_TEXT_CHARS = 2000  # BLIP-2 reads 32 tokens of a text; the bound keeps the request small
+
+
+class ScoreRequest(BaseModel):
+    model_config = Lenient
+    model: StrictStr | None = None
+    image_url: ImageURL
+    texts: list[Annotated[StrictStr, Field(max_length=MAX_SCORE_TEXT_CHARS)]] = Field(
+        min_length=1, max_length=MAX_SCORE_TEXTS, description="the texts to score against the image")
+
+
+class Score(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    text: str
+    itm: float = Field(description="image-text matching: the probability that the text matches the image")
+    itc: float = Field(description="image-text contrastive: the similarity of their embeddings")
+
+
+class ScoreList(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[Score]
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="text tokens + image feature positions")
     completion_tokens: int
@@ -136,8 +165,8 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def new_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

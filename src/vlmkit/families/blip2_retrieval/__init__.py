@@ -5,7 +5,7 @@ Recognised by its key names: a ``.pth`` with ``query_tokens``, ``Qformer.bert.*`
 embeddings, ``vision_proj``, ``text_proj`` and ``itm_head``, and no projection into a language
 model (that is the ``blip2`` family). Covers ``blip2_pretrained.pth`` (with ``--vision
 eva_vit_g.pth``), ``blip2_finetune_coco.pth`` and users' fine-tunes of either; and transformers
-``Blip2ForImageTextRetrieval`` folders (form ``transformers``), which ``vlmkit score`` runs.
+``Blip2ForImageTextRetrieval`` folders (form ``transformers``), which ``vlmkit score`` and ``vlmkit serve`` run.
 The pieces:
 
 * ``checkpoint`` — the input forms, presented as LAVIS's one namespace;
@@ -13,7 +13,7 @@ The pieces:
   Q-Former rows, imported, and the retrieval model's own);
 * ``hf_output``  — ``Blip2Config`` and ``Blip2Processor`` of the output;
 * ``reference``  — LAVIS's ITM / ITC forward, for ``verify`` and for scoring an original checkpoint;
-* ``scoring``    — ``vlmkit score``: image x texts -> ITM probability and ITC similarity;
+* ``scoring``    — ``vlmkit score`` and ``/v1/score``: image x texts -> ITM probability and ITC similarity;
 * ``tiny``       — tiny random checkpoints in the real layouts (tests).
 
 Example:
@@ -88,11 +88,12 @@ def card_kind(found):
                 "transformers", ("blip-2", "image-text-matching"), ("transformers-blip2-itm", "vlmkit-score"))
 
 
-def score(found, options: LoadOptions, image: Path, texts: list[str]) -> list[dict]:
-    """``[{"text", "itm", "itc"}, ...]``: ``image`` against each text (see ``scoring.py``)."""
-    from .scoring import score as run
+def score(found, options: LoadOptions):
+    """The loaded model, a ``runtime.scoring.Scorer``: image x texts -> ITM and ITC (``vlmkit score``,
+    ``vlmkit serve``'s ``/v1/score``; see ``scoring.py``)."""
+    from .scoring import scorer
 
-    return run(found, options, Path(image), list(texts))
+    return scorer(found, options)
 
 
 # ---------------------------------------------------------------- registry walk (issue 19): tiny models and traits

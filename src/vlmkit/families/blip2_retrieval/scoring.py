@@ -1,4 +1,5 @@
-"""``vlmkit score``: one image against texts -> the ITM probability and the ITC similarity of each text.
+"""Scoring (``vlmkit score``, ``vlmkit serve``'s ``/v1/score``): one image against texts -> the ITM probability
+and the ITC similarity of each text.
 
 * a transformers folder (``Blip2ForImageTextRetrieval``, converted or downloaded): its processor
   (one padded batch of texts, truncated where LAVIS truncates) and the model's own forward, once
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ...options import LoadOptions
-from ...runtime import images
+from ...runtime.scoring import Scorer
 
 
 def load_transformers(folder: Path, options: LoadOptions):
@@ -49,20 +50,20 @@ def transformers_scores(model, processor, image, texts: list[str]) -> dict:
             "text_embeds": itc.text_embeds.float().cpu()}
 
 
-def score(found, options: LoadOptions, image: Path, texts: list[str]) -> list[dict]:
-    """``[{"text", "itm", "itc"}, ...]`` for ``image`` against each of ``texts``."""
-    from ...errors import ConfigError
-    from ...options import check_device
+class TransformersScorer(Scorer):
+    """A ``Blip2ForImageTextRetrieval`` folder: its processor and forward (``transformers_scores``)."""
 
-    if options.dtype and found.form != "transformers":
-        raise ConfigError(f"--dtype does not apply to scoring {found.path}: LAVIS's forward runs in float32",
-                          hint="remove --dtype, or score a converted folder")
-    check_device(options.device)
-    picture = images.load_image(image)
-    if found.form == "transformers":
-        model, processor = load_transformers(found.path, options)
-        out = transformers_scores(model, processor, picture, texts)
-    else:
+    def __init__(self, folder: Path, options: LoadOptions):
+        self.model, self.processor = load_transformers(folder, options)
+
+    def score(self, image, texts: list[str]) -> list[dict]:
+        return rows(texts, transformers_scores(self.model, self.processor, image, list(texts)))
+
+
+class LavisScorer(Scorer):
+    """An original LAVIS checkpoint: LAVIS's forward (``reference.py``), float32."""
+
+    def __init__(self, found, options: LoadOptions):
         from . import hf_output
         from .checkpoint import open_original
         from .reference import OriginalRetrievalModel
@@ -70,5 +71,23 @@ def score(found, options: LoadOptions, image: Path, texts: list[str]) -> list[di
         ckpt = open_original(found.path, options)
         cfg = hf_output.target_for(ckpt, options).hf_config
         model = OriginalRetrievalModel.load(ckpt, cfg.vision_config.to_dict(), cfg.qformer_config.to_dict())
-        out = model.to(options.device).scores(picture, texts)
+        self.model = model.to(options.device)
+
+    def score(self, image, texts: list[str]) -> list[dict]:
+        return rows(texts, self.model.scores(image, list(texts)))
+
+
+def rows(texts: list[str], out: dict) -> list[dict]:
     return [{"text": t, "itm": float(p), "itc": float(s)} for t, p, s in zip(texts, out["itm"], out["itc"])]
+
+
+def scorer(found, options: LoadOptions) -> Scorer:
+    """The loaded model of ``found`` (a transformers folder or a LAVIS checkpoint), ready to score."""
+    from ...errors import ConfigError
+    from ...options import check_device
+
+    if options.dtype and found.form != "transformers":
+        raise ConfigError(f"--dtype does not apply to scoring {found.path}: LAVIS's forward runs in float32",
+                          hint="remove --dtype, or score a converted folder")
+    check_device(options.device)
+    return TransformersScorer(found.path, options) if found.form == "transformers" else LavisScorer(found, options)
