@@ -110,6 +110,7 @@ def runs(tmp_path_factory):
                       "max_tokens": NEW_TOKENS, "tokenization_kwargs": {} if bos else {"add_special_tokens": True}})
     env = {**os.environ, **vllm.ENV_DEFAULTS, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "PYTHONPATH": str(vllm.SITE)}  # SITE: vlmkit's sitecustomize that lets torchvision import (LLaVA needs it)
+    # VLLM_ENABLE_V1_MULTIPROCESSING 0: each engine runs in this process (no engine-core process per model)
     run = subprocess.run([vllm.python(), "-c", DRIVER], input=json.dumps(cases), capture_output=True, text=True,
                          env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
