@@ -31,6 +31,7 @@ QUESTION = "What is shown in this image?"  # about chelsea.png, 451 x 300: a non
 NEW_TOKENS = 8
 ROWS = ("qwen2", "llama3", "onevision")  # make_tiny variants: llava-next-qwen, llama3-llava-next, OneVision
 
+LOGPROBS = 5  # vLLM's top log-probabilities per generated token: the logit gaps are compared, not only the argmax
 # vLLM's offline API on each case in turn: the engine arguments vlmkit's command line sets (what differs from
 # vLLM's defaults once its own parser has read it), the chat through the folder's template, greedy decoding
 DRIVER = """
@@ -40,6 +41,7 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+LOGPROBS = %d
 parser = make_arg_parser(FlexibleArgumentParser())
 fields = {f.name for f in dataclasses.fields(EngineArgs)}
 for case in json.load(sys.stdin):
@@ -47,9 +49,10 @@ for case in json.load(sys.stdin):
     given = {k: v for k, v in vars(args).items() if k in fields and v != parser.get_default(k)}
     try:
         llm = LLM(**given)
-        out = llm.chat(case["messages"], SamplingParams(temperature=0, max_tokens=case["max_tokens"]), use_tqdm=False,
-                       tokenization_kwargs=case["tokenization_kwargs"])[0]
-        result = {"prompt": list(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids)}
+        params = SamplingParams(temperature=0, max_tokens=case["max_tokens"], logprobs=LOGPROBS)
+        out = llm.chat(case["messages"], params, use_tqdm=False, tokenization_kwargs=case["tokenization_kwargs"])[0]
+        result = {"prompt": list(out.prompt_token_ids), "tokens": list(out.outputs[0].token_ids),
+                  "logprobs": [{i: p.logprob for i, p in step.items()} for step in out.outputs[0].logprobs]}
         del llm, out
     except Exception as e:
         traceback.print_exc()
@@ -72,6 +75,16 @@ def _build(root, row):
     result = run_cli("convert", original, root / "hf", "--quiet", *flags)
     assert result.code == 0, result.err
     return original, root / "hf", options
+
+
+def _reference_logits(model, reply):
+    """The original's logits (vlmkit's reference forward) at each generated position, the answer fed back."""
+    from vlmkit.runtime.messages import normalise
+
+    backend = model.backend  # the original checkpoint's: OriginalLlava
+    ids = backend.prompt_ids(normalise([{"role": "user", "content": QUESTION, "images": [CAT]}]))
+    logits = backend.model.logits(ids + reply.tokens[:-1], [backend.image_features(CAT)])
+    return logits[-len(reply.tokens):]
 
 
 def _launch(folder, row):
@@ -101,9 +114,10 @@ def runs(tmp_path_factory):
     built, cases = {}, []
     for row in ROWS:
         original, converted, options = _build(tmp_path_factory.mktemp(f"vllm-{row}"), row)
-        reply = vlmkit.load(original, dtype="float32", **options).chat(
-            [{"role": "user", "content": QUESTION, "images": [CAT]}], temperature=0, max_new_tokens=NEW_TOKENS)
-        built[row] = (converted, reply)
+        model = vlmkit.load(original, dtype="float32", **options)
+        reply = model.chat([{"role": "user", "content": QUESTION, "images": [CAT]}], temperature=0,
+                           max_new_tokens=NEW_TOKENS)
+        built[row] = (converted, reply, _reference_logits(model, reply))
         # vlmkit serve asks vLLM for the tokenizer's special tokens where the template writes no BOS itself
         bos = "bos_token" in (read_chat_template(converted) or "")
         cases.append({"row": row, "argv": _launch(converted, row), "messages": ask(QUESTION, CAT),
@@ -111,7 +125,7 @@ def runs(tmp_path_factory):
     env = {**os.environ, **vllm.ENV_DEFAULTS, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "PYTHONPATH": str(vllm.SITE)}  # SITE: vlmkit's sitecustomize that lets torchvision import (LLaVA needs it)
     # VLLM_ENABLE_V1_MULTIPROCESSING 0: each engine runs in this process (no engine-core process per model)
-    run = subprocess.run([vllm.python(), "-c", DRIVER], input=json.dumps(cases), capture_output=True, text=True,
+    run = subprocess.run([vllm.python(), "-c", DRIVER % LOGPROBS], input=json.dumps(cases), capture_output=True, text=True,
                          env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     results = {r["row"]: r for r in (json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines()
@@ -136,9 +150,25 @@ def test_the_folder_is_in_the_published_llava_hf_layout(runs, row):
 
 @pytest.mark.parametrize("row", ROWS)
 def test_vllm_answers_with_the_originals_greedy_tokens(runs, row):
-    _, reply, got, log = runs[row]
+    _, reply, _, got, log = runs[row]
     assert "error" not in got, got.get("error", "") + "\n" + log[-3000:]
     assert len(reply.tokens) == NEW_TOKENS  # no early stop: every token compared
     assert got["tokens"] == reply.tokens
     # the prompt: the template's ids with the image's feature positions, as many as the original computes
     assert len(got["prompt"]) == reply.prompt_tokens
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_vllms_logit_gaps_are_the_originals(runs, row):
+    """At each generated token, vLLM's log-probability gaps between its top tokens equal the original's logit gaps
+    (a softmax's normaliser cancels in a gap, so the padded vocabulary rows do not enter): the image features
+    reach vLLM's model as the original computes them, not only close enough to keep the argmax."""
+    _, reply, logits, got, log = runs[row]
+    assert "error" not in got, got.get("error", "") + "\n" + log[-3000:]
+    for step, (top, want) in enumerate(zip(got["logprobs"], logits)):
+        token = reply.tokens[step]
+        for other, logprob in top.items():
+            other = int(other)
+            if other < want.shape[0] and other != token:  # a row the original has
+                gap = top[str(token)] - logprob
+                assert abs(gap - (want[token] - want[other]).item()) < 1e-3, (step, token, other)
