@@ -8,8 +8,8 @@ biases, 152,064 untied rows), the trimmed SigLIP so400m tower inside (26 layers,
 at the synthesised sizes. Then, each as its own process under ``/usr/bin/time -v``:
 
 * ``cp -r`` of the checkpoint;
-* the OneVision conversion (``families/llava/onevision.py``: config, tensors in the llava-hf layout,
-  image processor; the tokenizer files come with the Qwen2 row's BPE path and are not written here);
+* ``vlmkit convert`` of it (``families/llava/onevision.py``: config, tensors in the llava-hf layout, the
+  real Qwen2 tokenizer with ``<image>`` and ``<video>`` added, the vocabulary grown to 152,128 rows, processor);
 * ``benchmarks/convert_llava.py``'s LLaVA-1.5-7B checkpoint through ``vlmkit convert``, for comparison.
 
 Target (issue 20): the OneVision conversion streams with the same peak memory as LLaVA-1.5's.
@@ -29,6 +29,7 @@ from pathlib import Path
 
 from convert_llava import make_clip, make_llava
 from convert_stream import drop_caches, scaled_head, synthesise, timed, vit_layer_specs
+from vlmkit.families.llava import tiny
 from vlmkit.tensors.safetensors_io import TensorSpec
 
 RELEASE = Path(__file__).parent.parent / "tests" / "fixtures" / "configs" / "llava-onevision-qwen2-7b-ov.json"
@@ -82,28 +83,23 @@ def make_onevision(folder: Path, scale: float) -> None:
     if scale != 1.0:  # not the published so400m shapes: a siglip name the table lacks, heads given below
         config["mm_vision_tower"] = "bench/siglip-scaled-patch14-384"
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tiny.copy_tokenizer(folder, "qwen2")  # the real Qwen2 vocabulary: <image> and <video> grow the rows, as for the release
 
 
-def convert(src: str, dst: str) -> None:
-    """The OneVision conversion in this process (what ``timed`` measures)."""
-    from vlmkit.conversion import engine
-    from vlmkit.families.llava import onevision
-    from vlmkit.families.llava.checkpoint import open_original
-    from vlmkit.options import LoadOptions
-
-    ckpt = open_original(Path(src), LoadOptions(config={"vision_config": {"num_attention_heads": 16}}))
-    config = onevision.hf_config(ckpt, image_token_index=151646, video_token_index=151647)
-    engine.run(onevision.tensors(ckpt, config), dst)
+def convert_command(src: Path, dst: Path, scale: float) -> list[str]:
+    """``vlmkit convert`` as a user runs it on the release (the tower's head count given when it is scaled)."""
+    heads = []
+    if scale != 1.0:
+        (src.parent / "heads.json").write_text(json.dumps({"vision_config": {"num_attention_heads": 16}}))
+        heads = ["--config", str(src.parent / "heads.json")]
+    return [str(Path(sys.executable).parent / "vlmkit"), "convert", str(src), str(dst), "--quiet", *heads]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench-onevision"))
     parser.add_argument("--scale", type=float, default=1.0, help="width scale of every tensor (1.0 = real 7B)")
-    parser.add_argument("--convert", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.convert:
-        return convert(*args.convert)
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     rows = []
@@ -117,8 +113,7 @@ def main() -> None:
         shutil.rmtree(work / "copy")
         drop_caches()
         rows.append(("OneVision: convert (original -> LlavaOnevision)",
-                     *timed([sys.executable, __file__, "--convert", str(work / "llava-onevision-qwen2-7b-ov"),
-                             str(work / "out")])))
+                     *timed(convert_command(work / "llava-onevision-qwen2-7b-ov", work / "out", args.scale))))
         shutil.rmtree(work, ignore_errors=True)
         make_clip(work / "clip-vit-large-patch14-336", args.scale)
         make_llava(work / "llava-v1.5-7b", work / "clip-vit-large-patch14-336", args.scale)

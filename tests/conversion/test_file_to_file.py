@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlmkit.conversion import identity, run
+from vlmkit.conversion import Conversion, ResizeRows, identity, rename, run, transform
+from vlmkit.conversion.rules import zero_rows
 from vlmkit.errors import CheckpointError
 from vlmkit.tensors import open_source
 
@@ -122,3 +123,34 @@ def test_a_source_cut_short_after_opening_names_the_file_and_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected end of file reading '\w+'"):
         run(identity(source), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+class _Drawn:
+    """New rows drawn from the generator alone, like a distribution read elsewhere (EmbeddingDistribution)."""
+
+    reads_rows = False
+
+    def __call__(self, existing, n, generator):
+        return torch.randn((n, existing.shape[1]), generator=generator).to(existing.dtype)
+
+
+def _mean(existing, n, generator):  # reads the rows: they must be read
+    return existing.float().mean(0, keepdim=True).expand(n, -1).to(existing.dtype)
+
+
+@pytest.mark.parametrize("init, copied", [(zero_rows, True), (_Drawn(), True), (_mean, False)])
+def test_grown_rows_are_appended_to_the_stored_bytes(tmp_path, kernel_copies, init, copied):
+    """Vocabulary growth: the stored rows are copied file to file and only the new rows computed, when their init
+    reads none of the old; the file is the one reading, concatenating and writing makes."""
+    (tmp_path / "src").mkdir()
+    save_file(TENSORS, tmp_path / "src" / "model.safetensors")
+    rules = [transform("w2", "w2", ResizeRows(66, 130, init, seed=4)), rename("{rest:path}", "{rest:path}")]
+    run(Conversion(open_source(tmp_path / "src"), rules), tmp_path / "out")
+    w2 = TENSORS["w2"].numel() * 4
+    assert (w2 in kernel_copies) == copied
+    source = open_source(tmp_path / "src")
+    source.stored_at = lambda name: None
+    run(Conversion(source, rules), tmp_path / "read")
+    _same_files(tmp_path / "out", tmp_path / "read")
+    grown = open_source(tmp_path / "out").read("w2")
+    assert grown.shape == (130, 48) and torch.equal(grown[:66], TENSORS["w2"])

@@ -25,7 +25,7 @@ from ..tensors import DTYPES, TensorSource, stored_at
 from ..tensors.safetensors_io import FileBytes
 from . import output
 from .plan import Plan, Step, compile_plan
-from .rules import Rule, rename
+from .rules import ResizeRows, Rule, rename
 
 DEFAULT_MAX_SHARD = 5 * 1024**3  # transformers' default shard size
 READ_AHEAD = 2  # steps queued between the reader thread and the writer
@@ -192,25 +192,35 @@ class _Failed:
         self.error = error
 
 
-def moved_bytes(step: Step, source: TensorSource) -> FileBytes | None:
-    """Where the bytes of a step that only moves a tensor (no op, no cast) lie, for the writer to copy
-    them file to file; None when the step changes them or the reader cannot say."""
-    if step.ops or len(step.sources) != 1 or len(step.targets) != 1:
+def file_pieces(step: Step, source: TensorSource) -> list | None:
+    """The output of a step that keeps a stored tensor's bytes, as pieces for the writer: ``[FileBytes]`` for a
+    tensor that only moves (no op, no cast), ``[FileBytes, new rows]`` for one that also grows by rows whose
+    init reads none of the old (``ResizeRows.appended``: vocabulary growth). The writer copies the stored bytes
+    file to file; nothing of them is read here. None when the step changes the stored bytes or the reader
+    cannot say where they lie."""
+    if len(step.sources) != 1 or len(step.targets) != 1:
         return None
     (src,), (dst,) = step.sources, step.targets
-    if src.dtype != dst.dtype or tuple(src.shape) != tuple(dst.shape):
+    if src.dtype != dst.dtype or len(step.ops) > 1:
         return None
     where = stored_at(source, src.name)
-    return None if where is None else FileBytes(where[0], where[1], src.nbytes, dst.dtype, tuple(dst.shape))
+    if where is None:
+        return None
+    stored = FileBytes(where[0], where[1], src.nbytes, src.dtype, tuple(src.shape))
+    if not step.ops:
+        return [stored] if tuple(src.shape) == tuple(dst.shape) else None
+    op = step.ops[0]
+    new = op.appended(tuple(src.shape), DTYPES[src.dtype]) if isinstance(op, ResizeRows) else None
+    return None if new is None else [stored, new]
 
 
 def _stream(plan: Plan, source: TensorSource, *, cast: bool = False, moves: bool = False, depth: int = READ_AHEAD):
     """Yield (step, output tensors) while a reader thread prepares up to ``depth`` steps ahead.
 
     The reader reads each step's sources, applies its ops and (``cast``) casts to the target
-    dtypes; a bounded queue holds what it finished. With ``moves``, a step that only moves a
-    tensor yields its ``FileBytes`` instead, unread (``SafetensorsWriter`` copies them file to
-    file). An error in the reader is raised here,
+    dtypes; a bounded queue holds what it finished. With ``moves``, a step that keeps a stored
+    tensor's bytes yields them as pieces instead, unread (``file_pieces``; ``SafetensorsWriter``
+    copies them file to file). An error in the reader is raised here,
     in the caller; when the caller stops early (an error while writing, Ctrl-C), the reader
     is told to stop and joined before this returns, so no thread outlives the conversion.
     """
@@ -232,7 +242,7 @@ def _stream(plan: Plan, source: TensorSource, *, cast: bool = False, moves: bool
             for step in steps:
                 if stop.is_set():
                     return
-                moved = moved_bytes(step, source) if moves else None
+                moved = file_pieces(step, source) if moves else None
                 if moved is not None:
                     tensors = [moved]
                 else:

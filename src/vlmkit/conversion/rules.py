@@ -190,11 +190,17 @@ class Reshape(Op):
         return Reshape(self.original, self.shape)
 
 
+# (existing rows, how many new, generator) -> the new rows. An init whose attribute ``reads_rows`` is False uses
+# only the dtype and width of ``existing`` (it may then be given no rows): the stored rows can then be copied
+# file to file and only the new ones computed (``ResizeRows.appended``).
 RowInit = Callable[["torch.Tensor", int, "torch.Generator"], "torch.Tensor"]
 
 
 def zero_rows(existing: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     return existing.new_zeros((n, *existing.shape[1:]))
+
+
+zero_rows.reads_rows = False
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,14 @@ class ResizeRows(Op):
         generator = torch.Generator().manual_seed(self.seed)
         new = self.init(t, self.after - self.before, generator).to(t.dtype)
         return [torch.cat([t, new], dim=0)]
+
+    def appended(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """The new rows alone (what ``__call__`` appends, bit for bit), when computing them reads no existing row;
+        None for a shrink or an init that reads the rows."""
+        if self.after <= self.before or getattr(self.init, "reads_rows", True):
+            return None
+        generator = torch.Generator().manual_seed(self.seed)
+        return self.init(torch.empty((0, *shape[1:]), dtype=dtype), self.after - self.before, generator).to(dtype)
 
     @property
     def inverse(self) -> Op:

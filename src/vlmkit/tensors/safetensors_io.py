@@ -406,22 +406,27 @@ class SafetensorsWriter:
             return None
         return self.shards[self._shard].tensors[self._pos]
 
-    def write(self, name: str, tensor: "torch.Tensor | FileBytes") -> None:
+    def write(self, name: str, tensor: "torch.Tensor | FileBytes | list[torch.Tensor | FileBytes]") -> None:
+        """The next tensor of the layout: a tensor, stored bytes (``FileBytes``), or pieces stacked along
+        dim 0 (e.g. a stored embedding and the rows appended to it)."""
         spec = self.expected
         if spec is None:
             raise OutputError(f"tensor '{name}' arrived after every planned tensor was written")
         if name != spec.name:
             raise OutputError(f"tensor '{name}' arrived out of order; the layout expects '{spec.name}' next")
-        moved = isinstance(tensor, FileBytes)
-        dtype = tensor.dtype if moved else TORCH_TO_CODE.get(tensor.dtype)
-        if tuple(tensor.shape) != spec.shape or dtype != spec.dtype:
-            raise OutputError(
-                f"tensor '{name}' is {tuple(tensor.shape)} {tensor.dtype}, the plan said {spec.shape} {spec.dtype}"
-            )
-        if spec.nbytes and moved:
-            self._copy(name, tensor)
-        elif spec.nbytes:
-            self._emit(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        pieces = tensor if isinstance(tensor, list) else [tensor]
+        codes = {p.dtype if isinstance(p, FileBytes) else TORCH_TO_CODE.get(p.dtype) for p in pieces}
+        shapes = [tuple(p.shape) for p in pieces]
+        shape = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(pieces) > 1 else shapes[0]
+        if shape != spec.shape or codes != {spec.dtype} or any(s[1:] != shapes[0][1:] for s in shapes):
+            raise OutputError(f"tensor '{name}' is {' + '.join(map(str, shapes))} {'/'.join(sorted(map(str, codes)))}, "
+                              f"the plan said {spec.shape} {spec.dtype}")
+        for piece in pieces:
+            if isinstance(piece, FileBytes):
+                if piece.nbytes:
+                    self._copy(name, piece)
+            elif piece.numel():
+                self._emit(memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy()))
         self._pos += 1
         if self._pos == len(self.shards[self._shard].tensors):
             self._open_next()

@@ -36,6 +36,8 @@ class EmbeddingDistribution:
     covariance and a d x d factorisation, which cost a 7B conversion as long as its copying.
     """
 
+    reads_rows = False  # it reads the embeddings from the source itself, never the rows it is handed
+
     def __init__(self, source: TensorSource, name: str):
         self.source, self.name = source, name
 
