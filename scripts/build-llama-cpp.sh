@@ -8,7 +8,7 @@
 # libraries it links beside itself ($ORIGIN). PYTHON gets the wheel, and llama-server and ggml-rpc-server
 # beside it (links into llama_cpp/lib), so `pip install .[test]` then finds llama-cpp-python installed.
 #
-# The build (tens of CPU-minutes) is kept in a cache outside the repository (VLMKIT_CACHE, default
+# The build (15 CPU-minutes here, as many as the server alone took before) is kept in a cache outside the repository (VLMKIT_CACHE, default
 # ~/.cache/vlmkit), keyed by version, machine and extra CMake options, so a second checkout or a CI run
 # on the same machine installs it in seconds.
 #
