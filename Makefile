@@ -22,9 +22,9 @@ $(INSTALLED): pyproject.toml scripts/install-torch.sh | $(PY)
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# The test extras add llama.cpp (llama-cpp-python builds it from source, minutes; pip caches the wheel),
-# DeepSpeed, a browser driver, and the data tools.
-$(TEST_INSTALLED): $(INSTALLED)
+# The test extras add llama.cpp, DeepSpeed, a browser driver, and the data tools. llama-cpp-python comes
+# from the one llama.cpp build below (pip finds it installed and builds no second copy).
+$(TEST_INSTALLED): $(INSTALLED) $(LLAMA_SERVER)
 	# DeepSpeed's build imports torch: build it against the torch just installed, not an isolated download
 	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.14"
 	$(PY) -m pip install -q -e ".[test]"
@@ -39,8 +39,10 @@ $(VLLM_INSTALLED): scripts/install-vllm.sh scripts/install-torch.sh
 
 vllm: $(VLLM_INSTALLED)
 
-$(LLAMA_SERVER): scripts/build-llama-server.sh | $(TEST_INSTALLED)
-	bash scripts/build-llama-server.sh $(PY)
+# llama.cpp compiled once (minutes; cached in ~/.cache/vlmkit): llama-cpp-python's wheel carries its
+# libraries, and llama-server and ggml-rpc-server go beside $(PY)
+$(LLAMA_SERVER): pyproject.toml scripts/build-llama-cpp.sh scripts/llama-cpp-wheel.cmake | $(INSTALLED)
+	bash scripts/build-llama-cpp.sh $(PY)
 
 llama-server: $(LLAMA_SERVER)
 

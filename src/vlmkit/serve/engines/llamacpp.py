@@ -46,8 +46,8 @@ from .process import EngineProcess, free_port
 
 NAME = "llama.cpp"
 SERVER_ENV = "VLMKIT_LLAMA_SERVER"
-BUILD_HINT = ("make llama-server   (builds llama.cpp's server from the source of the installed llama-cpp-python "
-              f"into .venv/bin), or point {SERVER_ENV} at a llama-server binary")
+BUILD_HINT = ("make llama-server   (builds llama.cpp once from the llama-cpp-python source vlmkit pins: llama-cpp-python, "
+              f"and llama-server into .venv/bin), or point {SERVER_ENV} at a llama-server binary")
 START_TIMEOUT = 300.0
 DEFAULT_MARKER = "<__media__>"  # mtmd_default_marker(); llama-server draws its own (GET /props: media_marker)
 STB_FORMATS = ("PNG", "JPEG", "BMP", "GIF")  # what llama.cpp decodes; others are sent as PNG
