@@ -4,8 +4,10 @@ A family module describes a conversion as a ``Conversion`` (a source, rules, the
 target's expected tensors, and a function that writes the non-tensor files); ``run``
 compiles, checks and executes it. Execution is one bounded pipeline: a reader thread
 reads, transforms and casts up to ``READ_AHEAD`` steps ahead of the writer (the
-calling thread), which writes and hashes them; so reading overlaps writing, and peak
-memory is the tensors of ``READ_AHEAD + 2`` steps, never the model.
+calling thread), which writes them while a thread per file hashes them; so reading
+overlaps writing, and peak memory is the tensors of ``READ_AHEAD + 2`` steps, never the
+model. A tensor whose stored bytes are kept (moved, or grown by rows) is not read at
+all: the writer has the kernel copy them file to file (``file_pieces``).
 """
 
 from __future__ import annotations
@@ -242,13 +244,13 @@ def _stream(plan: Plan, source: TensorSource, *, cast: bool = False, moves: bool
             for step in steps:
                 if stop.is_set():
                     return
-                moved = file_pieces(step, source) if moves else None
-                if moved is not None:
-                    tensors = [moved]
+                pieces = file_pieces(step, source) if moves else None
+                if pieces is not None:
+                    tensors = [pieces]
                 else:
                     tensors = apply_step(step, [source.read(i.name) for i in step.sources])
-                if cast and moved is None:
-                    tensors = cast_tensors(tensors, [DTYPES[t.dtype] for t in step.targets])
+                    if cast:
+                        tensors = cast_tensors(tensors, [DTYPES[t.dtype] for t in step.targets])
                 if not put((step, tensors)):
                     return
                 del tensors
