@@ -76,7 +76,12 @@ class TensorInfo:
 
 
 class TensorSource(Protocol):
-    """A lazily read checkpoint: the listing is free, bytes are read per tensor."""
+    """A lazily read checkpoint: the listing is free, bytes are read per tensor.
+
+    Optional, where a reader can: ``stored_at(name) -> (file, offset) | None`` (the bytes lie there as
+    safetensors stores them: copied file to file, ``tensors.stored_at``), ``read_rows(name, start, stop)``
+    (a slice of dim 0, ``tensors.row_reader``); views answer ``locate(name) -> (source, name)``.
+    """
 
     path: Path
     format: str
