@@ -41,7 +41,7 @@ vllm: $(VLLM_INSTALLED)
 
 # llama.cpp compiled once (minutes; cached in ~/.cache/vlmkit): llama-cpp-python's wheel carries its
 # libraries, and llama-server and ggml-rpc-server go beside $(PY)
-$(LLAMA_SERVER): pyproject.toml scripts/build-llama-cpp.sh scripts/llama-cpp-wheel.cmake | $(INSTALLED)
+$(LLAMA_SERVER): pyproject.toml scripts/build-llama-cpp.sh scripts/llama-cpp-source.sh scripts/llama-cpp-wheel.cmake | $(INSTALLED)
 	bash scripts/build-llama-cpp.sh $(PY)
 
 llama-server: $(LLAMA_SERVER)

@@ -29,7 +29,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,6 @@ from convert_stream import drop_caches, scaled_head, timed, vit_layer_specs
 from vlmkit.families.llava import tiny
 from vlmkit.tensors.safetensors_io import SafetensorsWriter, TensorSpec, layout_shards
 
-LLAMA_CPP_PYTHON = "0.3.36"
 VOCAB = 32064  # 32000 + <image> + <pad>, padded to a multiple of 64 as the llava-hf conversion does
 
 
@@ -111,19 +109,13 @@ def make_llava(folder: Path, scale: float) -> None:
 
 
 def llama_cpp_tree(given: Path | None) -> Path:
-    """llama.cpp's source tree from the llama-cpp-python sdist (downloaded once into ~/.cache/vlmkit)."""
+    """llama.cpp's source tree: ``given``, else the one ``scripts/llama-cpp-source.sh`` keeps (the llama.cpp
+    build's, fetched once into ~/.cache/vlmkit)."""
     if given:
         return given
-    cache = Path(os.environ.get("VLMKIT_CACHE", Path.home() / ".cache" / "vlmkit")).expanduser()
-    tree = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if not tree.exists():
-        download = cache / "download"
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(download)], check=True)
-        with tarfile.open(next(download.glob("*.tar.gz"))) as tar:
-            tar.extractall(cache, filter="data")
-        shutil.rmtree(download, ignore_errors=True)
-    return tree
+    script = Path(__file__).parents[1] / "scripts" / "llama-cpp-source.sh"
+    return Path(subprocess.run(["bash", str(script), sys.executable], check=True, capture_output=True,
+                               text=True).stdout.strip())
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # llama.cpp, compiled once for both of its uses: llama-cpp-python (the proofs in the real llama.cpp)
 # and llama.cpp's own servers (`vlmkit serve --engine llama.cpp`). The source is the sdist (from PyPI)
-# of the llama-cpp-python that pyproject.toml pins. One CMake build of its vendored llama.cpp makes the
+# of the llama-cpp-python that pyproject.toml pins (scripts/llama-cpp-source.sh). One CMake build of its vendored llama.cpp makes the
 # shared libraries, llama-server and ggml-rpc-server; llama-cpp-python's wheel is then built without
 # compiling anything (its option LLAMA_BUILD=OFF) and carries that build in llama_cpp/lib
 # (scripts/llama-cpp-wheel.cmake), where llama_cpp loads its libraries and every file finds the
@@ -31,13 +31,10 @@ CACHE=${VLMKIT_CACHE:-$HOME/.cache/vlmkit}/llama-server-$VERSION-$(uname -m)
 TARGETS="llama-server ggml-rpc-server"
 if ! compgen -G "$CACHE/wheel/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
   mkdir -p "$CACHE"
-  if [ ! -d "$CACHE/src" ]; then
-    "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d "$CACHE/sdist"
-    mkdir -p "$CACHE/src"
-    tar xzf "$CACHE"/sdist/llama_cpp_python-*.tar.gz -C "$CACHE/src" --strip-components=1
-  fi
+  LLAMA_CPP=$(bash "$HERE/llama-cpp-source.sh" "$PY")
+  SDIST=$(dirname "$(dirname "$LLAMA_CPP")")
   # shellcheck disable=SC2016,SC2086
-  cmake -S "$CACHE/src/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+  cmake -S "$LLAMA_CPP" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
     -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN' \
     -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF \
@@ -45,7 +42,7 @@ if ! compgen -G "$CACHE/wheel/llama_cpp_python-$VERSION-*.whl" >/dev/null; then
   # shellcheck disable=SC2086
   cmake --build "$CACHE/build" --target $TARGETS -j "$(nproc)" > "$CACHE/build.log" 2>&1 \
     || { tail -30 "$CACHE/build.log"; exit 1; }
-  "$PY" -m pip wheel -q --no-deps "$CACHE/src" -w "$CACHE/wheel" -C cmake.define.LLAMA_BUILD=OFF \
+  "$PY" -m pip wheel -q --no-deps "$SDIST" -w "$CACHE/wheel" -C cmake.define.LLAMA_BUILD=OFF \
     -C cmake.define.CMAKE_PROJECT_llama_cpp_INCLUDE="$HERE/llama-cpp-wheel.cmake" \
     -C cmake.define.VLMKIT_LLAMA_CPP_BIN="$CACHE/build/bin" > "$CACHE/wheel.log" 2>&1 \
     || { tail -30 "$CACHE/wheel.log"; exit 1; }

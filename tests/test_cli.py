@@ -175,6 +175,7 @@ def test_train_help_does_not_offer_the_loading_flags_it_refuses():
     (("merge-lora", "{src}", "--base", "{src}", "{out}"), ("--device", "--model-base")),
     (("data", "tokenize", "{src}", "--model", "{src}", "--out", "{out}"), ("--device", "--dtype")),
     (("data", "check", "{src}", "--model", "{src}"), ("--device", "--dtype")),
+    (("verify", "{src}", "{out}"), ("--device", "--dtype")),
 ])
 def test_commands_that_place_no_model_on_a_device_refuse_device_and_do_not_offer_it(tmp_path, command, refused):
     # the flag is refused before anything is read, so no model is needed (the paths do not exist)

@@ -216,6 +216,12 @@ def _convert(args) -> int:
 
 # ------------------------------------------------------------------------ verify
 
+# verify reads what the conversion wrote (its dtype included) from the converted folder and measures parity
+# where it is defined: both models on the CPU, the reference in float32
+VERIFY_UNUSED = {"dtype": "verify reads the dtype the conversion wrote from the converted folder",
+                 "device": "verify runs both models on the CPU (the reference in float32)"}
+
+
 def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("original", help="the original checkpoint (any form the family reads)")
     p.add_argument("converted", help="the converted folder")
@@ -224,7 +230,7 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
     p.add_argument("--write-card", action="store_true",
                    help="put the report into the converted folder's model card (README.md) and its manifest")
-    add_load_arguments(p)
+    add_load_arguments(p, VERIFY_UNUSED)
 
 
 def _probe_arguments(p: argparse.ArgumentParser) -> None:
@@ -280,6 +286,7 @@ def run_verify(original: str, converted: str, options: LoadOptions, args, *, jso
           "vlmkit verify orig/ conv/ --image cat.png --prompt 'What is this?' --json report.json",
           "vlmkit verify llava-v1.5-7b/ llava-1.5-7b-hf/ --write-card"])
 def cmd_verify(args) -> int:
+    refuse_unused(args, "verify", VERIFY_UNUSED)
     return run_verify(args.original, args.converted, LoadOptions.from_args(args), args,
                       json_file=args.json, markdown_file=args.markdown, write_card=args.write_card)
 

@@ -6,12 +6,9 @@ proof is llama.cpp running the files.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,6 @@ from vlmkit.families.llava import tiny
 
 from ..conftest import run_cli
 
-LLAMA_CPP_PYTHON = "0.3.36"  # the version pinned by pyproject.toml's gguf extra; its sdist carries llama.cpp
 
 
 @pytest.fixture(scope="session")
@@ -63,32 +59,25 @@ def hf(parts):
     return _Converted(parts)
 
 
-def _cache() -> Path:
-    return Path(os.environ.get("VLMKIT_CACHE", Path.home() / ".cache" / "vlmkit")).expanduser()
+# the user's cache, read before the tests point VLMKIT_CACHE at their own: llama.cpp's source is the one
+# the build of llama-cpp-python (scripts/build-llama-cpp.sh) fetched there, not a second copy per run
+USER_CACHE = os.environ.get("VLMKIT_CACHE")
+SOURCE_SCRIPT = Path(__file__).parents[2] / "scripts" / "llama-cpp-source.sh"
 
 
 @pytest.fixture(scope="session")
 def llama_cpp_tree() -> Path:
     """``vendor/llama.cpp`` of the llama-cpp-python sdist: ``convert_hf_to_gguf.py``, ``gguf-py`` and
-    ``tools/mtmd/legacy-models/``. ``VLMKIT_LLAMA_CPP_SRC`` may point at one; else it is downloaded once
-    (``pip download --no-binary :all:``) into ``~/.cache/vlmkit``."""
+    ``tools/mtmd/legacy-models/``. ``VLMKIT_LLAMA_CPP_SRC`` may point at one; else the one
+    ``scripts/llama-cpp-source.sh`` keeps (fetched once, shared with the llama.cpp build)."""
     if os.environ.get("VLMKIT_LLAMA_CPP_SRC"):
         tree = Path(os.environ["VLMKIT_LLAMA_CPP_SRC"])
     else:
-        cache = _cache()
-        cache.mkdir(parents=True, exist_ok=True)
-        tree = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-        with open(cache / ".llama-cpp-python.lock", "w") as lock:  # xdist workers download once
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not tree.exists():
-                download = cache / "download"
-                shutil.rmtree(download, ignore_errors=True)
-                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                                f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(download)], check=True,
-                               capture_output=True)
-                archive = next(download.glob("llama_cpp_python-*.tar.gz"))
-                with tarfile.open(archive) as tar:
-                    tar.extractall(cache, filter="data")
-                shutil.rmtree(download, ignore_errors=True)
+        env = {k: v for k, v in os.environ.items() if k != "VLMKIT_CACHE"}
+        if USER_CACHE:
+            env["VLMKIT_CACHE"] = USER_CACHE
+        run = subprocess.run(["bash", str(SOURCE_SCRIPT), sys.executable], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        tree = Path(run.stdout.strip())
     assert (tree / "convert_hf_to_gguf.py").is_file(), f"{tree} is not llama.cpp's source tree"
     return tree

@@ -235,6 +235,15 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
         log.exception("internal error")
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
+    def served(engine: str):
+        """The loaded engine a route needs ("scheduler": chat, "scorer": score), or why the server cannot use it:
+        the model is the other kind (400, naming the route that answers it) or is still loading (503)."""
+        if state[engine] is None and state[OTHER_ENGINE[engine]] is not None:
+            raise ApiError(400, WRONG_ROUTE[engine].format(name=settings.model_name), code=WRONG_ROUTE_CODE[engine])
+        if state[engine] is None:
+            raise _loading()
+        return state[engine]
+
     @app.get("/health", include_in_schema=True, responses={503: {"description": "the model is still loading"}})
     async def health():
         problem = getattr(state["scheduler"], "problem", lambda: None)()
@@ -265,12 +274,7 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
     async def chat_completions(body: p.ChatCompletionRequest, request: Request):
         deadline = time.monotonic() + settings.request_timeout  # image downloads included
         _check_model(body.model, settings)
-        if state["scorer"] is not None:
-            raise ApiError(400, f"{settings.model_name!r} is a scoring model (image-text matching): it does not "
-                                "generate text; POST /v1/score with an image_url and texts", code="scoring_model")
-        scheduler: Scheduler | None = state["scheduler"]
-        if scheduler is None:
-            raise _loading()
+        scheduler: Scheduler = served("scheduler")
         messages = await _messages(body, settings, deadline)
         params = _params(body, settings)
         loop = asyncio.get_running_loop()
@@ -315,12 +319,7 @@ def create_app(load_model: Callable[[], object], settings: ServeSettings, *,
         """A scoring model (image-text matching): the image against each text, as ``vlmkit score`` gives it."""
         deadline = time.monotonic() + settings.request_timeout  # the image download included
         _check_model(body.model, settings)
-        if state["scheduler"] is not None:
-            raise ApiError(400, f"{settings.model_name!r} generates text: it does not score image-text pairs; "
-                                "POST /v1/chat/completions", code="not_a_scoring_model")
-        scorer: ScoreQueue | None = state["scorer"]
-        if scorer is None:
-            raise _loading()
+        scorer: ScoreQueue = served("scorer")
         _, image = await _image(body.image_url.url, "image_url", settings, deadline)
         rows = await scorer.score(image, body.texts, deadline)
         return p.ScoreList(id=p.new_id("score"), created=p.now(), model=settings.model_name,
@@ -409,6 +408,14 @@ def _check_model(model: str | None, settings: ServeSettings) -> None:
     if model is not None and model not in (settings.model_name, *settings.model_aliases):
         raise ApiError(404, f"the model {_shown(model)} does not exist: this server serves "
                             f"{settings.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+
+
+# a request on the route of the other kind of model: chat on a scoring model, a score from a chat model
+OTHER_ENGINE = {"scheduler": "scorer", "scorer": "scheduler"}
+WRONG_ROUTE = {"scheduler": "{name!r} is a scoring model (image-text matching): it does not generate text; "
+                            "POST /v1/score with an image_url and texts",
+               "scorer": "{name!r} generates text: it does not score image-text pairs; POST /v1/chat/completions"}
+WRONG_ROUTE_CODE = {"scheduler": "scoring_model", "scorer": "not_a_scoring_model"}
 
 
 def _loading() -> ApiError:
