@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import fcntl
 import io
+import os
+import pickle
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -13,6 +19,7 @@ import torch
 from vlmkit.families.llava import tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
@@ -57,18 +64,41 @@ def cli():
     return run_cli
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], T]) -> T:
+    """``build(folder)``, run once per test run whatever the number of xdist workers: the first worker to ask
+    builds under a folder of the run's base temp folder (which every worker shares), the others wait for it and
+    get the same value. ``build`` writes only under ``folder`` and returns a picklable value (paths, dicts);
+    what it built is read-only for the tests (copy a file before changing it)."""
+    base = tmp_path_factory.getbasetemp()
+    # xdist gives each worker base/../popen-gwN: their parent is this run's; without xdist, base is
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    done = shared / f"built-{name}.pickle"
+    with open(shared / f"built-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder = shared / f"built-{name}"
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            folder.mkdir()
+            part = done.with_suffix(".part")
+            part.write_bytes(pickle.dumps(build(folder)))
+            part.replace(done)
+    return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
-    """Tiny LLaVA models: originals (1.5, NeXT-Mistral) and their conversions, built once per session."""
-    root = tmp_path_factory.mktemp("runtime-models")
-    clip = tiny.make_clip(root / "clip-vit-tiny")
-    out = {"clip": clip, "v15": tiny.make_llava15(root / "llava-v1.5-tiny", clip),
-           "next": tiny.make_llava_next(root / "llava-v1.6-mistral-tiny", clip)}
-    for name, extra in (("v15", []), ("next", ["--vision-tower", str(clip)])):
-        dst = root / f"{name}-hf"
-        assert run_cli("convert", out[name], dst, "--quiet", *extra).code == 0
-        out[f"{name}-hf"] = dst
-    return out
+    """Tiny LLaVA models: originals (1.5, NeXT-Mistral) and their conversions, built once per run."""
+    def build(root: Path) -> dict:
+        clip = tiny.make_clip(root / "clip-vit-tiny")
+        out = {"clip": clip, "v15": tiny.make_llava15(root / "llava-v1.5-tiny", clip),
+               "next": tiny.make_llava_next(root / "llava-v1.6-mistral-tiny", clip)}
+        for name, extra in (("v15", []), ("next", ["--vision-tower", str(clip)])):
+            dst = root / f"{name}-hf"
+            assert run_cli("convert", out[name], dst, "--quiet", *extra).code == 0
+            out[f"{name}-hf"] = dst
+        return out
+
+    return built_once(tmp_path_factory, "models", build)
 
 
 @pytest.fixture(scope="session")
