@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 
 from ..lazy import torch
 
-from ..tensors import DTYPES, TensorSource, stored_at
+from ..tensors import DTYPES, TensorSource, return_freed_buffers, stored_at
 from ..tensors.safetensors_io import FileBytes
 from . import output
 from .plan import Plan, Step, compile_plan
@@ -226,6 +226,7 @@ def _stream(plan: Plan, source: TensorSource, *, cast: bool = False, moves: bool
     in the caller; when the caller stops early (an error while writing, Ctrl-C), the reader
     is told to stop and joined before this returns, so no thread outlives the conversion.
     """
+    return_freed_buffers()  # each tensor's buffers go back to the OS when freed: memory is what the queue holds
     steps = list(plan.steps)
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()

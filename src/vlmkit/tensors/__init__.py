@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import torch
 
 from ..errors import CheckpointError, HubError
-from ._pages import hash_file_range
+from ._pages import hash_file_range, return_freed_buffers
 from .base import DTYPES, FLOAT_CODES, TensorInfo, TensorSource, dtype_code, element_size
 from .safetensors_io import INDEX_NAME as SAFETENSORS_INDEX
 from .safetensors_io import SafetensorsSource
@@ -23,7 +23,7 @@ from .torch_io import TorchSource
 
 __all__ = [
     "DTYPES", "FLOAT_CODES", "TensorInfo", "TensorSource", "dtype_code", "element_size",
-    "open_source", "resolve", "row_reader", "weight_files", "stored_at", "hash_file_range", "GGUFSource", "SafetensorsSource", "TorchSource",
+    "open_source", "resolve", "row_reader", "weight_files", "stored_at", "hash_file_range", "return_freed_buffers", "GGUFSource", "SafetensorsSource", "TorchSource",
 ]
 
 

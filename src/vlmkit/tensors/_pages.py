@@ -37,6 +37,23 @@ def release(address: int, nbytes: int) -> None:
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_buffers() -> None:
+    """Have glibc map each allocation of 1 MiB or more on its own, and unmap it when it is freed (Linux, glibc).
+
+    glibc raises its mapping threshold to the size of the last mapped block freed (up to 32 MiB), so
+    tensor-sized buffers soon come from the heap, where freed memory stays with the process: streaming a
+    1.41 B LLaVA to GGUF held about 0.2 GiB more that way (peak 0.83 GiB against 0.63 with this; measured).
+    A fixed threshold keeps a conversion's resident memory at what its queue holds. Process-wide; harmless
+    for the rest of the process (large blocks are mapped as glibc maps the first of them anyway).
+    """
+    mallopt = getattr(_libc, "mallopt", None) if _libc is not None else None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
 def pread_exact(fd: int, nbytes: int, offset: int, file: Path, name: str) -> torch.Tensor:
     """``nbytes`` from ``offset`` of an open file into a fresh uint8 tensor (one copy, no mapping).
 
