@@ -87,19 +87,15 @@ def _reference_logits(model, reply):
     return logits[-len(reply.tokens):]
 
 
-def _launch(folder, row):
-    """vLLM's engine arguments for ``folder``, from vlmkit's own command line. The NeXT folders pass vlmkit's
-    pre-start check and reach vLLM as they are (published layout: no renamed view); a converted OneVision folder
-    is not yet a ``vlmkit serve`` input (no chat backend for it), so its check is the layout one below."""
+def _launch(folder):
+    """vLLM's engine arguments for ``folder``, from vlmkit's own command line: ``vlmkit serve --engine vllm``'s
+    pre-start check passes and the folder reaches vLLM as it is (published layout: no renamed view)."""
     from vlmkit.options import LoadOptions
     from vlmkit.serve.app import ServeSettings
     from vlmkit.serve.engines import vllm
 
-    if row == "onevision":
-        config = json.loads((folder / "config.json").read_text())
-    else:
-        config = vllm.check_folder(folder)
-        assert vllm.published_view(folder) is None
+    config = vllm.check_folder(folder)
+    assert vllm.published_view(folder) is None
     settings = ServeSettings(model_name="tiny")
     return vllm.command("python", folder, 8000, "tiny", settings, LoadOptions(device="cpu"), config)[3:]
 
@@ -120,7 +116,7 @@ def runs(tmp_path_factory):
         built[row] = (converted, reply, _reference_logits(model, reply))
         # vlmkit serve asks vLLM for the tokenizer's special tokens where the template writes no BOS itself
         bos = "bos_token" in (read_chat_template(converted) or "")
-        cases.append({"row": row, "argv": _launch(converted, row), "messages": ask(QUESTION, CAT),
+        cases.append({"row": row, "argv": _launch(converted), "messages": ask(QUESTION, CAT),
                       "max_tokens": NEW_TOKENS, "tokenization_kwargs": {} if bos else {"add_special_tokens": True}})
     env = {**os.environ, **vllm.ENV_DEFAULTS, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "PYTHONPATH": str(vllm.SITE)}  # SITE: vlmkit's sitecustomize that lets torchvision import (LLaVA needs it)

@@ -662,6 +662,21 @@ def test_inspect_describes_the_original_and_the_converted_folder(tiny_ov, conver
     assert "vision tower: siglip_vision_model, 2 layers, 56 pixels" in r.out and "template: qwen_1_5" in r.out, r.out
 
 
+def test_serve_engine_vllm_starts_vllm_on_the_converted_folder_as_it_is(converted_ov, monkeypatch):
+    """``vlmkit serve FOLDER --engine vllm``'s pre-start check passes and vLLM is handed the folder itself: it is in
+    the published llava-hf layout, as vLLM's OneVision loader reads it (tests/engines/test_vllm_rows.py runs vLLM
+    on such a folder with this command line)."""
+    from vlmkit.options import LoadOptions
+    from vlmkit.serve.app import ServeSettings
+    from vlmkit.serve.engines import vllm
+
+    monkeypatch.setattr(vllm, "python", lambda: shutil.which("true"))  # a "vLLM" that exits at once
+    process, _ = vllm.start(str(converted_ov), ServeSettings(model_name="tiny"), LoadOptions())
+    process.stop()
+    argv = process.argv
+    assert argv[1:3] == ["-m", vllm.SERVER_MODULE] and argv[argv.index("--model") + 1] == str(converted_ov)
+
+
 def test_gguf_text_only_runs_in_llama_cpp_as_the_original_language_model(tiny_ov, tmp_path):
     """``--to gguf --text-only``: llama.cpp loads the Qwen2 model, tokenises the qwen_1_5 prompt as the Qwen2
     tokenizer rebuilt from llama.cpp's vocabulary does, and its greedy tokens are the original's (text only)."""

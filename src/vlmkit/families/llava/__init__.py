@@ -28,7 +28,7 @@ NAME = "llava"
 ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM", "LlavaQwenForCausalLM")
 # transformers' own LLaVA classes: what ``--to hf`` writes, read back by chat, serve and ``--to gguf``
 TRANSFORMERS_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
-# what ``--to hf`` writes of a LLaVA-OneVision checkpoint: run by chat and serve, nothing else reads it back yet
+# what ``--to hf`` writes of a LLaVA-OneVision checkpoint: run by chat and serve (vlmkit's runtime or vLLM)
 ONEVISION_ARCHITECTURE = "LlavaOnevisionForConditionalGeneration"
 
 _ORIGINAL = ("describe", "conversion", "gguf", "verify", "chat_backend", "data_model", "training")
@@ -37,7 +37,8 @@ FORMS: dict[str, tuple[str, ...]] = {
     "lora": _ORIGINAL,                    # adapter_config.json + non_lora_trainables.bin (+ the base)
     "projector": _ORIGINAL,               # mm_projector.bin of a pre-training stage (+ the language model)
     "transformers": ("gguf", "chat_backend", "data_model", "vllm_view", "card_kind"),
-    "transformers_onevision": ("describe", "chat_backend"),  # a converted OneVision folder (its processor: onevision.py)
+    # a converted OneVision folder (its processor: onevision.py)
+    "transformers_onevision": ("describe", "chat_backend", "vllm_view"),
     "projector_file": ("gguf",),          # llava_surgery.py's llava.projector (+ --vision-tower): the mmproj
     "gguf": ("card_kind",),               # what --to gguf writes: the model + its LLaVA mmproj (or the mmproj alone)
     "plain_llm": ("training",),           # a Vicuna / Mistral folder: `vlmkit train --vision-tower` makes a LLaVA of it
@@ -158,12 +159,14 @@ def gguf(found, options: LoadOptions, gguf_options):
 
 
 def vllm_view(found):
-    """What vLLM reads of a transformers LLaVA folder: the published llava-hf names, every other layout transformers
-    writes mapped onto them (``layout.py``)."""
+    """What vLLM reads of a transformers LLaVA, LLaVA-NeXT or LLaVA-OneVision folder: the published llava-hf names
+    (vLLM's loaders of the three read the same ones), every other layout transformers writes mapped onto them
+    (``layout.py``: transformers saves OneVision with LLaVA-NeXT's rules)."""
     from ...serve.engines.vllm import View
     from . import layout
 
-    return View("Llava", layout.PUBLISHED, layout.published_name, layout.published_names, layout.published)
+    name = "LlavaOnevision" if found.form == "transformers_onevision" else "Llava"
+    return View(name, layout.PUBLISHED, layout.published_name, layout.published_names, layout.published)
 
 
 def _is_gguf(path: Path) -> bool:

@@ -1,4 +1,5 @@
-"""The tensor names of a transformers ``Llava`` / ``LlavaNext`` folder, in every layout transformers writes.
+"""The tensor names of a transformers ``Llava`` / ``LlavaNext`` / ``LlavaOnevision`` folder, in every layout
+transformers writes (it saves ``LlavaOnevision`` with ``LlavaNext``'s rules, SigLIP's tower with CLIP's).
 
 The published llava-hf repositories, and every folder vlmkit writes, use ``PUBLISHED``: the
 names vLLM, llama.cpp's converter and transformers 4.x read. transformers 5 loads all the
