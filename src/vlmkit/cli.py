@@ -299,7 +299,7 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], help="image for the first question (repeatable)")
     p.add_argument("--video", action="append", nargs="+", default=[], metavar="FRAME",
                    help="the frames of one video, in order, for the first question: one visual input "
-                        "(LLaVA-OneVision / LLaVA-Video originals; repeatable)")
+                        "(LLaVA-OneVision / LLaVA-Video originals, converted OneVision folders; repeatable)")
     p.add_argument("--prompt", help="ask one question and exit (default: interactive chat)")
     p.add_argument("--system", help="system prompt replacing the template's")
     p.add_argument("--temperature", type=limits.TEMPERATURE.arg, default=0.2,

@@ -596,6 +596,8 @@ def test_verify_notes_the_video_differences_a_release_config_asks_for():
 # ------------------------------------------------------------------------------------------- the converted folder runs
 PHOTO = Path(__file__).parent.parent / "fixtures" / "images" / "chelsea.png"  # 451 x 300: not square
 QUESTIONS = ("What is in the picture?", "And its colours?")
+FRAMES = [PHOTO, PHOTO.parent / "coffee.png"]  # a two-frame video of two real photos, two sizes
+VIDEO_QUESTION = "What happens in this video?"
 
 
 @pytest.fixture(scope="module")
@@ -626,10 +628,14 @@ def _typed_conversation(monkeypatch, model, *flags) -> list[str]:
 
 
 def test_chat_on_the_converted_folder_answers_as_the_original(tiny_ov, converted_ov, monkeypatch):
-    """Two greedy turns about the non-square photo: the converted folder, run by transformers with its own processor
-    files and chat template, gives the tokens the original (run by the reference) gives, on the CLI and vlmkit.load."""
+    """Two greedy turns about the non-square photo, and a question about a two-frame video: the converted folder, run
+    by transformers with its own processor files and chat template, gives the tokens the original (run by the
+    reference) gives, on the CLI and vlmkit.load."""
     import vlmkit
     from vlmkit import families
+    from vlmkit.runtime.messages import MessageError
+
+    from ..conftest import run_cli
 
     path, heads = tiny_ov
     found = families.find(converted_ov)
@@ -645,9 +651,25 @@ def test_chat_on_the_converted_folder_answers_as_the_original(tiny_ov, converted
         first = model.chat(messages, temperature=0, max_new_tokens=6)
         messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": QUESTIONS[1]}]
         second = model.chat(messages, temperature=0, max_new_tokens=6)
-        replies[name] = [(r.tokens, r.prompt_tokens, r.image_tokens) for r in (first, second)]
+        video = model.chat(VIDEO_QUESTION, videos=[FRAMES], temperature=0, max_new_tokens=6)
+        replies[name] = [(r.tokens, r.prompt_tokens, r.image_tokens) for r in (first, second, video)]
+        if name == "converted":  # its chat template puts a message's images before its videos: refused, not misplaced
+            with pytest.raises(MessageError, match="a video before an image"):
+                model.chat([{"role": "user", "content": [{"type": "video", "video": FRAMES},
+                                                         {"type": "image", "image": PHOTO}]}], max_new_tokens=1)
     assert replies["converted"] == replies["original"]
     assert [r[0] for r in replies["original"]] and replies["original"][1][1] > replies["original"][0][1]
+    # transformers' OneVision and the original's one_token + bilinear: each frame's 4 x 4 patches (56 / 14) pooled
+    # to ceil(4 / 2) squared = 4 features, 2 frames, one newline after them
+    assert replies["original"][2][2] == 2 * 4 + 1
+
+    answers = []
+    for model, flags in ((path, ["--config", heads]), (converted_ov, [])):
+        r = run_cli("chat", model, *flags, "--video", *FRAMES, "--prompt", VIDEO_QUESTION, "--temperature", "0",
+                    "--max-new-tokens", "6")
+        assert r.code == 0, r.err
+        answers.append(r.out)
+    assert answers[1] == answers[0] and answers[0].strip()
 
 
 def test_inspect_describes_the_original_and_the_converted_folder(tiny_ov, converted_ov):

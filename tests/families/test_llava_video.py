@@ -313,7 +313,8 @@ def test_verify_compares_the_video_probe_where_transformers_computes_the_origina
 
 def test_llava_video_converts_with_a_warning_and_verify_fails_the_video_probe_by_name(tiny_video, tmp_path):
     """LLaVA-Video's grid newlines are not what transformers' OneVision does: convert says so naming the field,
-    verify's video probe fails with the reason while the image checks pass."""
+    verify's video probe fails with the reason while the image checks pass, and chat on the converted folder refuses
+    a video in one line naming the field (never an answer that is not the original's)."""
     from ..conftest import run_cli
 
     path, heads = tiny_video
@@ -327,3 +328,8 @@ def test_llava_video_converts_with_a_warning_and_verify_fails_the_video_probe_by
     assert "[FAIL] video probe" in r.out and "mm_newline_position 'grid'" in r.out, r.out
     for check in ("pixel values", "input ids", "logits", "greedy tokens", "batched generation"):
         assert f"[pass] {check}" in r.out, r.out
+    r = run_cli("chat", out, "--video", *FRAMES[:2], "--prompt", "What happens?", "--temperature", "0",
+                "--max-new-tokens", "2")
+    assert r.code != 0 and r.out == ""
+    assert "would not be the original's answer" in r.err and "mm_newline_position 'grid'" in r.err, r.err
+    assert "chat about videos with the original checkpoint" in r.err and "Traceback" not in r.err

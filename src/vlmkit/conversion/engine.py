@@ -51,7 +51,8 @@ class Conversion:
         assumptions: values no source file states that the conversion rests on, each with where it
             came from; listed by the plan, the CLI and the manifest.
         warnings: what the converted model computes differently from the source (e.g. an input kind the
-            target class handles otherwise), each naming the source field; printed by the CLI.
+            target class handles otherwise), each naming the source field; printed by the CLI and kept in the
+            manifest's provenance, where a family's runtime reads them to refuse that input on the folder.
     """
 
     source: TensorSource
@@ -156,7 +157,8 @@ def run(
 
             output.write_manifest(tmp, known_hashes=hashes, source=output.source_record(source, source_hashes),
                                   plan=plan.to_dict(),
-                                  provenance={**(provenance or {}), "output": "hf", "summary": conversion.summary},
+                                  provenance={**(provenance or {}), "output": "hf", "summary": conversion.summary,
+                                              "warnings": list(conversion.warnings)},
                                   assumptions=list(plan.assumptions), card=card.render)
     return Result(plan, destination, hashes)
 

@@ -65,7 +65,7 @@ class ChatModel:
             if read is None:
                 raise MessageError("video frames were given, but this model reads images only",
                                    hint="give the frames as images, or use an original LLaVA-OneVision / "
-                                        "LLaVA-Video checkpoint")
+                                        "LLaVA-Video checkpoint or a converted OneVision folder")
             frames = [image_bytes_or_path(f) for f in image.frames]
             key, compute = "video:" + ":".join(image_digest(f) for f in frames), lambda: read(frames)
         else:
@@ -125,7 +125,7 @@ class ChatModel:
             messages: a string, or a list of {"role", "content"[, "images", "videos"]} messages.
             images: images added to the last message (paths, bytes or PIL images).
             videos: videos added to the last message after its images, each the list of its frames (images), read
-                as one visual input (LLaVA-OneVision / LLaVA-Video originals).
+                as one visual input (LLaVA-OneVision / LLaVA-Video originals, converted OneVision folders).
             **sampling: ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``seed``, ``stop``.
         """
         *_, reply = self.stream_reply(messages, images=images, videos=videos, **sampling)

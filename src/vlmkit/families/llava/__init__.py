@@ -90,16 +90,14 @@ def verify(found, converted: Path, options: LoadOptions, probes, *, max_new_toke
 def chat_backend(found, options: LoadOptions):
     """Chat and serve: an original checkpoint through vlmkit's reference of the original forward, a
     transformers folder through transformers (``backend.py``)."""
-    from .backend import OriginalBackend, TransformersBackend
+    from .backend import OnevisionBackend, OriginalBackend, TransformersBackend
 
     if found.form in ("transformers", "transformers_onevision"):
         from ...tensors import open_source
 
         open_source(found.path).close()  # vlmkit's readers check the weights (headers, sizes) as inspect does
-        if found.form == "transformers_onevision":  # transformers builds its processor only with torchvision
-            from .onevision import processor
-
-            return TransformersBackend(found.path, options, processor=processor(found.path))
+        if found.form == "transformers_onevision":  # its processor without torchvision, and videos
+            return OnevisionBackend(found.path, options)
         return TransformersBackend(found.path, options)
     return OriginalBackend(found.path, options)
 

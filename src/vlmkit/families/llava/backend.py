@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from ... import dtypes
+from ...errors import ConfigError
 from ...runtime import images, templates
 from ...runtime.generation import with_cache
-from ...runtime.messages import Turn, template_messages
+from ...runtime.messages import MessageError, Turn, Video, template_messages
 from ...runtime.tokens import IMAGE_TOKEN_INDEX
 
 
@@ -106,7 +107,8 @@ class TransformersBackend:
     def prompt_ids(self, turns: list[Turn]) -> list[int]:
         messages = []
         for t in turns:
-            content = [{"type": "image"} for _ in t.images] + ([{"type": "text", "text": t.text}] if t.text else [])
+            content = [{"type": "video" if isinstance(i, Video) else "image"} for i in t.images]
+            content += [{"type": "text", "text": t.text}] if t.text else []
             messages.append({"role": t.role, "content": content})
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer(text).input_ids
@@ -133,3 +135,43 @@ class TransformersBackend:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class OnevisionBackend(TransformersBackend):
+    """A ``LlavaOnevision`` folder: images as ``TransformersBackend``, and a video as transformers' OneVision reads it
+    (its video processor's fields per frame: ``onevision.frame_processor``; ``get_video_features``: every frame's
+    features pooled bilinearly, one ``image_newline`` after all frames), at the one ``<video>`` of the chat template.
+    A folder converted from an original whose video path is another (``onevision.video_refusal``) refuses videos."""
+
+    def __init__(self, path: Path, options):
+        from . import onevision
+
+        super().__init__(path, options, processor=onevision.processor(path))
+        self.path = path
+        self.video_token = self.model.config.video_token_index
+
+    def prompt_ids(self, turns: list[Turn]) -> list[int]:
+        for i, t in enumerate(turns):
+            kinds = [isinstance(image, Video) for image in t.images]
+            if kinds != sorted(kinds):  # features are spliced in the turn's order, placeholders in the template's
+                raise MessageError(f"messages[{i}]: a video before an image; the folder's chat template places a "
+                                   "message's images before its videos", hint="give the message's images first")
+        # the one <video> id takes the video's features as an <image> id takes an image's
+        return [self.marker if i == self.video_token else i for i in super().prompt_ids(turns)]
+
+    def video_features(self, frames: list) -> torch.Tensor:
+        """One video given as its frames: ``[frames x pooled tokens + 1, hidden]``. The folder's files are read here,
+        not at load: a folder whose video side is refused or unreadable still answers about images."""
+        from . import onevision
+
+        refusal = onevision.video_refusal(self.path)
+        if refusal:
+            raise ConfigError(f"{self.path}: a video on this converted folder would not be the original's answer: "
+                              f"{refusal}",
+                              hint="chat about videos with the original checkpoint (vlmkit chat ORIGINAL --video ...); "
+                                   "images on this folder are the original's")
+        pil = [images.load_image(f, max_pixels=self.image_max_pixels) for f in frames]
+        pixels = onevision.frame_processor(self.path)(pil, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            out = self.model.get_video_features(pixel_values_videos=pixels[None].to(self.device, self.model.dtype))
+        return out.pooler_output[0]

@@ -32,6 +32,7 @@ from . import anyres_max, convert, hf_output, image_path, layout
 from .checkpoint import MULTIMODAL_FIELDS, OriginalCheckpoint
 
 VIDEO_TOKEN = "<video>"
+VIDEO_WARNING = "video: "  # how video_differences' notes begin, in convert's warnings and the folder's manifest
 
 
 def is_onevision(ckpt: OriginalCheckpoint) -> bool:
@@ -97,15 +98,47 @@ def video_differences(ckpt: OriginalCheckpoint) -> list[str]:
     try:
         video = image_path.video_config(ckpt)
     except ConfigError as e:
-        return [f"video: the original cannot read this checkpoint's video fields ({e})"]
+        return [f"{VIDEO_WARNING}the original cannot read this checkpoint's video fields ({e})"]
     notes = []
     if video.pool_mode != "bilinear":
-        notes.append(f"video: the original pools frames with mm_spatial_pool_mode {video.pool_mode!r}, transformers "
-                     "always bilinearly: video features differ")
+        notes.append(f"{VIDEO_WARNING}the original pools frames with mm_spatial_pool_mode {video.pool_mode!r}, "
+                     "transformers always bilinearly: video features differ")
     if video.newline_position != "one_token":
-        notes.append(f"video: the original places newlines by mm_newline_position {video.newline_position!r}, "
-                     "transformers one after all frames: video token sequences differ")
+        notes.append(f"{VIDEO_WARNING}the original places newlines by mm_newline_position "
+                     f"{video.newline_position!r}, transformers one after all frames: video token sequences differ")
     return notes
+
+
+def video_refusal(folder: Path) -> str | None:
+    """Why a video on this converted folder would not be the original's answer: ``video_differences`` of its source,
+    as ``vlmkit convert`` kept them in the folder's manifest (``provenance.warnings``); None when they agree, or for
+    a folder vlmkit did not write (a published one: what transformers computes is all it defines)."""
+    from ...conversion.output import MANIFEST, read_manifest
+
+    if not (Path(folder) / MANIFEST).exists():
+        return None
+    warnings = (read_manifest(folder).get("provenance") or {}).get("warnings") or []
+    differ = [w.removeprefix(VIDEO_WARNING) for w in warnings if w.startswith(VIDEO_WARNING)]
+    return "; ".join(differ) or None
+
+
+def frame_processor(folder: Path):
+    """What the folder's ``LlavaOnevisionVideoProcessor`` does to each frame (RGB, resize, rescale, normalize), as
+    transformers' PIL backend: the class reads its fields (``video_preprocessor_config.json``, absent ones its class
+    defaults) but processes only with torchvision, which vlmkit does not need. The one difference: the class resizes
+    with torchvision's antialiased bicubic, PIL's bicubic here (the original's SigLIP processor resizes with PIL)."""
+    from transformers.image_processing_backends import PilBackend
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    try:
+        fields = LlavaOnevisionVideoProcessor.from_pretrained(folder).to_dict()
+    except OSError as e:
+        raise ConfigError(f"{folder}: no video processor fields ({str(e).splitlines()[0]})",
+                          hint="convert the original again with vlmkit convert: it writes "
+                               "video_preprocessor_config.json") from None
+    return PilBackend(**{k: fields.get(k) for k in (
+        "do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
+        "rescale_factor", "do_normalize", "image_mean", "image_std")})
 
 
 def image_processor(ckpt: OriginalCheckpoint):
