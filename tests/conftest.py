@@ -22,6 +22,22 @@ FIXTURES = Path(__file__).parent / "fixtures"
 T = TypeVar("T")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """``--dist loadgroup`` sends the tests of one ``xdist_group`` to one worker by naming them ``ID@GROUP``.
+    pytest-xdist 3.8 sets that name on ``item._nodeid``, which pytest 9 no longer reads (an item's id is
+    ``item._id``): every group was ignored, its tests spread over both workers (two vLLMs or two Rays at once,
+    module fixtures set up on each). The same name, set where pytest 9 reads it; nothing once xdist sets it."""
+    if not getattr(config.option, "loadgroup", False):  # set on xdist's workers under --dist loadgroup only
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            item._id = type(item._id).parse(item.nodeid + suffix)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -83,9 +83,12 @@ def data_cli(*args):
     return run_cli("data", *args)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def local_ray():
-    """A local Ray cluster of 2 CPUs (`data tokenize --ray` and `data download --distributor ray` join it)."""
+    """A local Ray cluster of 2 CPUs (`data tokenize --ray` and `data download --distributor ray` join it).
+
+    One for this folder's tests (its start costs seconds on 2 cores), stopped before tests/engines's Rays start.
+    """
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray

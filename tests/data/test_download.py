@@ -90,6 +90,7 @@ def test_download_refuses_a_list_without_the_columns(tmp_path, vlmkit_data):
 
 
 # img2dataset's shards as Ray tasks on a local cluster; Ray's start and img2dataset's imports: about a minute
+@pytest.mark.xdist_group("ray")  # one Ray at a time on a 2-core machine (tests/engines/test_ray.py)
 @pytest.mark.slow
 def test_download_on_ray(tmp_path, server, vlmkit_data, local_ray):
     base, handler = server

@@ -95,6 +95,7 @@ def test_tokenize_and_check_on_a_process_pool_match_one_process(tmp_path, tiny_m
 
 
 # Ray's start and its actors' (each imports vlmkit and loads the tokenizer) take about a minute on two cores.
+@pytest.mark.xdist_group("ray")  # one Ray at a time on a 2-core machine (tests/engines/test_ray.py)
 @pytest.mark.slow
 def test_tokenize_on_ray_is_byte_identical_to_one_process(tmp_path, tiny_models, vlmkit_data, local_ray):
     pq = pytest.importorskip("pyarrow.parquet")

@@ -16,6 +16,8 @@ import pytest
 
 from vlmkit.serve.engines.process import free_port
 
+from ..conftest import built_once, run_cli
+
 PHOTOS = Path(__file__).parents[1] / "fixtures" / "images"
 CAT, ROCKET, COFFEE, ASTRONAUT = (PHOTOS / n for n in ("chelsea.png", "rocket.png", "coffee.png", "astronaut.png"))
 
@@ -91,6 +93,16 @@ class Served:
         except ProcessLookupError:
             pass
         self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def gguf_folder(models, tmp_path_factory):
+    """The GGUF pair ``vlmkit convert --to gguf`` writes of the tiny LLaVA-1.5, built once per run (read-only)."""
+    def build(root: Path) -> Path:
+        assert run_cli("convert", models["v15"], root / "v15-gguf", "--to", "gguf", "--quiet").code == 0
+        return root / "v15-gguf"
+
+    return built_once(tmp_path_factory, "v15-gguf", build)
 
 
 @pytest.fixture(scope="session")

@@ -21,13 +21,6 @@ from vlmkit.serve.engines.front import EngineError
 from ..conftest import TRANSFORMERS_LAYOUTS, run_cli, save_with_transformers
 
 
-@pytest.fixture(scope="module")
-def gguf_folder(models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf") / "v15-gguf"
-    assert run_cli("convert", models["v15"], out, "--to", "gguf", "--quiet").code == 0
-    return out
-
-
 def copy(folder, tmp_path, name="copy"):
     return shutil.copytree(folder, tmp_path / name)
 

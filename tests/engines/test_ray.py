@@ -60,6 +60,31 @@ def answer_all(server, questions, max_tokens=12) -> list[str]:
         return list(pool.map(one, questions))
 
 
+# first in the module: its cluster has come and gone before ray_server starts its Ray (one Ray at a time)
+def test_two_node_cluster_places_one_replica_per_node(models, reference, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    from vlmkit.serve.engines.ray_serve import RAY_ENV
+
+    for name, value in RAY_ENV.items():  # what vlmkit gives a Ray it starts; a cluster's nodes take their own
+        monkeypatch.setenv(name, value)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "object_store_memory": 100 * 1024 * 1024})
+    cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
+    server = None
+    try:
+        server = Served(models["v15-hf"], "--replicas", "2", "--ray-address", cluster.address, *FLAGS, timeout=300)
+        answers = answer_all(server, QUESTIONS)
+        assert answers == [expected(reference, q, i, 12).text for q, i in QUESTIONS]
+        used = replicas(server)
+        assert len(used) == 2 and len({r["node"] for r in used.values()}) == 2, used
+    finally:
+        if server is not None:
+            server.stop()
+        cluster.shutdown()
+
+
 def test_every_request_is_answered_by_both_replicas_as_by_one_process(ray_server, reference):
     answers = answer_all(ray_server, QUESTIONS)
     assert answers == [expected(reference, q, i, 12).text for q, i in QUESTIONS]
@@ -147,27 +172,3 @@ def test_a_replica_killed_mid_load_loses_no_request(ray_server, reference):
         if retried(ray_server) >= 1:
             break
     assert retried(ray_server) >= 1, "no killed replica had a request in flight: the test proved nothing"
-
-
-def test_two_node_cluster_places_one_replica_per_node(models, reference, monkeypatch):
-    from ray.cluster_utils import Cluster
-
-    from vlmkit.serve.engines.ray_serve import RAY_ENV
-
-    for name, value in RAY_ENV.items():  # what vlmkit gives a Ray it starts; a cluster's nodes take their own
-        monkeypatch.setenv(name, value)
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                            "object_store_memory": 100 * 1024 * 1024})
-    cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
-    server = None
-    try:
-        server = Served(models["v15-hf"], "--replicas", "2", "--ray-address", cluster.address, *FLAGS, timeout=300)
-        answers = answer_all(server, QUESTIONS)
-        assert answers == [expected(reference, q, i, 12).text for q, i in QUESTIONS]
-        used = replicas(server)
-        assert len(used) == 2 and len({r["node"] for r in used.values()}) == 2, used
-    finally:
-        if server is not None:
-            server.stop()
-        cluster.shutdown()

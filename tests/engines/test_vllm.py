@@ -18,7 +18,7 @@ from .conftest import (ASTRONAUT, BROKEN_IMAGE, CAT, COFFEE, ROCKET, Served, ask
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # started once (a minute) whatever order xdist runs the tests in
 def vllm_server(models, tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
     (media / "cat.png").write_bytes(CAT.read_bytes())

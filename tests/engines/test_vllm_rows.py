@@ -100,7 +100,7 @@ def _launch(folder):
     return vllm.command("python", folder, 8000, "tiny", settings, LoadOptions(device="cpu"), config)[3:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built and run once (2.5 minutes) whatever order xdist runs the tests in
 def runs(tmp_path_factory):
     """row -> (converted folder, the original's reply under vlmkit's reference, vLLM's result)."""
     import vlmkit
