@@ -1,4 +1,5 @@
-"""llama.cpp's own conversion tools, run as a user runs them, and a comparison of two GGUF files.
+"""llama.cpp's own conversion tools, run as a user runs them (several in one interpreter), and a comparison of
+two GGUF files.
 
 * the language model: ``convert_hf_to_gguf.py`` (the current converter) on a transformers folder;
 * the projector: ``llava_surgery_v2.py`` + ``convert_image_encoder_to_gguf.py`` (the legacy pair;
@@ -12,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +22,57 @@ import numpy as np
 import torch
 
 
-def run_script(tree: Path, script: str, *args, cwd: Path | None = None) -> str:
+ADDED = {"<image>": 32000, "<pad>": 32001}  # the tokens LLaVA adds to Vicuna's / Mistral's 32000
+LEGACY = "tools/mtmd/legacy-models/"
+
+
+@dataclass
+class Job:
+    """One run of a llama.cpp script, as ``python SCRIPT ARGS``."""
+
+    script: str  # relative to the llama.cpp tree
+    args: tuple
+
+
+# Each job as `python SCRIPT ARGS` runs it (as __main__, its own folder first on sys.path, its own argv), all
+# in one interpreter: torch, transformers, gguf-py and convert_hf_to_gguf.py's hundred model modules load once
+# for all the files instead of once per file. A job that fails is recorded and the next one runs.
+_RUNNER = r"""
+import json, os, runpy, sys, traceback
+jobs, results = json.loads(sys.argv[1]), sys.argv[2]
+path, failures = list(sys.path), []
+for script, args in jobs:
+    print(f"\n=== {script} {' '.join(args)}", flush=True)
+    sys.argv = [script, *args]
+    sys.path[:] = [os.path.dirname(script), *path[1:]]
+    try:
+        runpy.run_path(script, run_name="__main__")
+        failures.append(None)
+    except SystemExit as e:
+        failures.append(None if e.code in (0, None) else f"exit status {e.code}")
+    except BaseException:
+        failures.append(traceback.format_exc())
+    sys.stdout.flush()
+    sys.stderr.flush()
+with open(results, "w") as f:
+    json.dump(failures, f)
+"""
+
+
+def run_scripts(tree: Path, jobs: dict[str, Job]) -> dict[str, str | None]:
+    """Run ``jobs`` (one interpreter, in order); returns each one's failure (its output), None where it ran."""
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}  # the scripts' own gguf-py, as in their tree
-    r = subprocess.run([sys.executable, str(tree / script), *map(str, args)], capture_output=True, text=True,
-                       env=env, cwd=cwd)
-    assert r.returncode == 0, f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout + r.stderr
+    spec = [[str(tree / j.script), [str(a) for a in j.args]] for j in jobs.values()]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "results.json"
+        r = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(spec), str(results)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=env)
+        if r.returncode != 0 or not results.exists():
+            return {key: f"the runner failed:\n{r.stdout[-3000:]}" for key in jobs}
+        failures = json.loads(results.read_text())
+    outputs = r.stdout.split("\n=== ")[1:]
+    return {key: None if failure is None else f"{jobs[key].script} failed:\n{output[-3000:]}\n{failure}"
+            for key, failure, output in zip(jobs, failures, outputs)}
 
 
 def with_tokenizer(hf_folder: Path, original: Path, dst: Path, added: dict[str, int]) -> Path:
@@ -58,26 +105,36 @@ def export_language_model(hf_folder: Path, original: Path, dst: Path, added: dic
     return dst
 
 
-def language_model(tree: Path, folder: Path, out: Path, outtype: str) -> Path:
-    run_script(tree, "convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype)
-    return out
+def language_model(folder: Path, out: Path, outtype: str) -> Job:
+    """The current converter on a transformers folder: writes ``out``."""
+    return Job("convert_hf_to_gguf.py", (folder, "--outfile", out, "--outtype", outtype))
 
 
-def projector(tree: Path, original: Path, clip: Path, work: Path, *, f32: bool = False,
-              feature_layer: bool = False) -> Path:
-    """The legacy mmproj route on a copy of ``original``; returns the mmproj GGUF.
+# The legacy mmproj route, in two steps (the second reads what the first wrote); the mmproj is then
+# next((work / "out").glob("mmproj-*.gguf")), the surgery's projector work / "surgery" / "llava.projector".
+
+
+def surgery(original: Path, work: Path) -> Job:
+    """``llava_surgery_v2.py`` on a copy of ``original`` (``-C`` where the checkpoint holds its tower)."""
+    folder = work / "surgery"
+    shutil.copytree(original, folder)
+    return Job(LEGACY + "llava_surgery_v2.py", ("-m", folder, *(["-C"] if _tower_inside(folder) else [])))
+
+
+def _tower_inside(checkpoint: Path) -> bool:
+    return any("vision_tower" in k for k in json.loads(next(checkpoint.glob("*.index.json")).read_text())["weight_map"])
+
+
+def image_encoder(original: Path, clip: Path, work: Path, *, f32: bool = False, feature_layer: bool = False) -> Job:
+    """``convert_image_encoder_to_gguf.py`` on the CLIP tower and the surgery's projector.
 
     Args:
         feature_layer: put the LLaVA config's ``mm_vision_select_layer`` into the CLIP config, so the
             legacy converter writes ``clip.vision.feature_layer`` (by default it does not: #25817).
     """
-    legacy = "tools/mtmd/legacy-models/"
     surgery = work / "surgery"
-    shutil.copytree(original, surgery)
     llava = json.loads((original / "config.json").read_text())
-    tower_inside = any("vision_tower" in k for k in json.loads(
-        next(surgery.glob("*.index.json")).read_text())["weight_map"])
-    run_script(tree, legacy + "llava_surgery_v2.py", "-m", surgery, *(["-C"] if tower_inside else []))
+    tower_inside = _tower_inside(surgery)
     vit = work / "vit"
     shutil.copytree(clip, vit)
     config = json.loads((vit / "config.json").read_text())
@@ -92,14 +149,14 @@ def projector(tree: Path, original: Path, clip: Path, work: Path, *, f32: bool =
     if feature_layer or tower_inside:
         config["mm_vision_select_layer"] = llava["mm_vision_select_layer"]
     (vit / "config.json").write_text(json.dumps(config))
-    out = work / "out"
-    run_script(tree, legacy + "convert_image_encoder_to_gguf.py", "-m", vit, "--llava-projector",
-               surgery / "llava.projector", "--output-dir", out, *(["--use-f32"] if f32 else []))
-    return next(out.glob("mmproj-*.gguf"))
+    return Job(LEGACY + "convert_image_encoder_to_gguf.py",
+               ("-m", vit, "--llava-projector", surgery / "llava.projector", "--output-dir", work / "out",
+                *(["--use-f32"] if f32 else [])))
 
 
-def clip_model(tree: Path, clip: Path, work: Path, *, flag: str | None = None, f32: bool = False) -> Path:
-    """The legacy converter on a CLIP folder (with the ``vocab.json`` its text tower reads)."""
+def clip_model(clip: Path, work: Path, *, flag: str | None = None, f32: bool = False) -> Job:
+    """The legacy converter on a CLIP folder (with the ``vocab.json`` its text tower reads); the file is then
+    next((work / "out").glob("*.gguf"))."""
     import gzip
 
     from vlmkit.conversion.gguf_vocab import CLIP_MERGES, clip_bpe
@@ -109,10 +166,8 @@ def clip_model(tree: Path, clip: Path, work: Path, *, flag: str | None = None, f
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(clip_bpe())}))
     merges = gzip.open(CLIP_MERGES, "rt", encoding="utf-8").read().split("\n")[1:48895]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    out = work / "out"
-    run_script(tree, "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py", "-m", folder, "--output-dir", out,
-               *([flag] if flag else []), *(["--use-f32"] if f32 else []))
-    return next(out.glob("*.gguf"))
+    return Job(LEGACY + "convert_image_encoder_to_gguf.py", ("-m", folder, "--output-dir", work / "out",
+                                                            *([flag] if flag else []), *(["--use-f32"] if f32 else [])))
 
 
 # ------------------------------------------------------------------------------ comparison

@@ -18,7 +18,7 @@ from ..conftest import run_cli
 A_PHOTO_OF_A_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaving would set it up again
 def clip(tmp_path_factory):
     return tiny.make_clip(tmp_path_factory.mktemp("clip") / "clip-vit-tiny-patch14")
 

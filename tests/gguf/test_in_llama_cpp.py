@@ -14,8 +14,6 @@ from vlmkit.parity.llamacpp import LlamaCpp
 from vlmkit.runtime import images, templates
 
 from ..conftest import run_cli, save_with_transformers
-from . import llama_tools
-from .test_same_as_llama_cpp import ADDED
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gguf")]
 IMAGE = Path(images.__file__).parents[1] / "assets" / "images" / "chelsea.png"
@@ -34,19 +32,11 @@ def _run(model: Path, mmproj: Path, template: str):
 
 
 @pytest.mark.parametrize("name,template", [("v15", "llava_v1"), ("next", "mistral_instruct")])
-def test_both_pairs_give_the_same_numbers_in_llama_cpp(parts, hf, llama_cpp_tree, tmp_path, name, template):
+def test_both_pairs_give_the_same_numbers_in_llama_cpp(parts, gguf_of, llama_cpp_files, name, template):
     """vlmkit's pair and the pair from llama.cpp's tools (given the feature layer, see the next test)."""
-    ours = tmp_path / "ours"
-    tower = ["--vision-tower", parts["clip"]] if name == "next" else []
-    assert run_cli("convert", parts[name], ours, "--to", "gguf", "--quiet", *tower).code == 0
-    if name == "v15":
-        folder = llama_tools.with_tokenizer(hf[name], parts[name], tmp_path / "hf", ADDED)
-    else:
-        folder = llama_tools.export_language_model(hf[name], parts[name], tmp_path / "lm", ADDED)
-    theirs_lm = llama_tools.language_model(llama_cpp_tree, folder, tmp_path / "theirs.gguf", "f16")
-    theirs_mmproj = llama_tools.projector(llama_cpp_tree, parts[name], parts["clip"], tmp_path / "legacy",
-                                          feature_layer=True)
-    a, b = _run(*_pair(ours), template), _run(theirs_lm, theirs_mmproj, template)
+    ours = gguf_of(name, *(["--vision-tower", parts["clip"]] if name == "next" else []))
+    theirs_mmproj = llama_cpp_files.mmproj({"v15": "v15-f16-feature-layer", "next": "next-f16"}[name])
+    a, b = _run(*_pair(ours), template), _run(llama_cpp_files.lm(name, "f16"), theirs_mmproj, template)
     assert [c.kind for c in a.chunks] == [c.kind for c in b.chunks]
     assert [c.ids for c in a.chunks] == [c.ids for c in b.chunks]
     for x, y in zip(a.image_embeddings, b.image_embeddings):
@@ -56,7 +46,7 @@ def test_both_pairs_give_the_same_numbers_in_llama_cpp(parts, hf, llama_cpp_tree
     assert np.abs(a.logits - b.logits).max() <= 5e-3 * np.abs(b.logits).max()
 
 
-def test_without_feature_layer_llama_cpp_runs_one_block_short(parts, llama_cpp_tree, tmp_path):
+def test_without_feature_layer_llama_cpp_runs_one_block_short(parts, gguf_of, llama_cpp_files):
     """#25817: the legacy route writes block_count = n - 1 and no feature_layer; llama.cpp then runs n - 2
     blocks. vlmkit's mmproj (feature_layer written) gives the original's feature layer, the legacy file the one
     before it; both in llama.cpp's CLS-last order (#25814)."""
@@ -65,9 +55,8 @@ def test_without_feature_layer_llama_cpp_runs_one_block_short(parts, llama_cpp_t
     from vlmkit.families.llava.reference import OriginalLlava
     from vlmkit.options import LoadOptions
 
-    ours = tmp_path / "ours"
-    assert run_cli("convert", parts["v15"], ours, "--to", "gguf", "--quiet", "--dtype", "f32").code == 0
-    legacy = llama_tools.projector(llama_cpp_tree, parts["v15"], parts["clip"], tmp_path / "legacy", f32=True)
+    ours = gguf_of("v15", "--dtype", "f32")
+    legacy = llama_cpp_files.mmproj("v15-f32")
     model, mmproj = _pair(ours)
     square = images.load_image(IMAGE).resize((56, 56), images.BICUBIC)
     embeddings = {}
@@ -89,12 +78,10 @@ def test_without_feature_layer_llama_cpp_runs_one_block_short(parts, llama_cpp_t
 
 @pytest.mark.parametrize("name,dtype", [("v15", "f32"), ("v15", "f16"), ("v15", "q8_0"), ("next", "f16"),
                                         ("lora", "f16")])
-def test_verify_gguf_pair(parts, tmp_path, name, dtype):
+def test_verify_gguf_pair(parts, gguf_of, tmp_path, name, dtype):
     """The language model exact on llama.cpp's own inputs; the mmproj right; the defect named."""
     extra = {"next": ["--vision-tower", parts["clip"]], "lora": ["--model-base", parts["base"]]}.get(name, [])
-    out = tmp_path / "gguf"
-    r = run_cli("convert", parts[name], out, "--to", "gguf", "--quiet", "--dtype", dtype, *extra)
-    assert r.code == 0, r.err
+    out = gguf_of(name, "--dtype", dtype, *extra)
     report_file = tmp_path / "report.json"
     v = run_cli("verify", parts[name], out, "--json", report_file, *extra)
     report = json.loads(report_file.read_text())
@@ -141,7 +128,7 @@ def _llama_ids(model: Path, texts: list[str]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("name", ["v15", "next"])
-def test_tokenizer_json_vocabulary_gives_llama_cpp_the_sentencepiece_ids(parts, hf, tmp_path, name):
+def test_tokenizer_json_vocabulary_gives_llama_cpp_the_sentencepiece_ids(parts, hf, gguf_of, tmp_path, name):
     """A folder transformers 5 saved (tokenizer.json, no tokenizer.model) -> GGUF: llama.cpp tokenizes to the
     ids of the GGUF from tokenizer.model, which are the SentencePiece model's own. The scores matter: with the
     -1000 placeholders llama.cpp's converter writes from tokenizer.json, llama.cpp gives other ids."""
@@ -150,11 +137,10 @@ def test_tokenizer_json_vocabulary_gives_llama_cpp_the_sentencepiece_ids(parts, 
 
     saved = save_with_transformers(hf[name], tmp_path / "saved", "loaded")
     assert not (saved / "tokenizer.model").exists()
-    files = {}
-    for label, src in (("model", hf[name]), ("json", saved)):
-        out = tmp_path / label
-        assert run_cli("convert", src, out, "--to", "gguf", "--quiet", "--dtype", "f32").code == 0
-        files[label] = next(p for p in out.glob("*.gguf") if not p.name.startswith("mmproj-"))
+    from_json = tmp_path / "json"
+    assert run_cli("convert", saved, from_json, "--to", "gguf", "--quiet", "--dtype", "f32").code == 0
+    files = {label: next(p for p in out.glob("*.gguf") if not p.name.startswith("mmproj-"))
+             for label, out in (("model", gguf_of(f"hf:{name}", "--dtype", "f32")), ("json", from_json))}
     placeholder = tmp_path / "placeholder.gguf"
     placeholder.write_bytes(files["json"].read_bytes())
     reader = gguf.GGUFReader(placeholder, "r+")

@@ -54,12 +54,10 @@ def test_next_writes_pinpoints_in_llama_cpps_order_and_the_newline(parts, tmp_pa
     assert "v.image_newline" in {t.name for t in reader.tensors}
 
 
-def test_transformers_folder_gives_the_same_files_as_the_original(parts, hf, tmp_path):
+def test_transformers_folder_gives_the_same_files_as_the_original(parts, hf, gguf_of):
     """The two-stage plan (original -> published names -> GGUF) and a transformers folder agree exactly
     (the folder carries the original tokenizer.model, as the published llava-hf repositories do)."""
-    from_original, from_hf = tmp_path / "a", tmp_path / "b"
-    _convert(parts["v15"], from_original, "--dtype", "f32")
-    _convert(hf["v15"], from_hf, "--dtype", "f32")
+    from_original, from_hf = gguf_of("v15", "--dtype", "f32"), gguf_of("hf:v15", "--dtype", "f32")
     assert (hf["v15"] / "tokenizer.model").read_bytes() == (parts["v15"] / "tokenizer.model").read_bytes()
     for ours, theirs in (("llava-v1.5-tiny-f32.gguf", "v15-hf-f32.gguf"),
                          ("mmproj-llava-v1.5-tiny-f32.gguf", "mmproj-v15-hf-f32.gguf")):
@@ -68,13 +66,12 @@ def test_transformers_folder_gives_the_same_files_as_the_original(parts, hf, tmp
 
 @pytest.mark.parametrize("name", ["v15", "next"])
 @pytest.mark.parametrize("how", TRANSFORMERS_LAYOUTS)
-def test_every_transformers_layout_gives_the_same_files(hf, tmp_path, name, how):
+def test_every_transformers_layout_gives_the_same_files(hf, gguf_of, tmp_path, name, how):
     """A folder transformers 5 saved (its tensor names, tokenizer.json without tokenizer.model) converts to
     the files of the folder vlmkit wrote; the one difference is the token scores (``sentencepiece_json``)."""
     saved = save_with_transformers(hf[name], tmp_path / f"{name}-{how}", how)
     before = {f.name: f.read_bytes() for f in saved.iterdir()}
-    published, ours = tmp_path / "published", tmp_path / "ours"
-    _convert(hf[name], published, "--dtype", "f32")
+    published, ours = gguf_of(f"hf:{name}", "--dtype", "f32"), tmp_path / "ours"
     _convert(saved, ours, "--dtype", "f32")
     lm = compare(published / f"{name}-hf-f32.gguf", ours / f"{name}-{how}-f32.gguf")
     assert lm == Differences(keys={"tokenizer.ggml.scores": "value"})

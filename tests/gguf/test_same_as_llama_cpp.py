@@ -16,7 +16,6 @@ from ..conftest import run_cli
 from . import llama_tools
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gguf")]
-ADDED = {"<image>": 32000, "<pad>": 32001}
 
 # ------------------------------------------------------------------ intended differences, with reasons
 LM_KEYS = {
@@ -63,75 +62,60 @@ def _assert_only_intended(d: llama_tools.Differences, keys: dict, tensors: dict)
     assert all(reason for _, reason in [*keys.values(), *tensors.values()])
 
 
-def _ours(parts, name, tmp_path, *extra):
-    out = tmp_path / f"{name}-gguf"
-    r = run_cli("convert", parts[name], out, "--to", "gguf", "--quiet", *extra)
-    assert r.code == 0, r.err
-    return out
-
-
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
-def test_llava15_language_model(parts, hf, llama_cpp_tree, tmp_path, outtype):
-    ours = _ours(parts, "v15", tmp_path, "--dtype", outtype)
-    folder = llama_tools.with_tokenizer(hf["v15"], parts["v15"], tmp_path / "llava-hf", ADDED)
-    theirs = llama_tools.language_model(llama_cpp_tree, folder, tmp_path / "theirs.gguf", outtype)
-    d = llama_tools.compare(ours / f"llava-v1.5-tiny-{outtype}.gguf", theirs)
+def test_llava15_language_model(gguf_of, llama_cpp_files, outtype):
+    ours = gguf_of("v15", "--dtype", outtype)
+    d = llama_tools.compare(ours / f"llava-v1.5-tiny-{outtype}.gguf", llama_cpp_files.lm("v15", outtype))
     # every tensor bit-identical: q/k permutation, new rows, Q8_0 blocks
     _assert_only_intended(d, {**LM_KEYS, **CARD_KEYS}, {})
 
 
-def test_llava15_mmproj(parts, llama_cpp_tree, tmp_path):
-    ours = _ours(parts, "v15", tmp_path, "--mmproj-only")
+def test_llava15_mmproj(gguf_of, llama_cpp_files):
+    ours = gguf_of("v15", "--mmproj-only")
     assert [p.name for p in ours.glob("*.gguf")] == ["mmproj-llava-v1.5-tiny-f16.gguf"]
-    theirs = llama_tools.projector(llama_cpp_tree, parts["v15"], parts["clip"], tmp_path / "legacy")
-    d = llama_tools.compare(ours / "mmproj-llava-v1.5-tiny-f16.gguf", theirs)
+    d = llama_tools.compare(ours / "mmproj-llava-v1.5-tiny-f16.gguf", llama_cpp_files.mmproj("v15-f16"))
     _assert_only_intended(d, MMPROJ_KEYS, MMPROJ_TENSORS)
 
 
-def test_llava_next_both_files_f32(parts, hf, llama_cpp_tree, tmp_path):
-    ours = _ours(parts, "next", tmp_path, "--dtype", "f32", "--vision-tower", parts["clip"])
-    theirs = llama_tools.projector(llama_cpp_tree, parts["next"], parts["clip"], tmp_path / "legacy", f32=True)
-    d = llama_tools.compare(ours / "mmproj-llava-v1.6-mistral-tiny-f32.gguf", theirs)
+def test_llava_next_both_files_f32(parts, gguf_of, llama_cpp_files):
+    ours = gguf_of("next", "--dtype", "f32", "--vision-tower", parts["clip"])
+    d = llama_tools.compare(ours / "mmproj-llava-v1.6-mistral-tiny-f32.gguf", llama_cpp_files.mmproj("next-f32"))
     _assert_only_intended(d, NEXT_MMPROJ_KEYS, {**NEXT_TENSORS, **F32_TENSORS})
-    lm = llama_tools.export_language_model(hf["next"], parts["next"], tmp_path / "mistral-lm", ADDED)
-    theirs = llama_tools.language_model(llama_cpp_tree, lm, tmp_path / "theirs.gguf", "f32")
-    named = {"general.name": ("theirs only", "llama.cpp guessed it from the name of the folder this test exported "
+    theirs = llama_cpp_files.lm("next", "f32")
+    named = {"general.name": ("theirs only", "llama.cpp guessed it from the name of the folder the fixture exported "
                                              "the language model to ('mistral-lm' -> 'Mistral Lm'); vlmkit writes none")}
     _assert_only_intended(llama_tools.compare(ours / "llava-v1.6-mistral-tiny-f32.gguf", theirs), {**LM_KEYS, **named}, {})
 
 
-def test_lora_checkpoint_merged_as_llama_cpp_reads_the_merged_model(parts, hf, llama_cpp_tree, tmp_path):
+def test_lora_checkpoint_merged_as_llama_cpp_reads_the_merged_model(parts, gguf_of, llama_cpp_files):
     """The LoRA form straight to GGUF = llama.cpp's converter on the merged transformers folder
     (whose merge tests/families proves against peft)."""
-    ours = _ours(parts, "lora", tmp_path, "--model-base", parts["base"])
-    folder = llama_tools.with_tokenizer(hf["lora"], parts["base"], tmp_path / "merged-hf", ADDED)
-    theirs = llama_tools.language_model(llama_cpp_tree, folder, tmp_path / "theirs.gguf", "f16")
-    d = llama_tools.compare(ours / "llava-v1.5-tiny-lora-f16.gguf", theirs)
+    ours = gguf_of("lora", "--dtype", "f16", "--model-base", parts["base"])
+    d = llama_tools.compare(ours / "llava-v1.5-tiny-lora-f16.gguf", llama_cpp_files.lm("lora", "f16"))
     _assert_only_intended(d, {**LM_KEYS, **CARD_KEYS}, {})
 
 
-def test_llava_projector_file_from_the_old_path(parts, llama_cpp_tree, tmp_path):
+def test_llava_projector_file_from_the_old_path(parts, gguf_of, llama_cpp_files, tmp_path):
     """``llava_surgery.py``'s llava.projector + --vision-tower gives the mmproj of the full checkpoint."""
-    theirs = llama_tools.projector(llama_cpp_tree, parts["v15"], parts["clip"], tmp_path / "legacy")
-    projector = tmp_path / "legacy" / "surgery" / "llava.projector"
+    theirs, projector = llama_cpp_files.mmproj("v15-f16"), llama_cpp_files.surgery_projector("v15-f16")
     out = tmp_path / "from-projector"
     r = run_cli("convert", projector, out, "--to", "gguf", "--quiet", "--vision-tower", parts["clip"])
     assert r.code == 0, r.err
     assert [p.name for p in out.glob("*.gguf")] == ["mmproj-llava-f16.gguf"]
     _assert_only_intended(llama_tools.compare(out / "mmproj-llava-f16.gguf", theirs), MMPROJ_KEYS, MMPROJ_TENSORS)
-    full = _ours(parts, "v15", tmp_path, "--mmproj-only")
+    full = gguf_of("v15", "--mmproj-only")
     assert llama_tools.compare(out / "mmproj-llava-f16.gguf", full / "mmproj-llava-v1.5-tiny-f16.gguf") \
         == llama_tools.Differences()
 
 
 @pytest.mark.parametrize("flag", [None, "--vision-only", "--text-only"])
-def test_clip_as_the_legacy_converter_writes_it(parts, llama_cpp_tree, tmp_path, flag):
+def test_clip_as_the_legacy_converter_writes_it(parts, llama_cpp_files, tmp_path, flag):
     from vlmkit.families.clip.gguf_parity import read_clip
 
     out = tmp_path / "ours"
     r = run_cli("convert", parts["clip"], out, "--to", "gguf", "--quiet", *([flag] if flag else []))
     assert r.code == 0, r.err
-    theirs = llama_tools.clip_model(llama_cpp_tree, parts["clip"], tmp_path / "legacy", flag=flag)
+    theirs = llama_cpp_files.clip(flag)
     d = llama_tools.compare(next(out.glob("*.gguf")), theirs)
     towers = {None: ("v", "t"), "--vision-only": ("v",), "--text-only": ("t",)}[flag]
     positions = {f"{t}.position_embd.weight": MMPROJ_TENSORS["v.position_embd.weight"] for t in towers}

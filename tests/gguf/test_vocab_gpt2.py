@@ -18,7 +18,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.runtime.vocab import open_vocab
 
 from ..bpe_tokenizers import bpe_folder, gguf_vocabulary, vocab_vectors
-from .llama_tools import run_script
+from .llama_tools import Job, run_scripts
 
 
 # config.json of the release each vocabulary comes from (ids and sizes; the layers are made tiny):
@@ -37,7 +37,7 @@ ARCH = {"qwen2": "qwen2", "llama-bpe": "llama"}
 LLAMA_SPM = Path(__file__).parent.parent / "fixtures" / "tokenizers" / "llama-spm"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpe-gguf")
     out = {}
@@ -46,6 +46,15 @@ def folders(tmp_path_factory):
         (folder / "config.json").write_text(json.dumps({**config, **TINY}))
         out[name] = folder
     return out
+
+
+@pytest.fixture(scope="session")
+def converted(folders, llama_cpp_tree, tmp_path_factory):
+    """llama.cpp's converter on each folder (``--vocab-only``), both in one interpreter: name -> (file, failure)."""
+    root = tmp_path_factory.mktemp("bpe-gguf-llama-cpp")
+    jobs = {name: Job("convert_hf_to_gguf.py", (folder, "--vocab-only", "--outfile", root / f"{name}.gguf"))
+            for name, folder in folders.items()}
+    return {name: (root / f"{name}.gguf", failure) for name, failure in run_scripts(llama_cpp_tree, jobs).items()}
 
 
 def vlmkit_gguf(folder, name, out):
@@ -74,9 +83,9 @@ def vlmkit_gguf(folder, name, out):
 @pytest.mark.parametrize("name", ["qwen2", "llama-bpe"])
 @pytest.mark.slow
 @pytest.mark.xdist_group("gguf")
-def test_same_keys_and_values_as_llama_cpp_converter(folders, llama_cpp_tree, tmp_path, name):
-    theirs = tmp_path / "theirs.gguf"
-    run_script(llama_cpp_tree, "convert_hf_to_gguf.py", folders[name], "--vocab-only", "--outfile", theirs)
+def test_same_keys_and_values_as_llama_cpp_converter(folders, converted, tmp_path, name):
+    theirs, failure = converted[name]
+    assert failure is None, failure
     expected = gguf_vocabulary(theirs)
     assert expected["tokenizer.ggml.pre"] == name  # the converter recognised the rebuilt tokenizer
     ours = gguf_vocabulary(vlmkit_gguf(folders[name], name, tmp_path / "ours.gguf"))

@@ -81,7 +81,7 @@ def hub(remote):
     server.server_close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaving would set it up again
 def folder(originals, tmp_path_factory):
     dst = tmp_path_factory.mktemp("push") / "llava-v1.5-tiny-hf"
     assert run_cli("convert", originals["v15"], dst, "--quiet").code == 0

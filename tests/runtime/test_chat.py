@@ -20,7 +20,7 @@ CAT, ROCKET, COFFEE = PHOTOS / "chelsea.png", PHOTOS / "rocket.png", PHOTOS / "c
 GREEDY = dict(temperature=0, max_new_tokens=8)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaving would set it up again
 def loaded(models):
     return {name: vlmkit.load(models[name], vision_tower=str(models["clip"]) if name == "next" else None)
             for name in ("v15", "v15-hf", "next", "next-hf")}

@@ -32,7 +32,7 @@ def ask(text, image=CAT):
                                          {"type": "text", "text": text}]}]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaving would set it up again
 def reference(models):
     return vlmkit.load(models["v15-hf"])
 
@@ -302,7 +302,7 @@ def test_metrics_label_requests_by_route_not_by_raw_path(server):
     assert "unknown" in routes and routes <= ROUTES, routes  # 200 paths, one label: no client grows /metrics
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaving would set it up again
 def keyed(models):
     """The key from the environment (not the command line, which ps shows), a short request timeout and
     image URLs allowed from this machine (for a server that trickles)."""

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from vlmkit.families.llava import tiny
 from vlmkit.train import TrainConfig, train
 
-from ..conftest import FIXTURES, CliResult
+from ..conftest import FIXTURES, CliResult, built_once
 
 IMAGES = FIXTURES / "images"
 ANSWERS = [("chelsea.png", "A tabby cat lying on the floor."), ("astronaut.png", "An astronaut in an orange suit."),
@@ -32,12 +32,15 @@ def _threads():
 
 @pytest.fixture(scope="session")
 def parts(tmp_path_factory):
-    """clip, an original LLaVA-1.5 (full), its plain LLM (Vicuna stand-in) and a stage-1 projector beside it."""
-    root = tmp_path_factory.mktemp("train-models")
-    clip = tiny.make_clip(root / "clip-vit-tiny")
-    return {"root": root, "clip": clip, "v15": tiny.make_llava15(root / "llava-v1.5-tiny", clip),
-            "vicuna": tiny.make_base_llm(root / "vicuna-tiny"),
-            "projector": tiny.make_projector_only(root / "llava-v1.5-tiny-pretrain", clip)}
+    """clip, an original LLaVA-1.5 (full), its plain LLM (Vicuna stand-in) and a stage-1 projector beside it
+    (built once for all workers: read-only)."""
+    def build(root: Path) -> dict:
+        clip = tiny.make_clip(root / "clip-vit-tiny")
+        return {"clip": clip, "v15": tiny.make_llava15(root / "llava-v1.5-tiny", clip),
+                "vicuna": tiny.make_base_llm(root / "vicuna-tiny"),
+                "projector": tiny.make_projector_only(root / "llava-v1.5-tiny-pretrain", clip)}
+
+    return built_once(tmp_path_factory, "train-parts", build)
 
 
 @pytest.fixture(scope="session")

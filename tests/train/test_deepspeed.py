@@ -69,7 +69,7 @@ def _plain(tmp_path, parts, records, name, **options):
     return train(config)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaving would set it up again
 def plain_full(tmp_path_factory, parts, records):
     return _plain(tmp_path_factory.mktemp("plain"), parts, records, "plain")
 

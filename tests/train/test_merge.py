@@ -20,7 +20,7 @@ from .conftest import IMAGES, run_train_cli
 PROMPT = templates.render("llava_v1", [("user", "<image>\nWhat is in the picture?"), ("assistant", None)])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaving would set it up again
 def probe(parts):
     ckpt = open_original(parts["v15"], LoadOptions())
     reference = OriginalLlava.load(ckpt)
@@ -29,7 +29,7 @@ def probe(parts):
     return ids, pixels, sizes
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaving would set it up again
 def unmerged(lora, probe):
     """Logits of the trained model with its adapters applied unmerged (peft's LoRA forward)."""
     _, capture = lora
@@ -41,7 +41,7 @@ def unmerged(lora, probe):
     return out.logits[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist interleaving would set it up again
 def merged(lora, parts, tmp_path_factory):
     result, _ = lora
     root = tmp_path_factory.mktemp("merged")
@@ -83,12 +83,10 @@ def test_merged_transformers_equals_unmerged(merged, unmerged, probe):
 
 
 def test_merge_refuses_the_wrong_base(lora, parts, tmp_path):
-    result, _ = lora
-    other = parts["root"] / "other-vicuna"
-    if not other.exists():
-        from vlmkit.families.llava import tiny
+    from vlmkit.families.llava import tiny
 
-        tiny.make_base_llm(other, seed=7)
+    result, _ = lora
+    other = tiny.make_base_llm(tmp_path / "other-vicuna", seed=7)
     with pytest.raises(ConfigError, match="not the model .* was trained on") as e:
         merge_lora(result.output, other, tmp_path / "x")
     assert str(parts["v15"]) in e.value.hint
