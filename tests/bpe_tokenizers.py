@@ -76,7 +76,12 @@ def vocab_vectors(name: str) -> list[tuple[str, list[int]]]:
 
 
 def gguf_vocabulary(path: Path) -> dict:
-    """The ``tokenizer.*`` fields of a GGUF file, as Python values.
+    """The ``tokenizer.*`` fields of a GGUF file, as Python values (``gguf_fields``)."""
+    return {k: v for k, v in gguf_fields(path).items() if k.startswith("tokenizer.")}
+
+
+def gguf_fields(path: Path) -> dict:
+    """Every key-value field of a GGUF file, as Python values.
 
     A direct read of the GGUF key-value section (spec: ggml's docs/gguf.md): gguf-py's ``GGUFReader``
     takes ~30 s on a 150k-token list (it builds a numpy view per element), this takes well under one.
@@ -113,7 +118,7 @@ def gguf_vocabulary(path: Path) -> dict:
     for _ in range(take("Q")):
         key = string()
         fields[key] = value(take("I"))
-    return {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+    return fields
 
 
 def gpt2_folder(dst: Path) -> Path:

@@ -168,3 +168,93 @@ def save_with_transformers(folder: Path, dst: Path, how: str) -> Path:
         model.save_pretrained(dst, save_original_format=how != "modules")
     AutoProcessor.from_pretrained(folder).save_pretrained(dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def bpe_vocabs(tmp_path_factory):
+    """``(folders, ids)``: the Qwen2 and Llama-3 tokenizer folders rebuilt from llama.cpp's vocab-only GGUF files
+    (``bpe_tokenizers.bpe_folders``: each one's ``{token text: id}`` read from the GGUF) and GPT-2's folder
+    (``folders["gpt2"]``), built once per run. Read-only: copy a folder before changing it."""
+    from .bpe_tokenizers import bpe_folders, gpt2_folder
+
+    def build(root: Path):
+        folders, ids = bpe_folders(root)
+        return {**folders, "gpt2": gpt2_folder(root / "gpt2")}, ids
+
+    return built_once(tmp_path_factory, "bpe-vocabs", build)
+
+
+def tiny_release(tmp_path_factory, family, variant: str) -> dict:
+    """The registry's tiny ``variant`` of ``family`` (``family.make_tiny``: the layout its release leaves) with its
+    loading options (``family.tiny_options``), built once per run: ``{"path", "options"}``. Read-only."""
+    def build(root: Path) -> dict:
+        return {"path": family.make_tiny(root, variant), "options": family.tiny_options(root, variant)}
+
+    return built_once(tmp_path_factory, f"tiny-{family.NAME}-{variant}", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """``tiny_llava(variant)``: the tiny LLaVA ``variant`` (``tiny_release``; the same folder the registry walk
+    walks) as a user has it: ``path``, ``options``, ``flags`` (those options as ``vlmkit`` flags: a tower no file
+    describes gets ``heads``, a --config file stating its values), and ``converted()``: its ``vlmkit convert
+    PATH DST --quiet FLAGS`` folder (``convert_err``: what that command printed on stderr), built once per run on
+    first use. Everything is read-only for the tests (copy before changing)."""
+    import json
+
+    from vlmkit import families
+
+    llava = families.load("llava")
+
+    def flags(root: Path, options: dict) -> tuple[Path | None, list]:
+        heads, out = None, []
+        if "config" in options:
+            heads = root / "heads.json"
+            heads.write_text(json.dumps(options["config"]))
+            out += ["--config", heads]
+        if "model_base" in options:
+            out += ["--model-base", options["model_base"]]
+        return heads, out
+
+    class Tiny(dict):
+        def converted(self) -> Path:
+            return self.conversion()["converted"]
+
+        def conversion(self) -> dict:
+            def build(root: Path) -> dict:
+                r = run_cli("convert", self["path"], root / "hf", "--quiet", *self["flags"])
+                assert r.code == 0, r.err
+                return {"converted": root / "hf", "convert_err": r.err}
+
+            return built_once(tmp_path_factory, f"tiny-llava-{self['variant']}-hf", build)
+
+    def get(variant: str) -> Tiny:
+        built = tiny_release(tmp_path_factory, llava, variant)
+        heads, cli_flags = built_once(tmp_path_factory, f"tiny-llava-{variant}-flags",
+                                      lambda root: flags(root, built["options"]))
+        return Tiny(built, variant=variant, heads=heads, flags=cli_flags)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip(tmp_path_factory):
+    """``{"vicuna": parts, "t5": parts}``: a tiny InstructBLIP release of each language model as LAVIS leaves it
+    (``instructblip.tiny.tiny``: release, eva, language_model, config), its loading ``flags`` and its ``vlmkit
+    convert RELEASE OUT --quiet FLAGS`` (``out``; ``summary``: what it printed on stderr), built once per run.
+    Read-only: copy before changing."""
+    from vlmkit.families.instructblip import tiny as instructblip_tiny
+
+    def build(root: Path) -> dict:
+        built = {}
+        for variant in ("vicuna", "t5"):
+            parts = instructblip_tiny.tiny(root / variant, variant)
+            flags = ["--vision", parts["eva"], "--language-model", parts["language_model"], "--config",
+                     parts["config"]]
+            out = root / variant / "hf"
+            r = run_cli("convert", parts["release"], out, "--quiet", *flags)
+            assert r.code == 0, r.err
+            built[variant] = {**parts, "flags": flags, "out": out, "summary": r.err}
+        return built
+
+    return built_once(tmp_path_factory, "instructblip", build)

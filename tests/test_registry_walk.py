@@ -29,12 +29,13 @@ import torch
 import vlmkit
 from vlmkit import api, families
 from vlmkit.conversion import MANIFEST, compile_plan, reverse
+from vlmkit.conversion import engine
 from vlmkit.conversion.engine import apply_step
 from vlmkit.errors import VlmkitError
 from vlmkit.options import LoadOptions
 from vlmkit.tensors import open_source
 
-from .conftest import run_cli
+from .conftest import built_once, run_cli, tiny_release
 
 CAT = Path(__file__).parent / "fixtures" / "images" / "chelsea.png"
 PROBES = [(CAT, "What is shown in this image?")]
@@ -46,9 +47,10 @@ IDS = [f"{family.NAME}-{variant}" for family, variant in CASES]
 class Case:
     family: object
     variant: str
-    folder: Path
-    path: Path  # what the user gives vlmkit
+    path: Path  # what the user gives vlmkit (built once per run, shared: read-only)
     load_options: dict  # vlmkit.load keywords the layout needs
+    work: Path  # this worker's folder for what the tests write
+    factory: pytest.TempPathFactory
 
     @property
     def options(self) -> LoadOptions:
@@ -60,9 +62,10 @@ class Case:
 
     @cached_property
     def plan(self):
-        """The checked plan, as ``vlmkit convert --dry-run`` gives it (nothing written)."""
-        plan = api.convert(self.path, self.folder / "dry-run", options=self.options, dry_run=True).plan
-        assert not (self.folder / "dry-run").exists()
+        """The checked plan, as ``vlmkit convert --dry-run`` gives it (nothing written): ``api.convert``'s run of the
+        prepared conversion, which the other steps share."""
+        plan = engine.run(self.conversion, self.work / "dry-run", dtype=self.options.dtype, dry_run=True).plan
+        assert not (self.work / "dry-run").exists()
         return plan
 
     @cached_property
@@ -72,21 +75,26 @@ class Case:
 
     @cached_property
     def converted(self) -> Path:
-        api.convert(self.path, self.folder / "hf", options=self.options)
-        return self.folder / "hf"
+        """The float32 conversion, made once per run (the other xdist worker reuses it)."""
+        def build(root: Path) -> Path:
+            api.convert(self.path, root / "hf", options=self.options)
+            return root / "hf"
+
+        return built_once(self.factory, f"walk-{self.family.NAME}-{self.variant}-hf", build)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def walk(tmp_path_factory):
-    """``walk(family, variant)``: the case, built once for the module (tests ask for any case, in any order)."""
+    """``walk(family, variant)``: the case, built once per run (tests ask for any case, in any order): its tiny model
+    is ``tiny_release``'s, the one the families' own tests use."""
     built: dict[tuple[str, str], Case] = {}
 
     def get(family, variant) -> Case:
         key = (family.NAME, variant)
         if key not in built:
-            folder = tmp_path_factory.mktemp(f"walk-{family.NAME}-{variant}")
-            path = family.make_tiny(folder, variant)
-            built[key] = Case(family, variant, folder, path, family.tiny_options(folder, variant))
+            release = tiny_release(tmp_path_factory, family, variant)
+            built[key] = Case(family, variant, release["path"], release["options"],
+                              tmp_path_factory.mktemp(f"walk-{family.NAME}-{variant}"), tmp_path_factory)
         return built[key]
 
     return get
@@ -216,8 +224,8 @@ def _flags(case: Case) -> list:
     flags = []
     for key, value in case.load_options.items():
         if key == "config":
-            (case.folder / "config-override.json").write_text(json.dumps(value))
-            value = case.folder / "config-override.json"
+            (case.work / "config-override.json").write_text(json.dumps(value))
+            value = case.work / "config-override.json"
         flags += [f"--{key.replace('_', '-')}", value]
     return flags
 
@@ -226,7 +234,7 @@ def test_gguf_is_written_or_refused_with_the_reason(case):
     """``vlmkit convert --to gguf`` as a user runs it: the files where the family's form has the capability (what
     llama.cpp makes of them is tests/gguf's), else one error naming the path and what vlmkit can do with it."""
     found = families.find(case.path)
-    destination = case.folder / "gguf"
+    destination = case.work / "gguf"
     r = run_cli("convert", case.path, destination, "--to", "gguf", "--quiet", *_flags(case))
     if case.variant in getattr(case.family, "GGUF_TEXT_ONLY", ()):  # llama.cpp cannot run its image path
         assert r.code == 1 and "Traceback" not in r.err and not destination.exists()

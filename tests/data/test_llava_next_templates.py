@@ -23,7 +23,6 @@ from vlmkit.data.encoders import OriginalEncoder
 from vlmkit.data.records import Record, Turn
 from vlmkit.data.tokenize import RecordError, structure, tokenize
 
-from ..bpe_tokenizers import bpe_folders
 
 IGNORE = -100
 META_LLAMA_3 = (Path(__file__).parent.parent / "fixtures" / "templates" / "meta-llama-3-8b-instruct.jinja").read_text()
@@ -36,8 +35,8 @@ LLAMA_3_SYSTEM = ("You are a helpful language and vision assistant. You are able
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return bpe_folders(tmp_path_factory.mktemp("bpe-data-next"))
+def folders(bpe_vocabs):
+    return bpe_vocabs  # (folders, ids): tests/conftest.py builds them once per run
 
 
 class Original:

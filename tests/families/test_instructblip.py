@@ -22,18 +22,9 @@ PROMPT = "What is unusual about this image?"  # the prompt transformers' convers
 
 
 @pytest.fixture(scope="session")
-def instructblip(tmp_path_factory):
-    """A tiny release of each variant with its parts, converted once through the CLI."""
-    root = tmp_path_factory.mktemp("instructblip")
-    built = {}
-    for variant in ("vicuna", "t5"):
-        parts = tiny.tiny(root / variant, variant)
-        flags = ["--vision", parts["eva"], "--language-model", parts["language_model"], "--config", parts["config"]]
-        out = root / variant / "hf"
-        r = run_cli("convert", parts["release"], out, "--quiet", *flags)
-        assert r.code == 0, r.err
-        built[variant] = {**parts, "flags": flags, "out": out, "summary": r.err}
-    return built
+def instructblip(tiny_instructblip):
+    """A tiny release of each variant with its parts, converted once through the CLI (once per run: read-only)."""
+    return tiny_instructblip
 
 
 def options(parts) -> LoadOptions:

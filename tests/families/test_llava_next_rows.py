@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmkit.families.llava import backbones, make_tiny, tiny
+from vlmkit.families.llava import backbones, tiny
 
-from ..bpe_tokenizers import bpe_folder, vocab_vectors
+from ..bpe_tokenizers import vocab_vectors
 from ..conftest import run_cli
 
 IMAGES = Path(__file__).resolve().parents[1] / "fixtures" / "images"
@@ -51,27 +51,18 @@ def original_ids(tok, prompt: str, bos: int | None) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def independent(tmp_path_factory):
+def independent(bpe_vocabs):
     """Tokenizers rebuilt from llama.cpp's GGUF vocabularies by the test helper (not by vlmkit)."""
     from tokenizers import Tokenizer
 
-    root = tmp_path_factory.mktemp("bpe")
-    return {row: Tokenizer.from_file(str(bpe_folder(name, root / name) / "tokenizer.json"))
-            for row, (name, *_) in RELEASES.items()}
+    folders, _ = bpe_vocabs
+    return {row: Tokenizer.from_file(str(folders[name] / "tokenizer.json")) for row, (name, *_) in RELEASES.items()}
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Each release, converted to transformers (``vlmkit convert``), with the verify report."""
-    out = {}
-    for row in RELEASES:
-        root = tmp_path_factory.mktemp(row)
-        original = make_tiny(root, row)
-        converted = root / "hf"
-        result = run_cli("convert", original, converted, "--quiet")
-        assert result.code == 0, result.err
-        out[row] = (original, converted)
-    return out
+def built(tiny_llava):
+    """Each release (the registry's tiny row, built once per run), converted to transformers (``vlmkit convert``)."""
+    return {row: (tiny_llava(row)["path"], tiny_llava(row).converted()) for row in RELEASES}
 
 
 def test_the_tiny_releases_carry_the_real_vocabularies(built):

@@ -372,13 +372,12 @@ def test_the_tower_values_no_file_states_come_from_config_and_are_listed_so(tmp_
 TINY_TOWER = 42  # tiny SigLIP: 42-pixel images, 14-pixel patches, 3 x 3 features per tile
 
 
-def _tiny_onevision_full(folder):
-    """A OneVision-layout checkpoint with a whole tiny Qwen2 and the real Qwen2 tokenizer; pinpoints as the release
-    writes them (every (i, j) up to 6 x 6, i slowest), in multiples of the tiny tower's size."""
+def _tiny_onevision_full(folder, qwen2: Path):
+    """A OneVision-layout checkpoint with a whole tiny Qwen2 and the real Qwen2 tokenizer (the files of ``qwen2``,
+    ``bpe_vocabs``' folder); pinpoints as the release writes them (every (i, j) up to 6 x 6, i slowest), in multiples
+    of the tiny tower's size."""
     from safetensors.torch import load_file, save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from ..bpe_tokenizers import bpe_folder
 
     _tiny_onevision(folder, "my-org/siglip-tiny-patch14-42")
     torch.manual_seed(1)
@@ -392,7 +391,8 @@ def _tiny_onevision_full(folder):
     config = json.loads((folder / "config.json").read_text())
     config["image_grid_pinpoints"] = [[i * TINY_TOWER, j * TINY_TOWER] for i in range(1, 7) for j in range(1, 7)]
     (folder / "config.json").write_text(json.dumps(config))
-    bpe_folder("qwen2", folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen2 / name, folder / name)
     return folder
 
 
@@ -425,7 +425,7 @@ def _transformers_onevision(ckpt_folder, pinpoints_hw):
     return model
 
 
-def test_reference_image_path_equals_transformers_onevision_on_a_non_square_photo(tmp_path):
+def test_reference_image_path_equals_transformers_onevision_on_a_non_square_photo(bpe_vocabs, tmp_path):
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
@@ -435,7 +435,7 @@ def test_reference_image_path_equals_transformers_onevision_on_a_non_square_phot
     from vlmkit.options import LoadOptions
     from vlmkit.runtime import images
 
-    path = _tiny_onevision_full(tmp_path / "ov-tiny")
+    path = _tiny_onevision_full(tmp_path / "ov-tiny", bpe_vocabs[0]["qwen2"])
     ckpt = open_original(path, LoadOptions(config={"vision_config": {"num_attention_heads": 2}}))
     reference = OriginalLlava.load(ckpt)
     photo = Image.open(Path(__file__).parent.parent / "fixtures" / "images" / "chelsea.png").convert("RGB")
@@ -477,7 +477,7 @@ def test_a_siglip_tower_without_anyres_max_is_refused_by_name(tmp_path):
         image_path.image_config(ckpt)
 
 
-def test_converted_tensors_and_config_give_the_reference_logits(tmp_path):
+def test_converted_tensors_and_config_give_the_reference_logits(bpe_vocabs, tmp_path):
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from vlmkit.conversion import engine
@@ -487,7 +487,7 @@ def test_converted_tensors_and_config_give_the_reference_logits(tmp_path):
     from vlmkit.options import LoadOptions
     from vlmkit.runtime import images
 
-    path = _tiny_onevision_full(tmp_path / "ov-tiny")
+    path = _tiny_onevision_full(tmp_path / "ov-tiny", bpe_vocabs[0]["qwen2"])
     ckpt = open_original(path, LoadOptions(config={"vision_config": {"num_attention_heads": 2}}))
     config = onevision.hf_config(ckpt, image_token_index=62, video_token_index=63)
     assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
@@ -521,24 +521,18 @@ def test_converted_tensors_and_config_give_the_reference_logits(tmp_path):
 
 # ------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def tiny_ov(tmp_path_factory):
-    """The registry's tiny OneVision release (Qwen2 on its real vocabulary, SigLIP inside) and its --config file."""
-    from vlmkit.families import llava
-
-    folder = tmp_path_factory.mktemp("ov-e2e")
-    path = llava.make_tiny(folder, "onevision")
-    heads = folder / "heads.json"
-    heads.write_text(json.dumps(llava.tiny_options(folder, "onevision")["config"]))
-    return path, heads
+def tiny_ov(tiny_llava):
+    """The registry's tiny OneVision release (Qwen2 on its real vocabulary, SigLIP inside) and its --config file,
+    built once per run (read-only)."""
+    ov = tiny_llava("onevision")
+    return ov["path"], ov["heads"]
 
 
-def test_convert_and_verify_a_onevision_checkpoint_end_to_end(tiny_ov, tmp_path):
+def test_convert_and_verify_a_onevision_checkpoint_end_to_end(tiny_ov, converted_ov):
     from ..conftest import run_cli
 
     path, heads = tiny_ov
-    out = tmp_path / "hf"
-    r = run_cli("convert", path, out, "--to", "hf", "--config", heads, "--quiet")
-    assert r.code == 0, r.err
+    out = converted_ov  # vlmkit convert PATH OUT --to hf --config HEADS: the fixture checks it exits 0
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlavaOnevisionForConditionalGeneration"]
     # transformers' OneVision script: <image>, <video> appended to Qwen2's 151,646 tokens; rows + 2 padded to 64
@@ -566,8 +560,7 @@ def test_convert_and_verify_a_onevision_checkpoint_end_to_end(tiny_ov, tmp_path)
 
 
 def test_gguf_text_only_writes_the_qwen2_language_model(tiny_ov, tmp_path):
-    import gguf
-
+    from ..bpe_tokenizers import gguf_fields
     from ..conftest import run_cli
 
     path, heads = tiny_ov
@@ -576,7 +569,7 @@ def test_gguf_text_only_writes_the_qwen2_language_model(tiny_ov, tmp_path):
     assert r.code == 0, r.err
     written = sorted(p.name for p in out.glob("*.gguf"))
     assert written == ["llava-onevision-qwen2-7b-ov-tiny-f16.gguf"]  # no mmproj (§8)
-    fields = {k: f.contents() for k, f in gguf.GGUFReader(out / written[0]).fields.items()}
+    fields = gguf_fields(out / written[0])  # the GGUF spec read directly: gguf-py's reader takes ~30 s on 152k tokens
     assert fields["general.architecture"] == "qwen2"
     assert (fields["tokenizer.ggml.model"], fields["tokenizer.ggml.pre"]) == ("gpt2", "qwen2")
     assert fields["tokenizer.ggml.tokens"][151646] == "<image>"
@@ -601,15 +594,10 @@ VIDEO_QUESTION = "What happens in this video?"
 
 
 @pytest.fixture(scope="module")
-def converted_ov(tiny_ov, tmp_path_factory):
-    """``vlmkit convert --to hf`` of the tiny release (the tower's head count from its --config file)."""
-    from ..conftest import run_cli
-
-    path, heads = tiny_ov
-    out = tmp_path_factory.mktemp("ov-converted") / "hf"
-    r = run_cli("convert", path, out, "--to", "hf", "--config", heads, "--quiet")
-    assert r.code == 0, r.err
-    return out
+def converted_ov(tiny_llava):
+    """``vlmkit convert --to hf`` of the tiny release (the tower's head count from its --config file): ``vlmkit
+    convert PATH DST --quiet --config HEADS`` (``--to hf`` is the default), made once per run (read-only)."""
+    return tiny_llava("onevision").converted()
 
 
 def _typed_conversation(monkeypatch, model, *flags) -> list[str]:
@@ -699,7 +687,7 @@ def test_serve_engine_vllm_starts_vllm_on_the_converted_folder_as_it_is(converte
     assert argv[1:3] == ["-m", vllm.SERVER_MODULE] and argv[argv.index("--model") + 1] == str(converted_ov)
 
 
-def test_gguf_text_only_runs_in_llama_cpp_as_the_original_language_model(tiny_ov, tmp_path):
+def test_gguf_text_only_runs_in_llama_cpp_as_the_original_language_model(tiny_ov, bpe_vocabs, tmp_path):
     """``--to gguf --text-only``: llama.cpp loads the Qwen2 model, tokenises the qwen_1_5 prompt as the Qwen2
     tokenizer rebuilt from llama.cpp's vocabulary does, and its greedy tokens are the original's (text only)."""
     import llama_cpp
@@ -709,7 +697,6 @@ def test_gguf_text_only_runs_in_llama_cpp_as_the_original_language_model(tiny_ov
     from vlmkit.families.llava.reference import OriginalLlava
     from vlmkit.options import LoadOptions
 
-    from ..bpe_tokenizers import bpe_folder
     from ..conftest import run_cli
     from .test_llava_next_rows import QWEN_PROMPT
 
@@ -719,7 +706,7 @@ def test_gguf_text_only_runs_in_llama_cpp_as_the_original_language_model(tiny_ov
     assert r.code == 0, r.err
     (model,) = out.glob("*.gguf")
     prompt = QWEN_PROMPT.replace("<image>\n", "")  # conversation.py conv_qwen, a question without an image
-    qwen2 = Tokenizer.from_file(str(bpe_folder("qwen2", tmp_path / "qwen2") / "tokenizer.json"))
+    qwen2 = Tokenizer.from_file(str(bpe_vocabs[0]["qwen2"] / "tokenizer.json"))
     ids, im_end = qwen2.encode(prompt).ids, qwen2.token_to_id("<|im_end|>")  # qwen_1_5 stops at <|im_end|>
 
     reference = OriginalLlava.load(open_original(path, LoadOptions(config=json.loads(heads.read_text()))))

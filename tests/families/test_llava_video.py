@@ -193,15 +193,11 @@ def test_the_converted_chat_template_puts_a_video_where_the_original_puts_its_im
 
 # ----------------------------------------------------------------------------- run: vlmkit.load / vlmkit chat
 @pytest.fixture(scope="module")
-def tiny_video(tmp_path_factory):
-    """The tiny LLaVA-Video release (OneVision layout, the video training's config fields) and its --config file."""
-    from vlmkit.families import llava
-
-    folder = tmp_path_factory.mktemp("video")
-    path = llava.make_tiny(folder, "video")
-    heads = folder / "heads.json"
-    heads.write_text(json.dumps(llava.tiny_options(folder, "video")["config"]))
-    return path, heads
+def tiny_video(tiny_llava):
+    """The tiny LLaVA-Video release (OneVision layout, the video training's config fields) and its --config file,
+    built once per run (read-only)."""
+    video = tiny_llava("video")
+    return video["path"], video["heads"]
 
 
 def _expected_answer(path: Path, heads: Path, question: str, max_new_tokens: int) -> list[int]:
@@ -288,20 +284,14 @@ def test_chat_refuses_add_faster_video_in_one_line(tiny_video, tmp_path):
 
 
 # ----------------------------------------------------------------------------- convert + verify
-def test_verify_compares_the_video_probe_where_transformers_computes_the_original(tmp_path):
+def test_verify_compares_the_video_probe_where_transformers_computes_the_original(tiny_llava):
     """OneVision's release fields (bilinear, one_token) are what transformers' OneVision computes: the video probe's
     ids, logits and greedy tokens are compared and pass."""
-    from vlmkit.families import llava
-
     from ..conftest import run_cli
 
-    path = llava.make_tiny(tmp_path, "onevision")
-    heads = tmp_path / "heads.json"
-    heads.write_text(json.dumps(llava.tiny_options(tmp_path, "onevision")["config"]))
-    out = tmp_path / "hf"
-    r = run_cli("convert", path, out, "--to", "hf", "--config", heads, "--quiet")
-    assert r.code == 0, r.err
-    assert "warning: video" not in r.err
+    ov = tiny_llava("onevision")  # vlmkit convert PATH OUT --to hf --config HEADS, once per run: exits 0
+    path, heads, out = ov["path"], ov["heads"], ov.converted()
+    assert "warning: video" not in ov.conversion()["convert_err"]
     written = json.loads((out / "video_preprocessor_config.json").read_text())
     assert written["image_mean"] == written["image_std"] == [0.5, 0.5, 0.5]  # not the class defaults (CLIP's)
     r = run_cli("verify", path, out, "--config", heads, "--image", FRAMES[0], "--prompt", "What happens?",

@@ -20,7 +20,6 @@ from vlmkit.runtime.templates import TEMPLATES, render, with_image
 from vlmkit.runtime.tokens import tokenizer_image_token
 from vlmkit.runtime.vocab import open_vocab
 
-from ..bpe_tokenizers import bpe_folders
 from .test_templates import jinja_render, to_transformers
 
 META_LLAMA_3 = (Path(__file__).parent.parent / "fixtures" / "templates" / "meta-llama-3-8b-instruct.jinja").read_text()
@@ -108,8 +107,8 @@ def test_converted_chat_template_renders_the_same_text(name, conv):
 
 # ------------------------------------------------------------------------ ids with the real vocabularies
 @pytest.fixture(scope="module")
-def vocabs(tmp_path_factory):
-    return bpe_folders(tmp_path_factory.mktemp("bpe-next"))
+def vocabs(bpe_vocabs):
+    return bpe_vocabs  # (folders, ids): tests/conftest.py builds them once per run
 
 
 def test_llava_llama_3_inference_ids_start_with_two_bos(vocabs):

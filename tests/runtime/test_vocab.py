@@ -15,25 +15,20 @@ from vlmkit.errors import ConfigError
 from vlmkit.runtime.tokens import tokenizer_image_token
 from vlmkit.runtime.vocab import open_vocab
 
-from ..bpe_tokenizers import bpe_folder, gguf_file, gguf_vocabulary, gpt2_folder, vocab_vectors
+from ..bpe_tokenizers import vocab_vectors
 
 LLAMA_SPM = Path(__file__).parent.parent / "fixtures" / "tokenizers" / "llama-spm"
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bpe")
-    rebuilt = {name: bpe_folder(name, root / name) for name in ("qwen2", "llama-bpe")}
-    return {"gpt2": gpt2_folder(root / "gpt2"), **rebuilt}
+def folders(bpe_vocabs):
+    return bpe_vocabs[0]  # qwen2, llama-bpe rebuilt, gpt2: tests/conftest.py builds them once per run
 
 
 @pytest.fixture(scope="module")
-def token_ids(folders):
+def token_ids(bpe_vocabs, folders):
     """name -> {token text: id}, read from the GGUF token list / GPT-2's tokenizer.json (not the code under test)."""
-    out = {}
-    for name in ("qwen2", "llama-bpe"):
-        tokens = gguf_vocabulary(gguf_file(name, folders[name] / "source"))["tokenizer.ggml.tokens"]
-        out[name] = {t: i for i, t in enumerate(tokens)}
+    out = dict(bpe_vocabs[1])  # qwen2, llama-bpe: bpe_tokenizers.bpe_folders reads them from the GGUF
     gpt2 = json.loads((folders["gpt2"] / "tokenizer.json").read_text(encoding="utf-8"))  # the release's file
     out["gpt2"] = {**gpt2["model"]["vocab"], **{t["content"]: t["id"] for t in gpt2["added_tokens"]}}
     return out

@@ -17,10 +17,7 @@ import pytest
 from openai import OpenAI
 
 import vlmkit
-from vlmkit.families.instructblip import tiny as instructblip_tiny
-from vlmkit.families.llava import make_tiny as llava_make_tiny
 
-from ..conftest import run_cli
 from .conftest import PHOTOS, Server
 
 pytestmark = pytest.mark.xdist_group("serve-new-families")  # one worker builds the tiny models once
@@ -34,33 +31,30 @@ CASES = [("instructblip-vicuna", "original"), ("instructblip-vicuna", "converted
          ("llama3", "original"), ("llama3", "converted"), ("qwen2", "original"), ("qwen2", "converted")]
 
 
-def _build(name: str, root) -> dict:
-    """The tiny original (real release layout), its conversion through the CLI, and the original's greedy answer."""
-    if name.startswith("instructblip-"):
-        parts = instructblip_tiny.tiny(root, name.removeprefix("instructblip-"))
-        original = parts["release"]
-        flags = ["--vision", parts["eva"], "--language-model", parts["language_model"], "--config", parts["config"]]
+def _build(name: str, tiny_instructblip, tiny_llava) -> dict:
+    """The tiny original (real release layout), its conversion through the CLI (both built once per run by
+    tests/conftest.py), and the original's greedy answer."""
+    if name.startswith("instructblip-"):  # vlmkit convert RELEASE OUT --quiet FLAGS (exits 0)
+        parts = tiny_instructblip[name.removeprefix("instructblip-")]
+        original, converted, flags = parts["release"], parts["out"], parts["flags"]
         options = {"vision_tower": str(parts["eva"]), "model_base": str(parts["language_model"]),
                    "config": json.loads(parts["config"].read_text())}
-    else:
-        original, flags, options = llava_make_tiny(root, name), [], {}
-    converted = root / "hf"
-    result = run_cli("convert", original, converted, "--quiet", *flags)
-    assert result.code == 0, result.err
+    else:  # vlmkit convert ORIGINAL CONVERTED --quiet (exits 0)
+        original, converted, flags, options = tiny_llava(name)["path"], tiny_llava(name).converted(), [], {}
     expected = vlmkit.load(original, **options).chat([{"role": "user", "content": QUESTION, "images": [CAT]}],
                                                      max_new_tokens=MAX_TOKENS, temperature=0)
     assert expected.text.strip(), expected  # an answer worth comparing, not an EOS at once
     return {"original": original, "converted": converted, "flags": flags, "expected": expected}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="session")  # xdist interleaves other tests in the group: a module fixture would be built twice
+def built(tiny_instructblip, tiny_llava):
     """name -> its models, built on first use (a -k selection builds only what it serves)."""
     cache: dict = {}
 
     def get(name: str) -> dict:
         if name not in cache:
-            cache[name] = _build(name, tmp_path_factory.mktemp(name))
+            cache[name] = _build(name, tiny_instructblip, tiny_llava)
         return cache[name]
 
     return get

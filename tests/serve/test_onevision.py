@@ -8,22 +8,16 @@ import json
 from openai import OpenAI
 
 import vlmkit
-from vlmkit.families import llava
 
-from ..conftest import run_cli
 from .conftest import PHOTOS, Server
 
 CAT = PHOTOS / "chelsea.png"  # 451 x 300: anyres_max tiles, unpadding and a newline per row
 QUESTION = "What is in the picture?"
 
 
-def test_a_streamed_answer_is_the_originals(tmp_path):
-    original = llava.make_tiny(tmp_path, "onevision")
-    heads = tmp_path / "heads.json"
-    heads.write_text(json.dumps(llava.tiny_options(tmp_path, "onevision")["config"]))
-    converted = tmp_path / "hf"
-    r = run_cli("convert", original, converted, "--to", "hf", "--config", heads, "--quiet")
-    assert r.code == 0, r.err
+def test_a_streamed_answer_is_the_originals(tiny_llava):
+    ov = tiny_llava("onevision")  # built once per run, with its `vlmkit convert --to hf --config HEADS` (exits 0)
+    original, heads, converted = ov["path"], ov["heads"], ov.converted()
     # the original checkpoint, run by the reference of its forward pass
     want = vlmkit.load(original, config=json.loads(heads.read_text())).chat(
         [{"role": "user", "content": QUESTION, "images": [CAT]}], temperature=0, max_new_tokens=8)
