@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 MODEL, MMPROJ = "model", "mmproj"
 MMPROJ_PREFIX = "mmproj-"
@@ -67,7 +67,7 @@ def header(file: str | Path, *keys: str) -> dict:
     wanted, out = set(keys), {}
     with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != b"GGUF":
-            raise ValueError(f"{file}: not a GGUF file (no GGUF magic)")
+            raise CheckpointError(f"{file}: not a GGUF file (no GGUF magic)", hint="is it the right file?")
         # the version (2 or 3) read little-endian: a big-endian file's reads byte-swapped, its low half zero
         order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"
         pos = 16  # magic, version, tensor count
@@ -100,11 +100,15 @@ def header(file: str | Path, *keys: str) -> dict:
                 return None
             return take(_SCALARS[kind])
 
-        for _ in range(take("Q")):
-            key = string(True)
-            got = value(take("I"), key in wanted)
-            if key in wanted:
-                out[key] = got
-                if len(out) == len(wanted):
-                    break
+        try:
+            for _ in range(take("Q")):
+                key = string(True)
+                got = value(take("I"), key in wanted)
+                if key in wanted:
+                    out[key] = got
+                    if len(out) == len(wanted):
+                        break
+        except (struct.error, KeyError, UnicodeDecodeError) as e:  # the header ends early, or an unknown value type
+            raise CheckpointError(f"{file}: the GGUF header cannot be read ({type(e).__name__}: {e})",
+                                  hint="a truncated or damaged file: write or download it again") from None
     return {k: out[k] for k in keys if k in out}
