@@ -2,12 +2,12 @@
 # llama.cpp, compiled once for both of its uses: llama-cpp-python (the proofs in the real llama.cpp) and
 # llama.cpp's own servers (`vlmkit serve --engine llama.cpp`). The source is the sdist (from PyPI) of
 # the llama-cpp-python that pyproject.toml pins (scripts/llama-cpp-source.sh fetches it once). One CMake
-# build of its vendored llama.cpp makes the shared libraries, llama-server and ggml-rpc-server; llama-
-# cpp-python's wheel is then built without compiling anything (its option LLAMA_BUILD=OFF) and carries
-# that build in llama_cpp/lib (scripts/llama-cpp-wheel.cmake), where llama_cpp loads its libraries and
-# every file finds the libraries it links beside itself ($ORIGIN). PYTHON gets the wheel, and llama-
-# server and ggml-rpc-server beside it (links into llama_cpp/lib), so `pip install .[test]` then finds
-# llama-cpp-python installed.
+# build of its vendored llama.cpp makes the shared libraries, llama-server and ggml-rpc-server;
+# llama-cpp-python's wheel is then built without compiling anything (its option LLAMA_BUILD=OFF) and
+# carries that build in llama_cpp/lib (scripts/llama-cpp-wheel.cmake), where llama_cpp loads its
+# libraries and every file finds the libraries it links beside itself ($ORIGIN). PYTHON gets the wheel,
+# and llama-server and ggml-rpc-server beside it (links into llama_cpp/lib), so `pip install .[test]`
+# then finds llama-cpp-python installed.
 #
 # The build (15 CPU-minutes here; the same 195 objects the static server build alone compiled) is kept
 # in a cache outside the repository (VLMKIT_CACHE, default ~/.cache/vlmkit), keyed by version, machine
