@@ -8,6 +8,18 @@ import torch
 from vlmkit.families.llava import tiny
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No download from the hub (a SigLIP tower name is a hub id): every snapshot download is refused."""
+    import huggingface_hub
+
+    def refuse(repo_id, *args, **kwargs):
+        raise OSError(f"offline test: no download of {repo_id}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+
+
 @pytest.fixture(scope="session")
 def llava_parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")

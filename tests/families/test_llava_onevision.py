@@ -21,16 +21,7 @@ from PIL import Image
 from vlmkit.errors import ConfigError
 from vlmkit.families.llava import anyres_max, image_path, siglip, towers
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """No test here may reach the hub (a SigLIP name is a hub id): every snapshot download is refused."""
-    import huggingface_hub
-
-    def refuse(repo_id, *args, **kwargs):
-        raise OSError(f"offline test: no download of {repo_id}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+pytestmark = pytest.mark.usefixtures("offline")  # no test here may reach the hub (conftest.py)
 
 
 # lmms-lab/llava-onevision-qwen2-*-ov config.json image_grid_pinpoints (as the release writes them): every

@@ -30,15 +30,7 @@ LLAVA_VIDEO = {"mm_newline_position": "grid", "mm_spatial_pool_mode": "bilinear"
                "add_faster_video": False, "faster_token_stride": 10}
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    import huggingface_hub
-
-    def refuse(repo_id, *args, **kwargs):
-        raise OSError(f"offline test: no download of {repo_id}")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+pytestmark = pytest.mark.usefixtures("offline")  # no test here may reach the hub (conftest.py)
 
 
 # ----------------------------------------------------------------------------- the original's formulas, by hand
