@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -83,12 +83,13 @@ def cli():
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], T]) -> T:
     """``build(folder)``, run once per test run whatever the number of xdist workers: the first worker to ask
     builds under a folder of the run's base temp folder (which every worker shares), the others wait for it and
-    get the same value. ``build`` writes only under ``folder`` and returns a picklable value (paths, dicts);
-    what it built is read-only for the tests (copy a file before changing it)."""
+    get the same value. ``build`` writes only under ``folder`` and returns plain data (paths, strings, numbers,
+    lists, tuples, dicts), handed between workers as JSON; what it built is read-only for the tests (copy a file
+    before changing it)."""
     base = tmp_path_factory.getbasetemp()
     # xdist gives each worker base/../popen-gwN: their parent is this run's; without xdist, base is
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    done = shared / f"built-{name}.pickle"
+    done = shared / f"built-{name}.json"
     with open(shared / f"built-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
@@ -96,9 +97,36 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], T]) -> T:
             shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
             folder.mkdir()
             part = done.with_suffix(".part")
-            part.write_bytes(pickle.dumps(build(folder)))
+            part.write_text(json.dumps(_tagged(build(folder))))
             part.replace(done)
-    return pickle.loads(done.read_bytes())
+    return _untagged(json.loads(done.read_text()))
+
+
+def _tagged(value):
+    """``value`` as JSON can hold it: a path or a tuple tagged, so that ``_untagged`` gives them back."""
+    if isinstance(value, Path):
+        return {"__path__": str(value)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_tagged(v) for v in value]}
+    if isinstance(value, list):
+        return [_tagged(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):  # JSON would turn other keys to text
+        return {k: _tagged(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"built_once: a build returned a {type(value).__name__}; return paths and plain data")
+
+
+def _untagged(value):
+    if isinstance(value, list):
+        return [_untagged(v) for v in value]
+    if isinstance(value, dict):
+        if value.keys() == {"__path__"}:
+            return Path(value["__path__"])
+        if value.keys() == {"__tuple__"}:
+            return tuple(_untagged(v) for v in value["__tuple__"])
+        return {k: _untagged(v) for k, v in value.items()}
+    return value
 
 
 @pytest.fixture(scope="session")
